@@ -1,0 +1,10 @@
+//! sparsellm: a LLaMA-family inference engine for CPUs that computes, for each decoded
+//! token, only the MLP neurons that matter for it.
+
+pub mod error;
+pub mod kernels;
+pub mod loader;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

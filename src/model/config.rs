@@ -1,0 +1,131 @@
+//! The model's hyper-parameters, read from GGUF metadata or a HuggingFace config.json.
+
+use crate::error::{Error, Result};
+
+/// Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3RopeScaling {
+    pub factor: f32,
+    pub low_freq_factor: f32,
+    pub high_freq_factor: f32,
+    pub original_max_position_embeddings: usize,
+}
+
+/// How RoPE pairs the dimensions of a head.
+///
+/// GGUF files store the q/k projection rows permuted so that llama.cpp can rotate
+/// adjacent pairs (2i, 2i+1); HuggingFace checkpoints rotate (i, i + d/2). Rather than
+/// permuting rows at load (which would defeat memory-mapping), the forward pass rotates
+/// the pairs the checkpoint was written for: both give the same logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1): GGUF's layout.
+    Interleaved,
+    /// Pairs (i, i + head_dim/2): HuggingFace's "rotate_half".
+    Halves,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_style: RopeStyle,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Upper bounds that no real LLaMA-family model exceeds; anything larger is a corrupt or
+/// hostile file and is refused before it can drive an allocation.
+pub const MAX_DIM: usize = 1 << 20;
+pub const MAX_LAYERS: usize = 1024;
+pub const MAX_VOCAB: usize = 1 << 22;
+pub const MAX_CONTEXT: usize = 1 << 24;
+
+impl ModelConfig {
+    /// Checks that the numbers describe a model that can be run; the loaders call this
+    /// before any allocation sized by the config.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        for (name, v, max) in [
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_DIM),
+            ("num_key_value_heads", self.num_kv_heads, MAX_DIM),
+            ("head_dim", self.head_dim, MAX_DIM),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_CONTEXT),
+        ] {
+            if v == 0 || v > max {
+                return bad(format!("{name} = {v} is out of range (1..={max})"));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return bad(format!(
+                "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        }
+        if self.num_heads.checked_mul(self.head_dim).is_none_or(|d| d > MAX_DIM) {
+            return bad("num_attention_heads * head_dim is too large".into());
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(format!("rms_norm_eps = {} is not a valid epsilon", self.rms_norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return bad(format!("rope_theta = {} must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// RoPE inverse frequencies for one head, with llama3 scaling applied when configured.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        (0..d / 2)
+            .map(|i| {
+                let f = 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / d as f64);
+                match &self.rope_scaling {
+                    None => f as f32,
+                    Some(s) => llama3_scale(f, s) as f32,
+                }
+            })
+            .collect()
+    }
+}
+
+/// transformers' `_compute_llama3_parameters`, one frequency at a time.
+fn llama3_scale(freq: f64, s: &Llama3RopeScaling) -> f64 {
+    let old_ctx = s.original_max_position_embeddings as f64;
+    let low_wavelen = old_ctx / s.low_freq_factor as f64;
+    let high_wavelen = old_ctx / s.high_freq_factor as f64;
+    let wavelen = 2.0 * std::f64::consts::PI / freq;
+    if wavelen < high_wavelen {
+        freq
+    } else if wavelen > low_wavelen {
+        freq / s.factor as f64
+    } else {
+        let smooth = (old_ctx / wavelen - s.low_freq_factor as f64)
+            / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+        (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
+    }
+}

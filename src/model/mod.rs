@@ -1,0 +1,3 @@
+//! The LLaMA model: config, weights, forward pass, KV cache.
+
+pub mod config;

@@ -1,0 +1,2 @@
+//! Tokenization (placeholder: being written).
+pub struct Tokenizer;
