@@ -2,9 +2,8 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::loader::{RawTensor, WeightSource};
+use crate::loader::{RawTensor, TokenizerSource, WeightSource};
 use crate::model::config::ModelConfig;
-use crate::tokenizer::Tokenizer;
 
 pub struct GgufModel {
     config: ModelConfig,
@@ -18,7 +17,7 @@ impl WeightSource for GgufModel {
     fn config(&self) -> &ModelConfig { &self.config }
     fn tensor(&self, name: &str) -> Result<RawTensor> { Err(Error::Config(name.into())) }
     fn has_tensor(&self, _name: &str) -> bool { false }
-    fn tokenizer(&self) -> Result<Tokenizer> { Err(Error::Tokenizer("x".into())) }
+    fn tokenizer_source(&self) -> Result<TokenizerSource> { Err(Error::Tokenizer("x".into())) }
     fn chat_template(&self) -> Option<String> { None }
     fn identity(&self) -> String { String::new() }
     fn path(&self) -> &Path { Path::new("") }

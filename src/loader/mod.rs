@@ -13,7 +13,6 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
-use crate::tokenizer::Tokenizer;
 
 /// Storage type of a tensor as it lies in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -100,12 +99,40 @@ pub trait WeightSource: Send + Sync {
     /// The tensor called `name` (HF naming), or an error naming file and tensor.
     fn tensor(&self, name: &str) -> Result<RawTensor>;
     fn has_tensor(&self, name: &str) -> bool;
-    fn tokenizer(&self) -> Result<Tokenizer>;
-    /// A Jinja chat template, when the checkpoint ships one.
+    /// Where the tokenizer comes from; `crate::tokenizer::Tokenizer::load` builds it.
+    fn tokenizer_source(&self) -> Result<TokenizerSource>;
+    /// A Jinja chat template, when the checkpoint ships one (GGUF
+    /// `tokenizer.chat_template`, or tokenizer_config.json's `chat_template`).
     fn chat_template(&self) -> Option<String>;
     /// What to call this model in reports and predictor files (file name, architecture).
     fn identity(&self) -> String;
     fn path(&self) -> &Path;
+}
+
+/// Where a tokenizer is built from.
+#[derive(Debug, Clone)]
+pub enum TokenizerSource {
+    /// A HuggingFace tokenizer.json.
+    Json(PathBuf),
+    /// A vocabulary in GGUF metadata (`tokenizer.ggml.*`).
+    Gguf(GgufVocab),
+}
+
+/// The `tokenizer.ggml.*` metadata of a GGUF file.
+#[derive(Debug, Clone, Default)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`: "gpt2" for byte-level BPE, "llama" for SentencePiece.
+    pub model: String,
+    /// `tokenizer.ggml.pre`: the pre-tokenizer ("smollm", "llama-bpe", ...).
+    pub pre: Option<String>,
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.token_type`: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    pub token_types: Vec<i32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub unknown_token_id: Option<u32>,
+    pub padding_token_id: Option<u32>,
 }
 
 /// Opens a GGUF file or a HuggingFace directory, deciding by what `path` is.
