@@ -584,12 +584,12 @@ impl GgufModel {
         config
             .validate()
             .map_err(|e| Error::Config(format!("{}: {e}", file.path().display())))?;
-        if let Some(rot) = file.get(&k("rope.dimension_count")) {
-            if rot.as_u64() != Some(head_dim as u64) {
-                return Err(Error::Config(format!(
-                    "partial RoPE (rope.dimension_count {rot:?} != head_dim {head_dim}) is not supported"
-                )));
-            }
+        if let Some(rot) = file.get(&k("rope.dimension_count"))
+            && rot.as_u64() != Some(head_dim as u64)
+        {
+            return Err(Error::Config(format!(
+                "partial RoPE (rope.dimension_count {rot:?} != head_dim {head_dim}) is not supported"
+            )));
         }
         Ok(GgufModel { file, config })
     }
