@@ -18,6 +18,7 @@ pub fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     Ok(Arc::new(map))
 }
 
+pub mod attention;
 pub mod dot;
 pub mod linear;
 pub mod ops;

@@ -1,3 +1,9 @@
 //! The LLaMA model: config, weights, forward pass, KV cache.
 
 pub mod config;
+pub mod kv_cache;
+pub mod llama;
+
+pub use config::ModelConfig;
+pub use kv_cache::KvCache;
+pub use llama::{Llama, Logits, MlpOverride};

@@ -1,0 +1,69 @@
+//! The key/value cache of one sequence: per layer, the rotated keys and the values of
+//! every position so far, `[position][kv_heads * head_dim]`, growing as tokens arrive
+//! (memory is proportional to the tokens seen, not to the model's maximum context).
+
+pub struct KvCache {
+    kv_dim: usize,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize, kv_dim: usize) -> KvCache {
+        KvCache {
+            kv_dim,
+            keys: vec![Vec::new(); num_layers],
+            values: vec![Vec::new(); num_layers],
+            len: 0,
+        }
+    }
+
+    /// Positions stored (the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `k`, `v` ([n, kv_dim]) to `layer`. The sequence length advances when
+    /// `commit` is called after the last layer.
+    pub fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        debug_assert_eq!(k.len() % self.kv_dim, 0);
+        self.keys[layer].extend_from_slice(k);
+        self.values[layer].extend_from_slice(v);
+    }
+
+    /// Marks `n` appended positions as part of the sequence.
+    pub fn commit(&mut self, n: usize) {
+        self.len += n;
+        debug_assert!(self.keys.iter().all(|k| k.len() == self.len * self.kv_dim));
+    }
+
+    /// Keys and values of `layer` for all stored positions (including ones appended and
+    /// not yet committed).
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.keys[layer], &self.values[layer])
+    }
+
+    /// Drops every position from `len` on (to rewind a sequence).
+    pub fn truncate(&mut self, len: usize) {
+        let len = len.min(self.len);
+        for (k, v) in self.keys.iter_mut().zip(&mut self.values) {
+            k.truncate(len * self.kv_dim);
+            v.truncate(len * self.kv_dim);
+        }
+        self.len = len;
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Bytes held.
+    pub fn byte_len(&self) -> usize {
+        self.keys.iter().chain(&self.values).map(|v| v.capacity() * 4).sum()
+    }
+}

@@ -1,0 +1,283 @@
+//! The LLaMA forward pass: embedding, then per layer RMSNorm, attention with RoPE and
+//! grouped-query heads over the KV cache, RMSNorm, SwiGLU MLP; final norm and output head.
+//!
+//! One `forward` serves decode (one token: matrix-vector kernels) and prefill (many tokens:
+//! matrix-matrix kernels). Weight names mirror the HuggingFace checkpoint's.
+
+use crate::error::{Error, Result};
+use crate::kernels::{self, ThreadPool, ops};
+use crate::loader::WeightSource;
+use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::kv_cache::KvCache;
+use crate::tensor::{DType, Matrix};
+
+/// A linear layer `y = x · W^T` with `W: [out, in]`.
+pub struct Linear {
+    pub weight: Matrix,
+}
+
+impl Linear {
+    fn load(src: &dyn WeightSource, name: &str, out: usize, inp: usize, dtype: DType) -> Result<Linear> {
+        let raw = src.tensor(name)?;
+        if raw.shape != [out, inp] {
+            return Err(raw.error(format!("shape {:?}, expected [{out}, {inp}]", raw.shape)));
+        }
+        Ok(Linear {
+            weight: Matrix::from_raw(&raw, out, inp, dtype)?,
+        })
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.rows
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.cols
+    }
+
+    /// x: [n, in] -> out: [n, out].
+    pub fn forward(&self, pool: &ThreadPool, x: &[f32], n: usize, out: &mut [f32]) {
+        let w = &self.weight;
+        kernels::matmul(pool, w.view(), w.rows, w.cols, x, n, out);
+    }
+}
+
+fn load_norm(src: &dyn WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
+    let raw = src.tensor(name)?;
+    if raw.numel() != n || raw.shape.len() != 1 {
+        return Err(raw.error(format!("shape {:?}, expected [{n}]", raw.shape)));
+    }
+    Ok(Matrix::from_raw(&raw, 1, n, DType::F32)?.to_f32_vec())
+}
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// Dense SwiGLU: h: [n, hidden] -> out: [n, hidden].
+    pub fn forward(&self, pool: &ThreadPool, h: &[f32], n: usize, out: &mut [f32]) {
+        let inter = self.gate_proj.out_features();
+        let mut g = vec![0f32; n * inter];
+        let mut u = vec![0f32; n * inter];
+        self.gate_proj.forward(pool, h, n, &mut g);
+        self.up_proj.forward(pool, h, n, &mut u);
+        ops::silu_mul(&mut g, &u);
+        self.down_proj.forward(pool, &g, n, out);
+    }
+}
+
+pub struct Layer {
+    pub input_layernorm: Vec<f32>,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Vec<f32>,
+    pub mlp: Mlp,
+}
+
+/// What `forward` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Logits of the last position only: [vocab] (generation).
+    Last,
+    /// Logits of every position: [n, vocab] (evaluation).
+    All,
+    /// No logits (filling the cache).
+    None,
+}
+
+/// A hook that replaces the dense MLP of a layer during a forward pass (the sparse MLP).
+pub trait MlpOverride {
+    /// Computes layer `layer`'s MLP for `h` ([n, hidden]) into `out`; returns false to
+    /// fall back to the dense MLP.
+    fn forward(&mut self, model: &Llama, layer: usize, h: &[f32], n: usize, out: &mut [f32]) -> bool;
+}
+
+pub struct Llama {
+    pub config: ModelConfig,
+    pub dtype: DType,
+    pub embed_tokens: Matrix,
+    pub layers: Vec<Layer>,
+    pub norm: Vec<f32>,
+    /// None when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    inv_freq: Vec<f32>,
+    pub pool: &'static ThreadPool,
+}
+
+impl Llama {
+    /// Loads every weight of `src` in `dtype`, checking each shape against the config.
+    pub fn load(src: &dyn WeightSource, dtype: DType, pool: &'static ThreadPool) -> Result<Llama> {
+        let c = src.config().clone();
+        c.validate()?;
+        let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let raw = src.tensor("model.embed_tokens.weight")?;
+        if raw.shape != [c.vocab_size, h] {
+            return Err(raw.error(format!("shape {:?}, expected [{}, {h}]", raw.shape, c.vocab_size)));
+        }
+        let embed_tokens = Matrix::from_raw(&raw, c.vocab_size, h, dtype)?;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            layers.push(Layer {
+                input_layernorm: load_norm(src, &p("input_layernorm"), h)?,
+                self_attn: Attention {
+                    q_proj: Linear::load(src, &p("self_attn.q_proj"), q, h, dtype)?,
+                    k_proj: Linear::load(src, &p("self_attn.k_proj"), kv, h, dtype)?,
+                    v_proj: Linear::load(src, &p("self_attn.v_proj"), kv, h, dtype)?,
+                    o_proj: Linear::load(src, &p("self_attn.o_proj"), h, q, dtype)?,
+                },
+                post_attention_layernorm: load_norm(src, &p("post_attention_layernorm"), h)?,
+                mlp: Mlp {
+                    gate_proj: Linear::load(src, &p("mlp.gate_proj"), i, h, dtype)?,
+                    up_proj: Linear::load(src, &p("mlp.up_proj"), i, h, dtype)?,
+                    down_proj: Linear::load(src, &p("mlp.down_proj"), h, i, dtype)?,
+                },
+            });
+        }
+        let lm_head = if src.has_tensor("lm_head.weight") {
+            Some(Linear::load(src, "lm_head.weight", c.vocab_size, h, dtype)?)
+        } else if c.tie_word_embeddings {
+            None
+        } else {
+            return Err(Error::tensor(
+                src.path(),
+                "lm_head.weight",
+                "missing, and the embeddings are not tied",
+            ));
+        };
+        Ok(Llama {
+            inv_freq: c.rope_inv_freq(),
+            norm: load_norm(src, "model.norm.weight", h)?,
+            config: c,
+            dtype,
+            embed_tokens,
+            layers,
+            lm_head,
+            pool,
+        })
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers, self.config.kv_dim())
+    }
+
+    /// Bytes of weights one decode step reads: every layer, the final norm and the output
+    /// head (the embedding row read is negligible; a tied head reads the embedding).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .map(|x| x.weight.byte_len())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.head().byte_len()
+    }
+
+    /// Total bytes of all weights held.
+    pub fn weight_bytes(&self) -> usize {
+        self.weight_bytes_per_token() + if self.lm_head.is_some() { self.embed_tokens.byte_len() } else { 0 }
+    }
+
+    fn head(&self) -> &Matrix {
+        self.lm_head.as_ref().map(|l| &l.weight).unwrap_or(&self.embed_tokens)
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appending to the cache.
+    ///
+    /// Returns the logits asked for (see [`Logits`]); `mlp` may replace the dense MLP.
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        mut mlp: Option<&mut dyn MlpOverride>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Input("no tokens to process".into()));
+        }
+        let start = cache.len();
+        if start + n > c.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "sequence of {} tokens exceeds the model's context of {} tokens",
+                start + n,
+                c.max_position_embeddings
+            )));
+        }
+        let h = c.hidden_size;
+        let pool = self.pool;
+        let mut x = vec![0f32; n * h];
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= c.vocab_size {
+                return Err(Error::Input(format!("token id {id} is outside the vocabulary ({})", c.vocab_size)));
+            }
+            self.embed_tokens.row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
+        }
+        let mut xn = vec![0f32; n * h];
+        let mut q = vec![0f32; n * c.q_dim()];
+        let mut k = vec![0f32; n * c.kv_dim()];
+        let mut v = vec![0f32; n * c.kv_dim()];
+        let mut att = vec![0f32; n * c.q_dim()];
+        let mut tmp = vec![0f32; n * h];
+        let interleaved = c.rope_style == RopeStyle::Interleaved;
+        for (li, layer) in self.layers.iter().enumerate() {
+            for t in 0..n {
+                ops::rmsnorm(&x[t * h..(t + 1) * h], &layer.input_layernorm, c.rms_norm_eps, &mut xn[t * h..(t + 1) * h]);
+            }
+            let a = &layer.self_attn;
+            a.q_proj.forward(pool, &xn, n, &mut q);
+            a.k_proj.forward(pool, &xn, n, &mut k);
+            a.v_proj.forward(pool, &xn, n, &mut v);
+            for t in 0..n {
+                ops::rope(&mut q[t * c.q_dim()..(t + 1) * c.q_dim()], c.head_dim, start + t, &self.inv_freq, interleaved);
+                ops::rope(&mut k[t * c.kv_dim()..(t + 1) * c.kv_dim()], c.head_dim, start + t, &self.inv_freq, interleaved);
+            }
+            cache.append(li, &k, &v);
+            let (kc, vc) = cache.layer(li);
+            kernels::attention::attend(pool, &q, kc, vc, n, start, c.num_heads, c.num_kv_heads, c.head_dim, &mut att);
+            a.o_proj.forward(pool, &att, n, &mut tmp);
+            ops::add_assign(&mut x, &tmp);
+
+            for t in 0..n {
+                ops::rmsnorm(&x[t * h..(t + 1) * h], &layer.post_attention_layernorm, c.rms_norm_eps, &mut xn[t * h..(t + 1) * h]);
+            }
+            let done = match mlp.as_deref_mut() {
+                Some(o) => o.forward(self, li, &xn, n, &mut tmp),
+                None => false,
+            };
+            if !done {
+                layer.mlp.forward(pool, &xn, n, &mut tmp);
+            }
+            ops::add_assign(&mut x, &tmp);
+        }
+        cache.commit(n);
+        let rows: std::ops::Range<usize> = match logits {
+            Logits::None => return Ok(Vec::new()),
+            Logits::Last => n - 1..n,
+            Logits::All => 0..n,
+        };
+        let m = rows.len();
+        for (i, t) in rows.enumerate() {
+            ops::rmsnorm(&x[t * h..(t + 1) * h], &self.norm, c.rms_norm_eps, &mut xn[i * h..(i + 1) * h]);
+        }
+        let head = self.head();
+        let mut out = vec![0f32; m * c.vocab_size];
+        kernels::matmul(pool, head.view(), head.rows, head.cols, &xn[..m * h], m, &mut out);
+        Ok(out)
+    }
+}

@@ -1,0 +1,212 @@
+//! Weight storage: a matrix or vector in a compute dtype (f32 or bf16), either borrowed
+//! from the file's memory map (when the file already holds that dtype) or converted once
+//! at load into an owned 64-byte-aligned buffer.
+
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+use crate::error::Result;
+use crate::kernels::WeightView;
+use crate::kernels::dot::f32_to_bf16;
+use crate::loader::{RawTensor, SourceDType};
+use crate::quant;
+
+/// The dtype weights are computed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+}
+
+impl DType {
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            _ => Err(format!("unknown dtype '{s}' (expected f32 or bf16)")),
+        }
+    }
+}
+
+/// One 64-byte chunk: the unit of an aligned buffer.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Chunk([u8; 64]);
+
+/// An owned byte buffer whose start is 64-byte aligned (a cache line, and an AVX-512 vector).
+pub struct AlignedBuf {
+    chunks: Vec<Chunk>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> AlignedBuf {
+        AlignedBuf {
+            chunks: vec![Chunk([0; 64]); len.div_ceil(64)],
+            len,
+        }
+    }
+    pub fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.chunks)[..self.len]
+    }
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.chunks)[..self.len]
+    }
+}
+
+/// Where a tensor's bytes live.
+enum Storage {
+    Owned(AlignedBuf),
+    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Owned(b) => b.bytes(),
+            Storage::Mapped { map, offset, len } => &map[*offset..*offset + *len],
+        }
+    }
+}
+
+/// A weight tensor `[rows, cols]` (a vector is `[1, n]`) in a compute dtype.
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    storage: Storage,
+}
+
+impl Matrix {
+    /// Takes `raw` as a `[rows, cols]` matrix in `dtype`: borrowed from the map when the
+    /// file holds `dtype` at a suitable alignment, converted into an owned buffer otherwise.
+    pub fn from_raw(raw: &RawTensor, rows: usize, cols: usize, dtype: DType) -> Result<Matrix> {
+        if raw.numel() != rows * cols {
+            return Err(raw.error(format!(
+                "shape {:?} does not hold a [{rows}, {cols}] matrix",
+                raw.shape
+            )));
+        }
+        let same = matches!(
+            (raw.dtype, dtype),
+            (SourceDType::F32, DType::F32) | (SourceDType::BF16, DType::BF16)
+        );
+        let aligned = (raw.map.as_ptr() as usize + raw.offset) % dtype.size() == 0;
+        let storage = if same && aligned && cfg!(target_endian = "little") {
+            Storage::Mapped {
+                map: Arc::clone(&raw.map),
+                offset: raw.offset,
+                len: raw.len,
+            }
+        } else {
+            Storage::Owned(convert(raw, dtype))
+        };
+        Ok(Matrix {
+            rows,
+            cols,
+            dtype,
+            storage,
+        })
+    }
+
+    /// An owned matrix from f32 values (tests, synthetic weights).
+    pub fn from_f32(values: &[f32], rows: usize, cols: usize, dtype: DType) -> Matrix {
+        assert_eq!(values.len(), rows * cols);
+        let mut buf = AlignedBuf::zeroed(values.len() * dtype.size());
+        match dtype {
+            DType::F32 => buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(values)),
+            DType::BF16 => {
+                let dst: &mut [u16] = bytemuck::cast_slice_mut(buf.bytes_mut());
+                for (d, &v) in dst.iter_mut().zip(values) {
+                    *d = f32_to_bf16(v);
+                }
+            }
+        }
+        Matrix {
+            rows,
+            cols,
+            dtype,
+            storage: Storage::Owned(buf),
+        }
+    }
+
+    pub fn view(&self) -> WeightView<'_> {
+        let b = self.storage.bytes();
+        match self.dtype {
+            DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
+            DType::BF16 => WeightView::Bf16(bytemuck::cast_slice(b)),
+        }
+    }
+
+    /// Bytes the weights occupy (what a matvec reads).
+    pub fn byte_len(&self) -> usize {
+        self.storage.bytes().len()
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+
+    /// Row `r` widened to f32.
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        self.view().row_to_f32(r, self.cols, out)
+    }
+
+    /// All values widened to f32 (small tensors: norms).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            self.row_to_f32(r, &mut v[r * self.cols..(r + 1) * self.cols]);
+        }
+        v
+    }
+}
+
+/// Converts a raw tensor into an owned buffer of `dtype`, row block by row block so the
+/// f32 intermediate stays small.
+fn convert(raw: &RawTensor, dtype: DType) -> AlignedBuf {
+    let n = raw.numel();
+    let mut buf = AlignedBuf::zeroed(n * dtype.size());
+    let bytes = raw.bytes();
+    // 8192 elements per step: a whole number of 32-element blocks.
+    const STEP: usize = 8192;
+    let mut tmp = vec![0f32; STEP];
+    let mut done = 0;
+    while done < n {
+        let m = STEP.min(n - done);
+        let b0 = raw.dtype.bytes_for(done).expect("validated size");
+        let b1 = raw.dtype.bytes_for(done + m).expect("validated size");
+        quant::dequantize(raw.dtype, &bytes[b0..b1], &mut tmp[..m]);
+        match dtype {
+            DType::F32 => {
+                let dst: &mut [f32] = bytemuck::cast_slice_mut(buf.bytes_mut());
+                dst[done..done + m].copy_from_slice(&tmp[..m]);
+            }
+            DType::BF16 => {
+                let dst: &mut [u16] = bytemuck::cast_slice_mut(buf.bytes_mut());
+                for (d, &v) in dst[done..done + m].iter_mut().zip(&tmp[..m]) {
+                    *d = f32_to_bf16(v);
+                }
+            }
+        }
+        done += m;
+    }
+    buf
+}
