@@ -5,6 +5,7 @@ pub mod error;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -17,3 +17,11 @@ pub fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     Ok(Arc::new(map))
 }
+
+pub mod dot;
+pub mod linear;
+pub mod ops;
+pub mod pool;
+
+pub use linear::{WeightView, matmul, matvec};
+pub use pool::ThreadPool;

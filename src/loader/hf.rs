@@ -6,6 +6,9 @@ use crate::error::{Error, Result};
 pub struct HfModel;
 impl HfModel {
     pub fn open(dir: &Path) -> Result<super::gguf::GgufModel> {
-        Err(Error::format(dir, "HuggingFace directories are not supported yet"))
+        Err(Error::format(
+            dir,
+            "HuggingFace directories are not supported yet",
+        ))
     }
 }

@@ -64,26 +64,40 @@ impl ModelConfig {
             ("num_key_value_heads", self.num_kv_heads, MAX_DIM),
             ("head_dim", self.head_dim, MAX_DIM),
             ("vocab_size", self.vocab_size, MAX_VOCAB),
-            ("max_position_embeddings", self.max_position_embeddings, MAX_CONTEXT),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
         ] {
             if v == 0 || v > max {
                 return bad(format!("{name} = {v} is out of range (1..={max})"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim
+            ));
         }
-        if self.num_heads.checked_mul(self.head_dim).is_none_or(|d| d > MAX_DIM) {
+        if self
+            .num_heads
+            .checked_mul(self.head_dim)
+            .is_none_or(|d| d > MAX_DIM)
+        {
             return bad("num_attention_heads * head_dim is too large".into());
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
-            return bad(format!("rms_norm_eps = {} is not a valid epsilon", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps = {} is not a valid epsilon",
+                self.rms_norm_eps
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta = {} must be positive", self.rope_theta));

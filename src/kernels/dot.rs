@@ -1,0 +1,335 @@
+//! Dot products of an f32 activation vector with a weight row (f32 or bf16), with scalar
+//! references, AVX2+FMA and AVX-512 versions picked at run time.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Scalar reference: `sum(a[i] * b[i])`.
+pub fn dot_f32_scalar(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // Eight partial sums, as the SIMD versions keep, so rounding stays comparable.
+    let mut acc = [0f32; 8];
+    let chunks = a.len() / 8 * 8;
+    for i in (0..chunks).step_by(8) {
+        for j in 0..8 {
+            acc[j] += a[i + j] * b[i + j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+/// bf16 bits to f32: bf16 is the upper half of an f32.
+#[inline]
+pub fn bf16_to_f32(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// f32 to bf16 bits, rounding to nearest even (NaN stays NaN).
+#[inline]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+/// Scalar reference: `sum(w[i] * x[i])` with `w` in bf16.
+pub fn dot_bf16_scalar(w: &[u16], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), x.len());
+    let mut acc = [0f32; 8];
+    let chunks = w.len() / 8 * 8;
+    for i in (0..chunks).step_by(8) {
+        for j in 0..8 {
+            acc[j] += bf16_to_f32(w[i + j]) * x[i + j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks..w.len() {
+        s += bf16_to_f32(w[i]) * x[i];
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps::<1>(v);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_avx2(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads 8 floats at i < n - 7 (checked by the loop bounds).
+    unsafe {
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(pa.add(i + 8 * k)),
+                    _mm256_loadu_ps(pb.add(i + 8 * k)),
+                    *a,
+                );
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(pa.add(i)),
+                _mm256_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum256(s);
+        while i < n {
+            s += *pa.add(i) * *pb.add(i);
+            i += 1;
+        }
+        s
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (pa, pb) = (a.as_ptr(), b.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: full loads stay below n by the loop bounds; the tail uses a masked load
+    // that touches only the `n - i` valid lanes.
+    unsafe {
+        while i + 64 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(pa.add(i + 16 * k)),
+                    _mm512_loadu_ps(pb.add(i + 16 * k)),
+                    *a,
+                );
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc[0] = _mm512_fmadd_ps(
+                _mm512_loadu_ps(pa.add(i)),
+                _mm512_loadu_ps(pb.add(i)),
+                acc[0],
+            );
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+            acc[1] = _mm512_fmadd_ps(
+                _mm512_maskz_loadu_ps(m, pa.add(i)),
+                _mm512_maskz_loadu_ps(m, pb.add(i)),
+                acc[1],
+            );
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(acc[0], acc[1]),
+            _mm512_add_ps(acc[2], acc[3]),
+        ))
+    }
+}
+
+/// Widens 16 bf16 values (as u16) to f32 by shifting them into the upper half.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn bf16x16_to_f32(v: __m256i) -> __m512 {
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_bf16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: full loads stay below n by the loop bounds; the tail uses masked loads of
+    // the valid lanes only.
+    unsafe {
+        while i + 64 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let wv = bf16x16_to_f32(_mm256_loadu_si256(pw.add(i + 16 * k) as *const __m256i));
+                *a = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px.add(i + 16 * k)), *a);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            let wv = bf16x16_to_f32(_mm256_loadu_si256(pw.add(i) as *const __m256i));
+            acc[0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(px.add(i)), acc[0]);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+            let wv = bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, pw.add(i) as *const i16));
+            acc[1] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, px.add(i)), acc[1]);
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(acc[0], acc[1]),
+            _mm512_add_ps(acc[2], acc[3]),
+        ))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load reads 8 elements at i <= n - 8 (loop bounds); the tail is scalar.
+    unsafe {
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let raw = _mm_loadu_si128(pw.add(i + 8 * k) as *const __m128i);
+                let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)));
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i + 8 * k)), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let raw = _mm_loadu_si128(pw.add(i) as *const __m128i);
+            let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)));
+            acc[0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(px.add(i)), acc[0]);
+            i += 8;
+        }
+        let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut s = hsum256(s);
+        while i < n {
+            s += bf16_to_f32(*pw.add(i)) * *px.add(i);
+            i += 1;
+        }
+        s
+    }
+}
+
+/// Which instruction set the dispatching kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+/// The best instruction set of this CPU; `SPARSELLM_ISA=scalar|avx2` caps it (for tests
+/// and comparisons).
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let cap = std::env::var("SPARSELLM_ISA").unwrap_or_default();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if cap != "scalar"
+                && cap != "avx2"
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+            {
+                return Isa::Avx512;
+            }
+            if cap != "scalar"
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2;
+            }
+        }
+        let _ = cap;
+        Isa::Scalar
+    })
+}
+
+/// `sum(a[i] * b[i])`, fastest available version.
+#[inline]
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked the CPU has AVX-512F/BW.
+        Isa::Avx512 => unsafe { dot_f32_avx512(a, b) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked the CPU has AVX2 and FMA.
+        Isa::Avx2 => unsafe { dot_f32_avx2(a, b) },
+        _ => dot_f32_scalar(a, b),
+    }
+}
+
+/// `sum(w[i] * x[i])` with bf16 weights, fastest available version.
+#[inline]
+pub fn dot_bf16(w: &[u16], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), x.len());
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked the CPU has AVX-512F/BW.
+        Isa::Avx512 => unsafe { dot_bf16_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked the CPU has AVX2 and FMA.
+        Isa::Avx2 => unsafe { dot_bf16_avx2(w, x) },
+        _ => dot_bf16_scalar(w, x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(a: f32, b: f32, n: usize) -> bool {
+        (a - b).abs() <= 1e-5 * (n as f32).sqrt() * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn simd_dots_match_scalar_on_odd_sizes() {
+        for n in [
+            0, 1, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 576, 1000, 1537,
+        ] {
+            let a = data(n, 1);
+            let b = data(n, 2);
+            let w: Vec<u16> = a.iter().map(|&x| f32_to_bf16(x)).collect();
+            let r = dot_f32_scalar(&a, &b);
+            let rb = dot_bf16_scalar(&w, &b);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: features checked just above.
+                    let (x, y) = unsafe { (dot_f32_avx2(&a, &b), dot_bf16_avx2(&w, &b)) };
+                    assert!(close(x, r, n), "avx2 f32 n={n}: {x} vs {r}");
+                    assert!(close(y, rb, n), "avx2 bf16 n={n}: {y} vs {rb}");
+                }
+                if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: features checked just above.
+                    let (x, y) = unsafe { (dot_f32_avx512(&a, &b), dot_bf16_avx512(&w, &b)) };
+                    assert!(close(x, r, n), "avx512 f32 n={n}: {x} vs {r}");
+                    assert!(close(y, rb, n), "avx512 bf16 n={n}: {y} vs {rb}");
+                }
+            }
+            assert!(close(dot_f32(&a, &b), r, n));
+            assert!(close(dot_bf16(&w, &b), rb, n));
+        }
+    }
+}
