@@ -10,9 +10,9 @@ use std::path::Path;
 
 use minijinja::value::Value;
 use tokenizers as hf;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -127,12 +127,15 @@ impl Tokenizer {
                 match v {
                     None | Some(serde_json::Value::Null) => Ok(None),
                     Some(v) => {
-                        let id = v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(|| {
-                            Error::Tokenizer(format!(
-                                "{}: {key} is not a token id: {v}",
-                                model_cfg_path.display()
-                            ))
-                        })?;
+                        let id = v
+                            .as_u64()
+                            .and_then(|id| u32::try_from(id).ok())
+                            .ok_or_else(|| {
+                                Error::Tokenizer(format!(
+                                    "{}: {key} is not a token id: {v}",
+                                    model_cfg_path.display()
+                                ))
+                            })?;
                         self.check_id(id, key)?;
                         Ok(Some(id))
                     }
@@ -207,9 +210,8 @@ impl Tokenizer {
         if n == 0 {
             return Err(Error::Tokenizer("GGUF vocabulary has no tokens".into()));
         }
-        let n_u32 = u32::try_from(n).map_err(|_| {
-            Error::Tokenizer(format!("GGUF vocabulary has too many tokens ({n})"))
-        })?;
+        let n_u32 = u32::try_from(n)
+            .map_err(|_| Error::Tokenizer(format!("GGUF vocabulary has too many tokens ({n})")))?;
         if !v.token_types.is_empty() && v.token_types.len() != n {
             return Err(Error::Tokenizer(format!(
                 "GGUF tokenizer.ggml.token_type has {} entries but there are {n} tokens",
@@ -357,9 +359,8 @@ impl Tokenizer {
 
 /// The pre-tokenizer for a GGUF `tokenizer.ggml.pre` value (ByteLevel never adds a prefix space).
 fn gguf_pre_tokenizer(pre: Option<&str>) -> Result<PreTokenizerWrapper> {
-    let byte_level = |use_regex| {
-        PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex))
-    };
+    let byte_level =
+        |use_regex| PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, use_regex));
     Ok(match pre {
         // Digits one by one, then GPT-2's byte-level regex (SmolLM's tokenizer.json).
         Some("smollm") => PreTokenizerWrapper::Sequence(Sequence::new(vec![
@@ -506,12 +507,15 @@ impl ChatTemplate {
             .map_err(|e| tok_err("chat template syntax config", e))?;
         env.set_syntax(syntax);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(
-                minijinja::ErrorKind::InvalidOperation,
-                format!("raise_exception: {msg}"),
-            ))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<Value, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    format!("raise_exception: {msg}"),
+                ))
+            },
+        );
         env.add_template_owned(TEMPLATE_NAME, template.to_owned())
             .map_err(|e| tok_err("chat template does not compile", e))?;
         Ok(ChatTemplate {
