@@ -578,3 +578,20 @@ fn gguf_real_vocabulary_with_bad_edits() {
     v.token_types.truncate(100);
     assert!(gguf_err(&v).contains("100"));
 }
+
+/// Real HF templates use `{% break %}`/`{% continue %}` (jinja2's loopcontrols extension, which
+/// HF enables) and the `tojson` filter (tool definitions).
+#[test]
+fn loop_controls_and_tojson() {
+    let t = ChatTemplate::new(
+        "{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }}{% if loop.index >= 3 %}{% break %}{% endif %}{% endfor %}|{{ messages[0].role | tojson }}",
+        "",
+        "",
+    )
+    .unwrap();
+    let out = t.render(
+        &[("system", "s"), ("user", "a"), ("user", "b"), ("user", "c")],
+        false,
+    );
+    assert_eq!(out.unwrap(), "ab|\"system\"");
+}
