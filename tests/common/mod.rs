@@ -17,14 +17,9 @@ pub fn reference() -> Value {
     serde_json::from_str(&s).expect("reference JSON")
 }
 
-/// The default model, fetched on first use.
+/// The default model, fetched on first use (into `$SPARSELLM_MODELS_DIR`, default ./models).
 pub fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SPARSELLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/models")));
-    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run `cargo run --release -- fetch` first", p.display());
-    p
+    sparsellm::loader::fetch::default_model_path().expect("fetching the default model")
 }
 
 pub fn ids(v: &Value) -> Vec<u32> {
