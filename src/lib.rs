@@ -1,7 +1,10 @@
 //! sparsellm: a LLaMA-family inference engine for CPUs that computes, for each decoded
 //! token, only the MLP neurons that matter for it.
 
+pub mod bench;
 pub mod error;
+pub mod eval;
+pub mod generate;
 pub mod kernels;
 pub mod loader;
 pub mod model;

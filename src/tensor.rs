@@ -74,7 +74,11 @@ impl AlignedBuf {
 /// Where a tensor's bytes live.
 enum Storage {
     Owned(AlignedBuf),
-    Mapped { map: Arc<Mmap>, offset: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
 }
 
 impl Storage {
@@ -108,7 +112,7 @@ impl Matrix {
             (raw.dtype, dtype),
             (SourceDType::F32, DType::F32) | (SourceDType::BF16, DType::BF16)
         );
-        let aligned = (raw.map.as_ptr() as usize + raw.offset) % dtype.size() == 0;
+        let aligned = (raw.map.as_ptr() as usize + raw.offset).is_multiple_of(dtype.size());
         let storage = if same && aligned && cfg!(target_endian = "little") {
             Storage::Mapped {
                 map: Arc::clone(&raw.map),
@@ -131,7 +135,9 @@ impl Matrix {
         assert_eq!(values.len(), rows * cols);
         let mut buf = AlignedBuf::zeroed(values.len() * dtype.size());
         match dtype {
-            DType::F32 => buf.bytes_mut().copy_from_slice(bytemuck::cast_slice(values)),
+            DType::F32 => buf
+                .bytes_mut()
+                .copy_from_slice(bytemuck::cast_slice(values)),
             DType::BF16 => {
                 let dst: &mut [u16] = bytemuck::cast_slice_mut(buf.bytes_mut());
                 for (d, &v) in dst.iter_mut().zip(values) {

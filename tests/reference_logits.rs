@@ -24,7 +24,12 @@ fn check_logits(model: &Llama) -> (usize, usize, f32) {
         for (t, pos) in case["positions"].as_array().unwrap().iter().enumerate() {
             let row = &logits[t * vocab..(t + 1) * vocab];
             let top = common::ids(&pos["top_ids"]);
-            let argmax = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            let argmax = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
             total += 1;
             agree += (argmax == top[0]) as usize;
             for (id, want) in top.iter().zip(pos["top_logits"].as_array().unwrap()) {
@@ -51,7 +56,10 @@ fn bf16_logits_agreement_reported() {
     let model = load(DType::BF16);
     let (agree, total, worst) = check_logits(&model);
     eprintln!("bf16: top-1 {agree}/{total}, worst top-20 logit difference {worst}");
-    assert!(agree * 10 >= total * 9, "bf16 top-1 agreement {agree}/{total}");
+    assert!(
+        agree * 10 >= total * 9,
+        "bf16 top-1 agreement {agree}/{total}"
+    );
 }
 
 #[test]
@@ -65,15 +73,25 @@ fn f32_greedy_continuations_identical() {
         // attention mask, masks every prompt token equal to the pad id and derives
         // positions from the mask: for the chat prompt that removes its `<|im_end|>`.
         // Reproduce that input exactly (the logits fixture above is unmasked).
-        let ids: Vec<u32> = common::ids(&case["ids"]).into_iter().filter(|&t| t != pad).collect();
+        let ids: Vec<u32> = common::ids(&case["ids"])
+            .into_iter()
+            .filter(|&t| t != pad)
+            .collect();
         let want = common::ids(&case["greedy_continuation"]);
         let mut cache = model.new_cache();
         let mut logits = model.forward(&ids, &mut cache, Logits::Last, None).unwrap();
         let mut got = Vec::new();
         for _ in 0..want.len() {
-            let next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            let next = logits
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .unwrap()
+                .0 as u32;
             got.push(next);
-            logits = model.forward(&[next], &mut cache, Logits::Last, None).unwrap();
+            logits = model
+                .forward(&[next], &mut cache, Logits::Last, None)
+                .unwrap();
             assert_eq!(logits.len(), vocab);
         }
         assert_eq!(got, want, "greedy continuation of {:?}", case["prompt"]);

@@ -11,6 +11,13 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// For each new token t (at position `start + t`) and head h: softmax(q·K^T / sqrt(d))·V
 /// over positions `0..=start + t`, with KV head `h / (heads / kv_heads)`.
 ///
@@ -37,7 +44,6 @@ pub fn attend(
     let dst = SharedMut(out.as_mut_ptr());
     let items = n * heads;
     pool.run(&|i, threads| {
-        let dst = dst;
         let range = split_range(items, 1, i, threads);
         let mut scores = Vec::with_capacity(start + n);
         for item in range {
@@ -46,11 +52,14 @@ pub fn attend(
             let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
             let len = start + t + 1;
             scores.clear();
-            scores.extend((0..len).map(|p| dot_f32(qh, &keys[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale));
+            scores.extend((0..len).map(|p| {
+                dot_f32(qh, &keys[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale
+            }));
             softmax(&mut scores);
             // SAFETY: item (t, h) owns out[(t * heads + h) * d ..][..d]; items are
             // disjoint across threads (split_range) and `out` outlives the call.
-            let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add((t * heads + h) * d), d) };
+            let o =
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add((t * heads + h) * d), d) };
             o.fill(0.0);
             for (p, &s) in scores.iter().enumerate() {
                 let vr = &values[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d];

@@ -60,6 +60,13 @@ unsafe impl Send for SharedMut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedMut {}
 
+impl SharedMut {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// Rows per unit of work: keeps each thread's range a whole number of cache lines of
 /// output and enough rows to amortise the dispatch.
 const ROW_ALIGN: usize = 16;
@@ -78,10 +85,10 @@ pub fn matvec(
     assert_eq!(out.len(), rows, "matvec: output size");
     let dst = SharedMut(out.as_mut_ptr());
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
-        let dst = dst;
         // SAFETY: `for_ranges` hands each thread a disjoint sub-range of 0..rows, and
         // `out` has `rows` elements and outlives the call.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.0.add(range.start), range.len()) };
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start), range.len()) };
         for (o, r) in out.iter_mut().zip(range) {
             *o = w.row_dot(r, cols, x);
         }
@@ -132,7 +139,6 @@ pub fn matmul(
     }
     let dst = SharedMut(out.as_mut_ptr());
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
-        let dst = dst;
         match w {
             WeightView::F32(wf) => {
                 // SAFETY: this thread writes columns `range` of `out` ([n, rows]) only;
@@ -143,7 +149,7 @@ pub fn matmul(
                         n,
                         range.len(),
                         cols,
-                        dst.0.add(range.start),
+                        dst.get().add(range.start),
                         rows,
                         x,
                         &wf[range.start * cols..range.end * cols],
@@ -164,7 +170,7 @@ pub fn matmul(
                             n,
                             r1 - r0,
                             cols,
-                            dst.0.add(r0),
+                            dst.get().add(r0),
                             rows,
                             x,
                             &tile[..(r1 - r0) * cols],

@@ -165,15 +165,14 @@ fn worker(shared: Arc<Shared>, index: usize, threads: usize) {
             let f: &Job<'static> = unsafe { *job };
             f(index, threads);
         }
-        if shared.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Some(t) = shared
+        if shared.pending.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(t) = shared
                 .caller
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
-            {
-                t.unpark();
-            }
+        {
+            t.unpark();
         }
     }
 }

@@ -64,6 +64,10 @@ impl KvCache {
 
     /// Bytes held.
     pub fn byte_len(&self) -> usize {
-        self.keys.iter().chain(&self.values).map(|v| v.capacity() * 4).sum()
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|v| v.capacity() * 4)
+            .sum()
     }
 }

@@ -17,7 +17,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(src: &dyn WeightSource, name: &str, out: usize, inp: usize, dtype: DType) -> Result<Linear> {
+    fn load(
+        src: &dyn WeightSource,
+        name: &str,
+        out: usize,
+        inp: usize,
+        dtype: DType,
+    ) -> Result<Linear> {
         let raw = src.tensor(name)?;
         if raw.shape != [out, inp] {
             return Err(raw.error(format!("shape {:?}, expected [{out}, {inp}]", raw.shape)));
@@ -97,7 +103,14 @@ pub enum Logits {
 pub trait MlpOverride {
     /// Computes layer `layer`'s MLP for `h` ([n, hidden]) into `out`; returns false to
     /// fall back to the dense MLP.
-    fn forward(&mut self, model: &Llama, layer: usize, h: &[f32], n: usize, out: &mut [f32]) -> bool;
+    fn forward(
+        &mut self,
+        model: &Llama,
+        layer: usize,
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> bool;
 }
 
 pub struct Llama {
@@ -120,7 +133,10 @@ impl Llama {
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let raw = src.tensor("model.embed_tokens.weight")?;
         if raw.shape != [c.vocab_size, h] {
-            return Err(raw.error(format!("shape {:?}, expected [{}, {h}]", raw.shape, c.vocab_size)));
+            return Err(raw.error(format!(
+                "shape {:?}, expected [{}, {h}]",
+                raw.shape, c.vocab_size
+            )));
         }
         let embed_tokens = Matrix::from_raw(&raw, c.vocab_size, h, dtype)?;
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -178,10 +194,18 @@ impl Llama {
             .map(|l| {
                 let a = &l.self_attn;
                 let m = &l.mlp;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                    .iter()
-                    .map(|x| x.weight.byte_len())
-                    .sum::<usize>()
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .map(|x| x.weight.byte_len())
+                .sum::<usize>()
             })
             .sum();
         layers + self.head().byte_len()
@@ -189,11 +213,19 @@ impl Llama {
 
     /// Total bytes of all weights held.
     pub fn weight_bytes(&self) -> usize {
-        self.weight_bytes_per_token() + if self.lm_head.is_some() { self.embed_tokens.byte_len() } else { 0 }
+        self.weight_bytes_per_token()
+            + if self.lm_head.is_some() {
+                self.embed_tokens.byte_len()
+            } else {
+                0
+            }
     }
 
     fn head(&self) -> &Matrix {
-        self.lm_head.as_ref().map(|l| &l.weight).unwrap_or(&self.embed_tokens)
+        self.lm_head
+            .as_ref()
+            .map(|l| &l.weight)
+            .unwrap_or(&self.embed_tokens)
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending to the cache.
@@ -204,7 +236,7 @@ impl Llama {
         tokens: &[u32],
         cache: &mut KvCache,
         logits: Logits,
-        mut mlp: Option<&mut dyn MlpOverride>,
+        mut mlp: Option<&mut (dyn MlpOverride + '_)>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
@@ -224,9 +256,13 @@ impl Llama {
         let mut x = vec![0f32; n * h];
         for (t, &id) in tokens.iter().enumerate() {
             if id as usize >= c.vocab_size {
-                return Err(Error::Input(format!("token id {id} is outside the vocabulary ({})", c.vocab_size)));
+                return Err(Error::Input(format!(
+                    "token id {id} is outside the vocabulary ({})",
+                    c.vocab_size
+                )));
             }
-            self.embed_tokens.row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
+            self.embed_tokens
+                .row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
         }
         let mut xn = vec![0f32; n * h];
         let mut q = vec![0f32; n * c.q_dim()];
@@ -237,24 +273,57 @@ impl Llama {
         let interleaved = c.rope_style == RopeStyle::Interleaved;
         for (li, layer) in self.layers.iter().enumerate() {
             for t in 0..n {
-                ops::rmsnorm(&x[t * h..(t + 1) * h], &layer.input_layernorm, c.rms_norm_eps, &mut xn[t * h..(t + 1) * h]);
+                ops::rmsnorm(
+                    &x[t * h..(t + 1) * h],
+                    &layer.input_layernorm,
+                    c.rms_norm_eps,
+                    &mut xn[t * h..(t + 1) * h],
+                );
             }
             let a = &layer.self_attn;
             a.q_proj.forward(pool, &xn, n, &mut q);
             a.k_proj.forward(pool, &xn, n, &mut k);
             a.v_proj.forward(pool, &xn, n, &mut v);
             for t in 0..n {
-                ops::rope(&mut q[t * c.q_dim()..(t + 1) * c.q_dim()], c.head_dim, start + t, &self.inv_freq, interleaved);
-                ops::rope(&mut k[t * c.kv_dim()..(t + 1) * c.kv_dim()], c.head_dim, start + t, &self.inv_freq, interleaved);
+                ops::rope(
+                    &mut q[t * c.q_dim()..(t + 1) * c.q_dim()],
+                    c.head_dim,
+                    start + t,
+                    &self.inv_freq,
+                    interleaved,
+                );
+                ops::rope(
+                    &mut k[t * c.kv_dim()..(t + 1) * c.kv_dim()],
+                    c.head_dim,
+                    start + t,
+                    &self.inv_freq,
+                    interleaved,
+                );
             }
             cache.append(li, &k, &v);
             let (kc, vc) = cache.layer(li);
-            kernels::attention::attend(pool, &q, kc, vc, n, start, c.num_heads, c.num_kv_heads, c.head_dim, &mut att);
+            kernels::attention::attend(
+                pool,
+                &q,
+                kc,
+                vc,
+                n,
+                start,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim,
+                &mut att,
+            );
             a.o_proj.forward(pool, &att, n, &mut tmp);
             ops::add_assign(&mut x, &tmp);
 
             for t in 0..n {
-                ops::rmsnorm(&x[t * h..(t + 1) * h], &layer.post_attention_layernorm, c.rms_norm_eps, &mut xn[t * h..(t + 1) * h]);
+                ops::rmsnorm(
+                    &x[t * h..(t + 1) * h],
+                    &layer.post_attention_layernorm,
+                    c.rms_norm_eps,
+                    &mut xn[t * h..(t + 1) * h],
+                );
             }
             let done = match mlp.as_deref_mut() {
                 Some(o) => o.forward(self, li, &xn, n, &mut tmp),
@@ -273,11 +342,24 @@ impl Llama {
         };
         let m = rows.len();
         for (i, t) in rows.enumerate() {
-            ops::rmsnorm(&x[t * h..(t + 1) * h], &self.norm, c.rms_norm_eps, &mut xn[i * h..(i + 1) * h]);
+            ops::rmsnorm(
+                &x[t * h..(t + 1) * h],
+                &self.norm,
+                c.rms_norm_eps,
+                &mut xn[i * h..(i + 1) * h],
+            );
         }
         let head = self.head();
         let mut out = vec![0f32; m * c.vocab_size];
-        kernels::matmul(pool, head.view(), head.rows, head.cols, &xn[..m * h], m, &mut out);
+        kernels::matmul(
+            pool,
+            head.view(),
+            head.rows,
+            head.cols,
+            &xn[..m * h],
+            m,
+            &mut out,
+        );
         Ok(out)
     }
 }

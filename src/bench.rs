@@ -1,0 +1,129 @@
+//! The benchmark harness behind `sparsellm bench`: a fixed prompt (the first N tokens of
+//! a text), a fixed generation length (no EOS stop), greedy, KV cache on; a warm-up, then
+//! repeated runs reported as median, min and max.
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::generate::{GenerateOptions, SamplingOptions, generate};
+use crate::model::{Llama, MlpOverride};
+
+/// Median, min and max of a set of measurements.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Stat {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Stat {
+        assert!(!values.is_empty());
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stat {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+}
+
+/// One mode's figures (dense or sparse), as in the CLI contract.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModeReport {
+    pub ttft_ms: Stat,
+    pub prefill_tok_s: Stat,
+    pub decode_tok_s: Stat,
+    pub total_tok_s: Stat,
+    pub peak_rss_mb: f64,
+    pub mlp_density: f64,
+    /// Weight bytes one decode step reads, and the rate the median decode moves them at.
+    pub weight_bytes_per_token: usize,
+    pub decode_gb_s: f64,
+}
+
+/// Runs `warmup + runs` generations of `gen_tokens` tokens from `prompt` and summarises
+/// the measured runs.
+pub fn run_mode(
+    model: &Llama,
+    prompt: &[u32],
+    gen_tokens: usize,
+    warmup: usize,
+    runs: usize,
+    mut mlp: Option<&mut (dyn MlpOverride + '_)>,
+    mut on_run: impl FnMut(usize, usize),
+) -> Result<ModeReport> {
+    let opts = GenerateOptions {
+        max_tokens: gen_tokens,
+        sampling: SamplingOptions::default(),
+        stop_at_eos: false,
+    };
+    let (mut ttft, mut prefill, mut decode, mut total) = (vec![], vec![], vec![], vec![]);
+    for i in 0..warmup + runs {
+        on_run(i, warmup + runs);
+        let g = generate(model, None, prompt, &opts, mlp.as_deref_mut(), |_| {})?;
+        if i >= warmup {
+            ttft.push(g.ttft_ms);
+            prefill.push(g.prefill_tok_s);
+            decode.push(g.decode_tok_s);
+            total.push((prompt.len() + g.output_ids.len()) as f64 / (g.total_ms / 1e3));
+        }
+    }
+    let decode = Stat::of(&decode);
+    let bytes = model.weight_bytes_per_token();
+    Ok(ModeReport {
+        ttft_ms: Stat::of(&ttft),
+        prefill_tok_s: Stat::of(&prefill),
+        decode_gb_s: bytes as f64 * decode.median / 1e9,
+        decode_tok_s: decode,
+        total_tok_s: Stat::of(&total),
+        peak_rss_mb: peak_rss_mb(),
+        mlp_density: 1.0,
+        weight_bytes_per_token: bytes,
+    })
+}
+
+/// This process's peak resident set size in MB (VmHWM), or 0 where /proc is absent.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// The CPU's model name, from /proc/cpuinfo.
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_median_min_max() {
+        let s = Stat::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(Stat::of(&[4.0, 1.0, 2.0, 3.0]).median, 2.5);
+    }
+}

@@ -1,0 +1,121 @@
+//! Quality evaluation: perplexity over non-overlapping windows by both common methods
+//! (every prediction in the window; llama.cpp's second half only), and, for a sparse
+//! setting, the mean KL divergence from the dense model and top-1 agreement with it.
+
+use crate::error::{Error, Result};
+use crate::model::{Llama, Logits, MlpOverride};
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct EvalReport {
+    /// Tokens scored over (whole windows only).
+    pub tokens: usize,
+    pub windows: usize,
+    /// exp(mean NLL) over every prediction in each window (positions 0..w-1 predicting 1..w).
+    pub ppl_all: f64,
+    /// llama.cpp's method: only predictions from the second half of each window.
+    pub ppl_second_half: f64,
+    /// Mean KL(dense || evaluated) per predicted token; only with a sparse setting.
+    pub kl_vs_dense: Option<f64>,
+    /// Fraction of predictions whose argmax equals the dense model's.
+    pub top1_agreement: Option<f64>,
+}
+
+/// Log-softmax of `logits[target]` in f64.
+fn log_prob(logits: &[f32], target: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = max
+        + logits
+            .iter()
+            .map(|&l| (l as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    logits[target] as f64 - lse
+}
+
+/// KL(p || q) for logits p, q, in f64.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let lse = |x: &[f32]| {
+        let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + x.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln()
+    };
+    let (lp, lq) = (lse(p), lse(q));
+    p.iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let la = a as f64 - lp;
+            la.exp() * (la - (b as f64 - lq))
+        })
+        .sum()
+}
+
+/// Perplexity of `ids` over non-overlapping windows of `window` tokens from the start, each
+/// scored alone (fresh cache, no BOS). With `mlp`, the evaluated model uses that MLP and
+/// the dense model is run beside it for KL and agreement.
+pub fn perplexity(
+    model: &Llama,
+    ids: &[u32],
+    window: usize,
+    mut mlp: Option<&mut (dyn MlpOverride + '_)>,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
+    if window < 4 {
+        return Err(Error::Input(format!(
+            "--window {window} is too small (at least 4)"
+        )));
+    }
+    if window > model.config.max_position_embeddings {
+        return Err(Error::Input(format!(
+            "--window {window} exceeds the model's context ({})",
+            model.config.max_position_embeddings
+        )));
+    }
+    let windows = ids.len() / window;
+    if windows == 0 {
+        return Err(Error::Input(format!(
+            "the text has {} tokens, fewer than one window of {window}",
+            ids.len()
+        )));
+    }
+    let vocab = model.config.vocab_size;
+    let (mut nll_all, mut n_all, mut nll_half, mut n_half) = (0f64, 0usize, 0f64, 0usize);
+    let (mut kl_sum, mut agree) = (0f64, 0usize);
+    let first = window / 2;
+    for w in 0..windows {
+        progress(w, windows);
+        let chunk = &ids[w * window..(w + 1) * window];
+        let mut cache = model.new_cache();
+        let sparse = mlp.is_some();
+        let logits = model.forward(chunk, &mut cache, Logits::All, mlp.as_deref_mut())?;
+        let dense = if sparse {
+            let mut c = model.new_cache();
+            Some(model.forward(chunk, &mut c, Logits::All, None)?)
+        } else {
+            None
+        };
+        for i in 0..window - 1 {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let lp = log_prob(row, chunk[i + 1] as usize);
+            nll_all -= lp;
+            n_all += 1;
+            if i >= first {
+                nll_half -= lp;
+                n_half += 1;
+            }
+            if let Some(d) = &dense {
+                let drow = &d[i * vocab..(i + 1) * vocab];
+                kl_sum += kl(drow, row);
+                agree += (crate::generate::argmax(drow) == crate::generate::argmax(row)) as usize;
+            }
+        }
+    }
+    progress(windows, windows);
+    let sparse = mlp.is_some();
+    Ok(EvalReport {
+        tokens: windows * window,
+        windows,
+        ppl_all: (nll_all / n_all as f64).exp(),
+        ppl_second_half: (nll_half / n_half as f64).exp(),
+        kl_vs_dense: sparse.then(|| kl_sum / n_all as f64),
+        top1_agreement: sparse.then(|| agree as f64 / n_all as f64),
+    })
+}
