@@ -3,9 +3,8 @@
 //! and hostile files that must give errors, never panics.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 
 use safetensors::tensor::{Dtype, TensorView};
 use sparsellm::loader::hf::{HfModel, parse_config};
@@ -13,59 +12,9 @@ use sparsellm::loader::safetensors::SafetensorsFile;
 use sparsellm::loader::{SourceDType, TokenizerSource, WeightSource};
 use sparsellm::model::config::{Llama3RopeScaling, RopeStyle};
 
-// ---------------------------------------------------------------------------------------
-// Real checkpoints from the shared reference script (copy this helper into other tests).
+mod common;
 
-/// Where the default model lives: `$SPARSELLM_MODELS_DIR`, else `models/` in the crate.
-fn models_dir() -> PathBuf {
-    std::env::var_os("SPARSELLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-/// A HuggingFace checkpoint of SmolLM2-135M-Instruct at `dtype` ("f32", "f16", "bf16"),
-/// made once by `../shared/reference/make_hf_checkpoint.py` from the default GGUF and
-/// cached in `target/test-data/hf-<dtype>`. The script writes to a temporary directory
-/// that is renamed into place only when it succeeded, so a half-written checkpoint is
-/// never reused.
-fn hf_checkpoint(dtype: &str) -> PathBuf {
-    static LOCK: Mutex<()> = Mutex::new(());
-    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let data = root.join("target").join("test-data");
-    let out = data.join(format!("hf-{dtype}"));
-    if out.join("config.json").is_file() {
-        return out;
-    }
-    let gguf = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        gguf.is_file(),
-        "{} not found: run `sparsellm fetch` or set SPARSELLM_MODELS_DIR",
-        gguf.display()
-    );
-    let script = root.join("../shared/reference/make_hf_checkpoint.py");
-    std::fs::create_dir_all(&data).expect("create target/test-data");
-    let tmp = data.join(format!("hf-{dtype}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let status = Command::new("python3")
-        .arg(&script)
-        .arg(&gguf)
-        .arg(&tmp)
-        .args(["--dtype", dtype])
-        .status()
-        .expect("run python3 (needs the gguf, safetensors and numpy packages)");
-    assert!(status.success(), "{} failed: {status}", script.display());
-    if std::fs::rename(&tmp, &out).is_err() {
-        // Another test process finished first; use its copy.
-        let _ = std::fs::remove_dir_all(&tmp);
-        assert!(
-            out.join("config.json").is_file(),
-            "could not place {}",
-            out.display()
-        );
-    }
-    out
-}
+use common::hf_checkpoint;
 
 const LAYER_TENSORS: [&str; 9] = [
     "self_attn.q_proj",

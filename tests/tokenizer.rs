@@ -2,6 +2,8 @@
 //! the shared tokenizer.json and the GGUF file's metadata; stream decoding, chat templates and
 //! bad vocabularies.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -14,10 +16,7 @@ const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference")
 
 /// The default model file: `$SPARSELLM_MODELS_DIR` (default `models/` in the crate root).
 fn model_path() -> PathBuf {
-    let dir = std::env::var_os("SPARSELLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
-    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    common::model_path()
 }
 
 fn reference() -> &'static serde_json::Value {

@@ -1,7 +1,9 @@
 //! Shared helpers of the integration tests: where the model and the reference fixtures are.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
 
 use serde_json::Value;
 
@@ -28,4 +30,43 @@ pub fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
+}
+
+/// A HuggingFace checkpoint of SmolLM2-135M-Instruct at `dtype` ("f32", "f16", "bf16"),
+/// made once by `../shared/reference/make_hf_checkpoint.py` from the default GGUF and
+/// cached in `target/test-data/hf-<dtype>`. The script writes to a temporary directory
+/// that is renamed into place only when it succeeded, so a half-written checkpoint is
+/// never reused.
+pub fn hf_checkpoint(dtype: &str) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = root.join("target").join("test-data");
+    let out = data.join(format!("hf-{dtype}"));
+    if out.join("config.json").is_file() {
+        return out;
+    }
+    let gguf = model_path();
+    let script = root.join("../shared/reference/make_hf_checkpoint.py");
+    std::fs::create_dir_all(&data).expect("create target/test-data");
+    let tmp = data.join(format!("hf-{dtype}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let status = Command::new("python3")
+        .arg(&script)
+        .arg(&gguf)
+        .arg(&tmp)
+        .args(["--dtype", dtype])
+        .status()
+        .expect("run python3 (needs the gguf, safetensors and numpy packages)");
+    assert!(status.success(), "{} failed: {status}", script.display());
+    if std::fs::rename(&tmp, &out).is_err() {
+        // Another test process finished first; use its copy.
+        let _ = std::fs::remove_dir_all(&tmp);
+        assert!(
+            out.join("config.json").is_file(),
+            "could not place {}",
+            out.display()
+        );
+    }
+    out
 }

@@ -1,0 +1,988 @@
+//! End-to-end tests of the `sparsellm` binary: bad input ends with one line naming the
+//! problem and exit code 1 or 2 (never a panic, never partial stdout); the JSON output
+//! of every command holds the fields DESIGN.md's CLI contract names; `--help` lists flags.
+
+mod common;
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{Value, json};
+
+// ---------------------------------------------------------------------------------------
+// Running the binary.
+
+struct Out {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+fn run<I, S>(args: I) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
+        .args(args)
+        // Never fetch from the network in these tests: every command gets --model.
+        .env("SPARSELLM_MODELS_DIR", models_dir())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run sparsellm");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Builds an argument list from string-likes and paths.
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {{
+        let v: Vec<OsString> = vec![$(OsString::from($a)),*];
+        v
+    }};
+}
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SPARSELLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+fn model() -> PathBuf {
+    common::model_path()
+}
+
+fn non_empty_lines(s: &str) -> Vec<&str> {
+    s.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+fn assert_no_panic(o: &Out) {
+    assert!(
+        !o.stderr.contains("panicked") && !o.stderr.contains("RUST_BACKTRACE"),
+        "panic: {o:?}"
+    );
+    assert!(o.code.is_some(), "killed by a signal: {o:?}");
+    assert_ne!(o.code, Some(101), "panic exit code: {o:?}");
+}
+
+/// A failure before anything was loaded: exit 1 or 2, nothing on stdout, exactly one
+/// non-empty line on stderr containing every `needle` (case-insensitive).
+#[track_caller]
+fn assert_fails(o: &Out, needles: &[&str]) -> String {
+    assert_fails_inner(o, needles, false)
+}
+
+/// A failure after the model was loaded: the same, except that the one-line
+/// "sparsellm: ... loaded in ..." progress note may precede the error line.
+#[track_caller]
+fn assert_fails_after_load(o: &Out, needles: &[&str]) -> String {
+    assert_fails_inner(o, needles, true)
+}
+
+#[track_caller]
+fn assert_fails_inner(o: &Out, needles: &[&str], allow_load_note: bool) -> String {
+    assert_no_panic(o);
+    assert!(matches!(o.code, Some(1 | 2)), "exit code: {o:?}");
+    assert!(o.stdout.is_empty(), "stdout not empty: {o:?}");
+    let mut lines = non_empty_lines(&o.stderr);
+    if allow_load_note {
+        lines.retain(|l| !(l.starts_with("sparsellm: ") && l.contains(" loaded in ")));
+    }
+    assert_eq!(lines.len(), 1, "stderr is not one line: {o:?}");
+    let line = lines[0].trim().to_owned();
+    let lower = line.to_lowercase();
+    for n in needles {
+        assert!(
+            lower.contains(&n.to_lowercase()),
+            "stderr does not mention '{n}': {o:?}"
+        );
+    }
+    line
+}
+
+/// A value clap rejects: exit 2, nothing on stdout, stderr names the flag (clap's usage
+/// text may add lines).
+#[track_caller]
+fn assert_clap_rejects(o: &Out, flag: &str, needle: &str) {
+    assert_no_panic(o);
+    assert_eq!(o.code, Some(2), "exit code: {o:?}");
+    assert!(o.stdout.is_empty(), "stdout not empty: {o:?}");
+    let first = non_empty_lines(&o.stderr)
+        .first()
+        .copied()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(first.starts_with("error:"), "{o:?}");
+    assert!(first.contains(flag), "stderr does not name {flag}: {o:?}");
+    assert!(
+        first.to_lowercase().contains(&needle.to_lowercase()),
+        "stderr does not mention '{needle}': {o:?}"
+    );
+}
+
+#[track_caller]
+fn parse_json(o: &Out) -> Value {
+    assert_no_panic(o);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let lines = non_empty_lines(&o.stdout);
+    assert_eq!(lines.len(), 1, "--json prints one line: {o:?}");
+    serde_json::from_str(lines[0]).unwrap_or_else(|e| panic!("invalid JSON ({e}): {o:?}"))
+}
+
+fn ids_of(v: &Value) -> Vec<u32> {
+    common::ids(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// Hand-made model files.
+
+/// A minimal GGUF v3 writer.
+#[derive(Default)]
+struct Gguf {
+    meta: Vec<u8>,
+    n_meta: u64,
+    infos: Vec<u8>,
+    n_tensors: u64,
+    data: Vec<u8>,
+}
+
+const GGUF_U32: u32 = 4;
+const GGUF_F32: u32 = 6;
+const GGUF_STRING: u32 = 8;
+const GGUF_ARRAY: u32 = 9;
+const GGUF_U64: u32 = 10;
+const ALIGN: usize = 32;
+
+fn put_str(buf: &mut Vec<u8>, s: &str) {
+    buf.extend((s.len() as u64).to_le_bytes());
+    buf.extend(s.as_bytes());
+}
+
+impl Gguf {
+    fn key(&mut self, k: &str, ty: u32) {
+        put_str(&mut self.meta, k);
+        self.meta.extend(ty.to_le_bytes());
+        self.n_meta += 1;
+    }
+    fn u32(&mut self, k: &str, v: u32) -> &mut Self {
+        self.key(k, GGUF_U32);
+        self.meta.extend(v.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, k: &str, v: u64) -> &mut Self {
+        self.key(k, GGUF_U64);
+        self.meta.extend(v.to_le_bytes());
+        self
+    }
+    fn f32(&mut self, k: &str, v: f32) -> &mut Self {
+        self.key(k, GGUF_F32);
+        self.meta.extend(v.to_le_bytes());
+        self
+    }
+    fn str(&mut self, k: &str, v: &str) -> &mut Self {
+        self.key(k, GGUF_STRING);
+        put_str(&mut self.meta, v);
+        self
+    }
+    fn strs(&mut self, k: &str, v: &[&str]) -> &mut Self {
+        self.key(k, GGUF_ARRAY);
+        self.meta.extend(GGUF_STRING.to_le_bytes());
+        self.meta.extend((v.len() as u64).to_le_bytes());
+        for s in v {
+            put_str(&mut self.meta, s);
+        }
+        self
+    }
+    /// A tensor with GGUF dims (fastest first), ggml type and its bytes.
+    fn tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, bytes: &[u8]) -> &mut Self {
+        while !self.data.len().is_multiple_of(ALIGN) {
+            self.data.push(0);
+        }
+        put_str(&mut self.infos, name);
+        self.infos.extend((dims.len() as u32).to_le_bytes());
+        for d in dims {
+            self.infos.extend(d.to_le_bytes());
+        }
+        self.infos.extend(ggml_type.to_le_bytes());
+        self.infos.extend((self.data.len() as u64).to_le_bytes());
+        self.data.extend(bytes);
+        self.n_tensors += 1;
+        self
+    }
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(b"GGUF");
+        b.extend(3u32.to_le_bytes());
+        b.extend(self.n_tensors.to_le_bytes());
+        b.extend(self.n_meta.to_le_bytes());
+        b.extend(&self.meta);
+        b.extend(&self.infos);
+        while !b.len().is_multiple_of(ALIGN) {
+            b.push(0);
+        }
+        b.extend(&self.data);
+        b
+    }
+}
+
+const TINY_VOCAB: [&str; 8] = ["a", "b", "c", "d", "e", "f", "g", "h"];
+
+/// A llama GGUF header with a gpt2 vocabulary of 8 tokens, hidden 256, 1 layer, 2 heads.
+fn llama_gguf(hidden: u64) -> Gguf {
+    let mut g = Gguf::default();
+    g.str("general.architecture", "llama")
+        .str("general.name", "cli-test")
+        .u64("llama.embedding_length", hidden)
+        .u32("llama.feed_forward_length", 512)
+        .u32("llama.block_count", 1)
+        .u32("llama.attention.head_count", 2)
+        .u32("llama.attention.head_count_kv", 1)
+        .u32("llama.context_length", 64)
+        .f32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+        .f32("llama.rope.freq_base", 10000.0)
+        .str("tokenizer.ggml.model", "gpt2")
+        .strs("tokenizer.ggml.tokens", &TINY_VOCAB);
+    g
+}
+
+/// Small deterministic pseudo-random weights in [-0.5, 0.5).
+fn weights(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// A tiny HuggingFace checkpoint (hidden 8, 1 layer, context 16) with SmolLM2's tokenizer,
+/// written into `dir`. No eos_token_id, so generation only stops at a budget or the context.
+fn tiny_hf(dir: &Path) {
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "vocab_size": 49152,
+        "max_position_embeddings": 16,
+        "tie_word_embeddings": true,
+        "rms_norm_eps": 1e-5,
+        "hidden_act": "silu",
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let p = "model.layers.0.";
+    let shapes: Vec<(String, Vec<usize>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![49152, 8]),
+        (format!("{p}input_layernorm.weight"), vec![8]),
+        (format!("{p}post_attention_layernorm.weight"), vec![8]),
+        (format!("{p}self_attn.q_proj.weight"), vec![8, 8]),
+        (format!("{p}self_attn.k_proj.weight"), vec![4, 8]),
+        (format!("{p}self_attn.v_proj.weight"), vec![4, 8]),
+        (format!("{p}self_attn.o_proj.weight"), vec![8, 8]),
+        (format!("{p}mlp.gate_proj.weight"), vec![16, 8]),
+        (format!("{p}mlp.up_proj.weight"), vec![16, 8]),
+        (format!("{p}mlp.down_proj.weight"), vec![8, 16]),
+        ("model.norm.weight".into(), vec![8]),
+    ];
+    let bufs: Vec<Vec<u8>> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, s))| {
+            let n = s.iter().product();
+            let v = if name.contains("norm") {
+                vec![1.0f32; n]
+            } else {
+                weights(n, i as u64 + 1)
+            };
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = shapes
+        .iter()
+        .zip(&bufs)
+        .map(|((n, s), b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::tensor::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("model.safetensors"),
+        safetensors::tensor::serialize(views, None).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        common::reference_dir().join("smollm2-135m-instruct/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
+
+// ---------------------------------------------------------------------------------------
+// --model: missing and corrupt checkpoints.
+
+#[test]
+fn model_missing_path() {
+    let d = tempdir();
+    let missing = d.path().join("no-such-model.gguf");
+    for cmd in [
+        args!["tokenize", "hi", "--model", &missing],
+        args!["generate", "--prompt", "hi", "--model", &missing],
+        args![
+            "eval",
+            "--text",
+            "/usr/share/common-licenses/GPL-3",
+            "--model",
+            &missing
+        ],
+        args!["bench", "--model", &missing],
+    ] {
+        let o = run(&cmd);
+        let line = assert_fails(&o, &["no-such-model.gguf", "no such file"]);
+        // The OS error is said once, not repeated by the error chain.
+        assert_eq!(
+            line.matches("No such file").count(),
+            1,
+            "repeated cause: {line}"
+        );
+    }
+}
+
+#[test]
+fn model_directory_without_config() {
+    let d = tempdir();
+    std::fs::write(d.path().join("model.safetensors"), b"not really").unwrap();
+    let o = run(args!["generate", "--prompt", "hi", "--model", d.path()]);
+    assert_fails(&o, &["config.json"]);
+    let o = run(args!["tokenize", "hi", "--model", d.path()]);
+    assert_fails(&o, &["config.json"]);
+}
+
+#[test]
+fn model_truncated_gguf() {
+    let d = tempdir();
+    let path = d.path().join("truncated.gguf");
+    let bytes = std::fs::read(model()).unwrap();
+    std::fs::write(&path, &bytes[..100 * 1024]).unwrap();
+    for cmd in [
+        args!["tokenize", "hi", "--model", &path],
+        args!["generate", "--prompt", "hi", "--model", &path],
+    ] {
+        assert_fails(&run(&cmd), &["truncated.gguf", "truncated"]);
+    }
+    // Cut inside the tensor data: the header parses, a tensor's extent does not fit.
+    let cut = bytes.len() - 1000;
+    std::fs::write(&path, &bytes[..cut]).unwrap();
+    assert_fails(
+        &run(args!["generate", "--prompt", "hi", "--model", &path]),
+        &["truncated.gguf", "truncated"],
+    );
+}
+
+#[test]
+fn model_wrong_magic() {
+    let d = tempdir();
+    let path = d.path().join("wrong-magic.gguf");
+    let mut bytes = b"GGML".to_vec();
+    bytes.extend(std::iter::repeat_n(0u8, 4096));
+    std::fs::write(&path, &bytes).unwrap();
+    assert_fails(
+        &run(args!["generate", "--prompt", "hi", "--model", &path]),
+        &["wrong-magic.gguf", "not a GGUF file"],
+    );
+    // Shorter than the magic, and empty.
+    for content in [&b"GG"[..], &b""[..]] {
+        std::fs::write(&path, content).unwrap();
+        assert_fails(
+            &run(args!["tokenize", "hi", "--model", &path]),
+            &["wrong-magic.gguf", "not a GGUF file"],
+        );
+    }
+}
+
+#[test]
+fn model_unsupported_tensor_type() {
+    let d = tempdir();
+    let path = d.path().join("q4k.gguf");
+    // token_embd.weight: [vocab 8, hidden 256] in Q4_K (256 elements per 144-byte block).
+    let data = weights(8 * 144 / 4, 7)
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect::<Vec<u8>>();
+    let mut g = llama_gguf(256);
+    g.tensor("token_embd.weight", &[256, 8], 12, &data);
+    std::fs::write(&path, g.bytes()).unwrap();
+    // The header and the tokenizer are fine.
+    let o = run(args!["tokenize", "abc", "--model", &path, "--json"]);
+    assert_eq!(parse_json(&o)["ids"], json!([0, 1, 2]), "{o:?}");
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "abc",
+        "--model",
+        &path,
+        "--threads",
+        "1"
+    ]);
+    assert_fails(&o, &["token_embd.weight", "Q4_K", "not supported"]);
+}
+
+#[test]
+fn model_absurd_dimensions() {
+    let d = tempdir();
+    let path = d.path().join("absurd.gguf");
+    // A tensor whose element count overflows.
+    let mut g = llama_gguf(256);
+    g.tensor("token_embd.weight", &[1 << 40, 1 << 40], 0, &[]);
+    std::fs::write(&path, g.bytes()).unwrap();
+    assert_fails(
+        &run(args!["generate", "--prompt", "abc", "--model", &path]),
+        &["token_embd.weight", "absurd dimensions"],
+    );
+    // A tensor of plausible element count whose data is not in the file.
+    let mut g = llama_gguf(256);
+    g.tensor("token_embd.weight", &[256, 1 << 30], 0, &[]);
+    std::fs::write(&path, g.bytes()).unwrap();
+    assert_fails(
+        &run(args!["generate", "--prompt", "abc", "--model", &path]),
+        &["token_embd.weight", "outside the file"],
+    );
+    // A model dimension no real model has.
+    let mut g = llama_gguf(1 << 40);
+    g.tensor("token_embd.weight", &[256, 8], 0, &vec![0u8; 256 * 8 * 4]);
+    std::fs::write(&path, g.bytes()).unwrap();
+    assert_fails(
+        &run(args!["generate", "--prompt", "abc", "--model", &path]),
+        &["hidden_size", "out of range"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The context limit, on a tiny HuggingFace checkpoint.
+
+#[test]
+fn prompt_longer_than_context() {
+    let d = tempdir();
+    tiny_hf(d.path());
+    let prompt = (0..100)
+        .map(|i| ["river", "stone", "light", "window", "garden"][i % 5])
+        .collect::<Vec<_>>()
+        .join(" ");
+    let o = run(args![
+        "generate",
+        "--model",
+        d.path(),
+        "--prompt",
+        &prompt,
+        "--threads",
+        "1"
+    ]);
+    assert_fails_after_load(&o, &["prompt", "100 tokens", "context is 16"]);
+    // Exactly one token short of fitting a next token: 16 prompt tokens in a context of 16.
+    let prompt16 = prompt.split(' ').take(16).collect::<Vec<_>>().join(" ");
+    let o = run(args![
+        "generate",
+        "--model",
+        d.path(),
+        "--prompt",
+        &prompt16,
+        "--json"
+    ]);
+    assert_fails_after_load(&o, &["context"]);
+}
+
+#[test]
+fn generation_stops_at_the_context() {
+    let d = tempdir();
+    tiny_hf(d.path());
+    for dtype in ["f32", "bf16"] {
+        let o = run(args![
+            "generate",
+            "--model",
+            d.path(),
+            "--prompt",
+            "Hello there",
+            "--max-tokens",
+            "100",
+            "--dtype",
+            dtype,
+            "--threads",
+            "2"
+        ]);
+        assert_no_panic(&o);
+        assert_eq!(o.code, Some(0), "{o:?}");
+        assert!(
+            o.stderr.contains("context") && o.stderr.contains("full"),
+            "no context-full note: {o:?}"
+        );
+        assert!(o.stderr.contains("generated"), "{o:?}");
+        // The same through --json: 16 - 2 prompt tokens = 14 generated.
+        let o = run(args![
+            "generate",
+            "--model",
+            d.path(),
+            "--prompt",
+            "Hello there",
+            "--max-tokens",
+            "100",
+            "--dtype",
+            dtype,
+            "--json"
+        ]);
+        let v = parse_json(&o);
+        let p = ids_of(&v["prompt_ids"]).len();
+        assert_eq!(ids_of(&v["output_ids"]).len(), 16 - p + 1, "{v}");
+    }
+    // eval: a window larger than the context is refused by name.
+    let text = d.path().join("t.txt");
+    std::fs::write(&text, "word ".repeat(200)).unwrap();
+    let o = run(args![
+        "eval",
+        "--model",
+        d.path(),
+        "--text",
+        &text,
+        "--window",
+        "64"
+    ]);
+    assert_fails_after_load(&o, &["--window 64", "context"]);
+    let o = run(args![
+        "eval",
+        "--model",
+        d.path(),
+        "--text",
+        &text,
+        "--window",
+        "16",
+        "--json"
+    ]);
+    let v = parse_json(&o);
+    assert!(v["ppl_all"].as_f64().unwrap().is_finite(), "{v}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Bad CLI values.
+
+#[test]
+fn bad_cli_values() {
+    let m = model();
+    let gen_ = |extra: &[&str]| {
+        let mut a = args!["generate", "--prompt", "hi", "--model", &m];
+        a.extend(extra.iter().map(OsString::from));
+        run(&a)
+    };
+    assert_clap_rejects(&gen_(&["--dtype", "f64"]), "--dtype", "f64");
+    assert_clap_rejects(&gen_(&["--threads", "0"]), "--threads", "at least 1");
+    assert_clap_rejects(&gen_(&["--threads", "many"]), "--threads", "many");
+    assert_clap_rejects(&gen_(&["--max-tokens", "0"]), "--max-tokens", "at least 1");
+    assert_clap_rejects(&gen_(&["--sparsity", "bogus"]), "--sparsity", "bogus");
+    assert_clap_rejects(
+        &gen_(&["--sparsity", "sigma:2"]),
+        "--sparsity",
+        "not available",
+    );
+    assert_clap_rejects(
+        &gen_(&["--sparsity", "density:0.5"]),
+        "--sparsity",
+        "not available",
+    );
+    assert_clap_rejects(&gen_(&["--temperature", "warm"]), "--temperature", "warm");
+    assert_clap_rejects(&gen_(&["--no-such-flag"]), "--no-such-flag", "unexpected");
+    // The same parsers guard eval and bench.
+    let o = run(args![
+        "eval",
+        "--text",
+        "/usr/share/common-licenses/GPL-3",
+        "--model",
+        &m,
+        "--sparsity",
+        "bogus"
+    ]);
+    assert_clap_rejects(&o, "--sparsity", "bogus");
+    let o = run(args!["bench", "--model", &m, "--runs", "0"]);
+    assert_clap_rejects(&o, "--runs", "at least 1");
+    let o = run(args!["bench", "--model", &m, "--dtype", "q4"]);
+    assert_clap_rejects(&o, "--dtype", "q4");
+
+    // Empty prompt: refused before the model is loaded.
+    assert_fails(
+        &run(args!["generate", "--prompt", "", "--model", &m]),
+        &["prompt", "empty"],
+    );
+    // Sampling values clap accepts but the generator refuses.
+    assert_fails_after_load(
+        &gen_(&["--temperature=-1", "--threads", "1"]),
+        &["--temperature"],
+    );
+    assert_fails_after_load(&gen_(&["--top-p", "0", "--threads", "1"]), &["--top-p"]);
+}
+
+#[test]
+fn eval_bad_text_files() {
+    let m = model();
+    let d = tempdir();
+    // Not UTF-8.
+    let bin = d.path().join("latin1.txt");
+    std::fs::write(&bin, b"caf\xe9 au lait\n").unwrap();
+    assert_fails(
+        &run(args!["eval", "--text", &bin, "--model", &m]),
+        &["latin1.txt", "not UTF-8", "offset 3"],
+    );
+    // Missing.
+    let missing = d.path().join("missing.txt");
+    assert_fails(
+        &run(args!["eval", "--text", &missing, "--model", &m]),
+        &["missing.txt", "no such file"],
+    );
+    // Empty.
+    let empty = d.path().join("empty.txt");
+    std::fs::write(&empty, b"").unwrap();
+    assert_fails(
+        &run(args!["eval", "--text", &empty, "--model", &m]),
+        &["empty.txt", "empty"],
+    );
+    // Too short for one window.
+    let short = d.path().join("short.txt");
+    std::fs::write(&short, "Hello, world! A short text.").unwrap();
+    assert_fails_after_load(
+        &run(args![
+            "eval",
+            "--text",
+            &short,
+            "--model",
+            &m,
+            "--window",
+            "128",
+            "--threads",
+            "2"
+        ]),
+        &["tokens", "fewer than one window of 128"],
+    );
+    // A window too small to score.
+    assert_fails_after_load(
+        &run(args![
+            "eval",
+            "--text",
+            &short,
+            "--model",
+            &m,
+            "--window",
+            "2",
+            "--threads",
+            "2"
+        ]),
+        &["--window 2", "too small"],
+    );
+    // bench: a text file with fewer tokens than --prompt-tokens.
+    assert_fails_after_load(
+        &run(args![
+            "bench",
+            "--text",
+            &short,
+            "--model",
+            &m,
+            "--prompt-tokens",
+            "64",
+            "--threads",
+            "2"
+        ]),
+        &["fewer than --prompt-tokens 64"],
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The JSON contract, on the default model.
+
+#[test]
+fn json_tokenize() {
+    let o = run(args![
+        "tokenize",
+        "Hello, world!",
+        "--json",
+        "--model",
+        model()
+    ]);
+    assert_eq!(parse_json(&o), json!({"ids": [19556, 28, 905, 17]}));
+    // Without --json: the ids separated by spaces.
+    let o = run(args!["tokenize", "Hello, world!", "--model", model()]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert_eq!(o.stdout.trim(), "19556 28 905 17");
+}
+
+#[test]
+fn json_generate_greedy_matches_reference() {
+    let reference = common::reference();
+    let fwd = &reference["forward"][0];
+    let prompt = fwd["prompt"].as_str().unwrap();
+    assert_eq!(prompt, "The capital of France is");
+    let greedy = ids_of(&fwd["greedy_continuation"]);
+    let o = run(args![
+        "generate",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "8",
+        "--json",
+        "--dtype",
+        "f32",
+        "--threads",
+        "2",
+        "--model",
+        model()
+    ]);
+    let v = parse_json(&o);
+    for k in [
+        "prompt_ids",
+        "output_ids",
+        "text",
+        "ttft_ms",
+        "decode_tok_s",
+        "mlp_density",
+    ] {
+        assert!(v.get(k).is_some(), "missing field {k}: {v}");
+    }
+    assert_eq!(ids_of(&v["prompt_ids"]), ids_of(&fwd["ids"]), "{v}");
+    let out = ids_of(&v["output_ids"]);
+    assert_eq!(out.len(), 8, "{v}");
+    // The reference (transformers, f32, dequantized GGUF) holds a longer greedy run.
+    assert!(greedy.len() >= 8);
+    assert_eq!(out, greedy[..8], "{v}");
+    let text = v["text"].as_str().unwrap();
+    assert!(text.starts_with(" Paris."), "{v}");
+    let ttft = v["ttft_ms"].as_f64().unwrap();
+    let dec = v["decode_tok_s"].as_f64().unwrap();
+    assert!(ttft.is_finite() && ttft > 0.0, "{v}");
+    assert!(dec.is_finite() && dec > 0.0, "{v}");
+    assert_eq!(v["mlp_density"].as_f64(), Some(1.0), "{v}");
+
+    // Streaming mode prints the same text on stdout.
+    let o = run(args![
+        "generate",
+        "--prompt",
+        prompt,
+        "--max-tokens",
+        "8",
+        "--dtype",
+        "f32",
+        "--threads",
+        "2",
+        "--model",
+        model()
+    ]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert_eq!(o.stdout.trim_end_matches('\n'), text, "{o:?}");
+}
+
+#[test]
+fn json_generate_sampling_is_seeded() {
+    let sample = |seed: &str| {
+        let o = run(args![
+            "generate",
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0.8",
+            "--seed",
+            seed,
+            "--json",
+            "--threads",
+            "2",
+            "--model",
+            model()
+        ]);
+        ids_of(&parse_json(&o)["output_ids"])
+    };
+    let a = sample("5");
+    let b = sample("5");
+    assert!(!a.is_empty());
+    assert_eq!(a, b, "same seed, different output");
+    let c = sample("6");
+    assert_ne!(a, c, "different seeds gave the same 16 sampled tokens");
+}
+
+#[test]
+fn json_eval() {
+    let d = tempdir();
+    let gpl = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    let cut = gpl
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i >= 3000)
+        .unwrap();
+    let path = d.path().join("gpl-head.txt");
+    std::fs::write(&path, &gpl[..cut]).unwrap();
+    let o = run(args![
+        "eval",
+        "--text",
+        &path,
+        "--window",
+        "128",
+        "--json",
+        "--threads",
+        "2",
+        "--model",
+        model()
+    ]);
+    let v = parse_json(&o);
+    let tokens = v["tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
+    assert!(tokens >= 128 && tokens % 128 == 0, "{v}");
+    for k in ["ppl_all", "ppl_second_half"] {
+        let p = v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
+        assert!(p.is_finite() && p > 1.0 && p < 1000.0, "{k}: {v}");
+    }
+    // Dense: no sparse-only fields.
+    assert!(v.get("kl_vs_dense").is_none(), "{v}");
+}
+
+#[test]
+fn json_bench() {
+    let o = run(args![
+        "bench",
+        "--runs",
+        "1",
+        "--gen-tokens",
+        "4",
+        "--prompt-tokens",
+        "16",
+        "--warmup",
+        "0",
+        "--json",
+        "--threads",
+        "2",
+        "--model",
+        model()
+    ]);
+    let v = parse_json(&o);
+    assert!(v["model"].is_string(), "{v}");
+    assert!(v["dtype"].is_string(), "{v}");
+    assert_eq!(v["threads"], json!(2), "{v}");
+    assert_eq!(v["prompt_tokens"], json!(16), "{v}");
+    assert_eq!(v["gen_tokens"], json!(4), "{v}");
+    assert_eq!(v["runs"], json!(1), "{v}");
+    assert!(v["cpu"].is_string(), "{v}");
+    let dense = &v["modes"]["dense"];
+    for k in ["ttft_ms", "prefill_tok_s", "decode_tok_s", "total_tok_s"] {
+        let s = &dense[k];
+        let (med, min, max) = (s["median"].as_f64(), s["min"].as_f64(), s["max"].as_f64());
+        let (med, min, max) = match (med, min, max) {
+            (Some(a), Some(b), Some(c)) => (a, b, c),
+            _ => panic!("modes.dense.{k}: {v}"),
+        };
+        assert!(
+            min > 0.0 && min <= med && med <= max && max.is_finite(),
+            "{k}: {v}"
+        );
+    }
+    let rss = dense["peak_rss_mb"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert!(rss > 10.0, "{v}");
+    assert!(v["ratios"].is_object(), "{v}");
+    for k in ["ttft", "decode", "total"] {
+        assert!(v["ratios"].get(k).is_some(), "ratios.{k}: {v}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// --help.
+
+#[test]
+fn help_lists_flags() {
+    let cases: &[(&str, &[&str])] = &[
+        ("fetch", &[]),
+        ("tokenize", &["--model", "--json"]),
+        (
+            "generate",
+            &[
+                "--prompt",
+                "--chat",
+                "--max-tokens",
+                "--temperature",
+                "--top-k",
+                "--top-p",
+                "--seed",
+                "--dtype",
+                "--threads",
+                "--sparsity",
+                "--json",
+                "--model",
+            ],
+        ),
+        (
+            "eval",
+            &[
+                "--text",
+                "--window",
+                "--sparsity",
+                "--json",
+                "--dtype",
+                "--threads",
+                "--model",
+            ],
+        ),
+        (
+            "bench",
+            &[
+                "--prompt-tokens",
+                "--gen-tokens",
+                "--runs",
+                "--warmup",
+                "--text",
+                "--sparsity",
+                "--json",
+                "--dtype",
+                "--threads",
+                "--model",
+            ],
+        ),
+    ];
+    for (cmd, flags) in cases {
+        let o = run([cmd, "--help"]);
+        assert_eq!(o.code, Some(0), "{cmd} --help: {o:?}");
+        assert!(o.stdout.contains("Usage:"), "{cmd}: {o:?}");
+        for f in *flags {
+            assert!(o.stdout.contains(f), "{cmd} --help lacks {f}: {o:?}");
+        }
+    }
+    let o = run(["--help"]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    for cmd in ["fetch", "tokenize", "generate", "eval", "bench"] {
+        assert!(o.stdout.contains(cmd), "--help lacks {cmd}: {o:?}");
+    }
+    // No subcommand: a usage error, not a panic.
+    let o = run(std::iter::empty::<&str>());
+    assert_no_panic(&o);
+    assert_eq!(o.code, Some(2), "{o:?}");
+}
