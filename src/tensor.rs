@@ -108,12 +108,7 @@ impl Matrix {
                 raw.shape
             )));
         }
-        let same = matches!(
-            (raw.dtype, dtype),
-            (SourceDType::F32, DType::F32) | (SourceDType::BF16, DType::BF16)
-        );
-        let aligned = (raw.map.as_ptr() as usize + raw.offset).is_multiple_of(dtype.size());
-        let storage = if same && aligned && cfg!(target_endian = "little") {
+        let storage = if can_map(raw, dtype) {
             Storage::Mapped {
                 map: Arc::clone(&raw.map),
                 offset: raw.offset,
@@ -185,11 +180,18 @@ impl Matrix {
     }
 }
 
-/// Converts a raw tensor into an owned buffer of `dtype`, row block by row block so the
-/// f32 intermediate stays small.
+/// Converts a raw tensor into an owned buffer of `dtype`.
 fn convert(raw: &RawTensor, dtype: DType) -> AlignedBuf {
+    let mut buf = AlignedBuf::zeroed(raw.numel() * dtype.size());
+    convert_into(raw, dtype, buf.bytes_mut());
+    buf
+}
+
+/// Converts `raw` into `out` (exactly `numel * dtype.size()` bytes, aligned for `dtype`),
+/// a block of rows at a time so the f32 intermediate stays small.
+fn convert_into(raw: &RawTensor, dtype: DType, out: &mut [u8]) {
     let n = raw.numel();
-    let mut buf = AlignedBuf::zeroed(n * dtype.size());
+    let buf = out;
     let bytes = raw.bytes();
     // 8192 elements per step: a whole number of 32-element blocks.
     const STEP: usize = 8192;
@@ -202,11 +204,11 @@ fn convert(raw: &RawTensor, dtype: DType) -> AlignedBuf {
         quant::dequantize(raw.dtype, &bytes[b0..b1], &mut tmp[..m]);
         match dtype {
             DType::F32 => {
-                let dst: &mut [f32] = bytemuck::cast_slice_mut(buf.bytes_mut());
+                let dst: &mut [f32] = bytemuck::cast_slice_mut(buf);
                 dst[done..done + m].copy_from_slice(&tmp[..m]);
             }
             DType::BF16 => {
-                let dst: &mut [u16] = bytemuck::cast_slice_mut(buf.bytes_mut());
+                let dst: &mut [u16] = bytemuck::cast_slice_mut(buf);
                 for (d, &v) in dst[done..done + m].iter_mut().zip(&tmp[..m]) {
                     *d = f32_to_bf16(v);
                 }
@@ -214,5 +216,105 @@ fn convert(raw: &RawTensor, dtype: DType) -> AlignedBuf {
         }
         done += m;
     }
-    buf
+}
+
+/// Loads many weights at once: tensors already in the compute dtype stay in the file's
+/// map; the rest are converted into ONE anonymous mapping advised for transparent huge
+/// pages.
+///
+/// Why one arena: decode streams every weight once per token, and with 4 KiB pages the
+/// hardware prefetcher stops at every page boundary and every page costs a TLB walk; a
+/// single 2 MiB-page arena measured much faster than one small buffer per matrix (most
+/// SmolLM2 matrices are under 2 MiB, too small for a huge page of their own).
+#[derive(Default)]
+pub struct WeightPlan {
+    items: Vec<(RawTensor, usize, usize, DType, Option<usize>)>,
+    arena_len: usize,
+}
+
+impl WeightPlan {
+    /// Adds `raw` as a `[rows, cols]` matrix in `dtype`; returns its index in `finish`'s output.
+    pub fn add(&mut self, raw: RawTensor, rows: usize, cols: usize, dtype: DType) -> Result<usize> {
+        if raw.numel() != rows * cols {
+            return Err(raw.error(format!(
+                "shape {:?} does not hold a [{rows}, {cols}] matrix",
+                raw.shape
+            )));
+        }
+        let offset = if can_map(&raw, dtype) {
+            None
+        } else {
+            let off = self.arena_len.next_multiple_of(64);
+            self.arena_len = off + rows * cols * dtype.size();
+            Some(off)
+        };
+        self.items.push((raw, rows, cols, dtype, offset));
+        Ok(self.items.len() - 1)
+    }
+
+    /// Converts what needs converting (split over the pool) and returns the matrices in
+    /// the order they were added.
+    pub fn finish(self, pool: &crate::kernels::ThreadPool) -> Result<Vec<Matrix>> {
+        let arena = if self.arena_len > 0 {
+            let mut map = memmap2::MmapMut::map_anon(self.arena_len).map_err(|e| {
+                crate::error::Error::Input(format!(
+                    "allocating {} bytes for the weights: {e}",
+                    self.arena_len
+                ))
+            })?;
+            #[cfg(target_os = "linux")]
+            let _ = map.advise(memmap2::Advice::HugePage);
+            let items = &self.items;
+            let base = crate::kernels::SharedBytes::new(&mut map);
+            pool.run(&|t, threads| {
+                for (i, (raw, rows, cols, dtype, off)) in items.iter().enumerate() {
+                    if let (Some(off), true) = (off, i % threads == t) {
+                        // Each item owns a disjoint range of the arena.
+                        let out = base.range(*off, rows * cols * dtype.size());
+                        convert_into(raw, *dtype, out);
+                    }
+                }
+            });
+            let ro = map.make_read_only().map_err(|e| {
+                crate::error::Error::Input(format!("sealing the weight arena: {e}"))
+            })?;
+            Some(Arc::new(ro))
+        } else {
+            None
+        };
+        Ok(self
+            .items
+            .into_iter()
+            .map(|(raw, rows, cols, dtype, off)| {
+                let storage = match (off, &arena) {
+                    (Some(off), Some(a)) => Storage::Mapped {
+                        map: Arc::clone(a),
+                        offset: off,
+                        len: rows * cols * dtype.size(),
+                    },
+                    _ => Storage::Mapped {
+                        map: Arc::clone(&raw.map),
+                        offset: raw.offset,
+                        len: raw.len,
+                    },
+                };
+                Matrix {
+                    rows,
+                    cols,
+                    dtype,
+                    storage,
+                }
+            })
+            .collect())
+    }
+}
+
+/// Whether `raw` can be used in place as `dtype`.
+fn can_map(raw: &RawTensor, dtype: DType) -> bool {
+    let same = matches!(
+        (raw.dtype, dtype),
+        (SourceDType::F32, DType::F32) | (SourceDType::BF16, DType::BF16)
+    );
+    let aligned = (raw.map.as_ptr() as usize + raw.offset).is_multiple_of(dtype.size());
+    same && aligned && cfg!(target_endian = "little")
 }

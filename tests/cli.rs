@@ -857,7 +857,7 @@ fn json_eval() {
     ]);
     let v = parse_json(&o);
     let tokens = v["tokens"].as_u64().unwrap_or_else(|| panic!("{v}"));
-    assert!(tokens >= 128 && tokens % 128 == 0, "{v}");
+    assert!(tokens >= 128 && tokens.is_multiple_of(128), "{v}");
     for k in ["ppl_all", "ppl_second_half"] {
         let p = v[k].as_f64().unwrap_or_else(|| panic!("{k}: {v}"));
         assert!(p.is_finite() && p > 1.0 && p < 1000.0, "{k}: {v}");

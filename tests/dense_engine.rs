@@ -40,8 +40,18 @@ fn perplexity_f32_within_0_1_percent_and_bf16_within_1_percent() {
             rep.ppl_second_half
         );
         assert_eq!(rep.windows, 14);
-        assert!(rel(rep.ppl_all, want_all) < tol, "{}: ppl_all {}", dtype.name(), rep.ppl_all);
-        assert!(rel(rep.ppl_second_half, want_half) < tol, "{}: ppl_second_half {}", dtype.name(), rep.ppl_second_half);
+        assert!(
+            rel(rep.ppl_all, want_all) < tol,
+            "{}: ppl_all {}",
+            dtype.name(),
+            rep.ppl_all
+        );
+        assert!(
+            rel(rep.ppl_second_half, want_half) < tol,
+            "{}: ppl_second_half {}",
+            dtype.name(),
+            rep.ppl_second_half
+        );
     }
 }
 
@@ -50,8 +60,12 @@ fn max_logit_diff(a: &Llama, b: &Llama) -> f32 {
     let mut worst = 0f32;
     for case in common::reference()["forward"].as_array().unwrap() {
         let ids = common::ids(&case["ids"]);
-        let la = a.forward(&ids, &mut a.new_cache(), Logits::All, None).unwrap();
-        let lb = b.forward(&ids, &mut b.new_cache(), Logits::All, None).unwrap();
+        let la = a
+            .forward(&ids, &mut a.new_cache(), Logits::All, None)
+            .unwrap();
+        let lb = b
+            .forward(&ids, &mut b.new_cache(), Logits::All, None)
+            .unwrap();
         for (x, y) in la.iter().zip(&lb) {
             worst = worst.max((x - y).abs());
         }
@@ -64,14 +78,20 @@ fn hf_checkpoint_gives_the_gguf_logits() {
     let gguf = common::model_path();
     // f32: same weights, the HF file with un-permuted q/k rows and rotate-half RoPE.
     let hf32 = load(&common::hf_checkpoint("f32"), DType::F32);
-    assert!(hf32.embed_tokens.is_mapped(), "an f32 safetensors file is memory-mapped, not copied");
+    assert!(
+        hf32.embed_tokens.is_mapped(),
+        "an f32 safetensors file is memory-mapped, not copied"
+    );
     let d = max_logit_diff(&hf32, &load(&gguf, DType::F32));
     eprintln!("HF f32 vs GGUF f32: max logit difference {d}");
     assert!(d < 1e-3, "HF f32 vs GGUF f32: {d}");
     drop(hf32);
     // bf16: the script rounds to nearest even, as our GGUF-to-bf16 conversion does.
     let hf16 = load(&common::hf_checkpoint("bf16"), DType::BF16);
-    assert!(hf16.embed_tokens.is_mapped(), "a bf16 safetensors file is memory-mapped, not copied");
+    assert!(
+        hf16.embed_tokens.is_mapped(),
+        "a bf16 safetensors file is memory-mapped, not copied"
+    );
     let d = max_logit_diff(&hf16, &load(&gguf, DType::BF16));
     eprintln!("HF bf16 vs GGUF bf16: max logit difference {d}");
     assert!(d < 1e-3, "HF bf16 vs GGUF bf16: {d}");
@@ -88,16 +108,24 @@ fn kv_cached_decoding_equals_recomputing_for_64_steps() {
     for step in 0..64 {
         let next = sparsellm::generate::argmax(&logits);
         seq.push(next);
-        logits = model.forward(&[next], &mut cache, Logits::Last, None).unwrap();
+        logits = model
+            .forward(&[next], &mut cache, Logits::Last, None)
+            .unwrap();
         // Recompute the whole sequence from scratch at a few steps (every step would take
         // O(64^2) forward passes) and always at the last.
         if step % 8 == 7 {
-            let full = model.forward(&seq, &mut model.new_cache(), Logits::Last, None).unwrap();
+            let full = model
+                .forward(&seq, &mut model.new_cache(), Logits::Last, None)
+                .unwrap();
             assert_eq!(full.len(), vocab);
             for (a, b) in logits.iter().zip(&full) {
                 worst = worst.max((a - b).abs());
             }
-            assert_eq!(sparsellm::generate::argmax(&full), sparsellm::generate::argmax(&logits), "step {step}");
+            assert_eq!(
+                sparsellm::generate::argmax(&full),
+                sparsellm::generate::argmax(&logits),
+                "step {step}"
+            );
         }
     }
     eprintln!("cached vs recomputed: max logit difference {worst}");

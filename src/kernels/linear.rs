@@ -2,7 +2,7 @@
 //! matrix-vector for decode and matrix-matrix for prefill, split by rows over the thread
 //! pool.
 
-use super::dot::{bf16_to_f32, dot_bf16, dot_f32};
+use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
 use super::pool::ThreadPool;
 
 /// A borrowed weight matrix in one of the compute formats.
@@ -89,8 +89,9 @@ pub fn matvec(
         // `out` has `rows` elements and outlives the call.
         let out =
             unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start), range.len()) };
-        for (o, r) in out.iter_mut().zip(range) {
-            *o = w.row_dot(r, cols, x);
+        match w {
+            WeightView::F32(w) => rows_f32(&w[range.start * cols..range.end * cols], x, out),
+            WeightView::Bf16(w) => rows_bf16(&w[range.start * cols..range.end * cols], x, out),
         }
     });
 }

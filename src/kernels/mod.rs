@@ -26,3 +26,34 @@ pub mod pool;
 
 pub use linear::{WeightView, matmul, matvec};
 pub use pool::ThreadPool;
+
+/// A byte buffer that the pool's threads fill in disjoint ranges.
+pub struct SharedBytes {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: threads only obtain disjoint ranges (the caller's contract on `range`).
+unsafe impl Sync for SharedBytes {}
+
+impl SharedBytes {
+    pub fn new(buf: &mut [u8]) -> SharedBytes {
+        SharedBytes {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
+
+    /// The sub-slice `offset..offset + len`. Callers on different threads must ask for
+    /// disjoint ranges, and the buffer must outlive the returned slice.
+    #[allow(clippy::mut_from_ref)]
+    pub fn range(&self, offset: usize, len: usize) -> &mut [u8] {
+        assert!(
+            offset.checked_add(len).is_some_and(|e| e <= self.len),
+            "range outside the buffer"
+        );
+        // SAFETY: in bounds (asserted); exclusive because callers use disjoint ranges
+        // while the owner of the buffer is blocked in `ThreadPool::run`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+}

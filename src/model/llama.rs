@@ -9,7 +9,7 @@ use crate::kernels::{self, ThreadPool, ops};
 use crate::loader::WeightSource;
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::kv_cache::KvCache;
-use crate::tensor::{DType, Matrix};
+use crate::tensor::{DType, Matrix, WeightPlan};
 
 /// A linear layer `y = x · W^T` with `W: [out, in]`.
 pub struct Linear {
@@ -17,22 +17,6 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(
-        src: &dyn WeightSource,
-        name: &str,
-        out: usize,
-        inp: usize,
-        dtype: DType,
-    ) -> Result<Linear> {
-        let raw = src.tensor(name)?;
-        if raw.shape != [out, inp] {
-            return Err(raw.error(format!("shape {:?}, expected [{out}, {inp}]", raw.shape)));
-        }
-        Ok(Linear {
-            weight: Matrix::from_raw(&raw, out, inp, dtype)?,
-        })
-    }
-
     pub fn out_features(&self) -> usize {
         self.weight.rows
     }
@@ -131,44 +115,67 @@ impl Llama {
         let c = src.config().clone();
         c.validate()?;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let raw = src.tensor("model.embed_tokens.weight")?;
-        if raw.shape != [c.vocab_size, h] {
-            return Err(raw.error(format!(
-                "shape {:?}, expected [{}, {h}]",
-                raw.shape, c.vocab_size
-            )));
-        }
-        let embed_tokens = Matrix::from_raw(&raw, c.vocab_size, h, dtype)?;
-        let mut layers = Vec::with_capacity(c.num_layers);
+        let mut plan = WeightPlan::default();
+        let mut add = |name: &str, rows: usize, cols: usize| -> Result<usize> {
+            let raw = src.tensor(name)?;
+            if raw.shape != [rows, cols] {
+                return Err(raw.error(format!("shape {:?}, expected [{rows}, {cols}]", raw.shape)));
+            }
+            plan.add(raw, rows, cols, dtype)
+        };
+        add("model.embed_tokens.weight", c.vocab_size, h)?;
+        const PARTS: [&str; 7] = [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ];
+        let dims = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
         for l in 0..c.num_layers {
-            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
-            layers.push(Layer {
-                input_layernorm: load_norm(src, &p("input_layernorm"), h)?,
-                self_attn: Attention {
-                    q_proj: Linear::load(src, &p("self_attn.q_proj"), q, h, dtype)?,
-                    k_proj: Linear::load(src, &p("self_attn.k_proj"), kv, h, dtype)?,
-                    v_proj: Linear::load(src, &p("self_attn.v_proj"), kv, h, dtype)?,
-                    o_proj: Linear::load(src, &p("self_attn.o_proj"), h, q, dtype)?,
-                },
-                post_attention_layernorm: load_norm(src, &p("post_attention_layernorm"), h)?,
-                mlp: Mlp {
-                    gate_proj: Linear::load(src, &p("mlp.gate_proj"), i, h, dtype)?,
-                    up_proj: Linear::load(src, &p("mlp.up_proj"), i, h, dtype)?,
-                    down_proj: Linear::load(src, &p("mlp.down_proj"), h, i, dtype)?,
-                },
-            });
+            for (part, (rows, cols)) in PARTS.iter().zip(dims) {
+                add(&format!("model.layers.{l}.{part}.weight"), rows, cols)?;
+            }
         }
-        let lm_head = if src.has_tensor("lm_head.weight") {
-            Some(Linear::load(src, "lm_head.weight", c.vocab_size, h, dtype)?)
-        } else if c.tie_word_embeddings {
-            None
-        } else {
+        let untied_head = src.has_tensor("lm_head.weight");
+        if untied_head {
+            add("lm_head.weight", c.vocab_size, h)?;
+        } else if !c.tie_word_embeddings {
             return Err(Error::tensor(
                 src.path(),
                 "lm_head.weight",
                 "missing, and the embeddings are not tied",
             ));
+        }
+        let mut mats = plan.finish(pool)?.into_iter();
+        let mut next = || Linear {
+            weight: mats.next().expect("one matrix per planned tensor"),
         };
+        let embed_tokens = next().weight;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            let self_attn = Attention {
+                q_proj: next(),
+                k_proj: next(),
+                v_proj: next(),
+                o_proj: next(),
+            };
+            let mlp = Mlp {
+                gate_proj: next(),
+                up_proj: next(),
+                down_proj: next(),
+            };
+            layers.push(Layer {
+                input_layernorm: load_norm(src, &p("input_layernorm"), h)?,
+                self_attn,
+                post_attention_layernorm: load_norm(src, &p("post_attention_layernorm"), h)?,
+                mlp,
+            });
+        }
+        let lm_head = untied_head.then(&mut next);
         Ok(Llama {
             inv_freq: c.rope_inv_freq(),
             norm: load_norm(src, "model.norm.weight", h)?,
