@@ -43,7 +43,7 @@ impl<'a> Strided<'a> {
         }
     }
     #[inline]
-    fn axpy(&self, r: usize, a: f32, out: &mut [f32]) {
+    fn axpy(&self, r: usize, a: f32, out: &mut [f64]) {
         let s = self.start(r);
         match self.view {
             WeightView::F32(w) => axpy_f32(a, &w[s..s + out.len()], out),
@@ -123,17 +123,23 @@ impl Items<'_> {
 /// neuron's worth of work (3 rows), near enough to stay in L1.
 const PREFETCH_AHEAD: usize = 2;
 
-/// A pointer to per-thread accumulators shared across the pool (each thread writes its own
-/// `[hidden]` part).
+/// A pointer shared across the pool's threads; each thread writes its own part.
 #[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
+struct SharedMut<T>(*mut T);
 // SAFETY: only used to write disjoint parts from different threads (see each use).
-unsafe impl Send for SharedMut {}
+unsafe impl<T> Send for SharedMut<T> {}
 // SAFETY: as above.
-unsafe impl Sync for SharedMut {}
+unsafe impl<T> Sync for SharedMut<T> {}
 
 /// `out = sum_j a_j · down[row_j]`. h: [hidden], out: [hidden]. `scratch` holds the
 /// per-thread accumulators (resized here).
+///
+/// Accumulation is in f64, so the result does not depend on the order of the items or
+/// their split over threads (up to f64 rounding, far below f32's): cached slots, in
+/// whatever order paired replacement left them, give the same f32 output as a gather in
+/// neuron order. That keeps masks identical between batched evaluation and token-by-token
+/// decoding, where an f32 rounding difference could flip a neuron at the threshold and
+/// make the two diverge.
 pub fn sparse_mlp(
     pool: &ThreadPool,
     items: Items<'_>,
@@ -141,7 +147,7 @@ pub fn sparse_mlp(
     down: Strided<'_>,
     h: &[f32],
     out: &mut [f32],
-    scratch: &mut Vec<f32>,
+    scratch: &mut Vec<f64>,
 ) {
     let hidden = out.len();
     let n = items.len();
@@ -179,18 +185,15 @@ pub fn sparse_mlp(
             down.axpy(r, a, acc);
         }
     });
-    out.iter_mut().for_each(|o| *o = 0.0);
-    for part in scratch.chunks_exact(hidden) {
-        for (o, &p) in out.iter_mut().zip(part) {
-            *o += p;
-        }
+    for (k, o) in out.iter_mut().enumerate() {
+        *o = scratch.iter().skip(k).step_by(hidden).sum::<f64>() as f32;
     }
 }
 
 /// Scalar reference for [`sparse_mlp`].
 pub fn sparse_mlp_scalar(items: Items<'_>, act: Activation<'_>, down: Strided<'_>, h: &[f32], out: &mut [f32]) {
     let hidden = out.len();
-    out.iter_mut().for_each(|o| *o = 0.0);
+    let mut acc = vec![0f64; hidden];
     let mut row = vec![0f32; h.len().max(hidden)];
     for j in 0..items.len() {
         let r = items.row(j);
@@ -204,9 +207,12 @@ pub fn sparse_mlp_scalar(items: Items<'_>, act: Activation<'_>, down: Strided<'_
             Activation::Given(a) => a[j],
         };
         down.row_f32(r, &mut row[..hidden]);
-        for (o, &w) in out.iter_mut().zip(&row[..hidden]) {
-            *o += a * w;
+        for (o, &w) in acc.iter_mut().zip(&row[..hidden]) {
+            *o += a as f64 * w as f64;
         }
+    }
+    for (o, &v) in out.iter_mut().zip(&acc) {
+        *o = v as f32;
     }
 }
 
@@ -246,23 +252,25 @@ pub fn gather_gate_up(
     });
 }
 
-/// Scalar reference: `y += a·w`.
-pub fn axpy_f32_scalar(a: f32, w: &[f32], y: &mut [f32]) {
+/// Scalar reference: `y += a·w`, accumulated in f64.
+pub fn axpy_f32_scalar(a: f32, w: &[f32], y: &mut [f64]) {
     for (o, &v) in y.iter_mut().zip(w) {
-        *o += a * v;
+        *o += a as f64 * v as f64;
     }
 }
 
-/// Scalar reference: `y += a·w` with `w` in bf16.
-pub fn axpy_bf16_scalar(a: f32, w: &[u16], y: &mut [f32]) {
+/// Scalar reference: `y += a·w` with `w` in bf16, accumulated in f64.
+pub fn axpy_bf16_scalar(a: f32, w: &[u16], y: &mut [f64]) {
     for (o, &v) in y.iter_mut().zip(w) {
-        *o += a * bf16_to_f32(v);
+        *o += a as f64 * bf16_to_f32(v) as f64;
     }
 }
 
-/// `y += a·w`, fastest available version.
+/// `y += a·w` into an f64 accumulator, fastest available version. Every version gives
+/// bit-identical results: the product of two f32 values is exact in f64, so only the
+/// (single) rounding of each add remains, the same with or without FMA.
 #[inline]
-pub fn axpy_f32(a: f32, w: &[f32], y: &mut [f32]) {
+pub fn axpy_f32(a: f32, w: &[f32], y: &mut [f64]) {
     assert_eq!(w.len(), y.len());
     match isa() {
         #[cfg(target_arch = "x86_64")]
@@ -275,9 +283,9 @@ pub fn axpy_f32(a: f32, w: &[f32], y: &mut [f32]) {
     }
 }
 
-/// `y += a·w` with `w` in bf16, fastest available version.
+/// `y += a·w` with `w` in bf16 into an f64 accumulator, fastest available version.
 #[inline]
-pub fn axpy_bf16(a: f32, w: &[u16], y: &mut [f32]) {
+pub fn axpy_bf16(a: f32, w: &[u16], y: &mut [f64]) {
     assert_eq!(w.len(), y.len());
     match isa() {
         #[cfg(target_arch = "x86_64")]
@@ -292,74 +300,45 @@ pub fn axpy_bf16(a: f32, w: &[u16], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn axpy_f32_avx512(a: f32, w: &[f32], y: &mut [f32]) {
+unsafe fn axpy_f32_avx512(a: f32, w: &[f32], y: &mut [f64]) {
     let n = w.len().min(y.len());
     let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
-    let va = _mm512_set1_ps(a);
+    let va = _mm512_set1_pd(a as f64);
     let mut i = 0;
-    // SAFETY: full vectors at i + 16 <= n by the loop bound; the tail uses masked loads
-    // and stores of the n - i valid lanes only.
+    // SAFETY: full vectors at i + 8 <= n by the loop bound; the tail is scalar.
     unsafe {
-        while i + 16 <= n {
-            let v = _mm512_fmadd_ps(va, _mm512_loadu_ps(pw.add(i)), _mm512_loadu_ps(py.add(i)));
-            _mm512_storeu_ps(py.add(i), v);
-            i += 16;
+        while i + 8 <= n {
+            let wv = _mm512_cvtps_pd(_mm256_loadu_ps(pw.add(i)));
+            _mm512_storeu_pd(py.add(i), _mm512_fmadd_pd(va, wv, _mm512_loadu_pd(py.add(i))));
+            i += 8;
         }
-        if i < n {
-            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
-            let v = _mm512_fmadd_ps(
-                va,
-                _mm512_maskz_loadu_ps(m, pw.add(i)),
-                _mm512_maskz_loadu_ps(m, py.add(i)),
-            );
-            _mm512_mask_storeu_ps(py.add(i), m, v);
+        while i < n {
+            *py.add(i) += a as f64 * *pw.add(i) as f64;
+            i += 1;
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn axpy_bf16_avx512(a: f32, w: &[u16], y: &mut [f32]) {
+unsafe fn axpy_bf16_avx512(a: f32, w: &[u16], y: &mut [f64]) {
     let n = w.len().min(y.len());
     let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
-    let va = _mm512_set1_ps(a);
+    let va = _mm512_set1_pd(a as f64);
     let mut i = 0;
-    // SAFETY: full vectors at i + 16 <= n by the loop bound; the tail uses masked loads
-    // and stores of the n - i valid lanes only.
+    // SAFETY: every access covers 16 elements at i + 16 <= n (loop bound); the tail is scalar.
     unsafe {
         while i + 16 <= n {
             let raw = _mm256_loadu_si256(pw.add(i) as *const __m256i);
             let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
-            let v = _mm512_fmadd_ps(va, wv, _mm512_loadu_ps(py.add(i)));
-            _mm512_storeu_ps(py.add(i), v);
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(wv));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(wv))));
+            _mm512_storeu_pd(py.add(i), _mm512_fmadd_pd(va, lo, _mm512_loadu_pd(py.add(i))));
+            _mm512_storeu_pd(py.add(i + 8), _mm512_fmadd_pd(va, hi, _mm512_loadu_pd(py.add(i + 8))));
             i += 16;
         }
-        if i < n {
-            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
-            let raw = _mm256_maskz_loadu_epi16(m, pw.add(i) as *const i16);
-            let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
-            let v = _mm512_fmadd_ps(va, wv, _mm512_maskz_loadu_ps(m, py.add(i)));
-            _mm512_mask_storeu_ps(py.add(i), m, v);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_f32_avx2(a: f32, w: &[f32], y: &mut [f32]) {
-    let n = w.len().min(y.len());
-    let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
-    let va = _mm256_set1_ps(a);
-    let mut i = 0;
-    // SAFETY: every access reads/writes 8 floats at i + 8 <= n; the tail is scalar.
-    unsafe {
-        while i + 8 <= n {
-            let v = _mm256_fmadd_ps(va, _mm256_loadu_ps(pw.add(i)), _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), v);
-            i += 8;
-        }
         while i < n {
-            *py.add(i) += a * *pw.add(i);
+            *py.add(i) += a as f64 * bf16_to_f32(*pw.add(i)) as f64;
             i += 1;
         }
     }
@@ -367,22 +346,43 @@ unsafe fn axpy_f32_avx2(a: f32, w: &[f32], y: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_bf16_avx2(a: f32, w: &[u16], y: &mut [f32]) {
+unsafe fn axpy_f32_avx2(a: f32, w: &[f32], y: &mut [f64]) {
     let n = w.len().min(y.len());
     let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
-    let va = _mm256_set1_ps(a);
+    let va = _mm256_set1_pd(a as f64);
     let mut i = 0;
-    // SAFETY: every access reads/writes 8 elements at i + 8 <= n; the tail is scalar.
+    // SAFETY: every access covers 4 elements at i + 4 <= n; the tail is scalar.
     unsafe {
-        while i + 8 <= n {
-            let raw = _mm_loadu_si128(pw.add(i) as *const __m128i);
-            let wv = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(raw)));
-            let v = _mm256_fmadd_ps(va, wv, _mm256_loadu_ps(py.add(i)));
-            _mm256_storeu_ps(py.add(i), v);
-            i += 8;
+        while i + 4 <= n {
+            let wv = _mm256_cvtps_pd(_mm_loadu_ps(pw.add(i)));
+            _mm256_storeu_pd(py.add(i), _mm256_fmadd_pd(va, wv, _mm256_loadu_pd(py.add(i))));
+            i += 4;
         }
         while i < n {
-            *py.add(i) += a * bf16_to_f32(*pw.add(i));
+            *py.add(i) += a as f64 * *pw.add(i) as f64;
+            i += 1;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn axpy_bf16_avx2(a: f32, w: &[u16], y: &mut [f64]) {
+    let n = w.len().min(y.len());
+    let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
+    let va = _mm256_set1_pd(a as f64);
+    let mut i = 0;
+    // SAFETY: every access covers 4 elements at i + 4 <= n; the tail is scalar.
+    unsafe {
+        while i + 4 <= n {
+            let raw = _mm_loadl_epi64(pw.add(i) as *const __m128i);
+            let wf = _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(raw)));
+            let wv = _mm256_cvtps_pd(wf);
+            _mm256_storeu_pd(py.add(i), _mm256_fmadd_pd(va, wv, _mm256_loadu_pd(py.add(i))));
+            i += 4;
+        }
+        while i < n {
+            *py.add(i) += a as f64 * bf16_to_f32(*pw.add(i)) as f64;
             i += 1;
         }
     }
@@ -417,15 +417,15 @@ mod tests {
         for n in [0, 1, 7, 8, 15, 16, 17, 31, 33, 100, 577] {
             let w = data(n, 3);
             let wb: Vec<u16> = w.iter().map(|&v| f32_to_bf16(v)).collect();
-            let y0 = data(n, 4);
+            let y0: Vec<f64> = data(n, 4).iter().map(|&v| v as f64).collect();
             let (mut a, mut b) = (y0.clone(), y0.clone());
             axpy_f32(0.7, &w, &mut a);
             axpy_f32_scalar(0.7, &w, &mut b);
-            assert_close(&a, &b, "axpy f32");
+            assert_eq!(a, b, "axpy f32 n={n}: bit-identical");
             let (mut a, mut b) = (y0.clone(), y0.clone());
             axpy_bf16(-1.3, &wb, &mut a);
             axpy_bf16_scalar(-1.3, &wb, &mut b);
-            assert_close(&a, &b, "axpy bf16");
+            assert_eq!(a, b, "axpy bf16 n={n}: bit-identical");
         }
     }
 
@@ -483,5 +483,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn output_does_not_depend_on_item_order_or_threads() {
+        let (hidden, inter) = (37, 300);
+        let gate = data(inter * hidden, 1);
+        let up = data(inter * hidden, 2);
+        let down_t = data(inter * hidden, 3);
+        let h = data(hidden, 4);
+        let idx: Vec<u32> = (0..inter as u32).filter(|i| i % 5 != 2).collect();
+        let mut rev = idx.clone();
+        rev.reverse();
+        rev.rotate_left(17);
+        let g = Strided::matrix(WeightView::F32(&gate), hidden);
+        let u = Strided::matrix(WeightView::F32(&up), hidden);
+        let d = Strided::matrix(WeightView::F32(&down_t), hidden);
+        let mut outs = Vec::new();
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for order in [&idx, &rev] {
+                let mut out = vec![0f32; hidden];
+                let act = Activation::Compute { gate: g, up: u };
+                sparse_mlp(&pool, Items::Gather(order), act, d, &h, &mut out, &mut Vec::new());
+                outs.push(out);
+            }
+        }
+        assert!(outs.windows(2).all(|w| w[0] == w[1]), "bit-identical across orders and splits");
     }
 }

@@ -232,7 +232,7 @@ pub fn sparse_mlp_table(pool: &ThreadPool, shape: (usize, usize), dtype: DType, 
         .collect();
     let h = Rng::new(5).vec(hidden, 1.0);
     let mut out = vec![0f32; hidden];
-    let mut acc = Vec::new();
+    let mut acc: Vec<f64> = Vec::new();
     let (mut g, mut u) = (vec![0f32; inter], vec![0f32; inter]);
     let gbs = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let dense_ms = time_ms(runs, || {

@@ -39,7 +39,7 @@ struct Scratch {
     idx: Vec<u32>,
     coefs: Vec<f32>,
     slot_coefs: Vec<f32>,
-    acc: Vec<f32>,
+    acc: Vec<f64>,
     select: SelectScratch,
     predictor: PredictorScratch,
 }
