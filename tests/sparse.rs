@@ -89,8 +89,17 @@ const SCORERS: [Scorer; 4] = [
 
 /// Runs `tokens` inputs through every scorer x mode x threshold on `mlps` and checks each
 /// output against the masked dense reference (and against dense when all neurons are kept).
-fn check_layers(pool: &ThreadPool, mlps: &[&Mlp], dtype: DType, tokens: &[Vec<f32>], tol: f32) -> f32 {
-    let (hidden, inter) = (mlps[0].gate_proj.in_features(), mlps[0].gate_proj.out_features());
+fn check_layers(
+    pool: &ThreadPool,
+    mlps: &[&Mlp],
+    dtype: DType,
+    tokens: &[Vec<f32>],
+    tol: f32,
+) -> f32 {
+    let (hidden, inter) = (
+        mlps[0].gate_proj.in_features(),
+        mlps[0].gate_proj.out_features(),
+    );
     let mut worst = 0f32;
     for scorer in SCORERS {
         for mode in [Mode::Cached, Mode::Gather] {
@@ -102,7 +111,9 @@ fn check_layers(pool: &ThreadPool, mlps: &[&Mlp], dtype: DType, tokens: &[Vec<f3
                 Threshold::Sigma(-10.0),
             ] {
                 let pred = Predictor::random_shape(hidden, inter, mlps.len(), 16, 4);
-                let mut s = SparseMlp::for_layers(mlps, dtype, config(threshold, scorer, mode), Some(pred)).unwrap();
+                let mut s =
+                    SparseMlp::for_layers(mlps, dtype, config(threshold, scorer, mode), Some(pred))
+                        .unwrap();
                 for h in tokens {
                     for (l, mlp) in mlps.iter().enumerate() {
                         let mut out = vec![f32::NAN; hidden];
@@ -110,7 +121,10 @@ fn check_layers(pool: &ThreadPool, mlps: &[&Mlp], dtype: DType, tokens: &[Vec<f3
                         let mask = s.last_mask().to_vec();
                         let want = masked_reference(pool, mlp, h, &mask);
                         let e = rel_err(&out, &want);
-                        let what = format!("{scorer} {mode:?} {threshold} layer {l}: {} kept", mask.len());
+                        let what = format!(
+                            "{scorer} {mode:?} {threshold} layer {l}: {} kept",
+                            mask.len()
+                        );
                         assert!(e <= tol, "{what}: relative error {e}");
                         worst = worst.max(e);
                         if mask.len() == inter {
@@ -122,7 +136,9 @@ fn check_layers(pool: &ThreadPool, mlps: &[&Mlp], dtype: DType, tokens: &[Vec<f3
                         if let Threshold::Density(d) = threshold {
                             let k = ((d * inter as f64) - 1e-9).ceil() as usize;
                             let cap = match scorer {
-                                Scorer::Cascade { superset } => ((superset * inter as f64) - 1e-9).ceil() as usize,
+                                Scorer::Cascade { superset } => {
+                                    ((superset * inter as f64) - 1e-9).ceil() as usize
+                                }
                                 _ => inter,
                             };
                             assert_eq!(mask.len(), k.min(cap), "{what}");
@@ -146,7 +162,10 @@ fn random_layers_match_masked_reference_f32_and_bf16() {
             let b = random_mlp(hidden, inter, dtype, 20);
             let tokens: Vec<Vec<f32>> = (0..5).map(|t| rand_vec(hidden, 100 + t, 1.0)).collect();
             let worst = check_layers(&pool, &[&a, &b], dtype, &tokens, 1e-5);
-            eprintln!("{} {hidden}x{inter}: worst relative error {worst:e}", dtype.name());
+            eprintln!(
+                "{} {hidden}x{inter}: worst relative error {worst:e}",
+                dtype.name()
+            );
         }
     }
 }
@@ -164,7 +183,9 @@ impl MlpOverride for Recorder {
     }
 }
 
-const PROMPT: [u32; 12] = [504, 3458, 282, 260, 1345, 314, 2366, 30, 378, 1789, 6006, 28];
+const PROMPT: [u32; 12] = [
+    504, 3458, 282, 260, 1345, 314, 2366, 30, 378, 1789, 6006, 28,
+];
 
 #[test]
 fn real_model_layers_match_masked_reference() {
@@ -174,34 +195,54 @@ fn real_model_layers_match_masked_reference() {
     let mut cache = m.new_cache();
     for &t in &PROMPT[..3] {
         let mut r = Recorder(Vec::new());
-        m.forward(&[t], &mut cache, Logits::None, Some(&mut r)).unwrap();
+        m.forward(&[t], &mut cache, Logits::None, Some(&mut r))
+            .unwrap();
         inputs.push(r.0);
     }
     for layer in [0, 14, 29] {
         let mlp = &m.layers[layer].mlp;
-        let tokens: Vec<Vec<f32>> = inputs.iter().map(|per_layer| per_layer[layer].clone()).collect();
+        let tokens: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|per_layer| per_layer[layer].clone())
+            .collect();
         let worst = check_layers(m.pool, &[mlp], DType::F32, &tokens, 1e-5);
         eprintln!("layer {layer}: worst relative error {worst:e}");
     }
 }
 
-fn last_logits_batched_vs_sequential(m: &Llama, mut make: impl FnMut() -> Option<SparseMlp>) -> f32 {
+fn last_logits_batched_vs_sequential(
+    m: &Llama,
+    mut make: impl FnMut() -> Option<SparseMlp>,
+) -> f32 {
     let vocab = m.config.vocab_size;
     let mut cache = m.new_cache();
     let mut s = make();
     let batched = m
-        .forward(&PROMPT, &mut cache, Logits::Last, s.as_mut().map(|s| s as &mut dyn MlpOverride))
+        .forward(
+            &PROMPT,
+            &mut cache,
+            Logits::Last,
+            s.as_mut().map(|s| s as &mut dyn MlpOverride),
+        )
         .unwrap();
     let mut cache = m.new_cache();
     let mut s = make();
     let mut seq = Vec::new();
     for &t in &PROMPT {
         seq = m
-            .forward(&[t], &mut cache, Logits::Last, s.as_mut().map(|s| s as &mut dyn MlpOverride))
+            .forward(
+                &[t],
+                &mut cache,
+                Logits::Last,
+                s.as_mut().map(|s| s as &mut dyn MlpOverride),
+            )
             .unwrap();
     }
     assert_eq!(seq.len(), vocab);
-    batched.iter().zip(&seq).fold(0f32, |w, (a, b)| w.max((a - b).abs()))
+    batched
+        .iter()
+        .zip(&seq)
+        .fold(0f32, |w, (a, b)| w.max((a - b).abs()))
 }
 
 fn sparse(m: &Llama, spec: &str, scorer: Scorer, mode: Mode) -> SparseMlp {
@@ -234,7 +275,9 @@ fn batched_per_row_masks_equal_token_by_token_decoding() {
     for (spec, scorer) in SETTINGS {
         for mode in [Mode::Cached, Mode::Gather] {
             let d = last_logits_batched_vs_sequential(m, || Some(sparse(m, spec, scorer, mode)));
-            eprintln!("{spec} {scorer} {mode:?}: batched vs sequential last logits, max |diff| {d:e}");
+            eprintln!(
+                "{spec} {scorer} {mode:?}: batched vs sequential last logits, max |diff| {d:e}"
+            );
             if scorer == Scorer::Exact {
                 assert!(d < 1e-4, "{spec} {scorer} {mode:?}: {d}");
             }
@@ -252,14 +295,24 @@ struct Twin {
 }
 impl MlpOverride for Twin {
     fn forward(&mut self, m: &Llama, layer: usize, h: &[f32], n: usize, out: &mut [f32]) -> bool {
-        assert!(self.batched.forward(m.pool, &m.layers[layer].mlp, layer, h, n, out));
+        assert!(
+            self.batched
+                .forward(m.pool, &m.layers[layer].mlp, layer, h, n, out)
+        );
         let hd = h.len() / n;
         let mut one = vec![0f32; hd];
         for t in 0..n {
             let row = &h[t * hd..(t + 1) * hd];
-            assert!(self.decode.forward(m.pool, &m.layers[layer].mlp, layer, row, 1, &mut one));
+            assert!(
+                self.decode
+                    .forward(m.pool, &m.layers[layer].mlp, layer, row, 1, &mut one)
+            );
             let got = &out[t * hd..(t + 1) * hd];
-            self.worst = self.worst.max(got.iter().zip(&one).fold(0f32, |w, (a, b)| w.max((a - b).abs())));
+            self.worst = self.worst.max(
+                got.iter()
+                    .zip(&one)
+                    .fold(0f32, |w, (a, b)| w.max((a - b).abs())),
+            );
             self.rows += 1;
         }
         true
@@ -278,9 +331,13 @@ fn per_row_masks_compute_what_decoding_computes() {
                 rows: 0,
             };
             let mut cache = m.new_cache();
-            m.forward(&PROMPT, &mut cache, Logits::Last, Some(&mut twin)).unwrap();
+            m.forward(&PROMPT, &mut cache, Logits::Last, Some(&mut twin))
+                .unwrap();
             assert_eq!(twin.rows, PROMPT.len() * m.config.num_layers);
-            eprintln!("{spec} {scorer} {mode:?}: batched row vs decode, max |diff| {:e}", twin.worst);
+            eprintln!(
+                "{spec} {scorer} {mode:?}: batched row vs decode, max |diff| {:e}",
+                twin.worst
+            );
             // f64 accumulation makes the outputs independent of slot order: bit-identical.
             assert_eq!(twin.worst, 0.0, "{spec} {scorer} {mode:?}");
             assert_eq!(twin.batched.density(), twin.decode.density());
@@ -294,19 +351,30 @@ fn density_is_reported_and_prefill_dense_is_default() {
     let mut s = SparseMlp::from_spec(m, "density:0.25", None, None).unwrap();
     assert_eq!(s.scorer(), Scorer::Exact);
     let mut cache = m.new_cache();
-    m.forward(&PROMPT[..4], &mut cache, Logits::Last, Some(&mut s)).unwrap();
+    m.forward(&PROMPT[..4], &mut cache, Logits::Last, Some(&mut s))
+        .unwrap();
     assert_eq!(s.density(), None, "prefill ran dense");
-    m.forward(&PROMPT[4..5], &mut cache, Logits::Last, Some(&mut s)).unwrap();
+    m.forward(&PROMPT[4..5], &mut cache, Logits::Last, Some(&mut s))
+        .unwrap();
     let want = 384.0 / 1536.0;
     assert!((s.density().unwrap() - want).abs() < 1e-12);
     assert!(s.layer_density().iter().all(|&d| (d - want).abs() < 1e-12));
     let off = SparseMlp::from_spec(m, "off", None, None).unwrap();
     assert_eq!(off.extra_bytes(), 0);
-    let e = SparseMlp::from_spec(m, "dense", None, None).err().unwrap().to_string();
+    let e = SparseMlp::from_spec(m, "dense", None, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("bad sparsity spec 'dense'"), "{e}");
-    let e = SparseMlp::from_spec(m, "calibrated", None, None).err().unwrap().to_string();
+    let e = SparseMlp::from_spec(m, "calibrated", None, None)
+        .err()
+        .unwrap()
+        .to_string();
     assert_eq!(e, "calibrated needs a predictor file with thresholds");
-    let e = SparseMlp::from_spec(m, "density:0.5", Some("lowrank"), None).err().unwrap().to_string();
+    let e = SparseMlp::from_spec(m, "density:0.5", Some("lowrank"), None)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("needs a predictor file"), "{e}");
 }
 
@@ -320,7 +388,10 @@ fn predictor_files_round_trip_and_refuse_other_models() {
     p.thresholds = Some((0..m.config.num_layers).map(|l| l as f32 * 0.01).collect());
     p.save(&path).unwrap();
     let q = Predictor::load(&path, m).unwrap();
-    assert_eq!((q.rank, q.up_rank, q.layers.len()), (8, 8, m.config.num_layers));
+    assert_eq!(
+        (q.rank, q.up_rank, q.layers.len()),
+        (8, 8, m.config.num_layers)
+    );
     assert_eq!(q.thresholds, p.thresholds);
     let h = rand_vec(m.config.hidden_size, 5, 1.0);
     let mut scratch = Default::default();
@@ -364,5 +435,8 @@ fn predictor_files_round_trip_and_refuse_other_models() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
     assert!(matches!(Predictor::load(&bad, m), Err(Error::Predictor(_))));
-    assert!(matches!(Predictor::load(&dir.path().join("missing"), m), Err(Error::Predictor(_))));
+    assert!(matches!(
+        Predictor::load(&dir.path().join("missing"), m),
+        Err(Error::Predictor(_))
+    ));
 }

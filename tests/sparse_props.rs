@@ -37,19 +37,34 @@ fn check_cache(c: &WeightCache, src: &CacheSource<'_>, mask: &[u32], inter: usiz
         seen[n as usize] = true;
         assert_eq!(c.slot_of(n as usize), Some(s), "slot map inverse");
     }
-    for n in 0..inter {
+    for (n, &cached) in seen.iter().enumerate() {
         let want = mask.binary_search(&(n as u32)).is_ok();
-        assert_eq!(seen[n], want, "neuron {n} cached = {} but in mask = {want}", seen[n]);
+        assert_eq!(
+            cached, want,
+            "neuron {n} cached = {cached} but in mask = {want}"
+        );
         assert_eq!(c.slot_of(n).is_some(), want);
     }
     let (dv, ds) = c.down();
     let (gv, gs) = c.gate_up();
     for (s, &n) in c.neurons().iter().enumerate() {
         let n = n as usize;
-        assert_eq!(bits(dv, s * ds, h), bits(src.down_t, n * h, h), "down row of {n}");
+        assert_eq!(
+            bits(dv, s * ds, h),
+            bits(src.down_t, n * h, h),
+            "down row of {n}"
+        );
         if c.has_gate_up() {
-            assert_eq!(bits(gv, s * gs, h), bits(src.gate, n * h, h), "gate row of {n}");
-            assert_eq!(bits(gv, s * gs + h, h), bits(src.up, n * h, h), "up row of {n}");
+            assert_eq!(
+                bits(gv, s * gs, h),
+                bits(src.gate, n * h, h),
+                "gate row of {n}"
+            );
+            assert_eq!(
+                bits(gv, s * gs + h, h),
+                bits(src.up, n * h, h),
+                "up row of {n}"
+            );
         }
     }
 }

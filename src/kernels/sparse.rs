@@ -131,6 +131,13 @@ unsafe impl<T> Send for SharedMut<T> {}
 // SAFETY: as above.
 unsafe impl<T> Sync for SharedMut<T> {}
 
+impl<T> SharedMut<T> {
+    /// The pointer; a method (rather than `.0`) so closures capture the whole Sync wrapper.
+    fn ptr(self) -> *mut T {
+        self.0
+    }
+}
+
 /// `out = sum_j a_j · down[row_j]`. h: [hidden], out: [hidden]. `scratch` holds the
 /// per-thread accumulators (resized here).
 ///
@@ -164,10 +171,9 @@ pub fn sparse_mlp(
             return;
         }
         let range = split_range(n, 4, t, threads.min(nt));
-        let acc = acc;
         // SAFETY: thread t writes only scratch[t*hidden..(t+1)*hidden], which exists
         // (resized to threads*hidden) and outlives the run.
-        let acc = unsafe { std::slice::from_raw_parts_mut(acc.0.add(t * hidden), hidden) };
+        let acc = unsafe { std::slice::from_raw_parts_mut(acc.ptr().add(t * hidden), hidden) };
         for j in range.clone() {
             if gather && j + PREFETCH_AHEAD < range.end {
                 let r = items.row(j + PREFETCH_AHEAD);
@@ -191,7 +197,13 @@ pub fn sparse_mlp(
 }
 
 /// Scalar reference for [`sparse_mlp`].
-pub fn sparse_mlp_scalar(items: Items<'_>, act: Activation<'_>, down: Strided<'_>, h: &[f32], out: &mut [f32]) {
+pub fn sparse_mlp_scalar(
+    items: Items<'_>,
+    act: Activation<'_>,
+    down: Strided<'_>,
+    h: &[f32],
+    out: &mut [f32],
+) {
     let hidden = out.len();
     let mut acc = vec![0f64; hidden];
     let mut row = vec![0f32; h.len().max(hidden)];
@@ -230,13 +242,12 @@ pub fn gather_gate_up(
     assert!(g.len() == idx.len() && u.len() == idx.len());
     let (pg, pu) = (SharedMut(g.as_mut_ptr()), SharedMut(u.as_mut_ptr()));
     pool.for_ranges(idx.len(), 16, &|range| {
-        let (pg, pu) = (pg, pu);
         // SAFETY: for_ranges hands out disjoint sub-ranges of 0..idx.len(); g and u have
         // idx.len() elements and outlive the call.
         let (g, u) = unsafe {
             (
-                std::slice::from_raw_parts_mut(pg.0.add(range.start), range.len()),
-                std::slice::from_raw_parts_mut(pu.0.add(range.start), range.len()),
+                std::slice::from_raw_parts_mut(pg.ptr().add(range.start), range.len()),
+                std::slice::from_raw_parts_mut(pu.ptr().add(range.start), range.len()),
             )
         };
         for (k, j) in range.clone().enumerate() {
@@ -309,7 +320,10 @@ unsafe fn axpy_f32_avx512(a: f32, w: &[f32], y: &mut [f64]) {
     unsafe {
         while i + 8 <= n {
             let wv = _mm512_cvtps_pd(_mm256_loadu_ps(pw.add(i)));
-            _mm512_storeu_pd(py.add(i), _mm512_fmadd_pd(va, wv, _mm512_loadu_pd(py.add(i))));
+            _mm512_storeu_pd(
+                py.add(i),
+                _mm512_fmadd_pd(va, wv, _mm512_loadu_pd(py.add(i))),
+            );
             i += 8;
         }
         while i < n {
@@ -332,9 +346,17 @@ unsafe fn axpy_bf16_avx512(a: f32, w: &[u16], y: &mut [f64]) {
             let raw = _mm256_loadu_si256(pw.add(i) as *const __m256i);
             let wv = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(raw)));
             let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(wv));
-            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(wv))));
-            _mm512_storeu_pd(py.add(i), _mm512_fmadd_pd(va, lo, _mm512_loadu_pd(py.add(i))));
-            _mm512_storeu_pd(py.add(i + 8), _mm512_fmadd_pd(va, hi, _mm512_loadu_pd(py.add(i + 8))));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(wv),
+            )));
+            _mm512_storeu_pd(
+                py.add(i),
+                _mm512_fmadd_pd(va, lo, _mm512_loadu_pd(py.add(i))),
+            );
+            _mm512_storeu_pd(
+                py.add(i + 8),
+                _mm512_fmadd_pd(va, hi, _mm512_loadu_pd(py.add(i + 8))),
+            );
             i += 16;
         }
         while i < n {
@@ -355,7 +377,10 @@ unsafe fn axpy_f32_avx2(a: f32, w: &[f32], y: &mut [f64]) {
     unsafe {
         while i + 4 <= n {
             let wv = _mm256_cvtps_pd(_mm_loadu_ps(pw.add(i)));
-            _mm256_storeu_pd(py.add(i), _mm256_fmadd_pd(va, wv, _mm256_loadu_pd(py.add(i))));
+            _mm256_storeu_pd(
+                py.add(i),
+                _mm256_fmadd_pd(va, wv, _mm256_loadu_pd(py.add(i))),
+            );
             i += 4;
         }
         while i < n {
@@ -378,7 +403,10 @@ unsafe fn axpy_bf16_avx2(a: f32, w: &[u16], y: &mut [f64]) {
             let raw = _mm_loadl_epi64(pw.add(i) as *const __m128i);
             let wf = _mm_castsi128_ps(_mm_slli_epi32::<16>(_mm_cvtepu16_epi32(raw)));
             let wv = _mm256_cvtps_pd(wf);
-            _mm256_storeu_pd(py.add(i), _mm256_fmadd_pd(va, wv, _mm256_loadu_pd(py.add(i))));
+            _mm256_storeu_pd(
+                py.add(i),
+                _mm256_fmadd_pd(va, wv, _mm256_loadu_pd(py.add(i))),
+            );
             i += 4;
         }
         while i < n {
@@ -408,7 +436,10 @@ mod tests {
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         for (i, (a, b)) in got.iter().zip(want).enumerate() {
-            assert!((a - b).abs() <= 1e-5 * scale * 4.0, "{what}[{i}]: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-5 * scale * 4.0,
+                "{what}[{i}]: {a} vs {b}"
+            );
         }
     }
 
@@ -443,8 +474,16 @@ mod tests {
                 let idx: Vec<u32> = (0..inter as u32).filter(|i| i % 3 != 1).collect();
                 let given = data(idx.len(), 7);
                 for (g, u, d) in [
-                    (WeightView::F32(&gate), WeightView::F32(&up), WeightView::F32(&down_t)),
-                    (WeightView::Bf16(&gb), WeightView::Bf16(&ub), WeightView::Bf16(&db)),
+                    (
+                        WeightView::F32(&gate),
+                        WeightView::F32(&up),
+                        WeightView::F32(&down_t),
+                    ),
+                    (
+                        WeightView::Bf16(&gb),
+                        WeightView::Bf16(&ub),
+                        WeightView::Bf16(&db),
+                    ),
                 ] {
                     let (g, u, d) = (
                         Strided::matrix(g, hidden),
@@ -505,10 +544,21 @@ mod tests {
             for order in [&idx, &rev] {
                 let mut out = vec![0f32; hidden];
                 let act = Activation::Compute { gate: g, up: u };
-                sparse_mlp(&pool, Items::Gather(order), act, d, &h, &mut out, &mut Vec::new());
+                sparse_mlp(
+                    &pool,
+                    Items::Gather(order),
+                    act,
+                    d,
+                    &h,
+                    &mut out,
+                    &mut Vec::new(),
+                );
                 outs.push(out);
             }
         }
-        assert!(outs.windows(2).all(|w| w[0] == w[1]), "bit-identical across orders and splits");
+        assert!(
+            outs.windows(2).all(|w| w[0] == w[1]),
+            "bit-identical across orders and splits"
+        );
     }
 }

@@ -52,7 +52,11 @@ pub struct ThresholdRow {
 
 /// One-pass sigma vs select_nth top-k vs a full sort, on `n` random scores.
 pub fn threshold(n: usize, runs: usize) -> ThresholdRow {
-    let scores: Vec<f32> = Rng::new(n as u64).vec(n, 1.0).iter().map(|v| v.abs()).collect();
+    let scores: Vec<f32> = Rng::new(n as u64)
+        .vec(n, 1.0)
+        .iter()
+        .map(|v| v.abs())
+        .collect();
     let mut out = Vec::with_capacity(n);
     let mut scratch = SelectScratch::default();
     let reps = 100;
@@ -104,7 +108,13 @@ pub struct CacheUpdateRow {
 }
 
 /// A random mask sequence: `k` neurons, `churn·k` of them replaced every step.
-pub fn mask_sequence(inter: usize, density: f64, churn: f64, steps: usize, seed: u64) -> Vec<Vec<u32>> {
+pub fn mask_sequence(
+    inter: usize,
+    density: f64,
+    churn: f64,
+    steps: usize,
+    seed: u64,
+) -> Vec<Vec<u32>> {
     let mut rng = Rng::new(seed);
     let mut rand = |n: usize| ((rng.next_f32() + 1.0) * 0.5 * n as f32) as usize % n.max(1);
     let k = crate::sparse::threshold::top_k_count(density, inter);
@@ -144,7 +154,13 @@ pub fn random_matrix(rows: usize, cols: usize, dtype: DType, seed: u64) -> Matri
 }
 
 /// Paired replacement vs remove-then-append vs full rebuild over a mask sequence.
-pub fn cache_update(shape: (usize, usize), dtype: DType, density: f64, churn: f64, steps: usize) -> CacheUpdateRow {
+pub fn cache_update(
+    shape: (usize, usize),
+    dtype: DType,
+    density: f64,
+    churn: f64,
+    steps: usize,
+) -> CacheUpdateRow {
     let (hidden, inter) = shape;
     let gate = random_matrix(inter, hidden, dtype, 1);
     let up = random_matrix(inter, hidden, dtype, 2);
@@ -214,7 +230,13 @@ struct BenchLayer {
 }
 
 /// Cached vs gather vs dense MLP (one token) at each density, random weights of `shape`.
-pub fn sparse_mlp_table(pool: &ThreadPool, shape: (usize, usize), dtype: DType, densities: &[f64], runs: usize) -> Vec<SparseMlpRow> {
+pub fn sparse_mlp_table(
+    pool: &ThreadPool,
+    shape: (usize, usize),
+    dtype: DType,
+    densities: &[f64],
+    runs: usize,
+) -> Vec<SparseMlpRow> {
     let (hidden, inter) = shape;
     let layer_bytes = 3 * hidden * inter * dtype.size();
     let nl = WORKING_SET.div_ceil(layer_bytes).max(1);
@@ -261,11 +283,31 @@ pub fn sparse_mlp_table(pool: &ThreadPool, shape: (usize, usize), dtype: DType, 
                     let (gv, gs) = l.cache.gate_up();
                     let (dv, ds) = l.cache.down();
                     let act = Activation::Compute {
-                        gate: Strided { view: gv, stride: gs, offset: 0 },
-                        up: Strided { view: gv, stride: gs, offset: hidden },
+                        gate: Strided {
+                            view: gv,
+                            stride: gs,
+                            offset: 0,
+                        },
+                        up: Strided {
+                            view: gv,
+                            stride: gs,
+                            offset: hidden,
+                        },
                     };
-                    let down = Strided { view: dv, stride: ds, offset: 0 };
-                    sparse_mlp(pool, Items::Slots(l.cache.len()), act, down, &h, &mut out, &mut acc);
+                    let down = Strided {
+                        view: dv,
+                        stride: ds,
+                        offset: 0,
+                    };
+                    sparse_mlp(
+                        pool,
+                        Items::Slots(l.cache.len()),
+                        act,
+                        down,
+                        &h,
+                        &mut out,
+                        &mut acc,
+                    );
                 }
             }) / nl as f64;
             let gather_ms = time_ms(runs, || {
@@ -310,7 +352,13 @@ pub struct PredictorRow {
 }
 
 /// Predictor cost per rank (gate and up predictors, f32).
-pub fn predictor(pool: &ThreadPool, shape: (usize, usize), dtype: DType, ranks: &[usize], runs: usize) -> Vec<PredictorRow> {
+pub fn predictor(
+    pool: &ThreadPool,
+    shape: (usize, usize),
+    dtype: DType,
+    ranks: &[usize],
+    runs: usize,
+) -> Vec<PredictorRow> {
     let (hidden, inter) = shape;
     let h = Rng::new(9).vec(hidden, 1.0);
     let mut out = vec![0f32; inter];

@@ -60,14 +60,23 @@ pub struct SparseMlp {
 impl SparseMlp {
     /// Builds the sparse MLP for `model`. Errors (`Error::Input`) when the setting needs a
     /// predictor and none is given, or `calibrated` finds no thresholds in it.
-    pub fn new(model: &Llama, config: SparsityConfig, predictor: Option<Predictor>) -> Result<SparseMlp> {
+    pub fn new(
+        model: &Llama,
+        config: SparsityConfig,
+        predictor: Option<Predictor>,
+    ) -> Result<SparseMlp> {
         let mlps: Vec<&Mlp> = model.layers.iter().map(|l| &l.mlp).collect();
         Self::for_layers(&mlps, model.dtype, config, predictor)
     }
 
     /// What the CLI calls: `spec` is the SPEC string, `scorer` the `--scorer` value,
     /// `predictor` the `--predictor` file (checked against the model's identity).
-    pub fn from_spec(model: &Llama, spec: &str, scorer: Option<&str>, predictor: Option<&Path>) -> Result<SparseMlp> {
+    pub fn from_spec(
+        model: &Llama,
+        spec: &str,
+        scorer: Option<&str>,
+        predictor: Option<&Path>,
+    ) -> Result<SparseMlp> {
         let mut config: SparsityConfig = spec.parse()?;
         config.scorer = scorer.map(str::parse).transpose()?;
         let predictor = predictor.map(|p| Predictor::load(p, model)).transpose()?;
@@ -81,8 +90,13 @@ impl SparseMlp {
         config: SparsityConfig,
         predictor: Option<Predictor>,
     ) -> Result<SparseMlp> {
-        let first = mlps.first().ok_or_else(|| Error::Input("a model without layers".into()))?;
-        let (hidden, inter) = (first.gate_proj.in_features(), first.gate_proj.out_features());
+        let first = mlps
+            .first()
+            .ok_or_else(|| Error::Input("a model without layers".into()))?;
+        let (hidden, inter) = (
+            first.gate_proj.in_features(),
+            first.gate_proj.out_features(),
+        );
         let scorer = match (config.scorer, &predictor) {
             (Some(s), _) => s,
             (None, Some(_)) => Scorer::LowRank,
@@ -219,13 +233,28 @@ impl SparseMlp {
         assert_eq!(out.len(), n * hd);
         let cached = n == 1 && self.config.mode == Mode::Cached;
         for t in 0..n {
-            self.token(pool, mlp, layer, &h[t * hd..(t + 1) * hd], &mut out[t * hd..(t + 1) * hd], cached);
+            self.token(
+                pool,
+                mlp,
+                layer,
+                &h[t * hd..(t + 1) * hd],
+                &mut out[t * hd..(t + 1) * hd],
+                cached,
+            );
         }
         true
     }
 
     /// One token: score, select, (update the cache), run the sparse kernel.
-    fn token(&mut self, pool: &ThreadPool, mlp: &Mlp, layer: usize, h: &[f32], out: &mut [f32], cached: bool) {
+    fn token(
+        &mut self,
+        pool: &ThreadPool,
+        mlp: &Mlp,
+        layer: usize,
+        h: &[f32],
+        out: &mut [f32],
+        cached: bool,
+    ) {
         let (hd, inter) = (self.hidden, self.inter);
         let s = &mut self.s;
         let st = &mut self.layers[layer];
@@ -245,15 +274,23 @@ impl SparseMlp {
                 for ((o, &g), &u) in s.scores.iter_mut().zip(&s.g).zip(&s.u) {
                     *o = (silu(g) * u).abs();
                 }
-                self.config.threshold.select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
+                self.config
+                    .threshold
+                    .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
                 s.coefs.clear();
-                s.coefs.extend(self.mask.iter().map(|&i| silu(s.g[i as usize]) * s.u[i as usize]));
+                s.coefs.extend(
+                    self.mask
+                        .iter()
+                        .map(|&i| silu(s.g[i as usize]) * s.u[i as usize]),
+                );
                 true
             }
             Scorer::LowRank => {
                 let p = self.predictor.as_ref().expect("checked at construction");
                 p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
-                self.config.threshold.select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
+                self.config
+                    .threshold
+                    .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
                 false
             }
             Scorer::Cascade { superset } => {
@@ -277,9 +314,14 @@ impl SparseMlp {
                     t => t.select(&s.scores[..c], st.cutoff, &mut s.select, &mut s.local),
                 }
                 self.mask.clear();
-                self.mask.extend(s.local.iter().map(|&k| s.cand[k as usize]));
+                self.mask
+                    .extend(s.local.iter().map(|&k| s.cand[k as usize]));
                 s.coefs.clear();
-                s.coefs.extend(s.local.iter().map(|&k| silu(s.g[k as usize]) * s.u[k as usize]));
+                s.coefs.extend(
+                    s.local
+                        .iter()
+                        .map(|&k| silu(s.g[k as usize]) * s.u[k as usize]),
+                );
                 true
             }
         };
@@ -294,7 +336,11 @@ impl SparseMlp {
             };
             st.cache.update(&src, &self.mask);
             let (dv, ds) = st.cache.down();
-            let down = Strided { view: dv, stride: ds, offset: 0 };
+            let down = Strided {
+                view: dv,
+                stride: ds,
+                offset: 0,
+            };
             let items = Items::Slots(st.cache.len());
             if have_coefs {
                 // Coefficients in slot order: slot j holds neuron neurons()[j].
@@ -303,12 +349,28 @@ impl SparseMlp {
                     let k = self.mask.binary_search(&n).expect("cache holds the mask");
                     s.coefs[k]
                 }));
-                sparse_mlp(pool, items, Activation::Given(&s.slot_coefs), down, h, out, &mut s.acc);
+                sparse_mlp(
+                    pool,
+                    items,
+                    Activation::Given(&s.slot_coefs),
+                    down,
+                    h,
+                    out,
+                    &mut s.acc,
+                );
             } else {
                 let (gv, gs) = st.cache.gate_up();
                 let act = Activation::Compute {
-                    gate: Strided { view: gv, stride: gs, offset: 0 },
-                    up: Strided { view: gv, stride: gs, offset: hd },
+                    gate: Strided {
+                        view: gv,
+                        stride: gs,
+                        offset: 0,
+                    },
+                    up: Strided {
+                        view: gv,
+                        stride: gs,
+                        offset: hd,
+                    },
                 };
                 sparse_mlp(pool, items, act, down, h, out, &mut s.acc);
             }
@@ -325,7 +387,14 @@ impl SparseMlp {
 }
 
 impl MlpOverride for SparseMlp {
-    fn forward(&mut self, model: &Llama, layer: usize, h: &[f32], n: usize, out: &mut [f32]) -> bool {
+    fn forward(
+        &mut self,
+        model: &Llama,
+        layer: usize,
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> bool {
         SparseMlp::forward(self, model.pool, &model.layers[layer].mlp, layer, h, n, out)
     }
 }

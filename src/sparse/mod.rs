@@ -130,7 +130,10 @@ mod tests {
             e,
             "bad sparsity spec 'x': expected off, sigma:K, density:D or calibrated"
         );
-        assert_eq!("cascade:0.5".parse::<Scorer>().unwrap(), Scorer::Cascade { superset: 0.5 });
+        assert_eq!(
+            "cascade:0.5".parse::<Scorer>().unwrap(),
+            Scorer::Cascade { superset: 0.5 }
+        );
         assert_eq!("lowrank".parse::<Scorer>().unwrap(), Scorer::LowRank);
         assert!("cascade:0".parse::<Scorer>().is_err());
         assert!("dense".parse::<Scorer>().is_err());

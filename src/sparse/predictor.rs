@@ -34,7 +34,10 @@ pub fn model_identity(model: &Llama) -> String {
     let mut hash: u64 = 0xcbf29ce484222325;
     let mut row = vec![0f32; c.hidden_size.max(c.intermediate_size)];
     let last = model.layers.len() - 1;
-    for m in [&model.layers[0].mlp.gate_proj.weight, &model.layers[last].mlp.down_proj.weight] {
+    for m in [
+        &model.layers[0].mlp.gate_proj.weight,
+        &model.layers[last].mlp.down_proj.weight,
+    ] {
         for r in 0..m.rows.min(4) {
             m.row_to_f32(r, &mut row[..m.cols]);
             for &v in &row[..m.cols.min(64)] {
@@ -84,7 +87,14 @@ impl LowRank {
     fn apply(&self, pool: &ThreadPool, h: &[f32], z: &mut [f32], out: &mut [f32]) {
         let hidden = h.len();
         matvec(pool, WeightView::F32(&self.at), self.rank, hidden, h, z);
-        matvec(pool, WeightView::F32(&self.bt), out.len(), self.rank, z, out);
+        matvec(
+            pool,
+            WeightView::F32(&self.bt),
+            out.len(),
+            self.rank,
+            z,
+            out,
+        );
     }
 
     /// Values read per prediction.
@@ -155,7 +165,13 @@ impl Predictor {
     /// Random predictors of rank `rank` for gate and up: for tests and benchmarks only
     /// (they predict nothing). Model identity `random`.
     pub fn random(config: &ModelConfig, rank: usize, seed: u64) -> Predictor {
-        Self::random_shape(config.hidden_size, config.intermediate_size, config.num_layers, rank, seed)
+        Self::random_shape(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_layers,
+            rank,
+            seed,
+        )
     }
 
     /// As [`random`](Self::random), for `layers` layers of shape hidden x inter.
@@ -230,8 +246,16 @@ impl Predictor {
         let (h, i) = (self.hidden, self.intermediate);
         for (l, p) in self.layers.iter().enumerate() {
             let (a, b) = p.gate.to_ab(h, i);
-            tensors.push((format!("layers.{l}.a_gate"), vec![h, p.gate.rank], f32_bytes(&a)));
-            tensors.push((format!("layers.{l}.b_gate"), vec![p.gate.rank, i], f32_bytes(&b)));
+            tensors.push((
+                format!("layers.{l}.a_gate"),
+                vec![h, p.gate.rank],
+                f32_bytes(&a),
+            ));
+            tensors.push((
+                format!("layers.{l}.b_gate"),
+                vec![p.gate.rank, i],
+                f32_bytes(&b),
+            ));
             if let Some(up) = &p.up {
                 let (a, b) = up.to_ab(h, i);
                 tensors.push((format!("layers.{l}.a_up"), vec![h, up.rank], f32_bytes(&a)));
@@ -296,7 +320,9 @@ impl Predictor {
             let v = get(k)?;
             match v.parse::<usize>() {
                 Ok(r) if (min..=max_rank).contains(&r) => Ok(r),
-                _ => Err(perr(format!("metadata {k} = '{v}' is not in {min}..={max_rank}"))),
+                _ => Err(perr(format!(
+                    "metadata {k} = '{v}' is not in {min}..={max_rank}"
+                ))),
             }
         };
         let rank = rank_of("rank", 1)?;
@@ -313,7 +339,9 @@ impl Predictor {
                 .map_err(|e| perr(e.to_string()))?
                 .to_f32_vec();
             if let Some(p) = v.iter().position(|x| !x.is_finite()) {
-                return Err(perr(format!("tensor '{name}' holds a non-finite value at {p}")));
+                return Err(perr(format!(
+                    "tensor '{name}' holds a non-finite value at {p}"
+                )));
             }
             Ok(v)
         };

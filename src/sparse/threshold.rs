@@ -150,13 +150,33 @@ mod tests {
     #[test]
     fn parses_specs() {
         assert_eq!("off".parse::<Threshold>().unwrap(), Threshold::Off);
-        assert_eq!("sigma:-0.5".parse::<Threshold>().unwrap(), Threshold::Sigma(-0.5));
-        assert_eq!("density:0.25".parse::<Threshold>().unwrap(), Threshold::Density(0.25));
-        assert_eq!("calibrated".parse::<Threshold>().unwrap(), Threshold::Calibrated);
-        for bad in ["x", "sigma", "sigma:abc", "sigma:inf", "density:1.5", "density:-0.1", ""] {
+        assert_eq!(
+            "sigma:-0.5".parse::<Threshold>().unwrap(),
+            Threshold::Sigma(-0.5)
+        );
+        assert_eq!(
+            "density:0.25".parse::<Threshold>().unwrap(),
+            Threshold::Density(0.25)
+        );
+        assert_eq!(
+            "calibrated".parse::<Threshold>().unwrap(),
+            Threshold::Calibrated
+        );
+        for bad in [
+            "x",
+            "sigma",
+            "sigma:abc",
+            "sigma:inf",
+            "density:1.5",
+            "density:-0.1",
+            "",
+        ] {
             let e = bad.parse::<Threshold>().unwrap_err().to_string();
             assert!(e.starts_with(&format!("bad sparsity spec '{bad}'")), "{e}");
-            assert!(e.contains("expected off, sigma:K, density:D or calibrated"), "{e}");
+            assert!(
+                e.contains("expected off, sigma:K, density:D or calibrated"),
+                "{e}"
+            );
         }
     }
 

@@ -73,7 +73,11 @@ impl WeightCache {
             hidden,
             dtype,
             with_gate_up,
-            gu_stride: if with_gate_up { pad_to_line(2 * hidden, dtype.size()) } else { 0 },
+            gu_stride: if with_gate_up {
+                pad_to_line(2 * hidden, dtype.size())
+            } else {
+                0
+            },
             down_stride: pad_to_line(hidden, dtype.size()),
             gu: AlignedBuf::zeroed(0),
             down: AlignedBuf::zeroed(0),
@@ -115,11 +119,17 @@ impl WeightCache {
     /// Gate/up blocks of the used slots: slot s at `[s*stride .. s*stride + 2*hidden]`
     /// (gate first). Empty without gate/up.
     pub fn gate_up(&self) -> (WeightView<'_>, usize) {
-        (view(&self.gu, self.dtype, self.len() * self.gu_stride), self.gu_stride)
+        (
+            view(&self.gu, self.dtype, self.len() * self.gu_stride),
+            self.gu_stride,
+        )
     }
     /// Down rows of the used slots: slot s at `[s*stride .. s*stride + hidden]`.
     pub fn down(&self) -> (WeightView<'_>, usize) {
-        (view(&self.down, self.dtype, self.len() * self.down_stride), self.down_stride)
+        (
+            view(&self.down, self.dtype, self.len() * self.down_stride),
+            self.down_stride,
+        )
     }
     /// Bytes held by the buffers (capacity, not only used slots).
     pub fn byte_len(&self) -> usize {
@@ -190,7 +200,10 @@ impl WeightCache {
         }
         let cap = slots.max(self.capacity * 2).max(16);
         let e = self.dtype.size();
-        for (buf, stride) in [(&mut self.gu, self.gu_stride), (&mut self.down, self.down_stride)] {
+        for (buf, stride) in [
+            (&mut self.gu, self.gu_stride),
+            (&mut self.down, self.down_stride),
+        ] {
             let mut nb = AlignedBuf::zeroed(cap * stride * e);
             let used = self.neuron_of.len() * stride * e;
             nb.bytes_mut()[..used].copy_from_slice(&buf.bytes()[..used]);
@@ -205,9 +218,13 @@ impl WeightCache {
         let last = self.neuron_of.len() - 1;
         if slot != last {
             let e = self.dtype.size();
-            for (buf, stride) in [(&mut self.gu, self.gu_stride), (&mut self.down, self.down_stride)] {
+            for (buf, stride) in [
+                (&mut self.gu, self.gu_stride),
+                (&mut self.down, self.down_stride),
+            ] {
                 let b = stride * e;
-                buf.bytes_mut().copy_within(last * b..(last + 1) * b, slot * b);
+                buf.bytes_mut()
+                    .copy_within(last * b..(last + 1) * b, slot * b);
             }
             let moved = self.neuron_of[last];
             self.neuron_of[slot] = moved;
@@ -243,8 +260,12 @@ fn push_bits(out: &mut Vec<u32>, word: usize, mut bits: u64) {
 
 fn copy_row(src: WeightView<'_>, row: usize, cols: usize, dst: &mut [u8]) {
     match src {
-        WeightView::F32(w) => dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols])),
-        WeightView::Bf16(w) => dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols])),
+        WeightView::F32(w) => {
+            dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
+        }
+        WeightView::Bf16(w) => {
+            dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
+        }
     }
 }
 
