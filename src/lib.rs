@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod quant;
+pub mod sparse;
 pub mod tensor;
 pub mod tokenizer;
 

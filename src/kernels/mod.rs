@@ -23,6 +23,7 @@ pub mod dot;
 pub mod linear;
 pub mod ops;
 pub mod pool;
+pub mod sparse;
 
 pub use linear::{WeightView, matmul, matvec};
 pub use pool::ThreadPool;

@@ -1,0 +1,415 @@
+//! [`SparseMlp`]: the sparse replacement of the dense SwiGLU MLP, plugged into
+//! `Llama::forward` through `MlpOverride`. Owns per-layer state (transposed down
+//! projection, weight cache, calibrated cut-off), the scoring pipeline of one token
+//! (score -> select -> cache update -> sparse kernel) and the achieved-density statistics.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::kernels::sparse::{Activation, Items, Strided, gather_gate_up, sparse_mlp};
+use crate::kernels::{ThreadPool, matvec, ops::silu};
+use crate::model::llama::{Llama, Mlp, MlpOverride};
+use crate::sparse::predictor::{Predictor, PredictorScratch};
+use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
+use crate::sparse::weight_cache::{CacheSource, WeightCache};
+use crate::sparse::{Mode, Scorer, SparsityConfig};
+use crate::tensor::{DType, Matrix};
+
+/// One layer's sparse state.
+struct LayerState {
+    /// down_proj transposed: [inter, hidden], row i = neuron i's down column. Costs one
+    /// extra copy of the down projection (a third of the MLP's weight bytes) per layer.
+    down_t: Matrix,
+    cache: WeightCache,
+    /// Calibrated cut-off (`calibrated` only).
+    cutoff: Option<f32>,
+    /// Tokens processed sparsely and neurons kept over them.
+    tokens: u64,
+    active: u64,
+}
+
+/// Reusable per-token buffers.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    cand: Vec<u32>,
+    local: Vec<u32>,
+    idx: Vec<u32>,
+    coefs: Vec<f32>,
+    slot_coefs: Vec<f32>,
+    acc: Vec<f64>,
+    select: SelectScratch,
+    predictor: PredictorScratch,
+}
+
+/// The sparse MLP of a whole model. See the crate's DESIGN.md, "The sparse MLP".
+pub struct SparseMlp {
+    config: SparsityConfig,
+    scorer: Scorer,
+    predictor: Option<Predictor>,
+    hidden: usize,
+    inter: usize,
+    layers: Vec<LayerState>,
+    /// The mask of the last token processed (ascending neuron indices).
+    mask: Vec<u32>,
+    s: Scratch,
+}
+
+impl SparseMlp {
+    /// Builds the sparse MLP for `model`. Errors (`Error::Input`) when the setting needs a
+    /// predictor and none is given, or `calibrated` finds no thresholds in it.
+    pub fn new(
+        model: &Llama,
+        config: SparsityConfig,
+        predictor: Option<Predictor>,
+    ) -> Result<SparseMlp> {
+        let mlps: Vec<&Mlp> = model.layers.iter().map(|l| &l.mlp).collect();
+        Self::for_layers(&mlps, model.dtype, config, predictor)
+    }
+
+    /// What the CLI calls: `spec` is the SPEC string, `scorer` the `--scorer` value,
+    /// `predictor` the `--predictor` file (checked against the model's identity).
+    pub fn from_spec(
+        model: &Llama,
+        spec: &str,
+        scorer: Option<&str>,
+        predictor: Option<&Path>,
+    ) -> Result<SparseMlp> {
+        let mut config: SparsityConfig = spec.parse()?;
+        config.scorer = scorer.map(str::parse).transpose()?;
+        let predictor = predictor.map(|p| Predictor::load(p, model)).transpose()?;
+        Self::new(model, config, predictor)
+    }
+
+    /// Builds the sparse MLP over explicit layers (tests and benchmarks use random ones).
+    pub fn for_layers(
+        mlps: &[&Mlp],
+        dtype: DType,
+        config: SparsityConfig,
+        predictor: Option<Predictor>,
+    ) -> Result<SparseMlp> {
+        let first = mlps
+            .first()
+            .ok_or_else(|| Error::Input("a model without layers".into()))?;
+        let (hidden, inter) = (
+            first.gate_proj.in_features(),
+            first.gate_proj.out_features(),
+        );
+        let scorer = match (config.scorer, &predictor) {
+            (Some(s), _) => s,
+            (None, Some(_)) => Scorer::LowRank,
+            (None, None) => Scorer::Exact,
+        };
+        if scorer != Scorer::Exact && predictor.is_none() && !config.is_off() {
+            return Err(Error::Input(format!(
+                "scorer {scorer} needs a predictor file (--predictor)"
+            )));
+        }
+        if let Some(p) = &predictor
+            && (p.hidden != hidden || p.intermediate != inter || p.layers.len() != mlps.len())
+        {
+            return Err(Error::Predictor(format!(
+                "predictor shape (hidden {}, intermediate {}, {} layers) does not fit the model (hidden {hidden}, intermediate {inter}, {} layers)",
+                p.hidden,
+                p.intermediate,
+                p.layers.len(),
+                mlps.len()
+            )));
+        }
+        let cutoffs: Vec<Option<f32>> = if config.threshold == Threshold::Calibrated {
+            match predictor.as_ref().and_then(|p| p.thresholds.as_ref()) {
+                Some(t) => t.iter().map(|&v| Some(v)).collect(),
+                None => {
+                    return Err(Error::Input(
+                        "calibrated needs a predictor file with thresholds".into(),
+                    ));
+                }
+            }
+        } else {
+            vec![None; mlps.len()]
+        };
+        // Off runs dense: no per-layer state, no transposed copies.
+        let layers = if config.is_off() {
+            Vec::new()
+        } else {
+            let with_gate_up = scorer == Scorer::LowRank;
+            mlps.iter()
+                .zip(cutoffs)
+                .map(|(m, cutoff)| LayerState {
+                    down_t: transpose_matrix(&m.down_proj.weight, dtype),
+                    cache: WeightCache::new(hidden, inter, dtype, with_gate_up),
+                    cutoff,
+                    tokens: 0,
+                    active: 0,
+                })
+                .collect()
+        };
+        Ok(SparseMlp {
+            config,
+            scorer,
+            predictor,
+            hidden,
+            inter,
+            layers,
+            mask: Vec::new(),
+            s: Scratch::default(),
+        })
+    }
+
+    pub fn config(&self) -> &SparsityConfig {
+        &self.config
+    }
+    pub fn scorer(&self) -> Scorer {
+        self.scorer
+    }
+    pub fn set_mode(&mut self, mode: Mode) {
+        self.config.mode = mode;
+    }
+    pub fn set_prefill_dense(&mut self, dense: bool) {
+        self.config.prefill_dense = dense;
+    }
+
+    /// Achieved density over every token and layer processed sparsely since the last
+    /// reset (kept neurons / (tokens · layers · intermediate)); None before any.
+    pub fn density(&self) -> Option<f64> {
+        let tokens: u64 = self.layers.iter().map(|l| l.tokens).sum();
+        let active: u64 = self.layers.iter().map(|l| l.active).sum();
+        (tokens > 0).then(|| active as f64 / (tokens as f64 * self.inter as f64))
+    }
+
+    /// Achieved density per layer (NaN for a layer not yet run sparsely).
+    pub fn layer_density(&self) -> Vec<f64> {
+        self.layers
+            .iter()
+            .map(|l| l.active as f64 / (l.tokens as f64 * self.inter as f64))
+            .collect()
+    }
+
+    /// Neuron row sets copied by the weight caches since creation.
+    pub fn rows_copied(&self) -> u64 {
+        self.layers.iter().map(|l| l.cache.rows_copied).sum()
+    }
+
+    /// Extra bytes this sparse MLP holds: transposed down projections and caches.
+    pub fn extra_bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| l.down_t.byte_len() + l.cache.byte_len())
+            .sum()
+    }
+
+    pub fn reset_stats(&mut self) {
+        for l in &mut self.layers {
+            l.tokens = 0;
+            l.active = 0;
+        }
+    }
+
+    /// The mask of the last token processed (ascending neuron indices).
+    pub fn last_mask(&self) -> &[u32] {
+        &self.mask
+    }
+
+    /// Layer `layer`'s MLP on `h` ([n, hidden]) into `out`; false when it should run
+    /// dense (`off`, or a multi-token call with `prefill_dense`). One token uses the
+    /// configured mode; several tokens each use their own mask, gathered (the cache tracks
+    /// the decode stream only).
+    pub fn forward(
+        &mut self,
+        pool: &ThreadPool,
+        mlp: &Mlp,
+        layer: usize,
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> bool {
+        if self.config.is_off() || (n > 1 && self.config.prefill_dense) {
+            return false;
+        }
+        let hd = self.hidden;
+        assert_eq!(h.len(), n * hd);
+        assert_eq!(out.len(), n * hd);
+        let cached = n == 1 && self.config.mode == Mode::Cached;
+        for t in 0..n {
+            self.token(
+                pool,
+                mlp,
+                layer,
+                &h[t * hd..(t + 1) * hd],
+                &mut out[t * hd..(t + 1) * hd],
+                cached,
+            );
+        }
+        true
+    }
+
+    /// One token: score, select, (update the cache), run the sparse kernel.
+    fn token(
+        &mut self,
+        pool: &ThreadPool,
+        mlp: &Mlp,
+        layer: usize,
+        h: &[f32],
+        out: &mut [f32],
+        cached: bool,
+    ) {
+        let (hd, inter) = (self.hidden, self.inter);
+        let s = &mut self.s;
+        let st = &mut self.layers[layer];
+        let gate = Strided::matrix(mlp.gate_proj.weight.view(), hd);
+        let up = Strided::matrix(mlp.up_proj.weight.view(), hd);
+        let down_t = Strided::matrix(st.down_t.view(), hd);
+        s.scores.resize(inter, 0.0);
+        // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
+        let have_coefs = match self.scorer {
+            Scorer::Exact => {
+                s.g.resize(inter, 0.0);
+                s.u.resize(inter, 0.0);
+                let w = &mlp.gate_proj.weight;
+                matvec(pool, w.view(), inter, hd, h, &mut s.g);
+                let w = &mlp.up_proj.weight;
+                matvec(pool, w.view(), inter, hd, h, &mut s.u);
+                for ((o, &g), &u) in s.scores.iter_mut().zip(&s.g).zip(&s.u) {
+                    *o = (silu(g) * u).abs();
+                }
+                self.config
+                    .threshold
+                    .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
+                s.coefs.clear();
+                s.coefs.extend(
+                    self.mask
+                        .iter()
+                        .map(|&i| silu(s.g[i as usize]) * s.u[i as usize]),
+                );
+                true
+            }
+            Scorer::LowRank => {
+                let p = self.predictor.as_ref().expect("checked at construction");
+                p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
+                self.config
+                    .threshold
+                    .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
+                false
+            }
+            Scorer::Cascade { superset } => {
+                let p = self.predictor.as_ref().expect("checked at construction");
+                p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
+                let c = top_k_count(superset, inter);
+                select_top_k(&s.scores, c, &mut s.idx, &mut s.cand);
+                s.g.resize(c, 0.0);
+                s.u.resize(c, 0.0);
+                gather_gate_up(pool, gate, up, &s.cand, h, &mut s.g[..c], &mut s.u[..c]);
+                for k in 0..c {
+                    s.scores[k] = (silu(s.g[k]) * s.u[k]).abs();
+                }
+                // The threshold sees the candidates' exact scores; density:D still means
+                // ceil(D·inter) neurons of the layer (at most the candidates).
+                match self.config.threshold {
+                    Threshold::Density(d) => {
+                        let k = top_k_count(d, inter).min(c);
+                        select_top_k(&s.scores[..c], k, &mut s.idx, &mut s.local);
+                    }
+                    t => t.select(&s.scores[..c], st.cutoff, &mut s.select, &mut s.local),
+                }
+                self.mask.clear();
+                self.mask
+                    .extend(s.local.iter().map(|&k| s.cand[k as usize]));
+                s.coefs.clear();
+                s.coefs.extend(
+                    s.local
+                        .iter()
+                        .map(|&k| silu(s.g[k as usize]) * s.u[k as usize]),
+                );
+                true
+            }
+        };
+        st.tokens += 1;
+        st.active += self.mask.len() as u64;
+        if cached {
+            let src = CacheSource {
+                gate: mlp.gate_proj.weight.view(),
+                up: mlp.up_proj.weight.view(),
+                down_t: st.down_t.view(),
+                hidden: hd,
+            };
+            st.cache.update(&src, &self.mask);
+            let (dv, ds) = st.cache.down();
+            let down = Strided {
+                view: dv,
+                stride: ds,
+                offset: 0,
+            };
+            let items = Items::Slots(st.cache.len());
+            if have_coefs {
+                // Coefficients in slot order: slot j holds neuron neurons()[j].
+                s.slot_coefs.clear();
+                s.slot_coefs.extend(st.cache.neurons().iter().map(|&n| {
+                    let k = self.mask.binary_search(&n).expect("cache holds the mask");
+                    s.coefs[k]
+                }));
+                sparse_mlp(
+                    pool,
+                    items,
+                    Activation::Given(&s.slot_coefs),
+                    down,
+                    h,
+                    out,
+                    &mut s.acc,
+                );
+            } else {
+                let (gv, gs) = st.cache.gate_up();
+                let act = Activation::Compute {
+                    gate: Strided {
+                        view: gv,
+                        stride: gs,
+                        offset: 0,
+                    },
+                    up: Strided {
+                        view: gv,
+                        stride: gs,
+                        offset: hd,
+                    },
+                };
+                sparse_mlp(pool, items, act, down, h, out, &mut s.acc);
+            }
+        } else {
+            let items = Items::Gather(&self.mask);
+            let act = if have_coefs {
+                Activation::Given(&s.coefs)
+            } else {
+                Activation::Compute { gate, up }
+            };
+            sparse_mlp(pool, items, act, down_t, h, out, &mut s.acc);
+        }
+    }
+}
+
+impl MlpOverride for SparseMlp {
+    fn forward(
+        &mut self,
+        model: &Llama,
+        layer: usize,
+        h: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> bool {
+        SparseMlp::forward(self, model.pool, &model.layers[layer].mlp, layer, h, n, out)
+    }
+}
+
+/// `w` ([rows, cols]) transposed into a new owned [cols, rows] matrix in `dtype`, blocked
+/// so both sides stay in cache. bf16 values survive the f32 round trip exactly.
+pub fn transpose_matrix(w: &Matrix, dtype: DType) -> Matrix {
+    let (rows, cols) = (w.rows, w.cols);
+    let mut t = vec![0f32; rows * cols];
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        w.row_to_f32(r, &mut row);
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    Matrix::from_f32(&t, cols, rows, dtype)
+}

@@ -1,0 +1,387 @@
+//! Low-rank activation predictors: per layer `ĝ = (h·A_g)·B_g` and optionally
+//! `û = (h·A_u)·B_u`, scoring each neuron by `|silu(ĝ_i)·û_i|` (or `|silu(ĝ_i)|`). Owns
+//! the predictor file format (safetensors + metadata naming the model), its validation,
+//! and the model identity a file is checked against.
+//!
+//! File layout (`format_version` 1): tensors `layers.{i}.a_gate` [hidden, rank],
+//! `layers.{i}.b_gate` [rank, intermediate], optionally `layers.{i}.a_up` [hidden, up_rank]
+//! and `layers.{i}.b_up` [up_rank, intermediate], optionally `thresholds` [layers] (the
+//! per-layer cut-offs of `calibrated`); metadata `model` (see [`model_identity`]), `rank`,
+//! `up_rank` (0: no up predictor), `format_version`. All tensors F32 (F16/BF16 accepted
+//! on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
+//! [intermediate, rank]) so both products are row-major matvecs over the pool.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::kernels::{ThreadPool, WeightView, matvec, ops::silu};
+use crate::loader::safetensors::SafetensorsFile;
+use crate::model::{Llama, ModelConfig};
+use crate::tensor::{DType, Matrix};
+
+/// The predictor file format this code writes and reads.
+pub const FORMAT_VERSION: &str = "1";
+
+/// A string naming the model's shape and (by a fingerprint of a few MLP rows rounded to
+/// bf16, so f32 and bf16 loads of the same weights agree) its weights, e.g.
+/// `llama-h576-i1536-l30-v49152-3f9a0c1d2e4b5a69`. A predictor fitted to one model is
+/// refused by any other.
+pub fn model_identity(model: &Llama) -> String {
+    let c = &model.config;
+    // FNV-1a over bf16 bits of the first 4 rows x 64 columns of layer 0's gate and the
+    // last layer's down projection: cheap, and distinct for distinct checkpoints.
+    let mut hash: u64 = 0xcbf29ce484222325;
+    let mut row = vec![0f32; c.hidden_size.max(c.intermediate_size)];
+    let last = model.layers.len() - 1;
+    for m in [
+        &model.layers[0].mlp.gate_proj.weight,
+        &model.layers[last].mlp.down_proj.weight,
+    ] {
+        for r in 0..m.rows.min(4) {
+            m.row_to_f32(r, &mut row[..m.cols]);
+            for &v in &row[..m.cols.min(64)] {
+                let b = crate::kernels::dot::f32_to_bf16(v);
+                for byte in b.to_le_bytes() {
+                    hash = (hash ^ byte as u64).wrapping_mul(0x100000001b3);
+                }
+            }
+        }
+    }
+    format!(
+        "llama-h{}-i{}-l{}-v{}-{hash:016x}",
+        c.hidden_size, c.intermediate_size, c.num_layers, c.vocab_size
+    )
+}
+
+/// One low-rank factorisation `W ≈ A·B` of a projection, stored transposed.
+pub struct LowRank {
+    pub rank: usize,
+    /// A^T: [rank, hidden].
+    at: Vec<f32>,
+    /// B^T: [intermediate, rank].
+    bt: Vec<f32>,
+}
+
+impl LowRank {
+    /// From the file layout: `a` [hidden, rank], `b` [rank, inter].
+    pub fn from_ab(a: &[f32], b: &[f32], hidden: usize, rank: usize, inter: usize) -> LowRank {
+        assert_eq!(a.len(), hidden * rank);
+        assert_eq!(b.len(), rank * inter);
+        LowRank {
+            rank,
+            at: transpose(a, hidden, rank),
+            bt: transpose(b, rank, inter),
+        }
+    }
+
+    /// A [hidden, rank] and B [rank, inter] in the file layout.
+    fn to_ab(&self, hidden: usize, inter: usize) -> (Vec<f32>, Vec<f32>) {
+        (
+            transpose(&self.at, self.rank, hidden),
+            transpose(&self.bt, inter, self.rank),
+        )
+    }
+
+    /// `out = (h·A)·B`. h: [hidden], z: scratch [rank], out: [inter].
+    fn apply(&self, pool: &ThreadPool, h: &[f32], z: &mut [f32], out: &mut [f32]) {
+        let hidden = h.len();
+        matvec(pool, WeightView::F32(&self.at), self.rank, hidden, h, z);
+        matvec(
+            pool,
+            WeightView::F32(&self.bt),
+            out.len(),
+            self.rank,
+            z,
+            out,
+        );
+    }
+
+    /// Values read per prediction.
+    pub fn numel(&self) -> usize {
+        self.at.len() + self.bt.len()
+    }
+}
+
+fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = m[r * cols + c];
+        }
+    }
+    t
+}
+
+/// One layer's predictors.
+pub struct LayerPredictor {
+    pub gate: LowRank,
+    pub up: Option<LowRank>,
+}
+
+/// Scratch of [`Predictor::scores`], reused across tokens.
+#[derive(Default)]
+pub struct PredictorScratch {
+    z: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+}
+
+/// Per-layer low-rank predictors for one model.
+pub struct Predictor {
+    /// The [`model_identity`] of the model it was fitted to.
+    pub model: String,
+    pub hidden: usize,
+    pub intermediate: usize,
+    /// Rank of the gate predictors.
+    pub rank: usize,
+    /// Rank of the up predictors; 0 when there are none.
+    pub up_rank: usize,
+    pub layers: Vec<LayerPredictor>,
+    /// Per-layer cut-offs for `calibrated`, when the file holds them.
+    pub thresholds: Option<Vec<f32>>,
+}
+
+/// A small deterministic generator (xorshift64*) for random predictors and test data.
+pub(crate) struct Rng(u64);
+impl Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E3779B97F4A7C15) | 1)
+    }
+    /// Uniform in [-1, 1).
+    pub(crate) fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545F4914F6CDD1D);
+        ((v >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub(crate) fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.next_f32() * scale).collect()
+    }
+}
+
+impl Predictor {
+    /// Random predictors of rank `rank` for gate and up: for tests and benchmarks only
+    /// (they predict nothing). Model identity `random`.
+    pub fn random(config: &ModelConfig, rank: usize, seed: u64) -> Predictor {
+        Self::random_shape(
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_layers,
+            rank,
+            seed,
+        )
+    }
+
+    /// As [`random`](Self::random), for `layers` layers of shape hidden x inter.
+    pub fn random_shape(h: usize, i: usize, layers: usize, rank: usize, seed: u64) -> Predictor {
+        let mut rng = Rng::new(seed);
+        // Uniform scale sqrt(3/fan_in) keeps (h·A)·B at the variance of h.
+        let sa = (3.0 / h as f32).sqrt();
+        let sb = (3.0 / rank.max(1) as f32).sqrt();
+        let lr = |rng: &mut Rng| {
+            LowRank::from_ab(&rng.vec(h * rank, sa), &rng.vec(rank * i, sb), h, rank, i)
+        };
+        let layers = (0..layers)
+            .map(|_| LayerPredictor {
+                gate: lr(&mut rng),
+                up: Some(lr(&mut rng)),
+            })
+            .collect();
+        Predictor {
+            model: "random".into(),
+            hidden: h,
+            intermediate: i,
+            rank,
+            up_rank: rank,
+            layers,
+            thresholds: None,
+        }
+    }
+
+    /// Writes `out[i]` = the predicted `|silu(g_i)·u_i|` (or `|silu(g_i)|` without an up
+    /// predictor) for layer `layer`. h: [hidden], out: [intermediate].
+    pub fn scores(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        h: &[f32],
+        scratch: &mut PredictorScratch,
+        out: &mut [f32],
+    ) {
+        let p = &self.layers[layer];
+        let s = scratch;
+        s.z.resize(self.rank.max(self.up_rank), 0.0);
+        s.g.resize(self.intermediate, 0.0);
+        p.gate.apply(pool, h, &mut s.z[..p.gate.rank], &mut s.g);
+        match &p.up {
+            Some(up) => {
+                s.u.resize(self.intermediate, 0.0);
+                up.apply(pool, h, &mut s.z[..up.rank], &mut s.u);
+                for ((o, &g), &u) in out.iter_mut().zip(&s.g).zip(&s.u) {
+                    *o = (silu(g) * u).abs();
+                }
+            }
+            None => {
+                for (o, &g) in out.iter_mut().zip(&s.g) {
+                    *o = silu(g).abs();
+                }
+            }
+        }
+    }
+
+    /// Values one prediction reads for one layer (the predictor's memory traffic).
+    pub fn numel_per_layer(&self) -> usize {
+        self.layers
+            .first()
+            .map(|l| l.gate.numel() + l.up.as_ref().map_or(0, LowRank::numel))
+            .unwrap_or(0)
+    }
+
+    /// Writes the predictor to `path` (atomically: a temporary file renamed into place).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let perr = |m: String| Error::Predictor(format!("{}: {m}", path.display()));
+        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        let (h, i) = (self.hidden, self.intermediate);
+        for (l, p) in self.layers.iter().enumerate() {
+            let (a, b) = p.gate.to_ab(h, i);
+            tensors.push((
+                format!("layers.{l}.a_gate"),
+                vec![h, p.gate.rank],
+                f32_bytes(&a),
+            ));
+            tensors.push((
+                format!("layers.{l}.b_gate"),
+                vec![p.gate.rank, i],
+                f32_bytes(&b),
+            ));
+            if let Some(up) = &p.up {
+                let (a, b) = up.to_ab(h, i);
+                tensors.push((format!("layers.{l}.a_up"), vec![h, up.rank], f32_bytes(&a)));
+                tensors.push((format!("layers.{l}.b_up"), vec![up.rank, i], f32_bytes(&b)));
+            }
+        }
+        if let Some(t) = &self.thresholds {
+            tensors.push(("thresholds".into(), vec![t.len()], f32_bytes(t)));
+        }
+        let views = tensors
+            .iter()
+            .map(|(name, shape, data)| {
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .map(|v| (name.clone(), v))
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| perr(e.to_string()))?;
+        let meta: HashMap<String, String> = [
+            ("model", self.model.clone()),
+            ("rank", self.rank.to_string()),
+            ("up_rank", self.up_rank.to_string()),
+            ("format_version", FORMAT_VERSION.to_string()),
+            ("num_layers", self.layers.len().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| perr(e.to_string()))
+    }
+
+    /// Reads a predictor for `model`; refuses files for another model and files whose
+    /// shapes do not fit its config.
+    pub fn load(path: &Path, model: &Llama) -> Result<Predictor> {
+        Self::load_for(path, &model.config, &model_identity(model))
+    }
+
+    /// Reads a predictor and checks it against a config and a model identity.
+    pub fn load_for(path: &Path, config: &ModelConfig, identity: &str) -> Result<Predictor> {
+        let perr = |m: String| Error::Predictor(format!("{}: {m}", path.display()));
+        let file = SafetensorsFile::open(path)
+            .map_err(|e| Error::Predictor(format!("cannot read predictor file: {e}")))?;
+        let meta = file.metadata();
+        let get = |k: &str| {
+            meta.get(k)
+                .ok_or_else(|| perr(format!("metadata '{k}' is missing (not a predictor file?)")))
+        };
+        let version = get("format_version")?;
+        if version != FORMAT_VERSION {
+            return Err(perr(format!(
+                "format_version {version} is not supported (expected {FORMAT_VERSION})"
+            )));
+        }
+        let model = get("model")?.clone();
+        if model != identity {
+            return Err(perr(format!(
+                "fitted to model '{model}', not to this model '{identity}'"
+            )));
+        }
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let max_rank = h.min(i);
+        let rank_of = |k: &str, min: usize| -> Result<usize> {
+            let v = get(k)?;
+            match v.parse::<usize>() {
+                Ok(r) if (min..=max_rank).contains(&r) => Ok(r),
+                _ => Err(perr(format!(
+                    "metadata {k} = '{v}' is not in {min}..={max_rank}"
+                ))),
+            }
+        };
+        let rank = rank_of("rank", 1)?;
+        let up_rank = rank_of("up_rank", 0)?;
+        let read = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
+            let raw = file.tensor(name).map_err(|e| perr(e.to_string()))?;
+            if raw.shape != [rows, cols] && !(rows == 1 && raw.shape == [cols]) {
+                return Err(perr(format!(
+                    "tensor '{name}' has shape {:?}, expected [{rows}, {cols}]",
+                    raw.shape
+                )));
+            }
+            let v = Matrix::from_raw(&raw, rows, cols, DType::F32)
+                .map_err(|e| perr(e.to_string()))?
+                .to_f32_vec();
+            if let Some(p) = v.iter().position(|x| !x.is_finite()) {
+                return Err(perr(format!(
+                    "tensor '{name}' holds a non-finite value at {p}"
+                )));
+            }
+            Ok(v)
+        };
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for l in 0..config.num_layers {
+            let a = read(&format!("layers.{l}.a_gate"), h, rank)?;
+            let b = read(&format!("layers.{l}.b_gate"), rank, i)?;
+            let gate = LowRank::from_ab(&a, &b, h, rank, i);
+            let up = if up_rank > 0 {
+                let a = read(&format!("layers.{l}.a_up"), h, up_rank)?;
+                let b = read(&format!("layers.{l}.b_up"), up_rank, i)?;
+                Some(LowRank::from_ab(&a, &b, h, up_rank, i))
+            } else {
+                None
+            };
+            layers.push(LayerPredictor { gate, up });
+        }
+        if file.has_tensor(&format!("layers.{}.a_gate", config.num_layers)) {
+            return Err(perr(format!(
+                "holds more layers than the model's {}",
+                config.num_layers
+            )));
+        }
+        let thresholds = if file.has_tensor("thresholds") {
+            Some(read("thresholds", 1, config.num_layers)?)
+        } else {
+            None
+        };
+        Ok(Predictor {
+            model,
+            hidden: h,
+            intermediate: i,
+            rank,
+            up_rank,
+            layers,
+            thresholds,
+        })
+    }
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    bytemuck::cast_slice(v).to_vec()
+}

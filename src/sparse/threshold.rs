@@ -1,0 +1,191 @@
+//! Threshold rules: which neurons of one layer stay active for one token, given their
+//! scores. Owns the SPEC grammar (`off`, `sigma:K`, `density:D`, `calibrated`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// A per-token, per-layer selection rule over a layer's neuron scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Threshold {
+    /// No sparsity: the dense MLP runs.
+    Off,
+    /// Keep `s_i > mean + K·std` of the layer's scores (population std, one pass in f64).
+    Sigma(f64),
+    /// Keep exactly `ceil(D·n)` neurons, the top ones by score (ties broken by index).
+    Density(f64),
+    /// Keep `s_i > t_layer`, with per-layer cut-offs `t_layer` read from the predictor file.
+    Calibrated,
+}
+
+impl FromStr for Threshold {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Threshold> {
+        let bad = |why: &str| {
+            Error::Input(format!(
+                "bad sparsity spec '{s}': {why}expected off, sigma:K, density:D or calibrated"
+            ))
+        };
+        let t = s.trim();
+        match t.split_once(':') {
+            None if t == "off" => Ok(Threshold::Off),
+            None if t == "calibrated" => Ok(Threshold::Calibrated),
+            Some(("sigma", k)) => match k.trim().parse::<f64>() {
+                Ok(k) if k.is_finite() => Ok(Threshold::Sigma(k)),
+                _ => Err(bad(&format!("K '{k}' is not a finite number; "))),
+            },
+            Some(("density", d)) => match d.trim().parse::<f64>() {
+                Ok(d) if (0.0..=1.0).contains(&d) => Ok(Threshold::Density(d)),
+                _ => Err(bad(&format!("D '{d}' is not a number in [0, 1]; "))),
+            },
+            _ => Err(bad("")),
+        }
+    }
+}
+
+impl fmt::Display for Threshold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Threshold::Off => f.write_str("off"),
+            Threshold::Sigma(k) => write!(f, "sigma:{k}"),
+            Threshold::Density(d) => write!(f, "density:{d}"),
+            Threshold::Calibrated => f.write_str("calibrated"),
+        }
+    }
+}
+
+/// Mean and population standard deviation in one pass (sum and sum of squares in f64:
+/// scores are few thousand values of moderate size, so f64 leaves no cancellation problem).
+pub fn mean_std(scores: &[f32]) -> (f64, f64) {
+    if scores.is_empty() {
+        return (0.0, 0.0);
+    }
+    let (mut s, mut ss) = (0f64, 0f64);
+    for &v in scores {
+        let v = v as f64;
+        s += v;
+        ss += v * v;
+    }
+    let n = scores.len() as f64;
+    let mean = s / n;
+    (mean, (ss / n - mean * mean).max(0.0).sqrt())
+}
+
+/// Number of neurons `density:D` keeps out of `n`: `ceil(D·n)`, at most `n`.
+pub fn top_k_count(density: f64, n: usize) -> usize {
+    // The small epsilon keeps e.g. 0.1 * 1000 (= 100.00000000000001) at 100.
+    (((density * n as f64) - 1e-9).ceil().max(0.0) as usize).min(n)
+}
+
+/// Scratch buffers reused across tokens so selection does not allocate.
+#[derive(Default)]
+pub struct SelectScratch {
+    idx: Vec<u32>,
+}
+
+impl Threshold {
+    /// Writes into `out` the indices (ascending) of the neurons of `scores` this rule keeps.
+    ///
+    /// `cutoff` is the layer's calibrated threshold (used by `Calibrated` only; without one
+    /// every neuron is kept). `Off` keeps all.
+    pub fn select(
+        &self,
+        scores: &[f32],
+        cutoff: Option<f32>,
+        scratch: &mut SelectScratch,
+        out: &mut Vec<u32>,
+    ) {
+        out.clear();
+        let n = scores.len();
+        match *self {
+            Threshold::Off => out.extend(0..n as u32),
+            Threshold::Sigma(k) => {
+                let (mean, std) = mean_std(scores);
+                let t = mean + k * std;
+                out.extend((0..n as u32).filter(|&i| scores[i as usize] as f64 > t));
+            }
+            Threshold::Calibrated => match cutoff {
+                Some(t) => out.extend((0..n as u32).filter(|&i| scores[i as usize] > t)),
+                None => out.extend(0..n as u32),
+            },
+            Threshold::Density(d) => {
+                let k = top_k_count(d, n);
+                select_top_k(scores, k, &mut scratch.idx, out);
+            }
+        }
+    }
+}
+
+/// The `k` highest-scoring indices, ascending, in O(n) (select_nth, not a sort of all n).
+/// Order: score descending (`total_cmp`), then index ascending, a total order, so the set
+/// is exactly `k` and deterministic even with ties.
+pub fn select_top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>, out: &mut Vec<u32>) {
+    out.clear();
+    let n = scores.len();
+    if k == 0 {
+        return;
+    }
+    if k >= n {
+        out.extend(0..n as u32);
+        return;
+    }
+    idx.clear();
+    idx.extend(0..n as u32);
+    let cmp = |a: &u32, b: &u32| {
+        scores[*b as usize]
+            .total_cmp(&scores[*a as usize])
+            .then(a.cmp(b))
+    };
+    idx.select_nth_unstable_by(k - 1, cmp);
+    out.extend_from_slice(&idx[..k]);
+    // k log k on the kept ones only: ascending indices make gathers walk memory forward.
+    out.sort_unstable();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!("off".parse::<Threshold>().unwrap(), Threshold::Off);
+        assert_eq!(
+            "sigma:-0.5".parse::<Threshold>().unwrap(),
+            Threshold::Sigma(-0.5)
+        );
+        assert_eq!(
+            "density:0.25".parse::<Threshold>().unwrap(),
+            Threshold::Density(0.25)
+        );
+        assert_eq!(
+            "calibrated".parse::<Threshold>().unwrap(),
+            Threshold::Calibrated
+        );
+        for bad in [
+            "x",
+            "sigma",
+            "sigma:abc",
+            "sigma:inf",
+            "density:1.5",
+            "density:-0.1",
+            "",
+        ] {
+            let e = bad.parse::<Threshold>().unwrap_err().to_string();
+            assert!(e.starts_with(&format!("bad sparsity spec '{bad}'")), "{e}");
+            assert!(
+                e.contains("expected off, sigma:K, density:D or calibrated"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn top_k_count_is_ceil() {
+        assert_eq!(top_k_count(0.1, 1000), 100);
+        assert_eq!(top_k_count(0.1, 1001), 101);
+        assert_eq!(top_k_count(0.0, 10), 0);
+        assert_eq!(top_k_count(1.0, 10), 10);
+        assert_eq!(top_k_count(0.05, 1536), 77);
+    }
+}

@@ -1,0 +1,278 @@
+//! The per-layer weight cache: the active neurons' weights copied into compact,
+//! 64-byte-aligned buffers so the sparse kernel reads whole contiguous rows, kept equal to
+//! the current mask by differential updates (paired replacement).
+//!
+//! Slot `s` holds neuron `neuron_of[s]`: its gate row and up row side by side in one
+//! `[2*hidden]` block (padded to a multiple of 64 bytes), and its down column (a row of
+//! the transposed down projection, `[hidden]`, padded likewise). Buffers are in the
+//! model's dtype (f32 or bf16). At density D the cache holds about D·3·hidden·inter values
+//! per layer on top of the model's weights (less when only down rows are cached, for the
+//! exact and cascade scorers, which compute g and u themselves).
+
+use crate::kernels::WeightView;
+use crate::tensor::{AlignedBuf, DType};
+
+/// Marks a neuron without a slot.
+const NONE: u32 = u32::MAX;
+
+/// The full weights rows are copied from: gate and up `[inter, hidden]`, and the down
+/// projection transposed, `[inter, hidden]` (row i = neuron i's down column).
+#[derive(Clone, Copy)]
+pub struct CacheSource<'a> {
+    pub gate: WeightView<'a>,
+    pub up: WeightView<'a>,
+    pub down_t: WeightView<'a>,
+    pub hidden: usize,
+}
+
+/// How [`WeightCache::update_with`] reaches the new mask (all end in the same set of
+/// rows; they differ in rows copied). `Paired` is what decoding uses; the others exist
+/// for the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateStrategy {
+    /// Copy each added neuron over a removed one's slot; append / swap-remove the rest.
+    Paired,
+    /// Swap-remove every removed neuron, then append every added one.
+    RemoveThenAppend,
+    /// Forget everything and copy the whole mask.
+    Rebuild,
+}
+
+/// One layer's cache of active rows.
+pub struct WeightCache {
+    hidden: usize,
+    dtype: DType,
+    with_gate_up: bool,
+    /// Elements per slot in `gu` (>= 2*hidden) and in `down` (>= hidden).
+    gu_stride: usize,
+    down_stride: usize,
+    gu: AlignedBuf,
+    down: AlignedBuf,
+    capacity: usize,
+    slot_of: Vec<u32>,
+    neuron_of: Vec<u32>,
+    /// The mask the cache holds, as a bitset over neurons.
+    bits: Vec<u64>,
+    new_bits: Vec<u64>,
+    added: Vec<u32>,
+    removed: Vec<u32>,
+    /// Neurons whose rows were copied (into a slot or moved between slots) since creation.
+    pub rows_copied: u64,
+}
+
+/// Rounds `n` elements of `size` bytes up to a whole number of 64-byte lines.
+fn pad_to_line(n: usize, size: usize) -> usize {
+    (n * size).div_ceil(64) * 64 / size
+}
+
+impl WeightCache {
+    /// An empty cache for a layer with `inter` neurons of width `hidden`. `with_gate_up`:
+    /// also cache gate/up rows (not needed when g and u are computed elsewhere).
+    pub fn new(hidden: usize, inter: usize, dtype: DType, with_gate_up: bool) -> WeightCache {
+        WeightCache {
+            hidden,
+            dtype,
+            with_gate_up,
+            gu_stride: if with_gate_up {
+                pad_to_line(2 * hidden, dtype.size())
+            } else {
+                0
+            },
+            down_stride: pad_to_line(hidden, dtype.size()),
+            gu: AlignedBuf::zeroed(0),
+            down: AlignedBuf::zeroed(0),
+            capacity: 0,
+            slot_of: vec![NONE; inter],
+            neuron_of: Vec::new(),
+            bits: vec![0; inter.div_ceil(64)],
+            new_bits: vec![0; inter.div_ceil(64)],
+            added: Vec::new(),
+            removed: Vec::new(),
+            rows_copied: 0,
+        }
+    }
+
+    /// Active neurons (slots in use).
+    pub fn len(&self) -> usize {
+        self.neuron_of.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.neuron_of.is_empty()
+    }
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Neuron held by each slot.
+    pub fn neurons(&self) -> &[u32] {
+        &self.neuron_of
+    }
+    /// The slot of `neuron`, if cached.
+    pub fn slot_of(&self, neuron: usize) -> Option<usize> {
+        match self.slot_of[neuron] {
+            NONE => None,
+            s => Some(s as usize),
+        }
+    }
+    pub fn has_gate_up(&self) -> bool {
+        self.with_gate_up
+    }
+    /// Gate/up blocks of the used slots: slot s at `[s*stride .. s*stride + 2*hidden]`
+    /// (gate first). Empty without gate/up.
+    pub fn gate_up(&self) -> (WeightView<'_>, usize) {
+        (
+            view(&self.gu, self.dtype, self.len() * self.gu_stride),
+            self.gu_stride,
+        )
+    }
+    /// Down rows of the used slots: slot s at `[s*stride .. s*stride + hidden]`.
+    pub fn down(&self) -> (WeightView<'_>, usize) {
+        (
+            view(&self.down, self.dtype, self.len() * self.down_stride),
+            self.down_stride,
+        )
+    }
+    /// Bytes held by the buffers (capacity, not only used slots).
+    pub fn byte_len(&self) -> usize {
+        self.gu.bytes().len() + self.down.bytes().len()
+    }
+
+    /// Brings the cache to hold exactly `mask` (neuron indices, each < inter, no
+    /// duplicates) by paired replacement.
+    pub fn update(&mut self, src: &CacheSource<'_>, mask: &[u32]) {
+        self.update_with(src, mask, UpdateStrategy::Paired)
+    }
+
+    /// As [`update`](Self::update), with a chosen strategy.
+    pub fn update_with(&mut self, src: &CacheSource<'_>, mask: &[u32], strategy: UpdateStrategy) {
+        debug_assert_eq!(src.hidden, self.hidden);
+        self.new_bits.iter_mut().for_each(|w| *w = 0);
+        for &n in mask {
+            self.new_bits[n as usize / 64] |= 1 << (n % 64);
+        }
+        if strategy == UpdateStrategy::Rebuild {
+            for &n in &self.neuron_of {
+                self.slot_of[n as usize] = NONE;
+            }
+            self.neuron_of.clear();
+            self.bits.iter_mut().for_each(|w| *w = 0);
+        }
+        // removed = old \ new, added = new \ old, from the bitsets (ascending order).
+        self.added.clear();
+        self.removed.clear();
+        for (w, (&old, &new)) in self.bits.iter().zip(&self.new_bits).enumerate() {
+            push_bits(&mut self.added, w, new & !old);
+            push_bits(&mut self.removed, w, old & !new);
+        }
+        let added = std::mem::take(&mut self.added);
+        let removed = std::mem::take(&mut self.removed);
+        let pairs = if strategy == UpdateStrategy::Paired {
+            added.len().min(removed.len())
+        } else {
+            0
+        };
+        for (&a, &r) in added[..pairs].iter().zip(&removed[..pairs]) {
+            let slot = self.slot_of[r as usize];
+            self.slot_of[r as usize] = NONE;
+            self.write_slot(src, slot as usize, a as usize);
+            self.slot_of[a as usize] = slot;
+            self.neuron_of[slot as usize] = a;
+        }
+        for &r in &removed[pairs..] {
+            self.swap_remove(r as usize);
+        }
+        let extra = added.len() - pairs;
+        self.reserve(self.len() + extra);
+        for &a in &added[pairs..] {
+            let slot = self.neuron_of.len();
+            self.neuron_of.push(a);
+            self.slot_of[a as usize] = slot as u32;
+            self.write_slot(src, slot, a as usize);
+        }
+        self.added = added;
+        self.removed = removed;
+        std::mem::swap(&mut self.bits, &mut self.new_bits);
+    }
+
+    /// Grows the buffers to at least `slots` (doubling, so appends amortise); never shrinks.
+    fn reserve(&mut self, slots: usize) {
+        if slots <= self.capacity {
+            return;
+        }
+        let cap = slots.max(self.capacity * 2).max(16);
+        let e = self.dtype.size();
+        for (buf, stride) in [
+            (&mut self.gu, self.gu_stride),
+            (&mut self.down, self.down_stride),
+        ] {
+            let mut nb = AlignedBuf::zeroed(cap * stride * e);
+            let used = self.neuron_of.len() * stride * e;
+            nb.bytes_mut()[..used].copy_from_slice(&buf.bytes()[..used]);
+            *buf = nb;
+        }
+        self.capacity = cap;
+    }
+
+    /// Removes `neuron`, filling its slot with the last one.
+    fn swap_remove(&mut self, neuron: usize) {
+        let slot = self.slot_of[neuron] as usize;
+        let last = self.neuron_of.len() - 1;
+        if slot != last {
+            let e = self.dtype.size();
+            for (buf, stride) in [
+                (&mut self.gu, self.gu_stride),
+                (&mut self.down, self.down_stride),
+            ] {
+                let b = stride * e;
+                buf.bytes_mut()
+                    .copy_within(last * b..(last + 1) * b, slot * b);
+            }
+            let moved = self.neuron_of[last];
+            self.neuron_of[slot] = moved;
+            self.slot_of[moved as usize] = slot as u32;
+            self.rows_copied += 1;
+        }
+        self.neuron_of.pop();
+        self.slot_of[neuron] = NONE;
+    }
+
+    /// Copies neuron `n`'s gate, up and down rows into `slot`.
+    fn write_slot(&mut self, src: &CacheSource<'_>, slot: usize, n: usize) {
+        let (h, e) = (self.hidden, self.dtype.size());
+        if self.with_gate_up {
+            let b = slot * self.gu_stride * e;
+            let dst = &mut self.gu.bytes_mut()[b..b + 2 * h * e];
+            let (dg, du) = dst.split_at_mut(h * e);
+            copy_row(src.gate, n, h, dg);
+            copy_row(src.up, n, h, du);
+        }
+        let b = slot * self.down_stride * e;
+        copy_row(src.down_t, n, h, &mut self.down.bytes_mut()[b..b + h * e]);
+        self.rows_copied += 1;
+    }
+}
+
+fn push_bits(out: &mut Vec<u32>, word: usize, mut bits: u64) {
+    while bits != 0 {
+        out.push((word * 64) as u32 + bits.trailing_zeros());
+        bits &= bits - 1;
+    }
+}
+
+fn copy_row(src: WeightView<'_>, row: usize, cols: usize, dst: &mut [u8]) {
+    match src {
+        WeightView::F32(w) => {
+            dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
+        }
+        WeightView::Bf16(w) => {
+            dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
+        }
+    }
+}
+
+fn view(buf: &AlignedBuf, dtype: DType, elems: usize) -> WeightView<'_> {
+    let b = &buf.bytes()[..elems * dtype.size()];
+    match dtype {
+        DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
+        DType::BF16 => WeightView::Bf16(bytemuck::cast_slice(b)),
+    }
+}

@@ -1,0 +1,442 @@
+//! The sparse MLP against the dense one: equal at density 1.0, equal to a reference that
+//! zeroes unselected neurons at any density (cached and gather paths, f32 and bf16, every
+//! scorer), batched per-row masks equal to token-by-token decoding on the real model, and
+//! predictor files (round trip, refusal of another model's or malformed files).
+
+mod common;
+
+use std::sync::OnceLock;
+
+use sparsellm::Error;
+use sparsellm::kernels::{ThreadPool, matvec, ops, pool};
+use sparsellm::model::llama::{Linear, Mlp};
+use sparsellm::model::{Llama, Logits, MlpOverride};
+use sparsellm::sparse::predictor::{Predictor, model_identity};
+use sparsellm::sparse::{Mode, Scorer, SparseMlp, SparsityConfig, Threshold};
+use sparsellm::tensor::{DType, Matrix};
+
+fn model() -> &'static Llama {
+    static M: OnceLock<Llama> = OnceLock::new();
+    M.get_or_init(|| {
+        let src = sparsellm::loader::open(&common::model_path()).expect("open model");
+        Llama::load(src.as_ref(), DType::F32, pool::global()).expect("load model")
+    })
+}
+
+fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn random_mlp(hidden: usize, inter: usize, dtype: DType, seed: u64) -> Mlp {
+    let m = |r, c, s| Linear {
+        weight: Matrix::from_f32(&rand_vec(r * c, s, (3.0 / c as f32).sqrt()), r, c, dtype),
+    };
+    Mlp {
+        gate_proj: m(inter, hidden, seed),
+        up_proj: m(inter, hidden, seed + 1),
+        down_proj: m(hidden, inter, seed + 2),
+    }
+}
+
+/// max |a - b| / max |b|: a norm-relative error, robust to cancellation in single entries.
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// The dense MLP with every neuron outside `mask` zeroed. h: [hidden] -> [hidden].
+fn masked_reference(pool: &ThreadPool, mlp: &Mlp, h: &[f32], mask: &[u32]) -> Vec<f32> {
+    let (inter, hidden) = (mlp.gate_proj.out_features(), h.len());
+    let (mut g, mut u) = (vec![0f32; inter], vec![0f32; inter]);
+    let w = &mlp.gate_proj.weight;
+    matvec(pool, w.view(), inter, hidden, h, &mut g);
+    let w = &mlp.up_proj.weight;
+    matvec(pool, w.view(), inter, hidden, h, &mut u);
+    ops::silu_mul(&mut g, &u);
+    let mut a = vec![0f32; inter];
+    for &i in mask {
+        a[i as usize] = g[i as usize];
+    }
+    let mut out = vec![0f32; hidden];
+    let w = &mlp.down_proj.weight;
+    matvec(pool, w.view(), hidden, inter, &a, &mut out);
+    out
+}
+
+fn config(threshold: Threshold, scorer: Scorer, mode: Mode) -> SparsityConfig {
+    SparsityConfig {
+        threshold,
+        scorer: Some(scorer),
+        mode,
+        prefill_dense: false,
+    }
+}
+
+const SCORERS: [Scorer; 4] = [
+    Scorer::Exact,
+    Scorer::LowRank,
+    Scorer::Cascade { superset: 0.6 },
+    Scorer::Cascade { superset: 1.0 },
+];
+
+/// Runs `tokens` inputs through every scorer x mode x threshold on `mlps` and checks each
+/// output against the masked dense reference (and against dense when all neurons are kept).
+fn check_layers(
+    pool: &ThreadPool,
+    mlps: &[&Mlp],
+    dtype: DType,
+    tokens: &[Vec<f32>],
+    tol: f32,
+) -> f32 {
+    let (hidden, inter) = (
+        mlps[0].gate_proj.in_features(),
+        mlps[0].gate_proj.out_features(),
+    );
+    let mut worst = 0f32;
+    for scorer in SCORERS {
+        for mode in [Mode::Cached, Mode::Gather] {
+            for threshold in [
+                Threshold::Density(1.0),
+                Threshold::Density(0.1),
+                Threshold::Density(0.37),
+                Threshold::Sigma(0.5),
+                Threshold::Sigma(-10.0),
+            ] {
+                let pred = Predictor::random_shape(hidden, inter, mlps.len(), 16, 4);
+                let mut s =
+                    SparseMlp::for_layers(mlps, dtype, config(threshold, scorer, mode), Some(pred))
+                        .unwrap();
+                for h in tokens {
+                    for (l, mlp) in mlps.iter().enumerate() {
+                        let mut out = vec![f32::NAN; hidden];
+                        assert!(s.forward(pool, mlp, l, h, 1, &mut out));
+                        let mask = s.last_mask().to_vec();
+                        let want = masked_reference(pool, mlp, h, &mask);
+                        let e = rel_err(&out, &want);
+                        let what = format!(
+                            "{scorer} {mode:?} {threshold} layer {l}: {} kept",
+                            mask.len()
+                        );
+                        assert!(e <= tol, "{what}: relative error {e}");
+                        worst = worst.max(e);
+                        if mask.len() == inter {
+                            let mut dense = vec![0f32; hidden];
+                            mlp.forward(pool, h, 1, &mut dense);
+                            let e = rel_err(&out, &dense);
+                            assert!(e <= tol, "{what}: vs dense, relative error {e}");
+                        }
+                        if let Threshold::Density(d) = threshold {
+                            let k = ((d * inter as f64) - 1e-9).ceil() as usize;
+                            let cap = match scorer {
+                                Scorer::Cascade { superset } => {
+                                    ((superset * inter as f64) - 1e-9).ceil() as usize
+                                }
+                                _ => inter,
+                            };
+                            assert_eq!(mask.len(), k.min(cap), "{what}");
+                        }
+                    }
+                }
+                let d = s.density().unwrap();
+                assert!((0.0..=1.0).contains(&d));
+            }
+        }
+    }
+    worst
+}
+
+#[test]
+fn random_layers_match_masked_reference_f32_and_bf16() {
+    let pool = ThreadPool::new(2);
+    for dtype in [DType::F32, DType::BF16] {
+        for (hidden, inter) in [(33, 97), (64, 256)] {
+            let a = random_mlp(hidden, inter, dtype, 10);
+            let b = random_mlp(hidden, inter, dtype, 20);
+            let tokens: Vec<Vec<f32>> = (0..5).map(|t| rand_vec(hidden, 100 + t, 1.0)).collect();
+            let worst = check_layers(&pool, &[&a, &b], dtype, &tokens, 1e-5);
+            eprintln!(
+                "{} {hidden}x{inter}: worst relative error {worst:e}",
+                dtype.name()
+            );
+        }
+    }
+}
+
+/// The MLP inputs of every layer for a short prompt (recorded through the override hook).
+struct Recorder(Vec<Vec<f32>>);
+impl MlpOverride for Recorder {
+    fn forward(&mut self, _: &Llama, layer: usize, h: &[f32], n: usize, _: &mut [f32]) -> bool {
+        let hd = h.len() / n;
+        if self.0.len() <= layer {
+            self.0.resize(layer + 1, Vec::new());
+        }
+        self.0[layer] = h[(n - 1) * hd..].to_vec();
+        false
+    }
+}
+
+const PROMPT: [u32; 12] = [
+    504, 3458, 282, 260, 1345, 314, 2366, 30, 378, 1789, 6006, 28,
+];
+
+#[test]
+fn real_model_layers_match_masked_reference() {
+    let m = model();
+    // Record real MLP inputs at three points of the prompt.
+    let mut inputs: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut cache = m.new_cache();
+    for &t in &PROMPT[..3] {
+        let mut r = Recorder(Vec::new());
+        m.forward(&[t], &mut cache, Logits::None, Some(&mut r))
+            .unwrap();
+        inputs.push(r.0);
+    }
+    for layer in [0, 14, 29] {
+        let mlp = &m.layers[layer].mlp;
+        let tokens: Vec<Vec<f32>> = inputs
+            .iter()
+            .map(|per_layer| per_layer[layer].clone())
+            .collect();
+        let worst = check_layers(m.pool, &[mlp], DType::F32, &tokens, 1e-5);
+        eprintln!("layer {layer}: worst relative error {worst:e}");
+    }
+}
+
+fn last_logits_batched_vs_sequential(
+    m: &Llama,
+    mut make: impl FnMut() -> Option<SparseMlp>,
+) -> f32 {
+    let vocab = m.config.vocab_size;
+    let mut cache = m.new_cache();
+    let mut s = make();
+    let batched = m
+        .forward(
+            &PROMPT,
+            &mut cache,
+            Logits::Last,
+            s.as_mut().map(|s| s as &mut dyn MlpOverride),
+        )
+        .unwrap();
+    let mut cache = m.new_cache();
+    let mut s = make();
+    let mut seq = Vec::new();
+    for &t in &PROMPT {
+        seq = m
+            .forward(
+                &[t],
+                &mut cache,
+                Logits::Last,
+                s.as_mut().map(|s| s as &mut dyn MlpOverride),
+            )
+            .unwrap();
+    }
+    assert_eq!(seq.len(), vocab);
+    batched
+        .iter()
+        .zip(&seq)
+        .fold(0f32, |w, (a, b)| w.max((a - b).abs()))
+}
+
+fn sparse(m: &Llama, spec: &str, scorer: Scorer, mode: Mode) -> SparseMlp {
+    let mut c: SparsityConfig = spec.parse().unwrap();
+    c.scorer = Some(scorer);
+    c.mode = mode;
+    c.prefill_dense = false;
+    SparseMlp::new(m, c, Some(Predictor::random(&m.config, 32, 1))).unwrap()
+}
+
+const SETTINGS: [(&str, Scorer); 4] = [
+    ("density:0.5", Scorer::Exact),
+    ("sigma:0", Scorer::Exact),
+    ("density:0.3", Scorer::LowRank),
+    ("density:0.4", Scorer::Cascade { superset: 0.7 }),
+];
+
+/// End to end, as the design asks: the last logits of a batched forward with per-row masks
+/// against token-by-token sparse decoding. The dense parts of the two (GEMM vs matvec)
+/// already differ by ~1e-6 in h, and a neuron whose score sits that close to the cut can
+/// flip; with the exact scorer on this prompt none does, and the logits agree to the dense
+/// model's own batched-vs-sequential difference. The random predictors (which select
+/// essentially random neurons, making the model chaotic) are reported, not asserted; the
+/// next test shows that, given the same inputs, the two paths compute the same thing.
+#[test]
+fn batched_per_row_masks_equal_token_by_token_decoding() {
+    let m = model();
+    let dense = last_logits_batched_vs_sequential(m, || None);
+    eprintln!("dense: batched vs sequential last logits, max |diff| {dense:e}");
+    for (spec, scorer) in SETTINGS {
+        for mode in [Mode::Cached, Mode::Gather] {
+            let d = last_logits_batched_vs_sequential(m, || Some(sparse(m, spec, scorer, mode)));
+            eprintln!(
+                "{spec} {scorer} {mode:?}: batched vs sequential last logits, max |diff| {d:e}"
+            );
+            if scorer == Scorer::Exact {
+                assert!(d < 1e-4, "{spec} {scorer} {mode:?}: {d}");
+            }
+        }
+    }
+}
+
+/// Checks, inside a batched forward, that each row's sparse output equals what a decoding
+/// SparseMlp (fed the same rows one token at a time, its cache updated per token) gives.
+struct Twin {
+    batched: SparseMlp,
+    decode: SparseMlp,
+    worst: f32,
+    rows: usize,
+}
+impl MlpOverride for Twin {
+    fn forward(&mut self, m: &Llama, layer: usize, h: &[f32], n: usize, out: &mut [f32]) -> bool {
+        assert!(
+            self.batched
+                .forward(m.pool, &m.layers[layer].mlp, layer, h, n, out)
+        );
+        let hd = h.len() / n;
+        let mut one = vec![0f32; hd];
+        for t in 0..n {
+            let row = &h[t * hd..(t + 1) * hd];
+            assert!(
+                self.decode
+                    .forward(m.pool, &m.layers[layer].mlp, layer, row, 1, &mut one)
+            );
+            let got = &out[t * hd..(t + 1) * hd];
+            self.worst = self.worst.max(
+                got.iter()
+                    .zip(&one)
+                    .fold(0f32, |w, (a, b)| w.max((a - b).abs())),
+            );
+            self.rows += 1;
+        }
+        true
+    }
+}
+
+#[test]
+fn per_row_masks_compute_what_decoding_computes() {
+    let m = model();
+    for (spec, scorer) in SETTINGS {
+        for mode in [Mode::Cached, Mode::Gather] {
+            let mut twin = Twin {
+                batched: sparse(m, spec, scorer, Mode::Gather),
+                decode: sparse(m, spec, scorer, mode),
+                worst: 0.0,
+                rows: 0,
+            };
+            let mut cache = m.new_cache();
+            m.forward(&PROMPT, &mut cache, Logits::Last, Some(&mut twin))
+                .unwrap();
+            assert_eq!(twin.rows, PROMPT.len() * m.config.num_layers);
+            eprintln!(
+                "{spec} {scorer} {mode:?}: batched row vs decode, max |diff| {:e}",
+                twin.worst
+            );
+            // f64 accumulation makes the outputs independent of slot order: bit-identical.
+            assert_eq!(twin.worst, 0.0, "{spec} {scorer} {mode:?}");
+            assert_eq!(twin.batched.density(), twin.decode.density());
+        }
+    }
+}
+
+#[test]
+fn density_is_reported_and_prefill_dense_is_default() {
+    let m = model();
+    let mut s = SparseMlp::from_spec(m, "density:0.25", None, None).unwrap();
+    assert_eq!(s.scorer(), Scorer::Exact);
+    let mut cache = m.new_cache();
+    m.forward(&PROMPT[..4], &mut cache, Logits::Last, Some(&mut s))
+        .unwrap();
+    assert_eq!(s.density(), None, "prefill ran dense");
+    m.forward(&PROMPT[4..5], &mut cache, Logits::Last, Some(&mut s))
+        .unwrap();
+    let want = 384.0 / 1536.0;
+    assert!((s.density().unwrap() - want).abs() < 1e-12);
+    assert!(s.layer_density().iter().all(|&d| (d - want).abs() < 1e-12));
+    let off = SparseMlp::from_spec(m, "off", None, None).unwrap();
+    assert_eq!(off.extra_bytes(), 0);
+    let e = SparseMlp::from_spec(m, "dense", None, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("bad sparsity spec 'dense'"), "{e}");
+    let e = SparseMlp::from_spec(m, "calibrated", None, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert_eq!(e, "calibrated needs a predictor file with thresholds");
+    let e = SparseMlp::from_spec(m, "density:0.5", Some("lowrank"), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("needs a predictor file"), "{e}");
+}
+
+#[test]
+fn predictor_files_round_trip_and_refuse_other_models() {
+    let m = model();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    let mut p = Predictor::random(&m.config, 8, 3);
+    p.model = model_identity(m);
+    p.thresholds = Some((0..m.config.num_layers).map(|l| l as f32 * 0.01).collect());
+    p.save(&path).unwrap();
+    let q = Predictor::load(&path, m).unwrap();
+    assert_eq!(
+        (q.rank, q.up_rank, q.layers.len()),
+        (8, 8, m.config.num_layers)
+    );
+    assert_eq!(q.thresholds, p.thresholds);
+    let h = rand_vec(m.config.hidden_size, 5, 1.0);
+    let mut scratch = Default::default();
+    let (mut a, mut b) = (vec![0f32; 1536], vec![0f32; 1536]);
+    for l in [0, 29] {
+        p.scores(m.pool, l, &h, &mut scratch, &mut a);
+        q.scores(m.pool, l, &h, &mut scratch, &mut b);
+        assert_eq!(a, b, "layer {l} scores after round trip");
+    }
+    // With thresholds, calibrated builds.
+    let s = SparseMlp::from_spec(m, "calibrated", None, Some(&path)).unwrap();
+    assert_eq!(s.scorer(), Scorer::LowRank);
+
+    // Another model's predictor.
+    p.model = "llama-h576-i1536-l30-v49152-0000000000000000".into();
+    let other = dir.path().join("other.safetensors");
+    p.save(&other).unwrap();
+    match Predictor::load(&other, m) {
+        Err(Error::Predictor(msg)) => assert!(msg.contains("fitted to model"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("another model's predictor was accepted"),
+    }
+    // Same identity, wrong shapes (a predictor for a model of another intermediate size).
+    let mut wrong = Predictor::random_shape(576, 1024, 30, 8, 3);
+    wrong.model = model_identity(m);
+    let bad = dir.path().join("bad.safetensors");
+    wrong.save(&bad).unwrap();
+    match Predictor::load(&bad, m) {
+        Err(Error::Predictor(msg)) => assert!(msg.contains("shape"), "{msg}"),
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a predictor of the wrong shape was accepted"),
+    }
+    // Too few layers.
+    let mut short = Predictor::random_shape(576, 1536, 29, 8, 3);
+    short.model = model_identity(m);
+    short.save(&bad).unwrap();
+    assert!(matches!(Predictor::load(&bad, m), Err(Error::Predictor(_))));
+    // Garbage and truncated files are errors, not panics.
+    std::fs::write(&bad, b"not a safetensors file at all").unwrap();
+    assert!(matches!(Predictor::load(&bad, m), Err(Error::Predictor(_))));
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    assert!(matches!(Predictor::load(&bad, m), Err(Error::Predictor(_))));
+    assert!(matches!(
+        Predictor::load(&dir.path().join("missing"), m),
+        Err(Error::Predictor(_))
+    ));
+}
