@@ -35,6 +35,40 @@ impl Stat {
     }
 }
 
+/// One measured generation.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Sample {
+    pub ttft_ms: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub total_tok_s: f64,
+    pub peak_rss_mb: f64,
+    pub mlp_density: f64,
+    pub weight_bytes_per_token: usize,
+}
+
+/// Generates `gen_tokens` greedy tokens from `prompt` (no EOS stop) and times it.
+pub fn measure(
+    model: &Llama,
+    prompt: &[u32],
+    gen_tokens: usize,
+    mlp: Option<&mut (dyn MlpOverride + '_)>,
+) -> Result<Sample> {
+    let opts = GenerateOptions {
+        max_tokens: gen_tokens,
+        sampling: SamplingOptions::default(),
+        stop_at_eos: false,
+    };
+    let g = generate(model, None, prompt, &opts, mlp, |_| {})?;
+    Ok(Sample {
+        ttft_ms: g.ttft_ms,
+        prefill_tok_s: g.prefill_tok_s,
+        decode_tok_s: g.decode_tok_s,
+        total_tok_s: (prompt.len() + g.output_ids.len()) as f64 / (g.total_ms / 1e3),
+        ..Sample::default()
+    })
+}
+
 /// One mode's figures (dense or sparse), as in the CLI contract.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeReport {
@@ -42,52 +76,32 @@ pub struct ModeReport {
     pub prefill_tok_s: Stat,
     pub decode_tok_s: Stat,
     pub total_tok_s: Stat,
+    /// The largest peak RSS over this mode's runs (each run is its own process).
     pub peak_rss_mb: f64,
     pub mlp_density: f64,
-    /// Weight bytes one decode step reads, and the rate the median decode moves them at.
+    /// Weight bytes one dense decode step reads, and the rate the median decode moves
+    /// them at (for a sparse mode: the dense bytes over the sparse time, an upper bound
+    /// on the effective rate, not bytes actually read).
     pub weight_bytes_per_token: usize,
     pub decode_gb_s: f64,
 }
 
-/// Runs `warmup + runs` generations of `gen_tokens` tokens from `prompt` and summarises
-/// the measured runs.
-pub fn run_mode(
-    model: &Llama,
-    prompt: &[u32],
-    gen_tokens: usize,
-    warmup: usize,
-    runs: usize,
-    mut mlp: Option<&mut (dyn MlpOverride + '_)>,
-    mut on_run: impl FnMut(usize, usize),
-) -> Result<ModeReport> {
-    let opts = GenerateOptions {
-        max_tokens: gen_tokens,
-        sampling: SamplingOptions::default(),
-        stop_at_eos: false,
-    };
-    let (mut ttft, mut prefill, mut decode, mut total) = (vec![], vec![], vec![], vec![]);
-    for i in 0..warmup + runs {
-        on_run(i, warmup + runs);
-        let g = generate(model, None, prompt, &opts, mlp.as_deref_mut(), |_| {})?;
-        if i >= warmup {
-            ttft.push(g.ttft_ms);
-            prefill.push(g.prefill_tok_s);
-            decode.push(g.decode_tok_s);
-            total.push((prompt.len() + g.output_ids.len()) as f64 / (g.total_ms / 1e3));
+impl ModeReport {
+    pub fn from_samples(s: &[Sample]) -> ModeReport {
+        let col = |f: fn(&Sample) -> f64| Stat::of(&s.iter().map(f).collect::<Vec<_>>());
+        let decode = col(|x| x.decode_tok_s);
+        let bytes = s.first().map_or(0, |x| x.weight_bytes_per_token);
+        ModeReport {
+            ttft_ms: col(|x| x.ttft_ms),
+            prefill_tok_s: col(|x| x.prefill_tok_s),
+            decode_gb_s: bytes as f64 * decode.median / 1e9,
+            decode_tok_s: decode,
+            total_tok_s: col(|x| x.total_tok_s),
+            peak_rss_mb: s.iter().map(|x| x.peak_rss_mb).fold(0.0, f64::max),
+            mlp_density: Stat::of(&s.iter().map(|x| x.mlp_density).collect::<Vec<_>>()).median,
+            weight_bytes_per_token: bytes,
         }
     }
-    let decode = Stat::of(&decode);
-    let bytes = model.weight_bytes_per_token();
-    Ok(ModeReport {
-        ttft_ms: Stat::of(&ttft),
-        prefill_tok_s: Stat::of(&prefill),
-        decode_gb_s: bytes as f64 * decode.median / 1e9,
-        decode_tok_s: decode,
-        total_tok_s: Stat::of(&total),
-        peak_rss_mb: peak_rss_mb(),
-        mlp_density: 1.0,
-        weight_bytes_per_token: bytes,
-    })
 }
 
 /// This process's peak resident set size in MB (VmHWM), or 0 where /proc is absent.

@@ -14,7 +14,8 @@ use sparsellm::eval;
 use sparsellm::generate::{self, GenerateOptions, SamplingOptions};
 use sparsellm::kernels::pool;
 use sparsellm::loader::{self, WeightSource, fetch};
-use sparsellm::model::Llama;
+use sparsellm::model::{Llama, MlpOverride};
+use sparsellm::sparse::{Mode, Scorer, SparseMlp, SparsityConfig};
 use sparsellm::tensor::DType;
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
 
@@ -65,9 +66,21 @@ struct RunArgs {
     /// Worker threads (default: the number of physical cores).
     #[arg(long, value_parser = parse_threads)]
     threads: Option<usize>,
-    /// MLP sparsity: off (only `off` is available in this version).
+    /// MLP sparsity at decode: off, sigma:K (keep scores > mean + K std), density:D (keep
+    /// the top D fraction), calibrated (per-layer thresholds from --predictor).
     #[arg(long, default_value = "off", value_parser = parse_sparsity)]
     sparsity: String,
+    /// How neurons are scored: exact, lowrank, cascade[:F] (default: lowrank with a
+    /// --predictor, exact without).
+    #[arg(long, value_parser = parse_scorer)]
+    scorer: Option<String>,
+    /// Predictor file written by `sparsellm calibrate` (low-rank scorers, thresholds).
+    #[arg(long, value_name = "FILE")]
+    predictor: Option<PathBuf>,
+    /// Where active neurons' weights are read from: a differential cache of compact rows,
+    /// or a gather from the full matrices.
+    #[arg(long, default_value = "cached", value_parser = ["cached", "gather"])]
+    sparse_mode: String,
 }
 
 #[derive(Args)]
@@ -135,6 +148,10 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Internal: run one mode in this process and print its samples as JSON (the parent
+    /// runs each mode in its own child so that peak memory is measured per mode).
+    #[arg(long, hide = true, value_parser = ["dense", "sparse"])]
+    child_mode: Option<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -161,15 +178,15 @@ fn parse_positive(s: &str) -> std::result::Result<usize, String> {
 }
 
 fn parse_sparsity(s: &str) -> std::result::Result<String, String> {
-    match s {
-        "off" => Ok(s.to_owned()),
-        _ if s.starts_with("sigma:") || s.starts_with("density:") || s == "calibrated" => Err(
-            format!("sparsity '{s}' is not available in this version yet (only 'off')"),
-        ),
-        _ => Err(format!(
-            "bad sparsity spec '{s}': expected off, sigma:K, density:D or calibrated"
-        )),
-    }
+    s.parse::<SparsityConfig>()
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_scorer(s: &str) -> std::result::Result<String, String> {
+    s.parse::<Scorer>()
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn model_path(args: &ModelArgs) -> Result<PathBuf> {
@@ -206,6 +223,32 @@ fn load(run: &RunArgs) -> Result<Loaded> {
         model,
         tokenizer,
     })
+}
+
+/// The sparse MLP the flags ask for, or None when `--sparsity off`.
+fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<SparseMlp>> {
+    if run.sparsity == "off" {
+        if run.predictor.is_some() || run.scorer.is_some() {
+            bail!("--predictor and --scorer need a --sparsity setting other than off");
+        }
+        return Ok(None);
+    }
+    let mut sp = SparseMlp::from_spec(
+        model,
+        &run.sparsity,
+        run.scorer.as_deref(),
+        run.predictor.as_deref(),
+    )?;
+    sp.set_mode(if run.sparse_mode == "gather" {
+        Mode::Gather
+    } else {
+        Mode::Cached
+    });
+    Ok(Some(sp))
+}
+
+fn as_override(sp: &mut Option<SparseMlp>) -> Option<&mut (dyn MlpOverride + '_)> {
+    sp.as_mut().map(|s| s as &mut dyn MlpOverride)
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -250,14 +293,22 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         },
         stop_at_eos: true,
     };
+    let mut sparse = sparse_mlp(&a.run, &l.model)?;
     let stdout = std::io::stdout();
-    let g = generate::generate(&l.model, Some(&l.tokenizer), &ids, &opts, None, |piece| {
-        if !a.json {
-            let mut o = stdout.lock();
-            let _ = o.write_all(piece.as_bytes());
-            let _ = o.flush();
-        }
-    })?;
+    let g = generate::generate(
+        &l.model,
+        Some(&l.tokenizer),
+        &ids,
+        &opts,
+        as_override(&mut sparse),
+        |piece| {
+            if !a.json {
+                let mut o = stdout.lock();
+                let _ = o.write_all(piece.as_bytes());
+                let _ = o.flush();
+            }
+        },
+    )?;
     if a.json {
         println!(
             "{}",
@@ -267,7 +318,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 "text": g.text,
                 "ttft_ms": g.ttft_ms,
                 "decode_tok_s": g.decode_tok_s,
-                "mlp_density": 1.0,
+                "mlp_density": sparse.as_ref().and_then(|s| s.density()).unwrap_or(1.0),
                 "stop": format!("{:?}", g.stop).to_lowercase(),
             })
         );
@@ -279,12 +330,16 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 l.model.config.max_position_embeddings
             );
         }
+        let density = sparse.as_ref().and_then(|s| s.density());
         eprintln!(
-            "sparsellm: {} prompt tokens, {} generated; time to first token {:.1} ms, decode {:.1} tok/s",
+            "sparsellm: {} prompt tokens, {} generated; time to first token {:.1} ms, decode {:.1} tok/s{}",
             ids.len(),
             g.output_ids.len(),
             g.ttft_ms,
-            g.decode_tok_s
+            g.decode_tok_s,
+            density
+                .map(|d| format!(", MLP density {d:.3}"))
+                .unwrap_or_default()
         );
     }
     Ok(())
@@ -310,11 +365,22 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     let l = load(&a.run)?;
     let ids = l.tokenizer.encode(&text)?;
+    let mut sparse = sparse_mlp(&a.run, &l.model)?;
+    if let Some(sp) = sparse.as_mut() {
+        // Every position uses its own mask, as decoding would.
+        sp.set_prefill_dense(false);
+    }
     let pb = progress_bar(0, "eval");
-    let r = eval::perplexity(&l.model, &ids, a.window, None, |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-    })?;
+    let r = eval::perplexity(
+        &l.model,
+        &ids,
+        a.window,
+        as_override(&mut sparse),
+        |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
     pb.finish_and_clear();
     if a.json {
         let mut v = json!({
@@ -328,6 +394,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         if let Some(kl) = r.kl_vs_dense {
             v["kl_vs_dense"] = json!(kl);
             v["top1_agreement"] = json!(r.top1_agreement);
+            v["mlp_density"] = json!(sparse.as_ref().and_then(|s| s.density()));
+            v["sparsity"] = json!(a.run.sparsity);
+            v["scorer"] = json!(sparse.as_ref().map(|s| s.scorer().to_string()));
         }
         println!("{v}");
     } else {
@@ -335,11 +404,175 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             "{} tokens in {} windows of {}: perplexity {:.4} (all predictions), {:.4} (second half of each window)",
             r.tokens, r.windows, a.window, r.ppl_all, r.ppl_second_half
         );
+        if let (Some(kl), Some(top1), Some(sp)) = (r.kl_vs_dense, r.top1_agreement, sparse.as_ref())
+        {
+            println!(
+                "sparsity {} (scorer {}): MLP density {:.3}, KL(dense || sparse) {:.4} nats/token, top-1 agreement {:.3}",
+                a.run.sparsity,
+                sp.scorer(),
+                sp.density().unwrap_or(1.0),
+                kl,
+                top1
+            );
+        }
     }
     Ok(())
 }
 
+/// The benchmark: for each run, a dense child process then a sparse one (interleaved, so
+/// drift of a shared machine hits both alike), each loading the model, warming up and
+/// measuring one generation; medians over runs.
 fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if let Some(mode) = a.child_mode.clone() {
+        return bench_child(a, &mode);
+    }
+    if a.prompt_tokens + a.gen_tokens > 1 << 20 {
+        bail!("--prompt-tokens + --gen-tokens is absurd");
+    }
+    // Resolve the model once (fetching it if needed) so children do not race to fetch.
+    let model = model_path(&a.run.model)?;
+    let modes: &[&str] = if a.run.sparsity == "off" {
+        &["dense"]
+    } else {
+        &["dense", "sparse"]
+    };
+    let exe = std::env::current_exe().context("locating the sparsellm executable")?;
+    let pb = progress_bar((a.runs * modes.len()) as u64, "bench");
+    if a.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut samples: Vec<Vec<bench::Sample>> = vec![Vec::new(); modes.len()];
+    let mut header = serde_json::Value::Null;
+    for run in 0..a.runs {
+        for (m, mode) in modes.iter().enumerate() {
+            pb.set_message(format!("bench {mode}"));
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["bench", "--child-mode", mode, "--runs", "1"])
+                .arg("--warmup")
+                .arg(a.warmup.to_string())
+                .arg("--prompt-tokens")
+                .arg(a.prompt_tokens.to_string())
+                .arg("--gen-tokens")
+                .arg(a.gen_tokens.to_string())
+                .arg("--text")
+                .arg(&a.text)
+                .arg("--model")
+                .arg(&model)
+                .args([
+                    "--dtype",
+                    a.run.dtype.name(),
+                    "--sparsity",
+                    &a.run.sparsity,
+                    "--sparse-mode",
+                    &a.run.sparse_mode,
+                ]);
+            if let Some(t) = a.run.threads {
+                cmd.arg("--threads").arg(t.to_string());
+            }
+            if let Some(s) = &a.run.scorer {
+                cmd.arg("--scorer").arg(s);
+            }
+            if let Some(p) = &a.run.predictor {
+                cmd.arg("--predictor").arg(p);
+            }
+            let out = cmd
+                .stderr(std::process::Stdio::piped())
+                .output()
+                .context("running a benchmark child")?;
+            if !out.status.success() {
+                let err = String::from_utf8_lossy(&out.stderr);
+                let line = err
+                    .lines()
+                    .rfind(|l| l.starts_with("error:"))
+                    .unwrap_or("failed");
+                bail!(
+                    "{mode} run {}: {}",
+                    run + 1,
+                    line.trim_start_matches("error: ")
+                );
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .context("reading a benchmark child's output")?;
+            samples[m]
+                .push(serde_json::from_value(v["sample"].clone()).context("benchmark sample")?);
+            header = v["header"].clone();
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let reports: Vec<bench::ModeReport> = samples
+        .iter()
+        .map(|s| bench::ModeReport::from_samples(s))
+        .collect();
+    let ratio = |f: fn(&bench::ModeReport) -> f64| -> serde_json::Value {
+        if reports.len() == 2 {
+            json!(f(&reports[1]) / f(&reports[0]))
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    let mut report = header.clone();
+    report["prompt_tokens"] = json!(a.prompt_tokens);
+    report["gen_tokens"] = json!(a.gen_tokens);
+    report["runs"] = json!(a.runs);
+    report["warmup"] = json!(a.warmup);
+    report["sparsity"] = json!(a.run.sparsity);
+    let mut modes_json = serde_json::Map::new();
+    for (mode, r) in modes.iter().zip(&reports) {
+        modes_json.insert(mode.to_string(), json!(r));
+    }
+    report["modes"] = serde_json::Value::Object(modes_json);
+    report["ratios"] = json!({
+        "ttft": ratio(|r| r.ttft_ms.median),
+        "decode": ratio(|r| r.decode_tok_s.median),
+        "total": ratio(|r| r.total_tok_s.median),
+    });
+    if a.json {
+        println!("{report}");
+        return Ok(());
+    }
+    println!(
+        "model {} | {} | {} threads | {} | sparsity {}",
+        header["model"].as_str().unwrap_or(""),
+        a.run.dtype.name(),
+        header["threads"],
+        header["cpu"].as_str().unwrap_or(""),
+        a.run.sparsity
+    );
+    println!(
+        "prompt {} tokens, {} generated, {} runs interleaved (median [min, max])",
+        a.prompt_tokens, a.gen_tokens, a.runs
+    );
+    println!(
+        "| mode | TTFT ms | prefill tok/s | decode tok/s | total tok/s | decode GB/s | peak RSS MB | MLP density |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let s = |x: &bench::Stat| format!("{:.1} [{:.1}, {:.1}]", x.median, x.min, x.max);
+    for (mode, r) in modes.iter().zip(&reports) {
+        println!(
+            "| {mode} | {} | {} | {} | {} | {:.1} | {:.0} | {:.3} |",
+            s(&r.ttft_ms),
+            s(&r.prefill_tok_s),
+            s(&r.decode_tok_s),
+            s(&r.total_tok_s),
+            r.decode_gb_s,
+            r.peak_rss_mb,
+            r.mlp_density
+        );
+    }
+    if reports.len() == 2 {
+        println!(
+            "sparse/dense: decode x{:.3}, TTFT x{:.3}, total x{:.3}",
+            report["ratios"]["decode"].as_f64().unwrap_or(0.0),
+            report["ratios"]["ttft"].as_f64().unwrap_or(0.0),
+            report["ratios"]["total"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+/// One mode in this process: load, warm up, measure, print {"header", "sample"}.
+fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
     let text = read_text(&a.text)?;
     let l = load(&a.run)?;
     let ids = l.tokenizer.encode(&text)?;
@@ -351,7 +584,6 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             a.prompt_tokens
         );
     }
-    let prompt = &ids[..a.prompt_tokens];
     let total_ctx = a.prompt_tokens + a.gen_tokens;
     if total_ctx > l.model.config.max_position_embeddings {
         bail!(
@@ -359,62 +591,30 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             l.model.config.max_position_embeddings
         );
     }
-    let pb = progress_bar((a.warmup + a.runs) as u64, "dense");
-    if a.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    let prompt = &ids[..a.prompt_tokens];
+    let mut sparse = if mode == "sparse" {
+        sparse_mlp(&a.run, &l.model)?
+    } else {
+        None
+    };
+    for _ in 0..a.warmup {
+        bench::measure(&l.model, prompt, a.gen_tokens, as_override(&mut sparse))?;
     }
-    let dense = bench::run_mode(
-        &l.model,
-        prompt,
-        a.gen_tokens,
-        a.warmup,
-        a.runs,
-        None,
-        |i, _| pb.set_position(i as u64),
-    )?;
-    pb.finish_and_clear();
-    let threads = pool::global().threads();
-    let report = json!({
+    if let Some(sp) = sparse.as_mut() {
+        sp.reset_stats();
+    }
+    let mut sample = bench::measure(&l.model, prompt, a.gen_tokens, as_override(&mut sparse))?;
+    sample.mlp_density = sparse.as_ref().and_then(|s| s.density()).unwrap_or(1.0);
+    sample.peak_rss_mb = bench::peak_rss_mb();
+    sample.weight_bytes_per_token = l.model.weight_bytes_per_token();
+    let header = json!({
         "model": l.source.identity(),
         "dtype": a.run.dtype.name(),
-        "threads": threads,
-        "prompt_tokens": a.prompt_tokens,
-        "gen_tokens": a.gen_tokens,
-        "runs": a.runs,
+        "threads": pool::global().threads(),
         "cpu": bench::cpu_name(),
         "isa": format!("{:?}", sparsellm::kernels::dot::isa()),
-        "modes": { "dense": dense },
-        "ratios": { "ttft": null, "decode": null, "total": null },
     });
-    if a.json {
-        println!("{report}");
-    } else {
-        println!(
-            "model {} | {} | {} threads | {}",
-            l.source.identity(),
-            a.run.dtype.name(),
-            threads,
-            bench::cpu_name()
-        );
-        println!(
-            "prompt {} tokens, {} generated, {} runs (median [min, max])",
-            a.prompt_tokens, a.gen_tokens, a.runs
-        );
-        println!(
-            "| mode | TTFT ms | prefill tok/s | decode tok/s | total tok/s | decode GB/s | peak RSS MB |"
-        );
-        println!("|---|---|---|---|---|---|---|");
-        let s = |x: &bench::Stat| format!("{:.1} [{:.1}, {:.1}]", x.median, x.min, x.max);
-        println!(
-            "| dense | {} | {} | {} | {} | {:.1} | {:.0} |",
-            s(&dense.ttft_ms),
-            s(&dense.prefill_tok_s),
-            s(&dense.decode_tok_s),
-            s(&dense.total_tok_s),
-            dense.decode_gb_s,
-            dense.peak_rss_mb
-        );
-    }
+    println!("{}", json!({ "header": header, "sample": sample }));
     Ok(())
 }
 
