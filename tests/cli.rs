@@ -607,15 +607,31 @@ fn bad_cli_values() {
     assert_clap_rejects(&gen_(&["--max-tokens", "0"]), "--max-tokens", "at least 1");
     assert_clap_rejects(&gen_(&["--sparsity", "bogus"]), "--sparsity", "bogus");
     assert_clap_rejects(
-        &gen_(&["--sparsity", "sigma:2"]),
+        &gen_(&["--sparsity", "density:1.5"]),
         "--sparsity",
-        "not available",
+        "density:1.5",
     );
-    assert_clap_rejects(
-        &gen_(&["--sparsity", "density:0.5"]),
-        "--sparsity",
-        "not available",
+    assert_clap_rejects(&gen_(&["--sparsity", "sigma:x"]), "--sparsity", "sigma:x");
+    assert_clap_rejects(&gen_(&["--scorer", "bogus"]), "--scorer", "bogus");
+    // Settings that need a predictor file say how to get one.
+    assert_fails_after_load(
+        &gen_(&["--sparsity", "density:0.5", "--scorer", "lowrank"]),
+        &["lowrank", "--predictor"],
     );
+    assert_fails_after_load(
+        &gen_(&["--sparsity", "calibrated"]),
+        &["calibrated", "predictor"],
+    );
+    assert_fails_after_load(
+        &gen_(&[
+            "--sparsity",
+            "density:0.5",
+            "--predictor",
+            "/no/such/predictor",
+        ]),
+        &["/no/such/predictor"],
+    );
+    assert_fails_after_load(&gen_(&["--predictor", "/x.safetensors"]), &["--sparsity"]);
     assert_clap_rejects(&gen_(&["--temperature", "warm"]), "--temperature", "warm");
     assert_clap_rejects(&gen_(&["--no-such-flag"]), "--no-such-flag", "unexpected");
     // The same parsers guard eval and bench.
