@@ -188,6 +188,11 @@ pub fn generate(
         )));
     }
     let eos = &model.config.eos_token_ids;
+    // A model whose vocabulary is larger than its tokenizer's (a synthetic checkpoint, or
+    // padded embeddings) must not emit ids the tokenizer cannot decode.
+    let vocab = tokenizer.map_or(model.config.vocab_size, |t| {
+        t.vocab_size().min(model.config.vocab_size)
+    });
     let mut sampler = Sampler::new(opts.sampling);
     let mut stream = tokenizer.map(|t| t.stream_decoder());
     let mut text = String::new();
@@ -202,7 +207,7 @@ pub fn generate(
         let mut logits = model.forward(prompt_ids, &mut cache, Logits::Last, mlp.as_deref_mut())?;
         prefill_s = start.elapsed().as_secs_f64();
         loop {
-            let next = sampler.sample(&logits);
+            let next = sampler.sample(&logits[..vocab]);
             if output.is_empty() {
                 first_at = Instant::now();
                 ttft = (first_at - start).as_secs_f64() * 1e3;

@@ -15,7 +15,8 @@ use sparsellm::generate::{self, GenerateOptions, SamplingOptions};
 use sparsellm::kernels::pool;
 use sparsellm::loader::{self, WeightSource, fetch};
 use sparsellm::model::{Llama, MlpOverride};
-use sparsellm::sparse::{Mode, Scorer, SparseMlp, SparsityConfig};
+use sparsellm::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig};
+use sparsellm::synth::SynthShape;
 use sparsellm::tensor::DType;
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
 
@@ -46,6 +47,29 @@ enum Command {
     Eval(EvalArgs),
     /// Time to first token, prefill and decode speed, memory: repeated runs, medians.
     Bench(BenchArgs),
+    /// Write a HuggingFace directory with seeded random weights of a real model's shape
+    /// (for benchmarks at realistic sizes; the tokenizer is the default model's).
+    Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// The shape: llama-3.2-1b (hidden 2048, intermediate 8192, 16 layers) or llama-3.2-3b
+    /// (hidden 3072, 28 layers); both 128256-token vocabularies, tied, llama3 RoPE scaling.
+    #[arg(long, value_parser = parse_shape)]
+    shape: SynthShape,
+    /// Storage dtype of the weights.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Output directory (must not exist).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn parse_shape(s: &str) -> std::result::Result<SynthShape, String> {
+    s.parse()
 }
 
 #[derive(Args, Clone)]
@@ -148,6 +172,10 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Benchmarks only: score with a seeded RANDOM low-rank predictor of this rank (its
+    /// cost is real, its choices are not; for synthetic models, whose weights are random).
+    #[arg(long, value_name = "RANK")]
+    random_predictor: Option<usize>,
     /// Internal: run one mode in this process and print its samples as JSON (the parent
     /// runs each mode in its own child so that peak memory is measured per mode).
     #[arg(long, hide = true, value_parser = ["dense", "sparse"])]
@@ -475,6 +503,9 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             if let Some(p) = &a.run.predictor {
                 cmd.arg("--predictor").arg(p);
             }
+            if let Some(r) = a.random_predictor {
+                cmd.arg("--random-predictor").arg(r.to_string());
+            }
             let out = cmd
                 .stderr(std::process::Stdio::piped())
                 .output()
@@ -592,10 +623,20 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
         );
     }
     let prompt = &ids[..a.prompt_tokens];
-    let mut sparse = if mode == "sparse" {
-        sparse_mlp(&a.run, &l.model)?
-    } else {
-        None
+    let mut sparse = match (mode, a.random_predictor) {
+        ("sparse", None) => sparse_mlp(&a.run, &l.model)?,
+        ("sparse", Some(rank)) => {
+            let mut config: SparsityConfig = a.run.sparsity.parse()?;
+            config.scorer = a.run.scorer.as_deref().map(str::parse).transpose()?;
+            config.mode = if a.run.sparse_mode == "gather" {
+                Mode::Gather
+            } else {
+                Mode::Cached
+            };
+            let predictor = Predictor::random(&l.model.config, rank, 1);
+            Some(SparseMlp::new(&l.model, config, Some(predictor))?)
+        }
+        _ => None,
     };
     for _ in 0..a.warmup {
         bench::measure(&l.model, prompt, a.gen_tokens, as_override(&mut sparse))?;
@@ -615,6 +656,36 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
         "isa": format!("{:?}", sparsellm::kernels::dot::isa()),
     });
     println!("{}", json!({ "header": header, "sample": sample }));
+    Ok(())
+}
+
+fn cmd_synth(a: SynthArgs) -> Result<()> {
+    // The tokenizer of the default model: real text tokenizes to ids below its 49152.
+    let source = loader::open(&fetch::default_model_path()?)?;
+    let tokenizer = Tokenizer::load(&source.tokenizer_source()?)?;
+    let total: u64 = a
+        .shape
+        .tensors()
+        .iter()
+        .map(|(_, [r, c])| (r * c * a.dtype.size()) as u64)
+        .sum();
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "synth {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    sparsellm::synth::write_checkpoint(
+        &a.shape,
+        a.dtype,
+        &a.out,
+        &tokenizer,
+        a.seed,
+        |done, _| pb.set_position(done),
+    )?;
+    pb.finish_and_clear();
+    println!("{}", a.out.display());
     Ok(())
 }
 
@@ -649,6 +720,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
+        Command::Synth(a) => cmd_synth(a),
     }
 }
 

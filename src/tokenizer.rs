@@ -324,6 +324,13 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// Writes the tokenizer as a HuggingFace tokenizer.json.
+    pub fn save_json(&self, path: &Path) -> Result<()> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer(format!("writing {}: {e}", path.display())))
+    }
+
     /// Number of token ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.vocab_size
