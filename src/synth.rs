@@ -222,7 +222,7 @@ fn write_into(
         serde_json::json!({ "format": "pt", "synthetic": "sparsellm synth" }),
     );
     let mut hjson = serde_json::to_string(&header).expect("json");
-    while hjson.len() % 8 != 0 {
+    while !hjson.len().is_multiple_of(8) {
         hjson.push(' ');
     }
     let path = dir.join("model.safetensors");
