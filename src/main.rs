@@ -130,6 +130,9 @@ struct GenerateArgs {
     /// Random seed for sampling (same seed, same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Keep generating past end-of-sequence tokens (up to --max-tokens or the context).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -319,7 +322,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             seed: a.seed,
         },
-        stop_at_eos: true,
+        stop_at_eos: !a.ignore_eos,
     };
     let mut sparse = sparse_mlp(&a.run, &l.model)?;
     let stdout = std::io::stdout();

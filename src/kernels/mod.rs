@@ -58,3 +58,15 @@ impl SharedBytes {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
     }
 }
+
+/// A read-only anonymous map holding a copy of `bytes`: lets code that takes a file's map
+/// (the loaders) run on bytes in memory (fuzzing, tests).
+pub fn map_bytes(bytes: &[u8]) -> Result<Arc<Mmap>> {
+    let mut m = memmap2::MmapMut::map_anon(bytes.len().max(1))
+        .map_err(|e| Error::Input(format!("allocating {} bytes: {e}", bytes.len())))?;
+    m[..bytes.len()].copy_from_slice(bytes);
+    let ro = m
+        .make_read_only()
+        .map_err(|e| Error::Input(format!("sealing a map: {e}")))?;
+    Ok(Arc::new(ro))
+}
