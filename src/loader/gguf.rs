@@ -19,8 +19,11 @@ use crate::model::config::{ModelConfig, RopeStyle};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Caps that no real file reaches; a larger count or length is a corrupt or hostile file.
-const MAX_STRING_LEN: u64 = 64 << 20;
-const MAX_ARRAY_LEN: u64 = 1 << 26;
+const MAX_STRING_LEN: u64 = 16 << 20;
+/// 4M entries: the largest vocabularies have about 256K tokens. Each parsed entry takes
+/// ~32 bytes of memory however small it is in the file, so this cap (with the bytes-left
+/// check) bounds a hostile array's memory at ~128 MB.
+const MAX_ARRAY_LEN: u64 = 1 << 22;
 const MAX_TENSORS: u64 = 1 << 20;
 const MAX_METADATA: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
