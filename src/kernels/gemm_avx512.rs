@@ -162,14 +162,16 @@ unsafe fn store_tile<const T: usize, const R: usize>(
 /// One T x R tile of the f32 kernel over the whole `k`.
 ///
 /// # Safety
-/// AVX-512F/BW/VL; x: T rows of stride k, w: R rows of stride k, out writable at
+/// AVX-512F/BW/VL; x: T rows of stride sx, w: R rows of stride sw (each row k long), out writable at
 /// `t * ld + j` for t < T, j < R.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
 unsafe fn tile_f32<const T: usize, const R: usize>(
     x: *const f32,
+    sx: usize,
     w: *const f32,
+    sw: usize,
     k: usize,
     out: *mut f32,
     ld: usize,
@@ -182,10 +184,10 @@ unsafe fn tile_f32<const T: usize, const R: usize>(
         while i + 16 <= k {
             let mut wv = [_mm512_setzero_ps(); R];
             for (r, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(w.add(r * k + i));
+                *v = _mm512_loadu_ps(w.add(r * sw + i));
             }
             for (t, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_loadu_ps(x.add(t * k + i));
+                let xv = _mm512_loadu_ps(x.add(t * sx + i));
                 for (r, a) in a.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(xv, wv[r], *a);
                 }
@@ -196,10 +198,10 @@ unsafe fn tile_f32<const T: usize, const R: usize>(
             let m: __mmask16 = ((1u32 << (k - i)) - 1) as u16;
             let mut wv = [_mm512_setzero_ps(); R];
             for (r, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_maskz_loadu_ps(m, w.add(r * k + i));
+                *v = _mm512_maskz_loadu_ps(m, w.add(r * sw + i));
             }
             for (t, a) in acc.iter_mut().enumerate() {
-                let xv = _mm512_maskz_loadu_ps(m, x.add(t * k + i));
+                let xv = _mm512_maskz_loadu_ps(m, x.add(t * sx + i));
                 for (r, a) in a.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(xv, wv[r], *a);
                 }
@@ -345,7 +347,9 @@ pub unsafe fn gemm_f32_tiled(
                             c,
                             r,
                             x.as_ptr().add(t * k),
+                            k,
                             w.as_ptr().add(j * k),
+                            k,
                             k,
                             out.add(t * ld + j),
                             ld
@@ -377,6 +381,55 @@ pub unsafe fn gemm_f32(
 ) {
     // SAFETY: forwarded contract.
     unsafe { gemm_f32_tiled(TILE_TOKENS, TILE_ROWS, n, m, k, x, w, out, ld) }
+}
+
+/// `out[t * ld + j] = sum_kk x[t * sx + kk] * w[j * sw + kk]` for t < n, j < m, kk < k:
+/// the f32 kernel over strided rows, without cache blocking (for small operands such as
+/// the queries and keys of one attention head).
+///
+/// # Safety
+/// `has_f32()` must hold; x readable at `t * sx + kk`, w at `j * sw + kk` for the ranges
+/// above; `out` writable at `t * ld + j` and not accessed by anyone else during the call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32_strided(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: *const f32,
+    sx: usize,
+    w: *const f32,
+    sw: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let mut j = 0;
+    while j < m {
+        let r = TILE_ROWS.min(m - j);
+        let mut t = 0;
+        while t < n {
+            let c = TILE_TOKENS.min(n - t);
+            // SAFETY: the caller's contract covers rows t..t+c of x, j..j+r of w and
+            // the outputs (t.., j..).
+            unsafe {
+                dispatch!(
+                    tile_f32,
+                    c,
+                    r,
+                    x.add(t * sx),
+                    sx,
+                    w.add(j * sw),
+                    sw,
+                    k,
+                    out.add(t * ld + j),
+                    ld
+                )
+            };
+            t += c;
+        }
+        j += r;
+    }
 }
 
 /// The bf16 kernel with tiles of `tt` tokens x `tr` rows (tt <= 8, tr <= 4).
