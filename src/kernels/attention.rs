@@ -45,7 +45,7 @@ pub fn attend(
     let scale = 1.0 / (d as f32).sqrt();
     let dst = SharedMut(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if super::gemm_avx512::has_f32() && d % 16 == 0 && heads % kv_heads == 0 {
+    if super::gemm_avx512::has_f32() && d.is_multiple_of(16) && heads.is_multiple_of(kv_heads) {
         // One item per (token, KV head): the `group` query heads sharing a KV head are
         // scored together, so each key and value row is loaded once for all of them.
         let items = n * kv_heads;
@@ -134,7 +134,7 @@ unsafe fn attend_item_avx512(
     scores: &mut [f32],
     out: *mut f32,
 ) {
-    debug_assert!(scores.len() >= group * len && d % 16 == 0);
+    debug_assert!(scores.len() >= group * len && d.is_multiple_of(16));
     let sp = scores.as_mut_ptr();
     // SAFETY: the caller's contract covers every pointer range used below.
     unsafe {
