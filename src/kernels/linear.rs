@@ -3,7 +3,17 @@
 //! pool.
 
 use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
+#[cfg(target_arch = "x86_64")]
+use super::gemm_avx512;
 use super::pool::ThreadPool;
+
+/// `SPARSELLM_GEMM=crate` sends prefill GEMMs to the `gemm` crate (bf16 widened to f32)
+/// even on AVX-512 CPUs: the previous path, kept for comparisons.
+#[cfg(target_arch = "x86_64")]
+fn use_gemm_crate() -> bool {
+    static CRATE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CRATE.get_or_init(|| std::env::var("SPARSELLM_GEMM").is_ok_and(|v| v == "crate"))
+}
 
 /// A borrowed weight matrix in one of the compute formats.
 #[derive(Clone, Copy)]
@@ -114,15 +124,20 @@ pub fn matmul_scalar(
     }
 }
 
-/// Rows of a bf16 matrix widened at a time for the f32 GEMM: 64 rows of a 2048-wide
-/// matrix is 512 KiB of f32, which stays in L2.
+/// Rows of a bf16 matrix widened at a time for the f32 GEMM (the fallback without
+/// AVX-512 BF16): 64 rows of a 2048-wide matrix is 512 KiB of f32, which stays in L2.
 const BF16_TILE_ROWS: usize = 64;
 
 /// `out = x · w^T`. x: [n, cols], w: [rows, cols], out: [n, rows].
 ///
-/// f32 weights go straight to the `gemm` crate; bf16 weights are widened to f32 one tile
-/// of rows at a time (the widening costs one pass over the tile, amortised over `n`
-/// tokens), so bf16 prefill runs at f32 GEMM speed instead of falling off a cliff.
+/// Work is split over the pool by weight rows: each thread reads its own rows of `w` once
+/// and writes its own columns of `out`, while all threads share `x` (small: n x cols).
+/// n == 1 (decode) goes to [`matvec`]. Otherwise, by CPU and weight type:
+/// - bf16 with AVX-512 BF16: `x` is rounded to bf16 once (as decode and llama.cpp do for
+///   bf16 models) and [`gemm_avx512::gemm_bf16`] multiplies bf16 pairs with `vdpbf16ps`;
+/// - f32 (or bf16 without AVX-512 BF16, widened to f32 a tile of rows at a time) with
+///   AVX-512: [`gemm_avx512::gemm_f32`];
+/// - elsewhere the `gemm` crate (AVX2/FMA or portable code).
 pub fn matmul(
     pool: &ThreadPool,
     w: WeightView<'_>,
@@ -139,6 +154,32 @@ pub fn matmul(
         return matvec(pool, w, rows, cols, x, out);
     }
     let dst = SharedMut(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Bf16(wb) = w
+        && gemm_avx512::has_bf16()
+        && !use_gemm_crate()
+    {
+        let mut xb = vec![0u16; n * cols];
+        gemm_avx512::to_bf16(x, &mut xb);
+        let xb = &xb[..];
+        pool.for_ranges(rows, ROW_ALIGN, &|range| {
+            // SAFETY: has_bf16() checked the CPU; this thread writes columns `range` of
+            // `out` ([n, rows], row stride `rows`) only, disjoint from other threads';
+            // `out` outlives the call (asserted sizes above).
+            unsafe {
+                gemm_avx512::gemm_bf16(
+                    n,
+                    range.len(),
+                    cols,
+                    xb,
+                    &wb[range.start * cols..range.end * cols],
+                    dst.get().add(range.start),
+                    rows,
+                )
+            };
+        });
+        return;
+    }
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
         match w {
             WeightView::F32(wf) => {
@@ -191,6 +232,12 @@ pub fn matmul(
 /// accessed by anyone else during the call.
 unsafe fn gemm_f32(n: usize, m: usize, k: usize, dst: *mut f32, ld: usize, x: &[f32], w: &[f32]) {
     debug_assert!(x.len() >= n * k && w.len() >= m * k);
+    #[cfg(target_arch = "x86_64")]
+    if gemm_avx512::has_f32() && !use_gemm_crate() {
+        // SAFETY: has_f32() checked the CPU; the caller guarantees dst.
+        unsafe { gemm_avx512::gemm_f32(n, m, k, x, w, dst, ld) };
+        return;
+    }
     // SAFETY: the caller guarantees dst; x is [n, k] row-major (row stride k, col stride
     // 1); w^T as [k, m] reads w[j, kk] at j * k + kk (row stride 1, col stride k).
     unsafe {
@@ -235,10 +282,12 @@ mod tests {
             .collect()
     }
 
-    /// The activations as the matvec kernel sees them.
-    fn matvec_activations(w: WeightView<'_>, x: &[f32]) -> Vec<f32> {
+    /// The activations as the kernels see them: rounded to bf16 for bf16 weights where
+    /// AVX-512 BF16 is used (matvec and, unless `SPARSELLM_GEMM=crate`, matmul).
+    fn kernel_activations(w: WeightView<'_>, x: &[f32], n: usize) -> Vec<f32> {
+        let rounds = super::super::dot::has_avx512_bf16() && (n == 1 || !gemm_crate());
         match w {
-            WeightView::Bf16(_) if super::super::dot::has_avx512_bf16() => x
+            WeightView::Bf16(_) if rounds => x
                 .iter()
                 .map(|&v| super::super::dot::bf16_to_f32(f32_to_bf16(v)))
                 .collect(),
@@ -246,48 +295,45 @@ mod tests {
         }
     }
 
+    fn gemm_crate() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return use_gemm_crate();
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    }
+
     #[test]
     fn matvec_and_matmul_match_scalar_on_odd_sizes() {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
-            for (rows, cols, n) in [
-                (1, 1, 1),
-                (17, 33, 3),
-                (65, 130, 5),
-                (200, 577, 2),
-                (33, 64, 1),
-            ] {
+            for (rows, cols) in [(1, 1), (17, 33), (65, 130), (200, 577), (33, 64)] {
                 let wf = data(rows * cols, 1);
                 let wb: Vec<u16> = wf.iter().map(|&v| f32_to_bf16(v)).collect();
-                let x = data(n * cols, 2);
-                for w in [WeightView::F32(&wf), WeightView::Bf16(&wb)] {
-                    let mut want = vec![0f32; n * rows];
-                    let xr = if n == 1 {
-                        matvec_activations(w, &x)
-                    } else {
-                        x.clone()
-                    };
-                    matmul_scalar(w, rows, cols, &xr, n, &mut want);
-                    let mut got = vec![0f32; n * rows];
-                    matmul(&pool, w, rows, cols, &x, n, &mut got);
-                    for (a, b) in got.iter().zip(&want) {
-                        assert!(
-                            (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                            "{rows}x{cols} n={n}: {a} vs {b}"
-                        );
-                    }
-                    let mut mv = vec![0f32; rows];
-                    matvec(&pool, w, rows, cols, &x[..cols], &mut mv);
-                    // The bf16 matvec rounds the activations to bf16 where AVX-512 BF16
-                    // is used: the reference does the same.
-                    let x1 = matvec_activations(w, &x[..cols]);
-                    let mut want1 = vec![0f32; rows];
-                    matmul_scalar(w, rows, cols, &x1, 1, &mut want1);
-                    for (a, b) in mv.iter().zip(&want1) {
-                        assert!(
-                            (a - b).abs() < 1e-4 * (1.0 + b.abs()),
-                            "matvec {rows}x{cols}: {a} vs {b}"
-                        );
+                for n in 1..=9 {
+                    let x = data(n * cols, 2);
+                    for w in [WeightView::F32(&wf), WeightView::Bf16(&wb)] {
+                        let mut want = vec![0f32; n * rows];
+                        let xr = kernel_activations(w, &x, n);
+                        matmul_scalar(w, rows, cols, &xr, n, &mut want);
+                        let mut got = vec![0f32; n * rows];
+                        matmul(&pool, w, rows, cols, &x, n, &mut got);
+                        for (a, b) in got.iter().zip(&want) {
+                            assert!(
+                                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                "{threads} threads {rows}x{cols} n={n}: {a} vs {b}"
+                            );
+                        }
+                        let mut mv = vec![0f32; rows];
+                        matvec(&pool, w, rows, cols, &x[..cols], &mut mv);
+                        let x1 = kernel_activations(w, &x[..cols], 1);
+                        let mut want1 = vec![0f32; rows];
+                        matmul_scalar(w, rows, cols, &x1, 1, &mut want1);
+                        for (a, b) in mv.iter().zip(&want1) {
+                            assert!(
+                                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                                "matvec {rows}x{cols}: {a} vs {b}"
+                            );
+                        }
                     }
                 }
             }

@@ -20,6 +20,7 @@ pub fn map_file(path: &Path) -> Result<Arc<Mmap>> {
 
 pub mod attention;
 pub mod dot;
+pub mod gemm_avx512;
 pub mod linear;
 pub mod ops;
 pub mod pool;

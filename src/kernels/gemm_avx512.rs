@@ -1,0 +1,707 @@
+//! AVX-512 matrix-matrix kernels for prefill: `out[t, j] = sum_k x[t, k] * w[j, k]`.
+//!
+//! Both operands are row-major with the reduction index `k` contiguous (x: [n, k]
+//! activations, w: [m, k] weight rows), so the microkernel is "dot-product style": a tile
+//! of `T` tokens x `R` weight rows keeps `T * R` vector accumulators, streams `k` one
+//! vector at a time (loading `T + R` vectors for `T * R` FMAs), and reduces each
+//! accumulator horizontally at the end. This needs no packing of the weights (they are
+//! read in place, which matters because prefill sees every weight matrix once per call),
+//! and the horizontal reductions cost a few instructions per output against `k / 16`
+//! FMAs.
+//!
+//! Loop order (see [`gemm_f32`]): weight-row tiles outer, token tiles inner. An R-row
+//! weight tile (R x k elements, at most 4 x 1536 x 4 B = 24 KiB) stays in L1 while all
+//! tokens stream past it; the activations (n x k, 128 x 1536 x 2 B = 384 KiB in bf16)
+//! stay in L2. The other order would stream the whole weight matrix (up to megabytes,
+//! more than L2) once per token tile.
+//!
+//! Two element types: f32 x f32 with `vfmadd231ps`, and bf16 x bf16 pairs with
+//! `vdpbf16ps` (AVX-512 BF16: products exact, f32 accumulation), for which the
+//! activations are rounded to bf16 once per call (as the decode path and llama.cpp do).
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+/// Tokens per microkernel tile.
+pub const TILE_TOKENS: usize = 4;
+/// Weight rows per microkernel tile (at most 4: the reduction packs 4 sums per lane).
+pub const TILE_ROWS: usize = 4;
+
+/// Whether the AVX-512 f32 kernel can run here (the dispatch level of `dot::isa`).
+pub fn has_f32() -> bool {
+    super::dot::isa() == super::dot::Isa::Avx512
+}
+
+/// Whether the AVX-512 BF16 kernel can run here.
+pub fn has_bf16() -> bool {
+    super::dot::has_avx512_bf16()
+}
+
+/// Scalar reference: `out[t * ld + j] = sum_k x[t * k + kk] * w[j * k + kk]`, t < n, j < m.
+pub fn gemm_f32_scalar(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    out: &mut [f32],
+    ld: usize,
+) {
+    for t in 0..n {
+        for j in 0..m {
+            out[t * ld + j] =
+                super::dot::dot_f32_scalar(&x[t * k..(t + 1) * k], &w[j * k..(j + 1) * k]);
+        }
+    }
+}
+
+/// Scalar reference of the bf16 kernel (both operands bf16 bit patterns, f32 sums).
+pub fn gemm_bf16_scalar(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[u16],
+    w: &[u16],
+    out: &mut [f32],
+    ld: usize,
+) {
+    for t in 0..n {
+        for j in 0..m {
+            out[t * ld + j] =
+                super::dot::dot_bf16_bf16_scalar(&w[j * k..(j + 1) * k], &x[t * k..(t + 1) * k]);
+        }
+    }
+}
+
+/// Rounds `x` to bf16 (nearest even) into `out`: `vcvtne2ps2bf16` where available.
+pub fn to_bf16(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_bf16() {
+        // SAFETY: has_bf16() checked AVX-512F/BW/VL/BF16; lengths are equal (asserted).
+        unsafe { to_bf16_avx512(x, out) };
+        return;
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = super::dot::f32_to_bf16(v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn to_bf16_avx512(x: &[f32], out: &mut [u16]) {
+    let n = x.len().min(out.len());
+    let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: full loads/stores touch 32 elements below n (loop bound); the tail is
+    // masked to the valid lanes. __m512bh and __m512i are both 64 plain bytes.
+    unsafe {
+        while i + 32 <= n {
+            let lo = _mm512_loadu_ps(px.add(i));
+            let hi = _mm512_loadu_ps(px.add(i + 16));
+            // The second operand fills the low half of the result.
+            let b: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(po.add(i) as *mut __m512i, b);
+            i += 32;
+        }
+        while i < n {
+            let left = (n - i).min(16);
+            let m: __mmask16 = ((1u32 << left) - 1) as u16;
+            let v = _mm512_maskz_loadu_ps(m, px.add(i));
+            let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16(po.add(i) as *mut i16, m, b);
+            i += left;
+        }
+    }
+}
+
+/// Sums each of `a[0..4]` horizontally: lane r of the result is `sum(a[r])`.
+///
+/// Two unpack/shuffle rounds put the four partial sums side by side in every 128-bit
+/// lane, then two cross-lane shuffles add the four lanes: 11 instructions for 4 sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+fn reduce4(a: [__m512; 4]) -> __m128 {
+    let t0 = _mm512_add_ps(
+        _mm512_unpacklo_ps(a[0], a[1]),
+        _mm512_unpackhi_ps(a[0], a[1]),
+    );
+    let t1 = _mm512_add_ps(
+        _mm512_unpacklo_ps(a[2], a[3]),
+        _mm512_unpackhi_ps(a[2], a[3]),
+    );
+    let u = _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(t0, t1),
+        _mm512_shuffle_ps::<0xEE>(t0, t1),
+    );
+    let v = _mm512_add_ps(u, _mm512_shuffle_f32x4::<0b01_00_11_10>(u, u));
+    let v = _mm512_add_ps(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+    _mm512_castps512_ps128(v)
+}
+
+/// Stores the row sums of the accumulators `acc[t][0..R]` to `out[t * ld ..][..R]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn store_tile<const T: usize, const R: usize>(
+    acc: &[[__m512; R]; T],
+    out: *mut f32,
+    ld: usize,
+) {
+    let mask: __mmask8 = ((1u32 << R) - 1) as u8;
+    for (t, row) in acc.iter().enumerate() {
+        let mut a4 = [_mm512_setzero_ps(); 4];
+        a4[..R].copy_from_slice(row);
+        // SAFETY: the caller guarantees out[t * ld + j] is writable for t < T, j < R;
+        // the masked store touches those R floats only.
+        unsafe { _mm_mask_storeu_ps(out.add(t * ld), mask, reduce4(a4)) };
+    }
+}
+
+/// One T x R tile of the f32 kernel over the whole `k`.
+///
+/// # Safety
+/// AVX-512F/BW/VL; x: T rows of stride sx, w: R rows of stride sw (each row k long), out writable at
+/// `t * ld + j` for t < T, j < R.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn tile_f32<const T: usize, const R: usize>(
+    x: *const f32,
+    sx: usize,
+    w: *const f32,
+    sw: usize,
+    k: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let mut i = 0;
+    // SAFETY: full loads read 16 elements at i + 16 <= k of rows inside x and w (the
+    // caller's contract); the tail loads are masked to the k - i valid lanes.
+    unsafe {
+        while i + 16 <= k {
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(w.add(r * sw + i));
+            }
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_loadu_ps(x.add(t * sx + i));
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(xv, wv[r], *a);
+                }
+            }
+            i += 16;
+        }
+        if i < k {
+            let m: __mmask16 = ((1u32 << (k - i)) - 1) as u16;
+            let mut wv = [_mm512_setzero_ps(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                *v = _mm512_maskz_loadu_ps(m, w.add(r * sw + i));
+            }
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_maskz_loadu_ps(m, x.add(t * sx + i));
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(xv, wv[r], *a);
+                }
+            }
+        }
+        store_tile(&acc, out, ld);
+    }
+}
+
+/// One T x R tile of the bf16 kernel: 32 bf16 (16 pairs) per `vdpbf16ps`.
+///
+/// # Safety
+/// AVX-512F/BW/VL/BF16; as for [`tile_f32`] with u16 elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+unsafe fn tile_bf16<const T: usize, const R: usize>(
+    x: *const u16,
+    w: *const u16,
+    k: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let mut acc = [[_mm512_setzero_ps(); R]; T];
+    let mut i = 0;
+    // SAFETY: full loads read 32 elements at i + 32 <= k of rows inside x and w (the
+    // caller's contract); the tail loads are masked to the k - i valid lanes (zeros
+    // contribute nothing). __m512i and __m512bh are both 64 plain bytes.
+    unsafe {
+        while i < k {
+            let m: __mmask32 = if k - i >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << (k - i)) - 1
+            };
+            let full = m == u32::MAX;
+            let mut wv: [__m512bh; R] = std::mem::zeroed();
+            for (r, v) in wv.iter_mut().enumerate() {
+                let p = w.add(r * k + i);
+                *v = std::mem::transmute::<__m512i, __m512bh>(if full {
+                    _mm512_loadu_si512(p as *const __m512i)
+                } else {
+                    _mm512_maskz_loadu_epi16(m, p as *const i16)
+                });
+            }
+            for (t, a) in acc.iter_mut().enumerate() {
+                let p = x.add(t * k + i);
+                let xv = std::mem::transmute::<__m512i, __m512bh>(if full {
+                    _mm512_loadu_si512(p as *const __m512i)
+                } else {
+                    _mm512_maskz_loadu_epi16(m, p as *const i16)
+                });
+                for (r, a) in a.iter_mut().enumerate() {
+                    *a = _mm512_dpbf16_ps(*a, xv, wv[r]);
+                }
+            }
+            i += 32;
+        }
+        store_tile(&acc, out, ld);
+    }
+}
+
+/// Calls `$f::<T, R>` for the runtime tile size (t, r), t in 1..=8, r in 1..=4.
+macro_rules! dispatch {
+    ($f:ident, $t:expr, $r:expr, $($arg:expr),*) => {
+        match ($t, $r) {
+            (1, 1) => $f::<1, 1>($($arg),*), (1, 2) => $f::<1, 2>($($arg),*),
+            (1, 3) => $f::<1, 3>($($arg),*), (1, 4) => $f::<1, 4>($($arg),*),
+            (2, 1) => $f::<2, 1>($($arg),*), (2, 2) => $f::<2, 2>($($arg),*),
+            (2, 3) => $f::<2, 3>($($arg),*), (2, 4) => $f::<2, 4>($($arg),*),
+            (3, 1) => $f::<3, 1>($($arg),*), (3, 2) => $f::<3, 2>($($arg),*),
+            (3, 3) => $f::<3, 3>($($arg),*), (3, 4) => $f::<3, 4>($($arg),*),
+            (4, 1) => $f::<4, 1>($($arg),*), (4, 2) => $f::<4, 2>($($arg),*),
+            (4, 3) => $f::<4, 3>($($arg),*), (4, 4) => $f::<4, 4>($($arg),*),
+            (5, 1) => $f::<5, 1>($($arg),*), (5, 2) => $f::<5, 2>($($arg),*),
+            (5, 3) => $f::<5, 3>($($arg),*), (5, 4) => $f::<5, 4>($($arg),*),
+            (6, 1) => $f::<6, 1>($($arg),*), (6, 2) => $f::<6, 2>($($arg),*),
+            (6, 3) => $f::<6, 3>($($arg),*), (6, 4) => $f::<6, 4>($($arg),*),
+            (7, 1) => $f::<7, 1>($($arg),*), (7, 2) => $f::<7, 2>($($arg),*),
+            (7, 3) => $f::<7, 3>($($arg),*), (7, 4) => $f::<7, 4>($($arg),*),
+            (8, 1) => $f::<8, 1>($($arg),*), (8, 2) => $f::<8, 2>($($arg),*),
+            (8, 3) => $f::<8, 3>($($arg),*), (8, 4) => $f::<8, 4>($($arg),*),
+            _ => unreachable!("tile size"),
+        }
+    };
+}
+
+/// Cache blocking for a kernel with `tt x tr` tiles over rows of `k` elements of `elem`
+/// bytes: (weight rows per block, tokens per block).
+///
+/// A block of tokens (`tb x k`) is sized to stay in L1 next to one weight tile, so each
+/// weight tile, once loaded, serves `tb / tt` token tiles from L1; a block of weight rows
+/// (`rb x k`) is sized to stay in L2 while every token block passes over it.
+fn blocks(tt: usize, tr: usize, k: usize, elem: usize) -> (usize, usize) {
+    let row = k * elem;
+    let tb = (L1_BLOCK_BYTES / row / tt).max(1) * tt;
+    let rb = (L2_BLOCK_BYTES / row / tr).max(1) * tr;
+    (rb, tb)
+}
+
+/// Bytes of activations kept in L1 per token block (Zen 5: 48 KiB L1D).
+const L1_BLOCK_BYTES: usize = 24 << 10;
+/// Bytes of weights kept in L2 per row block (Zen 5: 1 MiB L2).
+const L2_BLOCK_BYTES: usize = 384 << 10;
+
+/// The f32 kernel with tiles of `tt` tokens x `tr` rows (tt <= 8, tr <= 4).
+///
+/// # Safety
+/// AVX-512F/BW/VL; `out` writable at `t * ld + j` for t < n, j < m and not accessed by
+/// anyone else during the call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32_tiled(
+    tt: usize,
+    tr: usize,
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    assert!(x.len() >= n * k && w.len() >= m * k && ld >= m);
+    assert!((1..=8).contains(&tt) && (1..=4).contains(&tr));
+    let (rb, tb) = blocks(tt, tr, k, 4);
+    for r0 in (0..m).step_by(rb) {
+        let r1 = (r0 + rb).min(m);
+        for t0 in (0..n).step_by(tb) {
+            let t1 = (t0 + tb).min(n);
+            let mut j = r0;
+            while j < r1 {
+                let r = tr.min(r1 - j);
+                let mut t = t0;
+                while t < t1 {
+                    let c = tt.min(t1 - t);
+                    // SAFETY: rows t..t+c of x and j..j+r of w are in bounds (asserted
+                    // sizes); outputs (t.., j..) are inside the caller's region.
+                    unsafe {
+                        dispatch!(
+                            tile_f32,
+                            c,
+                            r,
+                            x.as_ptr().add(t * k),
+                            k,
+                            w.as_ptr().add(j * k),
+                            k,
+                            k,
+                            out.add(t * ld + j),
+                            ld
+                        )
+                    };
+                    t += c;
+                }
+                j += r;
+            }
+        }
+    }
+}
+
+/// `out[t * ld + j] = sum_k x[t, k] * w[j, k]` for t < n, j < m with AVX-512 f32 FMAs.
+/// x: [n, k], w: [m, k], both row-major.
+///
+/// # Safety
+/// `has_f32()` must hold; `out` writable at `t * ld + j` for t < n, j < m and not
+/// accessed by anyone else during the call.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_f32(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    out: *mut f32,
+    ld: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { gemm_f32_tiled(TILE_TOKENS, TILE_ROWS, n, m, k, x, w, out, ld) }
+}
+
+/// `out[t * ld + j] = sum_kk x[t * sx + kk] * w[j * sw + kk]` for t < n, j < m, kk < k:
+/// the f32 kernel over strided rows, without cache blocking (for small operands such as
+/// the queries and keys of one attention head).
+///
+/// # Safety
+/// `has_f32()` must hold; x readable at `t * sx + kk`, w at `j * sw + kk` for the ranges
+/// above; `out` writable at `t * ld + j` and not accessed by anyone else during the call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32_strided(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: *const f32,
+    sx: usize,
+    w: *const f32,
+    sw: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    let mut j = 0;
+    while j < m {
+        let r = TILE_ROWS.min(m - j);
+        let mut t = 0;
+        while t < n {
+            let c = TILE_TOKENS.min(n - t);
+            // SAFETY: the caller's contract covers rows t..t+c of x, j..j+r of w and
+            // the outputs (t.., j..).
+            unsafe {
+                dispatch!(
+                    tile_f32,
+                    c,
+                    r,
+                    x.add(t * sx),
+                    sx,
+                    w.add(j * sw),
+                    sw,
+                    k,
+                    out.add(t * ld + j),
+                    ld
+                )
+            };
+            t += c;
+        }
+        j += r;
+    }
+}
+
+/// The bf16 kernel with tiles of `tt` tokens x `tr` rows (tt <= 8, tr <= 4).
+///
+/// # Safety
+/// AVX-512F/BW/VL/BF16; `out` as for [`gemm_f32_tiled`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_bf16_tiled(
+    tt: usize,
+    tr: usize,
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[u16],
+    w: &[u16],
+    out: *mut f32,
+    ld: usize,
+) {
+    assert!(x.len() >= n * k && w.len() >= m * k && ld >= m);
+    assert!((1..=8).contains(&tt) && (1..=4).contains(&tr));
+    let (rb, tb) = blocks(tt, tr, k, 2);
+    for r0 in (0..m).step_by(rb) {
+        let r1 = (r0 + rb).min(m);
+        for t0 in (0..n).step_by(tb) {
+            let t1 = (t0 + tb).min(n);
+            let mut j = r0;
+            while j < r1 {
+                let r = tr.min(r1 - j);
+                let mut t = t0;
+                while t < t1 {
+                    let c = tt.min(t1 - t);
+                    // SAFETY: rows t..t+c of x and j..j+r of w are in bounds (asserted
+                    // sizes); outputs (t.., j..) are inside the caller's region.
+                    unsafe {
+                        dispatch!(
+                            tile_bf16,
+                            c,
+                            r,
+                            x.as_ptr().add(t * k),
+                            w.as_ptr().add(j * k),
+                            k,
+                            out.add(t * ld + j),
+                            ld
+                        )
+                    };
+                    t += c;
+                }
+                j += r;
+            }
+        }
+    }
+}
+
+/// `out[t * ld + j] = sum_k x[t, k] * w[j, k]` with bf16 x (already rounded, see
+/// [`to_bf16`]) and bf16 w, f32 accumulation, via `vdpbf16ps`.
+///
+/// # Safety
+/// `has_bf16()` must hold; `out` as for [`gemm_f32`].
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn gemm_bf16(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[u16],
+    w: &[u16],
+    out: *mut f32,
+    ld: usize,
+) {
+    // SAFETY: forwarded contract.
+    unsafe { gemm_bf16_tiled(TILE_TOKENS, TILE_ROWS, n, m, k, x, w, out, ld) }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(got: &[f32], want: &[f32], what: &str) {
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{what} [{i}]: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn to_bf16_rounds_like_half() {
+        let mut x = data(1000, 5);
+        x.extend([0.0, -0.0, 1.0, f32::INFINITY, 3.0e38, 1.0 + 1.0 / 256.0]);
+        for len in [0, 1, 15, 16, 17, 31, 32, 33, 100, x.len()] {
+            let mut got = vec![0u16; len];
+            to_bf16(&x[..len], &mut got);
+            for (g, &v) in got.iter().zip(&x) {
+                assert_eq!(*g, super::super::dot::f32_to_bf16(v), "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_match_scalar_on_odd_sizes() {
+        for (m, k) in [
+            (1, 1),
+            (17, 33),
+            (65, 130),
+            (200, 577),
+            (5, 16),
+            (7, 32),
+            (3, 64),
+        ] {
+            let w = data(m * k, 1);
+            let wb: Vec<u16> = w
+                .iter()
+                .map(|&v| super::super::dot::f32_to_bf16(v))
+                .collect();
+            for n in 1..=9 {
+                let x = data(n * k, 2);
+                let xb: Vec<u16> = x
+                    .iter()
+                    .map(|&v| super::super::dot::f32_to_bf16(v))
+                    .collect();
+                let ld = m + 3;
+                let mut want = vec![7f32; n * ld];
+                let mut wantb = vec![7f32; n * ld];
+                gemm_f32_scalar(n, m, k, &x, &w, &mut want, ld);
+                gemm_bf16_scalar(n, m, k, &xb, &wb, &mut wantb, ld);
+                for tt in [1, 3, 4, 6, 8] {
+                    for tr in 1..=4 {
+                        if has_f32() {
+                            let mut got = vec![7f32; n * ld];
+                            // SAFETY: has_f32(); got holds n rows of stride ld >= m.
+                            unsafe {
+                                gemm_f32_tiled(tt, tr, n, m, k, &x, &w, got.as_mut_ptr(), ld)
+                            };
+                            check(&got, &want, &format!("f32 {n}x{m}x{k} tile {tt}x{tr}"));
+                        }
+                        if has_bf16() {
+                            let mut got = vec![7f32; n * ld];
+                            // SAFETY: has_bf16(); as above.
+                            unsafe {
+                                gemm_bf16_tiled(tt, tr, n, m, k, &xb, &wb, got.as_mut_ptr(), ld)
+                            };
+                            check(&got, &wantb, &format!("bf16 {n}x{m}x{k} tile {tt}x{tr}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Timing of tile shapes (run with `--ignored --nocapture`): the interleaved medians
+    /// that picked TILE_TOKENS x TILE_ROWS.
+    #[test]
+    #[ignore]
+    fn tile_shapes_timing() {
+        let (n, m, k) = (128, 1536, 576);
+        let w = data(m * k, 1);
+        let x = data(n * k, 2);
+        let wb: Vec<u16> = w
+            .iter()
+            .map(|&v| super::super::dot::f32_to_bf16(v))
+            .collect();
+        let xb: Vec<u16> = x
+            .iter()
+            .map(|&v| super::super::dot::f32_to_bf16(v))
+            .collect();
+        let mut out = vec![0f32; n * m];
+        let shapes = [
+            (4, 4),
+            (6, 4),
+            (8, 3),
+            (8, 2),
+            (5, 4),
+            (4, 3),
+            (3, 4),
+            (2, 4),
+        ];
+        let mut times = vec![(Vec::new(), Vec::new()); shapes.len()];
+        for _ in 0..15 {
+            for (s, &(tt, tr)) in shapes.iter().enumerate() {
+                let t0 = std::time::Instant::now();
+                // SAFETY: out is [n, m].
+                unsafe { gemm_f32_tiled(tt, tr, n, m, k, &x, &w, out.as_mut_ptr(), m) };
+                let t1 = std::time::Instant::now();
+                if has_bf16() {
+                    // SAFETY: out is [n, m].
+                    unsafe { gemm_bf16_tiled(tt, tr, n, m, k, &xb, &wb, out.as_mut_ptr(), m) };
+                }
+                let t2 = std::time::Instant::now();
+                times[s].0.push((t1 - t0).as_secs_f64());
+                times[s].1.push((t2 - t1).as_secs_f64());
+            }
+        }
+        let flop = 2.0 * (n * m * k) as f64;
+        let mut crate_t = Vec::new();
+        let mut l1 = (Vec::new(), Vec::new());
+        for _ in 0..15 {
+            let t0 = std::time::Instant::now();
+            // SAFETY: out is [n, m]; x [n, k] row-major; w^T read with row stride 1,
+            // column stride k.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    m,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    w.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+            crate_t.push(t0.elapsed().as_secs_f64());
+            // In-L1 peak: a 4x4 tile over k = 512, repeated.
+            let t0 = std::time::Instant::now();
+            for _ in 0..2000 {
+                // SAFETY: out holds 4 rows of stride m.
+                unsafe { gemm_f32_tiled(4, 4, 4, 4, 512, &x, &w, out.as_mut_ptr(), m) };
+            }
+            let t1 = std::time::Instant::now();
+            for _ in 0..2000 {
+                // SAFETY: as above.
+                unsafe { gemm_bf16_tiled(4, 4, 4, 4, 512, &xb, &wb, out.as_mut_ptr(), m) };
+            }
+            let t2 = std::time::Instant::now();
+            l1.0.push((t1 - t0).as_secs_f64());
+            l1.1.push((t2 - t1).as_secs_f64());
+        }
+        crate_t.sort_by(f64::total_cmp);
+        l1.0.sort_by(f64::total_cmp);
+        l1.1.sort_by(f64::total_cmp);
+        let f1 = 2000.0 * 2.0 * 16.0 * 512.0;
+        println!(
+            "gemm crate f32 {:.1} GFLOP/s; in-L1 4x4 f32 {:.1}, bf16 {:.1} GFLOP/s",
+            flop / crate_t[7] / 1e9,
+            f1 / l1.0[7] / 1e9,
+            f1 / l1.1[7] / 1e9
+        );
+        for (s, (a, b)) in shapes.iter().zip(times.iter_mut()) {
+            a.sort_by(f64::total_cmp);
+            b.sort_by(f64::total_cmp);
+            println!(
+                "tile {}x{}: f32 {:.1} GFLOP/s, bf16 {:.1} GFLOP/s",
+                s.0,
+                s.1,
+                flop / a[a.len() / 2] / 1e9,
+                flop / b[b.len() / 2] / 1e9
+            );
+        }
+    }
+}
