@@ -105,7 +105,7 @@ fn seed_gguf() -> Vec<u8> {
     let f32s = |n: u64, seed: u32| -> Vec<u8> {
         (0..n)
             .flat_map(|i| {
-                (((i as u32 * 2654435761 ^ seed) % 1000) as f32 / 1000.0 - 0.5).to_le_bytes()
+                ((((i as u32 * 2654435761) ^ seed) % 1000) as f32 / 1000.0 - 0.5).to_le_bytes()
             })
             .collect()
     };
