@@ -158,8 +158,10 @@ fn calibrate_save_load_round_trip_runs_sparse_and_refuses_other_models() {
         ..Default::default()
     };
     let mut stages = Vec::new();
+    let t0 = std::time::Instant::now();
     let (p, report) = calibrate(m, &ids, &opts, |s, _, _| {
         if stages.last() != Some(&s) {
+            eprintln!("{:.1} s: {s}", t0.elapsed().as_secs_f64());
             stages.push(s)
         }
     })

@@ -678,15 +678,17 @@ pub fn calibrate(
             opts.window, cfg.max_position_embeddings
         )));
     }
-    if !(opts.budget > 0.0 && opts.budget.is_finite()) || !(opts.ridge >= 0.0) {
+    let valid_budget = opts.budget > 0.0 && opts.budget.is_finite();
+    if !valid_budget || opts.ridge.is_nan() || opts.ridge < 0.0 {
         return Err(Error::Input(format!(
             "budget {} must be > 0 and ridge {} >= 0",
             opts.budget, opts.ridge
         )));
     }
+    let unit = |x: f64| x > 0.0 && x <= 1.0;
     if !(0.0..1.0).contains(&opts.heldout_fraction)
-        || !(opts.min_density > 0.0 && opts.min_density <= 1.0)
-        || !(opts.report_density > 0.0 && opts.report_density <= 1.0)
+        || !unit(opts.min_density)
+        || !unit(opts.report_density)
     {
         return Err(Error::Input(
             "heldout_fraction must be in [0, 1), min_density and report_density in (0, 1]".into(),
@@ -731,7 +733,9 @@ pub fn calibrate(
             Logits::None
         } else {
             let base = (w - fit_w.len()) * opts.window;
-            rec.keep = (0..opts.window).map(|t| (base + t) % stride == 0).collect();
+            rec.keep = (0..opts.window)
+                .map(|t| (base + t).is_multiple_of(stride))
+                .collect();
             Logits::All
         };
         let mut cache = model.new_cache();
@@ -827,14 +831,15 @@ pub fn calibrate(
     progress(Stage::Report, nl, nl);
 
     // 4a. Sensitivity: each layer alone at density 0.5 (of the scorable range) on the
-    // first held-out window, KL to dense.
+    // start of the first held-out window, KL to dense.
     let top = match opts.scorer {
         Scorer::Cascade { superset } => ((superset * GRID as f64).floor() as usize).min(GRID),
         _ => GRID,
     };
     let bottom = ((opts.min_density * GRID as f64).ceil() as usize).clamp(1, top);
     let j_probe = (GRID / 2).clamp(bottom, top);
-    let sens_chunk = held_w[0];
+    // At most 256 tokens: the sensitivity only has to rank the layers.
+    let sens_chunk = &held_w[0][..opts.window.min(256)];
     let vocab = cfg.vocab_size;
     let mut dense_lp = model.forward(sens_chunk, &mut model.new_cache(), Logits::All, None)?;
     log_softmax_rows(&mut dense_lp, vocab);
