@@ -8,8 +8,8 @@
 //! and `layers.{i}.b_up` [up_rank, intermediate], optionally `thresholds` [layers] (the
 //! per-layer cut-offs of `calibrated`); metadata `model` (see [`model_identity`]), `rank`,
 //! `up_rank` (0: no up predictor), `format_version`, plus any provenance keys
-//! ([`Predictor::metadata`]: calibration text hash, budget, ...). All tensors F32 (F16/BF16 accepted
-//! on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
+//! ([`Predictor::metadata`]: calibration text hash, budget, ...). All tensors F32
+//! (F16/BF16 accepted on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
 //! [intermediate, rank]) so both products are row-major matvecs over the pool.
 
 use std::collections::{BTreeMap, HashMap};
