@@ -1,11 +1,13 @@
 //! Contextual MLP sparsity at decode: per token and layer, score the neurons, keep those a
 //! threshold selects, and compute the MLP over them only. This module owns the sparsity
 //! configuration (the SPEC grammar's front door); the parts live in submodules:
-//! `threshold` (selection rules), `predictor` (low-rank scorers and their files),
+//! `threshold` (selection rules), `predictor` (low-rank scorers and their files), `calibrate`
+//! (fitting predictors and `calibrated` cut-offs from text),
 //! `weight_cache` (compact active rows), `mlp` (the [`SparseMlp`] override of the dense
 //! MLP), `bench` (component benchmarks). The kernels are in `crate::kernels::sparse`.
 
 pub mod bench;
+pub mod calibrate;
 pub mod mlp;
 pub mod predictor;
 pub mod threshold;

@@ -7,11 +7,12 @@
 //! `layers.{i}.b_gate` [rank, intermediate], optionally `layers.{i}.a_up` [hidden, up_rank]
 //! and `layers.{i}.b_up` [up_rank, intermediate], optionally `thresholds` [layers] (the
 //! per-layer cut-offs of `calibrated`); metadata `model` (see [`model_identity`]), `rank`,
-//! `up_rank` (0: no up predictor), `format_version`. All tensors F32 (F16/BF16 accepted
-//! on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
+//! `up_rank` (0: no up predictor), `format_version`, plus any provenance keys
+//! ([`Predictor::metadata`]: calibration text hash, budget, ...). All tensors F32
+//! (F16/BF16 accepted on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
 //! [intermediate, rank]) so both products are row-major matvecs over the pool.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -55,6 +56,7 @@ pub fn model_identity(model: &Llama) -> String {
 }
 
 /// One low-rank factorisation `W ≈ A·B` of a projection, stored transposed.
+#[derive(Clone)]
 pub struct LowRank {
     pub rank: usize,
     /// A^T: [rank, hidden].
@@ -114,6 +116,7 @@ fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// One layer's predictors.
+#[derive(Clone)]
 pub struct LayerPredictor {
     pub gate: LowRank,
     pub up: Option<LowRank>,
@@ -128,6 +131,7 @@ pub struct PredictorScratch {
 }
 
 /// Per-layer low-rank predictors for one model.
+#[derive(Clone)]
 pub struct Predictor {
     /// The [`model_identity`] of the model it was fitted to.
     pub model: String,
@@ -140,7 +144,15 @@ pub struct Predictor {
     pub layers: Vec<LayerPredictor>,
     /// Per-layer cut-offs for `calibrated`, when the file holds them.
     pub thresholds: Option<Vec<f32>>,
+    /// Further file metadata (provenance: calibration text hash, budget, ...), saved and
+    /// loaded as is; the keys the format itself uses (see [`RESERVED_METADATA`]) are not
+    /// allowed here and are skipped on save.
+    pub metadata: BTreeMap<String, String>,
 }
+
+/// Metadata keys the file format owns.
+pub const RESERVED_METADATA: [&str; 5] =
+    ["model", "rank", "up_rank", "format_version", "num_layers"];
 
 /// A small deterministic generator (xorshift64*) for random predictors and test data.
 pub(crate) struct Rng(u64);
@@ -197,6 +209,7 @@ impl Predictor {
             up_rank: rank,
             layers,
             thresholds: None,
+            metadata: BTreeMap::new(),
         }
     }
 
@@ -273,16 +286,23 @@ impl Predictor {
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(|e| perr(e.to_string()))?;
-        let meta: HashMap<String, String> = [
-            ("model", self.model.clone()),
-            ("rank", self.rank.to_string()),
-            ("up_rank", self.up_rank.to_string()),
-            ("format_version", FORMAT_VERSION.to_string()),
-            ("num_layers", self.layers.len().to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        let mut meta: HashMap<String, String> = self
+            .metadata
+            .iter()
+            .filter(|(k, _)| !RESERVED_METADATA.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        meta.extend(
+            [
+                ("model", self.model.clone()),
+                ("rank", self.rank.to_string()),
+                ("up_rank", self.up_rank.to_string()),
+                ("format_version", FORMAT_VERSION.to_string()),
+                ("num_layers", self.layers.len().to_string()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+        );
         safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| perr(e.to_string()))
     }
 
@@ -370,6 +390,11 @@ impl Predictor {
         } else {
             None
         };
+        let metadata = meta
+            .iter()
+            .filter(|(k, _)| !RESERVED_METADATA.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Ok(Predictor {
             model,
             hidden: h,
@@ -378,6 +403,7 @@ impl Predictor {
             up_rank,
             layers,
             thresholds,
+            metadata,
         })
     }
 }
