@@ -47,9 +47,48 @@ enum Command {
     Eval(EvalArgs),
     /// Time to first token, prefill and decode speed, memory: repeated runs, medians.
     Bench(BenchArgs),
+    /// Fit low-rank neuron-score predictors (and calibrated per-layer thresholds) on a text.
+    Calibrate(CalibrateArgs),
     /// Write a HuggingFace directory with seeded random weights of a real model's shape
     /// (for benchmarks at realistic sizes; the tokenizer is the default model's).
     Synth(SynthArgs),
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    /// Calibration text (UTF-8). Never evaluate on the text you calibrate on.
+    #[arg(long)]
+    text: PathBuf,
+    /// Output predictor file (safetensors; written atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Rank of the gate predictors.
+    #[arg(long, default_value_t = 128, value_parser = parse_positive)]
+    rank: usize,
+    /// Rank of the up predictors (0: none; scores are then |silu(g)|).
+    #[arg(long, default_value_t = 128)]
+    up_rank: usize,
+    /// At most this many tokens of the text are used (fit and held-out together).
+    #[arg(long, default_value_t = 8192, value_parser = parse_positive)]
+    max_tokens: usize,
+    /// Quality budget of `--sparsity calibrated`: allowed relative perplexity increase
+    /// over dense on held-out calibration text.
+    #[arg(long, default_value_t = 0.05)]
+    budget: f64,
+    /// The scorer the calibrated thresholds are for: lowrank or cascade[:F].
+    #[arg(long, default_value = "lowrank", value_parser = parse_scorer)]
+    scorer: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Compute dtype during calibration.
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    dtype: DType,
+    /// Worker threads (default: the number of physical cores).
+    #[arg(long, value_parser = parse_threads)]
+    threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -662,6 +701,78 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
     Ok(())
 }
 
+fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
+    use sparsellm::sparse::calibrate::{CalibrationOptions, calibrate};
+    let text = read_text(&a.text)?;
+    let run = RunArgs {
+        model: a.model.clone(),
+        dtype: a.dtype,
+        threads: a.threads,
+        sparsity: "off".into(),
+        scorer: None,
+        predictor: None,
+        sparse_mode: "cached".into(),
+    };
+    let l = load(&run)?;
+    let ids = l.tokenizer.encode(&text)?;
+    let opts = CalibrationOptions {
+        rank: a.rank,
+        up_rank: a.up_rank,
+        max_tokens: a.max_tokens,
+        budget: a.budget,
+        scorer: a.scorer.parse()?,
+        ..CalibrationOptions::default()
+    };
+    let pb = progress_bar(0, "calibrate");
+    let (predictor, report) = calibrate(&l.model, &ids, &opts, |stage, done, total| {
+        pb.set_message(format!("calibrate: {stage}"));
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    predictor.save(&a.out)?;
+    if a.json {
+        println!("{}", json!(report));
+        return Ok(());
+    }
+    println!(
+        "| layer | rel. err g | rel. err u | recall@{:.2} | calibrated density | recall there |",
+        opts.report_density
+    );
+    println!("|---|---|---|---|---|---|");
+    for r in &report.layers {
+        println!(
+            "| {} | {:.3} | {} | {:.3} | {:.3} | {:.3} |",
+            r.layer,
+            r.gate_rel_err,
+            r.up_rel_err
+                .map(|e| format!("{e:.3}"))
+                .unwrap_or_else(|| "-".into()),
+            r.recall,
+            r.density,
+            r.recall_calibrated
+        );
+    }
+    println!(
+        "fit on {} tokens, held out {}: dense ppl {:.3}, calibrated ppl {:.3} (x{:.3}, budget x{:.3}{}), KL {:.4}, mean MLP density {:.3}",
+        report.fit_tokens,
+        report.heldout_tokens,
+        report.heldout_ppl_dense,
+        report.heldout_ppl_sparse,
+        report.heldout_ppl_ratio,
+        1.0 + report.budget,
+        if report.budget_met {
+            ", met"
+        } else {
+            ", NOT met"
+        },
+        report.heldout_kl,
+        report.mean_density
+    );
+    println!("wrote {}", a.out.display());
+    Ok(())
+}
+
 fn cmd_synth(a: SynthArgs) -> Result<()> {
     // The tokenizer of the default model: real text tokenizes to ids below its 49152.
     let source = loader::open(&fetch::default_model_path()?)?;
@@ -724,6 +835,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Bench(a) => cmd_bench(a),
         Command::Synth(a) => cmd_synth(a),
+        Command::Calibrate(a) => cmd_calibrate(a),
     }
 }
 
