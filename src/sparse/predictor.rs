@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::kernels::dot::{bf16_to_f32, f32_to_bf16};
 use crate::kernels::{ThreadPool, WeightView, matvec, ops::silu};
 use crate::loader::safetensors::SafetensorsFile;
 use crate::model::{Llama, ModelConfig};
@@ -54,13 +55,48 @@ pub fn model_identity(model: &Llama) -> String {
     )
 }
 
-/// One low-rank factorisation `W ≈ A·B` of a projection, stored transposed.
+/// A factor's values in a compute dtype.
+enum Factor {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Factor {
+    fn view(&self) -> WeightView<'_> {
+        match self {
+            Factor::F32(v) => WeightView::F32(v),
+            Factor::Bf16(v) => WeightView::Bf16(v),
+        }
+    }
+    fn len(&self) -> usize {
+        self.view().len()
+    }
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Factor::F32(v) => v.clone(),
+            Factor::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
+        }
+    }
+    fn convert_to(&mut self, dtype: DType) {
+        *self = match (&*self, dtype) {
+            (Factor::F32(v), DType::BF16) => {
+                Factor::Bf16(v.iter().map(|&x| f32_to_bf16(x)).collect())
+            }
+            (Factor::Bf16(_), DType::F32) => Factor::F32(self.to_f32()),
+            _ => return,
+        };
+    }
+}
+
+/// One low-rank factorisation `W ≈ A·B` of a projection, stored transposed, in f32 as
+/// loaded or in the model's dtype once a sparse MLP uses it (bf16 halves the bytes each
+/// token reads; the scores only rank neurons).
 pub struct LowRank {
     pub rank: usize,
     /// A^T: [rank, hidden].
-    at: Vec<f32>,
+    at: Factor,
     /// B^T: [intermediate, rank].
-    bt: Vec<f32>,
+    bt: Factor,
 }
 
 impl LowRank {
@@ -70,36 +106,35 @@ impl LowRank {
         assert_eq!(b.len(), rank * inter);
         LowRank {
             rank,
-            at: transpose(a, hidden, rank),
-            bt: transpose(b, rank, inter),
+            at: Factor::F32(transpose(a, hidden, rank)),
+            bt: Factor::F32(transpose(b, rank, inter)),
         }
     }
 
     /// A [hidden, rank] and B [rank, inter] in the file layout.
     fn to_ab(&self, hidden: usize, inter: usize) -> (Vec<f32>, Vec<f32>) {
         (
-            transpose(&self.at, self.rank, hidden),
-            transpose(&self.bt, inter, self.rank),
+            transpose(&self.at.to_f32(), self.rank, hidden),
+            transpose(&self.bt.to_f32(), inter, self.rank),
         )
     }
 
     /// `out = (h·A)·B`. h: [hidden], z: scratch [rank], out: [inter].
     fn apply(&self, pool: &ThreadPool, h: &[f32], z: &mut [f32], out: &mut [f32]) {
         let hidden = h.len();
-        matvec(pool, WeightView::F32(&self.at), self.rank, hidden, h, z);
-        matvec(
-            pool,
-            WeightView::F32(&self.bt),
-            out.len(),
-            self.rank,
-            z,
-            out,
-        );
+        matvec(pool, self.at.view(), self.rank, hidden, h, z);
+        matvec(pool, self.bt.view(), out.len(), self.rank, z, out);
     }
 
     /// Values read per prediction.
     pub fn numel(&self) -> usize {
         self.at.len() + self.bt.len()
+    }
+
+    /// Keeps the factors in `dtype` from now on (saving still writes f32).
+    pub fn convert_to(&mut self, dtype: DType) {
+        self.at.convert_to(dtype);
+        self.bt.convert_to(dtype);
     }
 }
 
@@ -227,6 +262,17 @@ impl Predictor {
                 for (o, &g) in out.iter_mut().zip(&s.g) {
                     *o = silu(g).abs();
                 }
+            }
+        }
+    }
+
+    /// Keeps every factor in `dtype` (what [`SparseMlp`](crate::sparse::SparseMlp) does
+    /// with the model's dtype).
+    pub fn convert_to(&mut self, dtype: DType) {
+        for l in &mut self.layers {
+            l.gate.convert_to(dtype);
+            if let Some(u) = &mut l.up {
+                u.convert_to(dtype);
             }
         }
     }
