@@ -408,6 +408,114 @@ pub fn gather_gate_up(
     });
 }
 
+/// `y = sum_r coefs[r] · row_r` over the rows `0..coefs.len()` of `w` (row r starts at
+/// `r * stride + offset`, `y.len()` elements): a vector-matrix product by columns, for a
+/// low-rank predictor's second factor (each thread takes a range of columns). f32
+/// accumulation, rows in order.
+pub fn combine_rows(w: WeightView<'_>, stride: usize, offset: usize, coefs: &[f32], y: &mut [f32]) {
+    y.fill(0.0);
+    let m = Strided {
+        view: w,
+        stride,
+        offset,
+    };
+    let mut r = 0;
+    while r + 4 <= coefs.len() {
+        let rows = [r, r + 1, r + 2, r + 3];
+        let a = [coefs[r], coefs[r + 1], coefs[r + 2], coefs[r + 3]];
+        m.axpy4(rows, a, y, rows);
+        r += 4;
+    }
+    for (k, &a) in coefs.iter().enumerate().skip(r) {
+        m.axpy(k, a, y);
+    }
+}
+
+/// One low-rank factorisation `W^T ≈ A·B` in the layout [`lowrank_scores`] reads: `at` is
+/// A^T `[rank, hidden]`, `b` is B `[rank, inter]`.
+#[derive(Clone, Copy)]
+pub struct LowRankView<'a> {
+    pub at: WeightView<'a>,
+    pub b: WeightView<'a>,
+    pub rank: usize,
+}
+
+/// Predicted neuron scores `out[i] = |silu(ĝ_i)·û_i|` (or `|silu(ĝ_i)|` without `up`),
+/// with `ĝ = (h·A_g)·B_g`, `û = (h·A_u)·B_u`, in two parallel steps: the z's (rows of
+/// A^T split over the threads), then ĝ, û and the scores (columns split over the
+/// threads). bf16 factors use the bf16 x bf16 dot where available. `hb`, `z`, `g`, `u`
+/// are scratch (resized here).
+#[allow(clippy::too_many_arguments)]
+pub fn lowrank_scores(
+    pool: &ThreadPool,
+    gate: LowRankView<'_>,
+    up: Option<LowRankView<'_>>,
+    h: &[f32],
+    hb: &mut Vec<u16>,
+    z: &mut Vec<f32>,
+    g: &mut Vec<f32>,
+    u: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (hidden, inter) = (h.len(), out.len());
+    let (rg, ru) = (gate.rank, up.map_or(0, |u| u.rank));
+    z.clear();
+    z.resize(rg + ru, 0.0);
+    g.resize(inter, 0.0);
+    u.resize(inter, 0.0);
+    let bf16 = has_avx512_bf16() && matches!(gate.at, WeightView::Bf16(_));
+    if bf16 {
+        to_bf16_into(h, hb);
+    }
+    let input = Input {
+        f: h,
+        b: if bf16 { Some(&hb[..]) } else { None },
+    };
+    let pz = SharedMut(z.as_mut_ptr());
+    pool.for_ranges(rg + ru, 16, &|range| {
+        for r in range {
+            let (f, row) = match up {
+                Some(up) if r >= rg => (up, r - rg),
+                _ => (gate, r),
+            };
+            let v = Strided::matrix(f.at, hidden).dot(row, input);
+            // SAFETY: ranges of different threads are disjoint and below rg + ru = z.len().
+            unsafe { *pz.ptr().add(r) = v };
+        }
+    });
+    let (zg, zu) = z.split_at(rg);
+    let (pg, pu, po) = (
+        SharedMut(g.as_mut_ptr()),
+        SharedMut(u.as_mut_ptr()),
+        SharedMut(out.as_mut_ptr()),
+    );
+    pool.for_ranges(inter, 64, &|range| {
+        // SAFETY: for_ranges hands out disjoint sub-ranges of 0..inter; g, u and out have
+        // inter elements and outlive the call.
+        let (g, u, o) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pg.ptr().add(range.start), range.len()),
+                std::slice::from_raw_parts_mut(pu.ptr().add(range.start), range.len()),
+                std::slice::from_raw_parts_mut(po.ptr().add(range.start), range.len()),
+            )
+        };
+        combine_rows(gate.b, inter, range.start, zg, g);
+        match up {
+            Some(up) => {
+                combine_rows(up.b, inter, range.start, zu, u);
+                for ((o, &g), &u) in o.iter_mut().zip(g.iter()).zip(u.iter()) {
+                    *o = (silu(g) * u).abs();
+                }
+            }
+            None => {
+                for (o, &g) in o.iter_mut().zip(g.iter()) {
+                    *o = silu(g).abs();
+                }
+            }
+        }
+    });
+}
+
 /// Scalar reference: `y += a·w`.
 pub fn axpy_f32_scalar(a: f32, w: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(w) {
@@ -781,7 +889,9 @@ mod tests {
         }
         let (cg, cu, cd) = (copy(&gate), copy(&up), copy(&down_t));
         let slots: Vec<u32> = idx.iter().map(|&n| slot_of[n as usize]).collect();
-        let m = |v: &[u16]| Strided::matrix(WeightView::Bf16(v), hidden);
+        fn m(v: &[u16]) -> Strided<'_> {
+            Strided::matrix(WeightView::Bf16(v), 37)
+        }
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
             let mut outs = Vec::new();

@@ -8,15 +8,17 @@
 //! and `layers.{i}.b_up` [up_rank, intermediate], optionally `thresholds` [layers] (the
 //! per-layer cut-offs of `calibrated`); metadata `model` (see [`model_identity`]), `rank`,
 //! `up_rank` (0: no up predictor), `format_version`. All tensors F32 (F16/BF16 accepted
-//! on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
-//! [intermediate, rank]) so both products are row-major matvecs over the pool.
+//! on load). In memory `A` is kept transposed (`A^T` [rank, hidden]: z is a matvec) and
+//! `B` as in the file (`[rank, intermediate]`: the scores are combinations of its rows,
+//! by ranges of columns); see `kernels::sparse::lowrank_scores`.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::kernels::dot::{bf16_to_f32, f32_to_bf16};
-use crate::kernels::{ThreadPool, WeightView, matvec, ops::silu};
+use crate::kernels::sparse::{LowRankView, lowrank_scores};
+use crate::kernels::{ThreadPool, WeightView};
 use crate::loader::safetensors::SafetensorsFile;
 use crate::model::{Llama, ModelConfig};
 use crate::tensor::{DType, Matrix};
@@ -93,10 +95,11 @@ impl Factor {
 /// token reads; the scores only rank neurons).
 pub struct LowRank {
     pub rank: usize,
-    /// A^T: [rank, hidden].
+    /// A^T: [rank, hidden] (each z_r is a dot product with a row).
     at: Factor,
-    /// B^T: [intermediate, rank].
-    bt: Factor,
+    /// B: [rank, intermediate] (the output is a combination of its rows, computed by
+    /// ranges of columns: long contiguous reads, where B^T's rows are only `rank` long).
+    b: Factor,
 }
 
 impl LowRank {
@@ -107,34 +110,36 @@ impl LowRank {
         LowRank {
             rank,
             at: Factor::F32(transpose(a, hidden, rank)),
-            bt: Factor::F32(transpose(b, rank, inter)),
+            b: Factor::F32(b.to_vec()),
         }
     }
 
     /// A [hidden, rank] and B [rank, inter] in the file layout.
     fn to_ab(&self, hidden: usize, inter: usize) -> (Vec<f32>, Vec<f32>) {
+        debug_assert_eq!(self.b.len(), self.rank * inter);
         (
             transpose(&self.at.to_f32(), self.rank, hidden),
-            transpose(&self.bt.to_f32(), inter, self.rank),
+            self.b.to_f32(),
         )
     }
 
-    /// `out = (h·A)·B`. h: [hidden], z: scratch [rank], out: [inter].
-    fn apply(&self, pool: &ThreadPool, h: &[f32], z: &mut [f32], out: &mut [f32]) {
-        let hidden = h.len();
-        matvec(pool, self.at.view(), self.rank, hidden, h, z);
-        matvec(pool, self.bt.view(), out.len(), self.rank, z, out);
+    fn view(&self) -> LowRankView<'_> {
+        LowRankView {
+            at: self.at.view(),
+            b: self.b.view(),
+            rank: self.rank,
+        }
     }
 
     /// Values read per prediction.
     pub fn numel(&self) -> usize {
-        self.at.len() + self.bt.len()
+        self.at.len() + self.b.len()
     }
 
     /// Keeps the factors in `dtype` from now on (saving still writes f32).
     pub fn convert_to(&mut self, dtype: DType) {
         self.at.convert_to(dtype);
-        self.bt.convert_to(dtype);
+        self.b.convert_to(dtype);
     }
 }
 
@@ -160,6 +165,7 @@ pub struct PredictorScratch {
     z: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    hb: Vec<u16>,
 }
 
 /// Per-layer low-rank predictors for one model.
@@ -247,23 +253,18 @@ impl Predictor {
     ) {
         let p = &self.layers[layer];
         let s = scratch;
-        s.z.resize(self.rank.max(self.up_rank), 0.0);
-        s.g.resize(self.intermediate, 0.0);
-        p.gate.apply(pool, h, &mut s.z[..p.gate.rank], &mut s.g);
-        match &p.up {
-            Some(up) => {
-                s.u.resize(self.intermediate, 0.0);
-                up.apply(pool, h, &mut s.z[..up.rank], &mut s.u);
-                for ((o, &g), &u) in out.iter_mut().zip(&s.g).zip(&s.u) {
-                    *o = (silu(g) * u).abs();
-                }
-            }
-            None => {
-                for (o, &g) in out.iter_mut().zip(&s.g) {
-                    *o = silu(g).abs();
-                }
-            }
-        }
+        assert_eq!(out.len(), self.intermediate);
+        lowrank_scores(
+            pool,
+            p.gate.view(),
+            p.up.as_ref().map(LowRank::view),
+            h,
+            &mut s.hb,
+            &mut s.z,
+            &mut s.g,
+            &mut s.u,
+            out,
+        );
     }
 
     /// Keeps every factor in `dtype` (what [`SparseMlp`](crate::sparse::SparseMlp) does

@@ -355,6 +355,13 @@ fn copy_row(src: WeightView<'_>, row: usize, cols: usize, dst: &mut [u8]) {
 }
 
 fn view(buf: &HugeBuf, dtype: DType, elems: usize) -> WeightView<'_> {
+    if elems == 0 {
+        // An unmapped buffer's empty slice need not be aligned for the element type.
+        return match dtype {
+            DType::F32 => WeightView::F32(&[]),
+            DType::BF16 => WeightView::Bf16(&[]),
+        };
+    }
     let b = &buf.bytes()[..elems * dtype.size()];
     match dtype {
         DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
