@@ -19,7 +19,7 @@ use std::arch::x86_64::*;
 use super::WeightView;
 use super::dot::{
     Isa, bf16_to_f32, dot_bf16, dot_bf16_bf16, dot_bf16_bf16_ahead, dot_f32, dot_f32_scalar,
-    f32_to_bf16, has_avx512_bf16, isa, to_bf16_into,
+    f32_to_bf16, has_avx512_bf16, isa, rows_bf16, rows_f32, to_bf16_into,
 };
 use super::ops::silu;
 use super::pool::{ThreadPool, split_range};
@@ -429,6 +429,50 @@ pub fn combine_rows(w: WeightView<'_>, stride: usize, offset: usize, coefs: &[f3
     for (k, &a) in coefs.iter().enumerate().skip(r) {
         m.axpy(k, a, y);
     }
+}
+
+/// Every neuron's activation `a[i] = silu(gate[i]·h)·(up[i]·h)` and score `|a[i]|`, in
+/// one parallel step (rows split over the threads; the products are the dense matvec's,
+/// bit for bit). gate, up: [inter, hidden]; `u` is scratch of `inter` elements.
+pub fn gate_up_activations(
+    pool: &ThreadPool,
+    gate: WeightView<'_>,
+    up: WeightView<'_>,
+    h: &[f32],
+    a: &mut [f32],
+    u: &mut [f32],
+    scores: &mut [f32],
+) {
+    let (hidden, inter) = (h.len(), a.len());
+    assert!(u.len() == inter && scores.len() == inter);
+    assert!(gate.len() == inter * hidden && up.len() == inter * hidden);
+    let (pa, pu, ps) = (
+        SharedMut(a.as_mut_ptr()),
+        SharedMut(u.as_mut_ptr()),
+        SharedMut(scores.as_mut_ptr()),
+    );
+    pool.for_ranges(inter, 16, &|range| {
+        // SAFETY: for_ranges hands out disjoint sub-ranges of 0..inter; a, u and scores
+        // have inter elements and outlive the call.
+        let (a, u, sc) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(pa.ptr().add(range.start), range.len()),
+                std::slice::from_raw_parts_mut(pu.ptr().add(range.start), range.len()),
+                std::slice::from_raw_parts_mut(ps.ptr().add(range.start), range.len()),
+            )
+        };
+        let rows = range.start * hidden..range.end * hidden;
+        for (w, out) in [(gate, &mut *a), (up, &mut *u)] {
+            match w {
+                WeightView::F32(w) => rows_f32(&w[rows.clone()], h, out),
+                WeightView::Bf16(w) => rows_bf16(&w[rows.clone()], h, out),
+            }
+        }
+        for ((a, &u), s) in a.iter_mut().zip(u.iter()).zip(sc.iter_mut()) {
+            *a = silu(*a) * u;
+            *s = a.abs();
+        }
+    });
 }
 
 /// One low-rank factorisation `W^T ≈ A·B` in the layout [`lowrank_scores`] reads: `at` is

@@ -7,8 +7,10 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::kernels::WeightView;
-use crate::kernels::sparse::{Activation, Items, Strided, gather_gate_up, sparse_mlp};
-use crate::kernels::{ThreadPool, matvec, ops::silu};
+use crate::kernels::sparse::{
+    Activation, Items, Strided, gate_up_activations, gather_gate_up, sparse_mlp,
+};
+use crate::kernels::{ThreadPool, ops::silu};
 use crate::model::llama::{Llama, Mlp, MlpOverride};
 use crate::sparse::predictor::{Predictor, PredictorScratch};
 use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
@@ -287,24 +289,23 @@ impl SparseMlp {
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
             Scorer::Exact => {
+                // a_i = silu(g_i)·u_i of every neuron into g, |a_i| into scores.
                 s.g.resize(inter, 0.0);
                 s.u.resize(inter, 0.0);
-                let w = &mlp.gate_proj.weight;
-                matvec(pool, w.view(), inter, hd, h, &mut s.g);
-                let w = &mlp.up_proj.weight;
-                matvec(pool, w.view(), inter, hd, h, &mut s.u);
-                for ((o, &g), &u) in s.scores.iter_mut().zip(&s.g).zip(&s.u) {
-                    *o = (silu(g) * u).abs();
-                }
+                gate_up_activations(
+                    pool,
+                    mlp.gate_proj.weight.view(),
+                    mlp.up_proj.weight.view(),
+                    h,
+                    &mut s.g,
+                    &mut s.u,
+                    &mut s.scores,
+                );
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
                 s.coefs.clear();
-                s.coefs.extend(
-                    self.mask
-                        .iter()
-                        .map(|&i| silu(s.g[i as usize]) * s.u[i as usize]),
-                );
+                s.coefs.extend(self.mask.iter().map(|&i| s.g[i as usize]));
                 true
             }
             Scorer::LowRank => {

@@ -140,10 +140,20 @@ pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec
         let ord = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
         ((!ord as u64) << 32) | i as u64
     }));
-    keys.select_nth_unstable(k - 1);
-    out.extend(keys[..k].iter().map(|&key| key as u32));
-    // k log k on the kept ones only: ascending indices make gathers walk memory forward.
-    out.sort_unstable();
+    let (_, &mut kth, _) = keys.select_nth_unstable(k - 1);
+    // Keys are distinct (the index is part of each), so exactly k are <= the k-th; a scan
+    // lists them in ascending index order (gathers walk memory forward) without a sort.
+    out.extend(
+        scores
+            .iter()
+            .enumerate()
+            .filter(|&(i, &v)| {
+                let b = v.to_bits();
+                let ord = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+                (((!ord as u64) << 32) | i as u64) <= kth
+            })
+            .map(|(i, _)| i as u32),
+    );
 }
 
 #[cfg(test)]
