@@ -52,7 +52,11 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-/// The dense MLP with every neuron outside `mask` zeroed. h: [hidden] -> [hidden].
+/// The dense MLP with every neuron outside `mask` zeroed. h: [hidden] -> [hidden]. g and u
+/// come from the dense matvec (which rounds h to bf16 for bf16 weights where the sparse
+/// kernels do too); the down projection is summed in f64 from the weights, with the
+/// activations unrounded, as the sparse kernels take them (the dense bf16 matvec would
+/// round them to bf16).
 fn masked_reference(pool: &ThreadPool, mlp: &Mlp, h: &[f32], mask: &[u32]) -> Vec<f32> {
     let (inter, hidden) = (mlp.gate_proj.out_features(), h.len());
     let (mut g, mut u) = (vec![0f32; inter], vec![0f32; inter]);
@@ -61,14 +65,17 @@ fn masked_reference(pool: &ThreadPool, mlp: &Mlp, h: &[f32], mask: &[u32]) -> Ve
     let w = &mlp.up_proj.weight;
     matvec(pool, w.view(), inter, hidden, h, &mut u);
     ops::silu_mul(&mut g, &u);
-    let mut a = vec![0f32; inter];
+    let mut a = vec![0f64; inter];
     for &i in mask {
-        a[i as usize] = g[i as usize];
+        a[i as usize] = g[i as usize] as f64;
     }
-    let mut out = vec![0f32; hidden];
-    let w = &mlp.down_proj.weight;
-    matvec(pool, w.view(), hidden, inter, &a, &mut out);
-    out
+    let mut row = vec![0f32; inter];
+    (0..hidden)
+        .map(|r| {
+            mlp.down_proj.weight.row_to_f32(r, &mut row);
+            row.iter().zip(&a).map(|(&w, &a)| w as f64 * a).sum::<f64>() as f32
+        })
+        .collect()
 }
 
 fn config(threshold: Threshold, scorer: Scorer, mode: Mode) -> SparsityConfig {
@@ -131,7 +138,17 @@ fn check_layers(
                             let mut dense = vec![0f32; hidden];
                             mlp.forward(pool, h, 1, &mut dense);
                             let e = rel_err(&out, &dense);
-                            assert!(e <= tol, "{what}: vs dense, relative error {e}");
+                            // The dense bf16 matvec rounds the down projection's input
+                            // (the activations) to bf16 where AVX-512 BF16 is used: a
+                            // relative error up to ~2^-8 per term.
+                            let dtol = if dtype == DType::BF16
+                                && sparsellm::kernels::dot::has_avx512_bf16()
+                            {
+                                1e-2
+                            } else {
+                                tol
+                            };
+                            assert!(e <= dtol, "{what}: vs dense, relative error {e}");
                         }
                         if let Threshold::Density(d) = threshold {
                             let k = ((d * inter as f64) - 1e-9).ceil() as usize;

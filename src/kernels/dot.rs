@@ -478,3 +478,172 @@ mod rows_tests {
         }
     }
 }
+
+/// `sum(w[i] * x[i])` with both operands bf16 (f32 accumulation), fastest available
+/// version. Unlike the matvec's row kernel this one does not prefetch past the row: it is
+/// meant for gathered rows (the sparse MLP), where the memory after a row is not read next.
+#[inline]
+pub fn dot_bf16_bf16(w: &[u16], x: &[u16]) -> f32 {
+    assert_eq!(w.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: has_avx512_bf16() checked the CPU features; lengths are equal.
+        return unsafe { dot_bf16_bf16_gather_avx512(w, x) };
+    }
+    let mut acc = [0f32; 8];
+    let chunks = w.len() / 8 * 8;
+    for i in (0..chunks).step_by(8) {
+        for j in 0..8 {
+            acc[j] += bf16_to_f32(w[i + j]) * bf16_to_f32(x[i + j]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks..w.len() {
+        s += bf16_to_f32(w[i]) * bf16_to_f32(x[i]);
+    }
+    s
+}
+
+/// As `dot_bf16_bf16_avx512`, without the prefetch ahead (gathered rows).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn dot_bf16_bf16_gather_avx512(w: &[u16], x: &[u16]) -> f32 {
+    let n = w.len().min(x.len());
+    let (pw, px) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    // SAFETY: full loads read 32 elements below n (loop bounds); the tail load is masked
+    // to the n - i valid elements. __m512i and __m512bh are both 64 plain bytes.
+    unsafe {
+        while i + 64 <= n {
+            let w0 = _mm512_loadu_si512(pw.add(i) as *const __m512i);
+            let x0 = _mm512_loadu_si512(px.add(i) as *const __m512i);
+            let w1 = _mm512_loadu_si512(pw.add(i + 32) as *const __m512i);
+            let x1 = _mm512_loadu_si512(px.add(i + 32) as *const __m512i);
+            acc[0] = _mm512_dpbf16_ps(
+                acc[0],
+                std::mem::transmute::<__m512i, __m512bh>(w0),
+                std::mem::transmute::<__m512i, __m512bh>(x0),
+            );
+            acc[1] = _mm512_dpbf16_ps(
+                acc[1],
+                std::mem::transmute::<__m512i, __m512bh>(w1),
+                std::mem::transmute::<__m512i, __m512bh>(x1),
+            );
+            i += 64;
+        }
+        while i < n {
+            let left = n - i;
+            let m: __mmask32 = if left >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << left) - 1
+            };
+            let wv = _mm512_maskz_loadu_epi16(m, pw.add(i) as *const i16);
+            let xv = _mm512_maskz_loadu_epi16(m, px.add(i) as *const i16);
+            acc[0] = _mm512_dpbf16_ps(
+                acc[0],
+                std::mem::transmute::<__m512i, __m512bh>(wv),
+                std::mem::transmute::<__m512i, __m512bh>(xv),
+            );
+            i += 32;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+}
+
+/// Rounds `x` to bf16 into `out` (resized), as the bf16 x bf16 kernels consume it.
+pub fn to_bf16_into(x: &[f32], out: &mut Vec<u16>) {
+    out.clear();
+    out.extend(x.iter().map(|&v| f32_to_bf16(v)));
+}
+
+#[cfg(test)]
+mod bf16_bf16_tests {
+    use super::*;
+
+    #[test]
+    fn gather_dot_matches_scalar_on_odd_sizes() {
+        for n in [0, 1, 31, 32, 33, 63, 64, 65, 127, 576, 2049] {
+            let w: Vec<u16> = (0..n)
+                .map(|i| f32_to_bf16(((i * 7919) % 1013) as f32 / 507.0 - 1.0))
+                .collect();
+            let x: Vec<u16> = (0..n)
+                .map(|i| f32_to_bf16(((i * 104729) % 997) as f32 / 498.0 - 1.0))
+                .collect();
+            let want = dot_bf16_bf16_scalar(&w, &x);
+            let got = dot_bf16_bf16(&w, &x);
+            assert!(
+                (got - want).abs() <= 1e-4 * (n as f32).sqrt() * (1.0 + want.abs()),
+                "n={n}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+/// As [`dot_bf16_bf16`], also prefetching (into L2) `ahead` at the offsets it reads of `w`:
+/// a gathered row is followed by an unrelated one, so the caller names the row it will
+/// read next, and the prefetches spread over this row's work instead of stalling in a
+/// burst. `ahead` must have `w.len()` elements; it is only prefetched, never read.
+#[inline]
+pub fn dot_bf16_bf16_ahead(w: &[u16], x: &[u16], ahead: &[u16]) -> f32 {
+    assert_eq!(w.len(), x.len());
+    assert_eq!(ahead.len(), w.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512_bf16() {
+        // SAFETY: has_avx512_bf16() checked the CPU features; lengths are equal.
+        return unsafe { dot_bf16_bf16_ahead_avx512(w, x, ahead) };
+    }
+    dot_bf16_bf16(w, x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn dot_bf16_bf16_ahead_avx512(w: &[u16], x: &[u16], ahead: &[u16]) -> f32 {
+    let n = w.len().min(x.len()).min(ahead.len());
+    let (pw, px, pa) = (w.as_ptr(), x.as_ptr(), ahead.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    // SAFETY: full loads read 32 elements below n (loop bounds); the tail load is masked
+    // to the n - i valid elements; prefetches stay inside `ahead` (same length) and never
+    // fault. __m512i and __m512bh are both 64 plain bytes.
+    unsafe {
+        while i + 64 <= n {
+            _mm_prefetch::<_MM_HINT_T1>(pa.add(i) as *const i8);
+            _mm_prefetch::<_MM_HINT_T1>(pa.add(i + 32) as *const i8);
+            let w0 = _mm512_loadu_si512(pw.add(i) as *const __m512i);
+            let x0 = _mm512_loadu_si512(px.add(i) as *const __m512i);
+            let w1 = _mm512_loadu_si512(pw.add(i + 32) as *const __m512i);
+            let x1 = _mm512_loadu_si512(px.add(i + 32) as *const __m512i);
+            acc[0] = _mm512_dpbf16_ps(
+                acc[0],
+                std::mem::transmute::<__m512i, __m512bh>(w0),
+                std::mem::transmute::<__m512i, __m512bh>(x0),
+            );
+            acc[1] = _mm512_dpbf16_ps(
+                acc[1],
+                std::mem::transmute::<__m512i, __m512bh>(w1),
+                std::mem::transmute::<__m512i, __m512bh>(x1),
+            );
+            i += 64;
+        }
+        while i < n {
+            let left = n - i;
+            let m: __mmask32 = if left >= 32 {
+                u32::MAX
+            } else {
+                (1u32 << left) - 1
+            };
+            _mm_prefetch::<_MM_HINT_T1>(pa.add(i) as *const i8);
+            let wv = _mm512_maskz_loadu_epi16(m, pw.add(i) as *const i16);
+            let xv = _mm512_maskz_loadu_epi16(m, px.add(i) as *const i16);
+            acc[0] = _mm512_dpbf16_ps(
+                acc[0],
+                std::mem::transmute::<__m512i, __m512bh>(wv),
+                std::mem::transmute::<__m512i, __m512bh>(xv),
+            );
+            i += 32;
+        }
+        _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]))
+    }
+}

@@ -225,7 +225,7 @@ struct BenchLayer {
     gate: Matrix,
     up: Matrix,
     down: Matrix,
-    down_t: Matrix,
+    down_t: crate::sparse::weight_cache::HugeMatrix,
     cache: WeightCache,
 }
 
@@ -254,7 +254,7 @@ pub fn sparse_mlp_table(
         .collect();
     let h = Rng::new(5).vec(hidden, 1.0);
     let mut out = vec![0f32; hidden];
-    let mut acc: Vec<f64> = Vec::new();
+    let mut acc: Vec<f32> = Vec::new();
     let (mut g, mut u) = (vec![0f32; inter], vec![0f32; inter]);
     let gbs = |bytes: usize, ms: f64| bytes as f64 / (ms * 1e-3) / 1e9;
     let dense_ms = time_ms(runs, || {
@@ -345,13 +345,13 @@ pub struct PredictorRow {
     pub rank: usize,
     /// One layer's scores (gate and up predictors), milliseconds.
     pub ms: f64,
-    /// f32 bytes the predictor reads per layer, and that as a fraction of the dense MLP's
-    /// bytes at the same dtype.
+    /// Bytes the predictor reads per layer (in `dtype`), and that as a fraction of the
+    /// dense MLP's bytes at the same dtype.
     pub bytes: usize,
     pub fraction_of_mlp: f64,
 }
 
-/// Predictor cost per rank (gate and up predictors, f32).
+/// Predictor cost per rank (gate and up predictors, in `dtype` as a sparse MLP keeps them).
 pub fn predictor(
     pool: &ThreadPool,
     shape: (usize, usize),
@@ -366,9 +366,10 @@ pub fn predictor(
     ranks
         .iter()
         .map(|&rank| {
-            let per_layer = 2 * rank * (hidden + inter) * 4;
+            let per_layer = 2 * rank * (hidden + inter) * dtype.size();
             let nl = WORKING_SET.div_ceil(per_layer).clamp(1, 64);
-            let p = Predictor::random_shape(hidden, inter, nl, rank, 3);
+            let mut p = Predictor::random_shape(hidden, inter, nl, rank, 3);
+            p.convert_to(dtype);
             let ms = time_ms(runs, || {
                 for l in 0..nl {
                     p.scores(pool, l, &h, &mut scratch, &mut out);

@@ -6,20 +6,30 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::kernels::sparse::{Activation, Items, Strided, gather_gate_up, sparse_mlp};
-use crate::kernels::{ThreadPool, matvec, ops::silu};
+use crate::kernels::WeightView;
+use crate::kernels::sparse::{
+    Activation, Items, Strided, gate_up_activations, gather_gate_up, sparse_mlp,
+};
+use crate::kernels::{ThreadPool, ops::silu};
 use crate::model::llama::{Llama, Mlp, MlpOverride};
 use crate::sparse::predictor::{Predictor, PredictorScratch};
 use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
-use crate::sparse::weight_cache::{CacheSource, WeightCache};
+use crate::sparse::weight_cache::{CacheSource, HugeMatrix, WeightCache};
 use crate::sparse::{Mode, Scorer, SparsityConfig};
 use crate::tensor::{DType, Matrix};
+
+/// `Mode::Cached` updates a layer's cache only when at most this fraction of the mask is
+/// missing from it; above, copying the new rows (read, write, read again) costs more than
+/// the contiguous reads save, and the token gathers from the full matrices instead (the
+/// cache keeps its older contents and later tokens update from there). Both ways compute
+/// the same items in the same order, so the choice never changes the result.
+pub const DEFAULT_MAX_CHURN: f64 = 0.25;
 
 /// One layer's sparse state.
 struct LayerState {
     /// down_proj transposed: [inter, hidden], row i = neuron i's down column. Costs one
     /// extra copy of the down projection (a third of the MLP's weight bytes) per layer.
-    down_t: Matrix,
+    down_t: HugeMatrix,
     cache: WeightCache,
     /// Calibrated cut-off (`calibrated` only).
     cutoff: Option<f32>,
@@ -36,10 +46,11 @@ struct Scratch {
     u: Vec<f32>,
     cand: Vec<u32>,
     local: Vec<u32>,
-    idx: Vec<u32>,
+    keys: Vec<u64>,
     coefs: Vec<f32>,
-    slot_coefs: Vec<f32>,
-    acc: Vec<f64>,
+    slots: Vec<u32>,
+    acc: Vec<f32>,
+    hb: Vec<u16>,
     select: SelectScratch,
     predictor: PredictorScratch,
 }
@@ -54,6 +65,8 @@ pub struct SparseMlp {
     layers: Vec<LayerState>,
     /// The mask of the last token processed (ascending neuron indices).
     mask: Vec<u32>,
+    /// See [`DEFAULT_MAX_CHURN`].
+    max_churn: f64,
     s: Scratch,
 }
 
@@ -130,6 +143,11 @@ impl SparseMlp {
         } else {
             vec![None; mlps.len()]
         };
+        // The predictor's factors in the model's dtype (bf16 halves its bytes per token).
+        let predictor = predictor.map(|mut p| {
+            p.convert_to(dtype);
+            p
+        });
         // Off runs dense: no per-layer state, no transposed copies.
         let layers = if config.is_off() {
             Vec::new()
@@ -154,6 +172,7 @@ impl SparseMlp {
             inter,
             layers,
             mask: Vec::new(),
+            max_churn: DEFAULT_MAX_CHURN,
             s: Scratch::default(),
         })
     }
@@ -169,6 +188,11 @@ impl SparseMlp {
     }
     pub fn set_prefill_dense(&mut self, dense: bool) {
         self.config.prefill_dense = dense;
+    }
+    /// Sets the cached mode's churn limit (see [`DEFAULT_MAX_CHURN`]); 1.0 always updates
+    /// the cache, 0.0 uses it only when the mask did not change.
+    pub fn set_max_churn(&mut self, churn: f64) {
+        self.max_churn = churn;
     }
 
     /// Achieved density over every token and layer processed sparsely since the last
@@ -265,24 +289,23 @@ impl SparseMlp {
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
             Scorer::Exact => {
+                // a_i = silu(g_i)·u_i of every neuron into g, |a_i| into scores.
                 s.g.resize(inter, 0.0);
                 s.u.resize(inter, 0.0);
-                let w = &mlp.gate_proj.weight;
-                matvec(pool, w.view(), inter, hd, h, &mut s.g);
-                let w = &mlp.up_proj.weight;
-                matvec(pool, w.view(), inter, hd, h, &mut s.u);
-                for ((o, &g), &u) in s.scores.iter_mut().zip(&s.g).zip(&s.u) {
-                    *o = (silu(g) * u).abs();
-                }
+                gate_up_activations(
+                    pool,
+                    mlp.gate_proj.weight.view(),
+                    mlp.up_proj.weight.view(),
+                    h,
+                    &mut s.g,
+                    &mut s.u,
+                    &mut s.scores,
+                );
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
                 s.coefs.clear();
-                s.coefs.extend(
-                    self.mask
-                        .iter()
-                        .map(|&i| silu(s.g[i as usize]) * s.u[i as usize]),
-                );
+                s.coefs.extend(self.mask.iter().map(|&i| s.g[i as usize]));
                 true
             }
             Scorer::LowRank => {
@@ -297,10 +320,19 @@ impl SparseMlp {
                 let p = self.predictor.as_ref().expect("checked at construction");
                 p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
                 let c = top_k_count(superset, inter);
-                select_top_k(&s.scores, c, &mut s.idx, &mut s.cand);
+                select_top_k(&s.scores, c, &mut s.keys, &mut s.cand);
                 s.g.resize(c, 0.0);
                 s.u.resize(c, 0.0);
-                gather_gate_up(pool, gate, up, &s.cand, h, &mut s.g[..c], &mut s.u[..c]);
+                gather_gate_up(
+                    pool,
+                    gate,
+                    up,
+                    &s.cand,
+                    h,
+                    &mut s.g[..c],
+                    &mut s.u[..c],
+                    &mut s.hb,
+                );
                 for k in 0..c {
                     s.scores[k] = (silu(s.g[k]) * s.u[k]).abs();
                 }
@@ -309,7 +341,7 @@ impl SparseMlp {
                 match self.config.threshold {
                     Threshold::Density(d) => {
                         let k = top_k_count(d, inter).min(c);
-                        select_top_k(&s.scores[..c], k, &mut s.idx, &mut s.local);
+                        select_top_k(&s.scores[..c], k, &mut s.keys, &mut s.local);
                     }
                     t => t.select(&s.scores[..c], st.cutoff, &mut s.select, &mut s.local),
                 }
@@ -327,7 +359,10 @@ impl SparseMlp {
         };
         st.tokens += 1;
         st.active += self.mask.len() as u64;
-        if cached {
+        // Items in mask order in both paths (and in batched calls), so the cached and
+        // the gathered computation agree bit for bit.
+        if cached && st.cache.missing(&self.mask) as f64 <= self.max_churn * self.mask.len() as f64
+        {
             let src = CacheSource {
                 gate: mlp.gate_proj.weight.view(),
                 up: mlp.up_proj.weight.view(),
@@ -335,32 +370,19 @@ impl SparseMlp {
                 hidden: hd,
             };
             st.cache.update(&src, &self.mask);
+            st.cache.slots_of(&self.mask, &mut s.slots);
             let (dv, ds) = st.cache.down();
             let down = Strided {
                 view: dv,
                 stride: ds,
                 offset: 0,
             };
-            let items = Items::Slots(st.cache.len());
-            if have_coefs {
-                // Coefficients in slot order: slot j holds neuron neurons()[j].
-                s.slot_coefs.clear();
-                s.slot_coefs.extend(st.cache.neurons().iter().map(|&n| {
-                    let k = self.mask.binary_search(&n).expect("cache holds the mask");
-                    s.coefs[k]
-                }));
-                sparse_mlp(
-                    pool,
-                    items,
-                    Activation::Given(&s.slot_coefs),
-                    down,
-                    h,
-                    out,
-                    &mut s.acc,
-                );
+            let items = Items::Gather(&s.slots);
+            let act = if have_coefs {
+                Activation::Given(&s.coefs)
             } else {
                 let (gv, gs) = st.cache.gate_up();
-                let act = Activation::Compute {
+                Activation::Compute {
                     gate: Strided {
                         view: gv,
                         stride: gs,
@@ -371,9 +393,9 @@ impl SparseMlp {
                         stride: gs,
                         offset: hd,
                     },
-                };
-                sparse_mlp(pool, items, act, down, h, out, &mut s.acc);
-            }
+                }
+            };
+            sparse_mlp(pool, items, act, down, h, out, &mut s.acc);
         } else {
             let items = Items::Gather(&self.mask);
             let act = if have_coefs {
@@ -399,17 +421,40 @@ impl MlpOverride for SparseMlp {
     }
 }
 
-/// `w` ([rows, cols]) transposed into a new owned [cols, rows] matrix in `dtype`, blocked
-/// so both sides stay in cache. bf16 values survive the f32 round trip exactly.
-pub fn transpose_matrix(w: &Matrix, dtype: DType) -> Matrix {
+/// `w` ([rows, cols]) transposed into a new owned [cols, rows] matrix in `dtype` (in a
+/// huge-page mapping), in 64 x 64 tiles so both sides stay in cache. Same dtype: the
+/// values are moved bit for bit; otherwise they go through f32 (bf16 survives exactly).
+pub fn transpose_matrix(w: &Matrix, dtype: DType) -> HugeMatrix {
     let (rows, cols) = (w.rows, w.cols);
-    let mut t = vec![0f32; rows * cols];
-    let mut row = vec![0f32; cols];
-    for r in 0..rows {
-        w.row_to_f32(r, &mut row);
-        for (c, &v) in row.iter().enumerate() {
-            t[c * rows + r] = v;
+    let mut t = HugeMatrix::zeroed(cols, rows, dtype);
+    match (w.view(), dtype) {
+        (WeightView::F32(src), DType::F32) => {
+            transpose_into(src, rows, cols, bytemuck::cast_slice_mut(t.bytes_mut()))
+        }
+        (WeightView::Bf16(src), DType::BF16) => {
+            transpose_into(src, rows, cols, bytemuck::cast_slice_mut(t.bytes_mut()))
+        }
+        _ => {
+            let tmp = Matrix::from_f32(&w.to_f32_vec(), rows, cols, dtype);
+            return transpose_matrix(&tmp, dtype);
         }
     }
-    Matrix::from_f32(&t, cols, rows, dtype)
+    t
+}
+
+fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const B: usize = 64;
+    assert!(src.len() == rows * cols && dst.len() == rows * cols);
+    for r0 in (0..rows).step_by(B) {
+        let r1 = (r0 + B).min(rows);
+        for c0 in (0..cols).step_by(B) {
+            let c1 = (c0 + B).min(cols);
+            for r in r0..r1 {
+                let row = &src[r * cols + c0..r * cols + c1];
+                for (c, &v) in (c0..c1).zip(row) {
+                    dst[c * rows + r] = v;
+                }
+            }
+        }
+    }
 }

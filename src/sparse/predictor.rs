@@ -9,14 +9,17 @@
 //! per-layer cut-offs of `calibrated`); metadata `model` (see [`model_identity`]), `rank`,
 //! `up_rank` (0: no up predictor), `format_version`, plus any provenance keys
 //! ([`Predictor::metadata`]: calibration text hash, budget, ...). All tensors F32
-//! (F16/BF16 accepted on load). In memory both factors are kept transposed (`A^T` [rank, hidden], `B^T`
-//! [intermediate, rank]) so both products are row-major matvecs over the pool.
+//! (F16/BF16 accepted on load). In memory `A` is kept transposed (`A^T` [rank, hidden]: z
+//! is a matvec) and `B` as in the file (`[rank, intermediate]`: the scores are
+//! combinations of its rows, by ranges of columns); see `kernels::sparse::lowrank_scores`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::kernels::{ThreadPool, WeightView, matvec, ops::silu};
+use crate::kernels::dot::{bf16_to_f32, f32_to_bf16};
+use crate::kernels::sparse::{LowRankView, lowrank_scores};
+use crate::kernels::{ThreadPool, WeightView};
 use crate::loader::safetensors::SafetensorsFile;
 use crate::model::{Llama, ModelConfig};
 use crate::tensor::{DType, Matrix};
@@ -55,14 +58,51 @@ pub fn model_identity(model: &Llama) -> String {
     )
 }
 
-/// One low-rank factorisation `W ≈ A·B` of a projection, stored transposed.
+/// A factor's values in a compute dtype.
+#[derive(Clone)]
+enum Factor {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Factor {
+    fn view(&self) -> WeightView<'_> {
+        match self {
+            Factor::F32(v) => WeightView::F32(v),
+            Factor::Bf16(v) => WeightView::Bf16(v),
+        }
+    }
+    fn len(&self) -> usize {
+        self.view().len()
+    }
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Factor::F32(v) => v.clone(),
+            Factor::Bf16(v) => v.iter().map(|&b| bf16_to_f32(b)).collect(),
+        }
+    }
+    fn convert_to(&mut self, dtype: DType) {
+        *self = match (&*self, dtype) {
+            (Factor::F32(v), DType::BF16) => {
+                Factor::Bf16(v.iter().map(|&x| f32_to_bf16(x)).collect())
+            }
+            (Factor::Bf16(_), DType::F32) => Factor::F32(self.to_f32()),
+            _ => return,
+        };
+    }
+}
+
+/// One low-rank factorisation `W ≈ A·B` of a projection, stored transposed, in f32 as
+/// loaded or in the model's dtype once a sparse MLP uses it (bf16 halves the bytes each
+/// token reads; the scores only rank neurons).
 #[derive(Clone)]
 pub struct LowRank {
     pub rank: usize,
-    /// A^T: [rank, hidden].
-    at: Vec<f32>,
-    /// B^T: [intermediate, rank].
-    bt: Vec<f32>,
+    /// A^T: [rank, hidden] (each z_r is a dot product with a row).
+    at: Factor,
+    /// B: [rank, intermediate] (the output is a combination of its rows, computed by
+    /// ranges of columns: long contiguous reads, where B^T's rows are only `rank` long).
+    b: Factor,
 }
 
 impl LowRank {
@@ -72,36 +112,37 @@ impl LowRank {
         assert_eq!(b.len(), rank * inter);
         LowRank {
             rank,
-            at: transpose(a, hidden, rank),
-            bt: transpose(b, rank, inter),
+            at: Factor::F32(transpose(a, hidden, rank)),
+            b: Factor::F32(b.to_vec()),
         }
     }
 
     /// A [hidden, rank] and B [rank, inter] in the file layout.
     fn to_ab(&self, hidden: usize, inter: usize) -> (Vec<f32>, Vec<f32>) {
+        debug_assert_eq!(self.b.len(), self.rank * inter);
         (
-            transpose(&self.at, self.rank, hidden),
-            transpose(&self.bt, inter, self.rank),
+            transpose(&self.at.to_f32(), self.rank, hidden),
+            self.b.to_f32(),
         )
     }
 
-    /// `out = (h·A)·B`. h: [hidden], z: scratch [rank], out: [inter].
-    fn apply(&self, pool: &ThreadPool, h: &[f32], z: &mut [f32], out: &mut [f32]) {
-        let hidden = h.len();
-        matvec(pool, WeightView::F32(&self.at), self.rank, hidden, h, z);
-        matvec(
-            pool,
-            WeightView::F32(&self.bt),
-            out.len(),
-            self.rank,
-            z,
-            out,
-        );
+    fn view(&self) -> LowRankView<'_> {
+        LowRankView {
+            at: self.at.view(),
+            b: self.b.view(),
+            rank: self.rank,
+        }
     }
 
     /// Values read per prediction.
     pub fn numel(&self) -> usize {
-        self.at.len() + self.bt.len()
+        self.at.len() + self.b.len()
+    }
+
+    /// Keeps the factors in `dtype` from now on (saving still writes f32).
+    pub fn convert_to(&mut self, dtype: DType) {
+        self.at.convert_to(dtype);
+        self.b.convert_to(dtype);
     }
 }
 
@@ -128,6 +169,7 @@ pub struct PredictorScratch {
     z: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    hb: Vec<u16>,
 }
 
 /// Per-layer low-rank predictors for one model.
@@ -225,21 +267,27 @@ impl Predictor {
     ) {
         let p = &self.layers[layer];
         let s = scratch;
-        s.z.resize(self.rank.max(self.up_rank), 0.0);
-        s.g.resize(self.intermediate, 0.0);
-        p.gate.apply(pool, h, &mut s.z[..p.gate.rank], &mut s.g);
-        match &p.up {
-            Some(up) => {
-                s.u.resize(self.intermediate, 0.0);
-                up.apply(pool, h, &mut s.z[..up.rank], &mut s.u);
-                for ((o, &g), &u) in out.iter_mut().zip(&s.g).zip(&s.u) {
-                    *o = (silu(g) * u).abs();
-                }
-            }
-            None => {
-                for (o, &g) in out.iter_mut().zip(&s.g) {
-                    *o = silu(g).abs();
-                }
+        assert_eq!(out.len(), self.intermediate);
+        lowrank_scores(
+            pool,
+            p.gate.view(),
+            p.up.as_ref().map(LowRank::view),
+            h,
+            &mut s.hb,
+            &mut s.z,
+            &mut s.g,
+            &mut s.u,
+            out,
+        );
+    }
+
+    /// Keeps every factor in `dtype` (what [`SparseMlp`](crate::sparse::SparseMlp) does
+    /// with the model's dtype).
+    pub fn convert_to(&mut self, dtype: DType) {
+        for l in &mut self.layers {
+            l.gate.convert_to(dtype);
+            if let Some(u) = &mut l.up {
+                u.convert_to(dtype);
             }
         }
     }

@@ -81,7 +81,7 @@ pub fn top_k_count(density: f64, n: usize) -> usize {
 /// Scratch buffers reused across tokens so selection does not allocate.
 #[derive(Default)]
 pub struct SelectScratch {
-    idx: Vec<u32>,
+    keys: Vec<u64>,
 }
 
 impl Threshold {
@@ -111,7 +111,7 @@ impl Threshold {
             },
             Threshold::Density(d) => {
                 let k = top_k_count(d, n);
-                select_top_k(scores, k, &mut scratch.idx, out);
+                select_top_k(scores, k, &mut scratch.keys, out);
             }
         }
     }
@@ -119,8 +119,10 @@ impl Threshold {
 
 /// The `k` highest-scoring indices, ascending, in O(n) (select_nth, not a sort of all n).
 /// Order: score descending (`total_cmp`), then index ascending, a total order, so the set
-/// is exactly `k` and deterministic even with ties.
-pub fn select_top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>, out: &mut Vec<u32>) {
+/// is exactly `k` and deterministic even with ties. Each candidate is one u64 key (the
+/// score's total-order bits inverted, then the index), so the selection compares plain
+/// integers instead of indirecting through the scores.
+pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec<u32>) {
     out.clear();
     let n = scores.len();
     if k == 0 {
@@ -130,17 +132,28 @@ pub fn select_top_k(scores: &[f32], k: usize, idx: &mut Vec<u32>, out: &mut Vec<
         out.extend(0..n as u32);
         return;
     }
-    idx.clear();
-    idx.extend(0..n as u32);
-    let cmp = |a: &u32, b: &u32| {
-        scores[*b as usize]
-            .total_cmp(&scores[*a as usize])
-            .then(a.cmp(b))
-    };
-    idx.select_nth_unstable_by(k - 1, cmp);
-    out.extend_from_slice(&idx[..k]);
-    // k log k on the kept ones only: ascending indices make gathers walk memory forward.
-    out.sort_unstable();
+    keys.clear();
+    keys.extend(scores.iter().enumerate().map(|(i, &v)| {
+        // total_cmp's order as an unsigned integer: flip all bits of negatives, the sign
+        // bit of the rest; then invert for descending scores.
+        let b = v.to_bits();
+        let ord = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+        ((!ord as u64) << 32) | i as u64
+    }));
+    let (_, &mut kth, _) = keys.select_nth_unstable(k - 1);
+    // Keys are distinct (the index is part of each), so exactly k are <= the k-th; a scan
+    // lists them in ascending index order (gathers walk memory forward) without a sort.
+    out.extend(
+        scores
+            .iter()
+            .enumerate()
+            .filter(|&(i, &v)| {
+                let b = v.to_bits();
+                let ord = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
+                (((!ord as u64) << 32) | i as u64) <= kth
+            })
+            .map(|(i, _)| i as u32),
+    );
 }
 
 #[cfg(test)]

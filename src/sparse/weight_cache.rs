@@ -10,7 +10,65 @@
 //! exact and cascade scorers, which compute g and u themselves).
 
 use crate::kernels::WeightView;
-use crate::tensor::{AlignedBuf, DType};
+use crate::tensor::DType;
+
+/// A zeroed buffer in its own anonymous mapping, advised for transparent huge pages
+/// (page-aligned, so 64-byte aligned). Streaming a buffer of 4 KiB pages costs a TLB
+/// walk per page and stops the hardware prefetcher at every page boundary; the model's
+/// weights live in such a mapping for the same reason. Pages are committed on first
+/// touch, so a large reservation that is only partly used costs only what is touched.
+pub struct HugeBuf {
+    map: Option<memmap2::MmapMut>,
+}
+
+impl HugeBuf {
+    /// `len` zero bytes. Panics when the system refuses the mapping (out of memory).
+    pub fn zeroed(len: usize) -> HugeBuf {
+        if len == 0 {
+            return HugeBuf { map: None };
+        }
+        let map = memmap2::MmapMut::map_anon(len)
+            .unwrap_or_else(|e| panic!("mapping {len} bytes for sparse weights: {e}"));
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        HugeBuf { map: Some(map) }
+    }
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.map.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+/// An owned row-major `[rows, cols]` matrix in a [`HugeBuf`] (the transposed down
+/// projections).
+pub struct HugeMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub dtype: DType,
+    buf: HugeBuf,
+}
+
+impl HugeMatrix {
+    pub fn zeroed(rows: usize, cols: usize, dtype: DType) -> HugeMatrix {
+        HugeMatrix {
+            rows,
+            cols,
+            dtype,
+            buf: HugeBuf::zeroed(rows * cols * dtype.size()),
+        }
+    }
+    pub fn view(&self) -> WeightView<'_> {
+        view(&self.buf, self.dtype, self.rows * self.cols)
+    }
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        self.buf.bytes_mut()
+    }
+    pub fn byte_len(&self) -> usize {
+        self.rows * self.cols * self.dtype.size()
+    }
+}
 
 /// Marks a neuron without a slot.
 const NONE: u32 = u32::MAX;
@@ -46,9 +104,13 @@ pub struct WeightCache {
     /// Elements per slot in `gu` (>= 2*hidden) and in `down` (>= hidden).
     gu_stride: usize,
     down_stride: usize,
-    gu: AlignedBuf,
-    down: AlignedBuf,
+    /// Room for every neuron (`inter` slots), reserved once: pages are committed as slots
+    /// are first used, so growth never copies and never faults in the middle of a stream.
+    gu: HugeBuf,
+    down: HugeBuf,
     capacity: usize,
+    /// The most slots ever used (what the buffers have committed).
+    high_water: usize,
     slot_of: Vec<u32>,
     neuron_of: Vec<u32>,
     /// The mask the cache holds, as a bitset over neurons.
@@ -79,9 +141,10 @@ impl WeightCache {
                 0
             },
             down_stride: pad_to_line(hidden, dtype.size()),
-            gu: AlignedBuf::zeroed(0),
-            down: AlignedBuf::zeroed(0),
+            gu: HugeBuf::zeroed(0),
+            down: HugeBuf::zeroed(0),
             capacity: 0,
+            high_water: 0,
             slot_of: vec![NONE; inter],
             neuron_of: Vec::new(),
             bits: vec![0; inter.div_ceil(64)],
@@ -131,9 +194,28 @@ impl WeightCache {
             self.down_stride,
         )
     }
-    /// Bytes held by the buffers (capacity, not only used slots).
+    /// Bytes the buffers have committed (the most slots ever used; the reservation of
+    /// untouched slots costs address space only).
     pub fn byte_len(&self) -> usize {
-        self.gu.bytes().len() + self.down.bytes().len()
+        self.high_water * (self.gu_stride + self.down_stride) * self.dtype.size()
+    }
+
+    /// How many neurons of `mask` are not cached (the rows an update would copy).
+    pub fn missing(&self, mask: &[u32]) -> usize {
+        mask.iter()
+            .filter(|&&n| self.slot_of[n as usize] == NONE)
+            .count()
+    }
+
+    /// The slot of each neuron of `mask`, in mask order, into `out` (every neuron must
+    /// be cached: call after [`update`](Self::update) with the same mask).
+    pub fn slots_of(&self, mask: &[u32], out: &mut Vec<u32>) {
+        out.clear();
+        out.extend(mask.iter().map(|&n| {
+            let s = self.slot_of[n as usize];
+            assert!(s != NONE, "neuron {n} is not cached");
+            s
+        }));
     }
 
     /// Brings the cache to hold exactly `mask` (neuron indices, each < inter, no
@@ -193,18 +275,21 @@ impl WeightCache {
         std::mem::swap(&mut self.bits, &mut self.new_bits);
     }
 
-    /// Grows the buffers to at least `slots` (doubling, so appends amortise); never shrinks.
+    /// Makes room for `slots` slots: the first call reserves every neuron's slot (address
+    /// space only); never shrinks, never copies.
     fn reserve(&mut self, slots: usize) {
+        self.high_water = self.high_water.max(slots);
         if slots <= self.capacity {
             return;
         }
-        let cap = slots.max(self.capacity * 2).max(16);
+        let cap = self.slot_of.len();
+        assert!(slots <= cap, "more slots than neurons");
         let e = self.dtype.size();
         for (buf, stride) in [
             (&mut self.gu, self.gu_stride),
             (&mut self.down, self.down_stride),
         ] {
-            let mut nb = AlignedBuf::zeroed(cap * stride * e);
+            let mut nb = HugeBuf::zeroed(cap * stride * e);
             let used = self.neuron_of.len() * stride * e;
             nb.bytes_mut()[..used].copy_from_slice(&buf.bytes()[..used]);
             *buf = nb;
@@ -269,7 +354,14 @@ fn copy_row(src: WeightView<'_>, row: usize, cols: usize, dst: &mut [u8]) {
     }
 }
 
-fn view(buf: &AlignedBuf, dtype: DType, elems: usize) -> WeightView<'_> {
+fn view(buf: &HugeBuf, dtype: DType, elems: usize) -> WeightView<'_> {
+    if elems == 0 {
+        // An unmapped buffer's empty slice need not be aligned for the element type.
+        return match dtype {
+            DType::F32 => WeightView::F32(&[]),
+            DType::BF16 => WeightView::Bf16(&[]),
+        };
+    }
     let b = &buf.bytes()[..elems * dtype.size()];
     match dtype {
         DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
