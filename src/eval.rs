@@ -49,8 +49,9 @@ fn kl(p: &[f32], q: &[f32]) -> f64 {
 }
 
 /// Perplexity of `ids` over non-overlapping windows of `window` tokens from the start, each
-/// scored alone (fresh cache, no BOS). With `mlp`, the evaluated model uses that MLP and
-/// the dense model is run beside it for KL and agreement.
+/// scored alone (fresh cache, no BOS). With `mlp`, the evaluated model uses that MLP, one
+/// token at a time as in decoding, and the dense model is run beside it for KL and
+/// agreement.
 pub fn perplexity(
     model: &Llama,
     ids: &[u32],
@@ -85,7 +86,20 @@ pub fn perplexity(
         let chunk = &ids[w * window..(w + 1) * window];
         let mut cache = model.new_cache();
         let sparse = mlp.is_some();
-        let logits = model.forward(chunk, &mut cache, Logits::All, mlp.as_deref_mut())?;
+        // A sparse setting is scored token by token, exactly as decoding runs it: a
+        // batched pass computes the dense parts with other kernels (GEMM), whose last-bit
+        // differences flip neurons sitting at a threshold's cut, so it would score a
+        // slightly different model than the one that generates.
+        let logits = match mlp.as_deref_mut() {
+            Some(m) => {
+                let mut all = Vec::with_capacity(window * vocab);
+                for &t in chunk {
+                    all.extend(model.forward(&[t], &mut cache, Logits::Last, Some(&mut *m))?);
+                }
+                all
+            }
+            None => model.forward(chunk, &mut cache, Logits::All, None)?,
+        };
         let dense = if sparse {
             let mut c = model.new_cache();
             Some(model.forward(chunk, &mut c, Logits::All, None)?)

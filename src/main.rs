@@ -214,6 +214,11 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Instead of generation: the sparse components (threshold, cache update, sparse MLP
+    /// cached / gathered / dense at densities 0.05-1.0, predictor cost per rank) at the
+    /// SmolLM2 and Llama-3.2-1B shapes, random weights.
+    #[arg(long)]
+    components: bool,
     /// Benchmarks only: score with a seeded RANDOM low-rank predictor of this rank (its
     /// cost is real, its choices are not; for synthetic models, whose weights are random).
     #[arg(long, value_name = "RANK")]
@@ -495,6 +500,19 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(mode) = a.child_mode.clone() {
         return bench_child(a, &mode);
+    }
+    if a.components {
+        let pool = pool::init_global(a.run.threads.unwrap_or_else(pool::default_threads));
+        let report = sparsellm::sparse::bench::components(pool, a.runs);
+        if a.json {
+            println!(
+                "{}",
+                json!({ "threads": pool.threads(), "cpu": bench::cpu_name(), "components": report })
+            );
+        } else {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        return Ok(());
     }
     if a.prompt_tokens + a.gen_tokens > 1 << 20 {
         bail!("--prompt-tokens + --gen-tokens is absurd");
