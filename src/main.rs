@@ -13,7 +13,7 @@ use sparsellm::bench;
 use sparsellm::eval;
 use sparsellm::generate::{self, GenerateOptions, SamplingOptions};
 use sparsellm::kernels::pool;
-use sparsellm::loader::{self, WeightSource, fetch};
+use sparsellm::loader::{self, fetch};
 use sparsellm::model::{Llama, MlpOverride};
 use sparsellm::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig};
 use sparsellm::synth::SynthShape;
@@ -271,9 +271,12 @@ fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     }
 }
 
-/// A loaded model with its tokenizer.
+/// A loaded model with its tokenizer. The checkpoint itself is not kept: weights that
+/// were converted no longer need the file's pages (they would count in peak RSS), and
+/// weights used in place keep their own reference to the file's map.
 struct Loaded {
-    source: Box<dyn WeightSource>,
+    identity: String,
+    chat_template: Option<String>,
     model: Llama,
     tokenizer: Tokenizer,
 }
@@ -294,7 +297,8 @@ fn load(run: &RunArgs) -> Result<Loaded> {
         start.elapsed().as_secs_f64()
     );
     Ok(Loaded {
-        source,
+        identity: source.identity(),
+        chat_template: source.chat_template(),
         model,
         tokenizer,
     })
@@ -343,7 +347,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     }
     let l = load(&a.run)?;
     let prompt = if a.chat {
-        let tpl = l.source.chat_template();
+        let tpl = l.chat_template.clone();
         let tok = |id: Option<u32>| {
             id.and_then(|i| l.tokenizer.id_to_token(i))
                 .unwrap_or_default()
@@ -709,7 +713,7 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
     sample.peak_rss_mb = bench::peak_rss_mb();
     sample.weight_bytes_per_token = l.model.weight_bytes_per_token();
     let header = json!({
-        "model": l.source.identity(),
+        "model": l.identity,
         "dtype": a.run.dtype.name(),
         "threads": pool::global().threads(),
         "cpu": bench::cpu_name(),
