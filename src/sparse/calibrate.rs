@@ -455,6 +455,8 @@ fn scorer_scores(
     };
     match scorer {
         Scorer::Exact => exact(),
+        // The original project's ranking: the signed gate pre-activation.
+        Scorer::SignedGate => g.to_vec(),
         Scorer::LowRank => lowrank_scores(model, f, h, n),
         Scorer::Cascade { superset } => {
             let inter = g.len() / n;

@@ -115,7 +115,8 @@ impl SparseMlp {
             (None, Some(_)) => Scorer::LowRank,
             (None, None) => Scorer::Exact,
         };
-        if scorer != Scorer::Exact && predictor.is_none() && !config.is_off() {
+        let needs_predictor = !matches!(scorer, Scorer::Exact | Scorer::SignedGate);
+        if needs_predictor && predictor.is_none() && !config.is_off() {
             return Err(Error::Input(format!(
                 "scorer {scorer} needs a predictor file (--predictor)"
             )));
@@ -301,6 +302,28 @@ impl SparseMlp {
                     &mut s.u,
                     &mut s.scores,
                 );
+                self.config
+                    .threshold
+                    .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
+                s.coefs.clear();
+                s.coefs.extend(self.mask.iter().map(|&i| s.g[i as usize]));
+                true
+            }
+            Scorer::SignedGate => {
+                s.g.resize(inter, 0.0);
+                s.u.resize(inter, 0.0);
+                gate_up_activations(
+                    pool,
+                    mlp.gate_proj.weight.view(),
+                    mlp.up_proj.weight.view(),
+                    h,
+                    &mut s.g,
+                    &mut s.u,
+                    &mut s.scores,
+                );
+                // Rank by the signed gate pre-activation, as the original did.
+                let w = &mlp.gate_proj.weight;
+                crate::kernels::matvec(pool, w.view(), inter, hd, h, &mut s.scores);
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);

@@ -30,6 +30,9 @@ pub enum Scorer {
     Exact,
     /// Low-rank predictors `(h·A)·B` of g (and u) from a predictor file.
     LowRank,
+    /// The original SparseLLM's ranking: the signed gate pre-activation g_i (exact).
+    /// Kept to measure what that choice costs; DESIGN.md shows it destroys the output.
+    SignedGate,
     /// Low-rank scores pick the top `superset` fraction; exact g and u inside it only,
     /// and the threshold applies to those exact scores.
     Cascade { superset: f64 },
@@ -43,13 +46,14 @@ impl FromStr for Scorer {
     fn from_str(s: &str) -> Result<Scorer> {
         let bad = || {
             Error::Input(format!(
-                "bad scorer '{s}': expected exact, lowrank or cascade[:FRACTION] (fraction in (0, 1])"
+                "bad scorer '{s}': expected exact, lowrank, cascade[:FRACTION] (fraction in (0, 1]) or signed-gate"
             ))
         };
         match s.trim().split_once(':') {
             None => match s.trim() {
                 "exact" => Ok(Scorer::Exact),
                 "lowrank" => Ok(Scorer::LowRank),
+                "signed-gate" => Ok(Scorer::SignedGate),
                 "cascade" => Ok(Scorer::Cascade {
                     superset: DEFAULT_CASCADE_SUPERSET,
                 }),
@@ -69,6 +73,7 @@ impl fmt::Display for Scorer {
         match self {
             Scorer::Exact => f.write_str("exact"),
             Scorer::LowRank => f.write_str("lowrank"),
+            Scorer::SignedGate => f.write_str("signed-gate"),
             Scorer::Cascade { superset } => write!(f, "cascade:{superset}"),
         }
     }
