@@ -1,24 +1,11 @@
 //! Causal grouped-query attention of new tokens over the KV cache.
 
+use super::SharedMut;
 use super::dot::dot_f32;
 use super::ops::softmax;
 use super::pool::{ThreadPool, split_range};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
-
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: each (token, head) pair writes only its own head_dim slice of the output.
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
 /// For each new token t (at position `start + t`) and head h: softmax(q·K^T / sqrt(d))·V
 /// over positions `0..=start + t`, with KV head `h / (heads / kv_heads)`.

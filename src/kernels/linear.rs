@@ -2,6 +2,7 @@
 //! matrix-vector for decode and matrix-matrix for prefill, split by rows over the thread
 //! pool.
 
+use super::SharedMut;
 use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
 #[cfg(target_arch = "x86_64")]
 use super::gemm_avx512;
@@ -58,22 +59,6 @@ impl WeightView<'_> {
                 }
             }
         }
-    }
-}
-
-/// A raw pointer that may be shared across the pool's threads; each thread writes a
-/// disjoint part.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-// SAFETY: used only to write disjoint ranges from different threads (see each use).
-unsafe impl Send for SharedMut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

@@ -71,3 +71,20 @@ pub fn map_bytes(bytes: &[u8]) -> Result<Arc<Mmap>> {
         .map_err(|e| Error::Input(format!("sealing a map: {e}")))?;
     Ok(Arc::new(ro))
 }
+
+/// A raw output pointer shared across the pool's threads, each of which writes a disjoint
+/// part of the buffer (rows, columns or heads: see each use).
+#[derive(Clone, Copy)]
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+// SAFETY: only used to write disjoint ranges from different threads, while the owner of
+// the buffer waits in `ThreadPool::run`.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the Sync wrapper, not the raw field).
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}

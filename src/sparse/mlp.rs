@@ -289,7 +289,7 @@ impl SparseMlp {
         s.scores.resize(inter, 0.0);
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
-            Scorer::Exact => {
+            Scorer::Exact | Scorer::SignedGate => {
                 // a_i = silu(g_i)·u_i of every neuron into g, |a_i| into scores.
                 s.g.resize(inter, 0.0);
                 s.u.resize(inter, 0.0);
@@ -302,28 +302,11 @@ impl SparseMlp {
                     &mut s.u,
                     &mut s.scores,
                 );
-                self.config
-                    .threshold
-                    .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
-                s.coefs.clear();
-                s.coefs.extend(self.mask.iter().map(|&i| s.g[i as usize]));
-                true
-            }
-            Scorer::SignedGate => {
-                s.g.resize(inter, 0.0);
-                s.u.resize(inter, 0.0);
-                gate_up_activations(
-                    pool,
-                    mlp.gate_proj.weight.view(),
-                    mlp.up_proj.weight.view(),
-                    h,
-                    &mut s.g,
-                    &mut s.u,
-                    &mut s.scores,
-                );
-                // Rank by the signed gate pre-activation, as the original did.
-                let w = &mlp.gate_proj.weight;
-                crate::kernels::matvec(pool, w.view(), inter, hd, h, &mut s.scores);
+                if self.scorer == Scorer::SignedGate {
+                    // Rank by the signed gate pre-activation, as the original did.
+                    let w = &mlp.gate_proj.weight;
+                    crate::kernels::matvec(pool, w.view(), inter, hd, h, &mut s.scores);
+                }
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
