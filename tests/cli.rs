@@ -1002,3 +1002,53 @@ fn help_lists_flags() {
     assert_no_panic(&o);
     assert_eq!(o.code, Some(2), "{o:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Predictor files that do not belong to the model.
+
+#[test]
+fn mismatched_predictor_files_are_refused() {
+    use sparsellm::model::ModelConfig;
+    use sparsellm::sparse::Predictor;
+    let m = model();
+    let d = tempfile::tempdir().unwrap();
+    // The default model's shape but another model's identity.
+    let src = sparsellm::loader::open(&m).unwrap();
+    let config: ModelConfig = src.config().clone();
+    let mut p = Predictor::random(&config, 8, 1);
+    p.model = "llama-h576-i1536-l30-v49152-0000000000000000".into();
+    let other = d.path().join("other.safetensors");
+    p.save(&other).unwrap();
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "hi",
+        "--model",
+        &m,
+        "--sparsity",
+        "density:0.5",
+        "--predictor",
+        &other
+    ]);
+    assert_fails_after_load(&o, &["other.safetensors"]);
+    // A file of another shape altogether (the tiny model's).
+    let tiny = d.path().join("tiny");
+    std::fs::create_dir_all(&tiny).unwrap();
+    tiny_hf(&tiny);
+    let tiny_src = sparsellm::loader::open(&tiny).unwrap();
+    let q = Predictor::random(tiny_src.config(), 4, 1);
+    let small = d.path().join("small.safetensors");
+    q.save(&small).unwrap();
+    let o = run(args![
+        "eval",
+        "--text",
+        "/usr/share/common-licenses/GPL-3",
+        "--model",
+        &m,
+        "--sparsity",
+        "density:0.5",
+        "--predictor",
+        &small
+    ]);
+    assert_fails_after_load(&o, &["small.safetensors"]);
+}
