@@ -255,17 +255,7 @@ mod tests {
     use super::super::dot::f32_to_bf16;
     use super::*;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_data::data;
 
     /// The activations as the kernels see them: rounded to bf16 for bf16 weights where
     /// AVX-512 BF16 is used (matvec and, unless `SPARSELLM_GEMM=crate`, matmul).

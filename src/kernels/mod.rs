@@ -88,3 +88,20 @@ impl SharedMut {
         self.0
     }
 }
+
+/// Deterministic test inputs shared by the kernels' tests.
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// `n` values in [-1, 1) from a seeded xorshift.
+    pub fn data(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+}

@@ -775,17 +775,7 @@ unsafe fn axpy_bf16_avx2(a: f32, w: &[u16], y: &mut [f32]) {
 mod tests {
     use super::*;
 
-    fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::test_data::data;
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
         let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
