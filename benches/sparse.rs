@@ -105,25 +105,8 @@ fn sparse_mlp_kernels(c: &mut Criterion) {
                 cache.update(&src, mask);
                 g.bench_function(id("cached", d), |b| {
                     b.iter(|| {
-                        let (gv, gs) = cache.gate_up();
-                        let (dv, ds) = cache.down();
-                        let act = Activation::Compute {
-                            gate: Strided {
-                                view: gv,
-                                stride: gs,
-                                offset: 0,
-                            },
-                            up: Strided {
-                                view: gv,
-                                stride: gs,
-                                offset: hidden,
-                            },
-                        };
-                        let dn = Strided {
-                            view: dv,
-                            stride: ds,
-                            offset: 0,
-                        };
+                        let act = cache.activation();
+                        let dn = cache.down_rows();
                         sparse_mlp(
                             pool,
                             Items::Slots(cache.len()),

@@ -631,31 +631,8 @@ mod tests {
         let mut l1 = (Vec::new(), Vec::new());
         for _ in 0..15 {
             let t0 = std::time::Instant::now();
-            // SAFETY: out is [n, m]; x [n, k] row-major; w^T read with row stride 1,
-            // column stride k.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    m,
-                    k,
-                    out.as_mut_ptr(),
-                    1,
-                    m as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    w.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
+            // SAFETY: out is [n, m] with row stride m; x is [n, k] and w is [m, k].
+            unsafe { crate::kernels::linear::gemm_f32(n, m, k, out.as_mut_ptr(), m, &x, &w) };
             crate_t.push(t0.elapsed().as_secs_f64());
             // In-L1 peak: a 4x4 tile over k = 512, repeated.
             let t0 = std::time::Instant::now();

@@ -215,7 +215,15 @@ pub fn matmul(
 /// # Safety
 /// `dst` must be valid for writes at `t * ld + j` for all t < n, j < m, and not be
 /// accessed by anyone else during the call.
-unsafe fn gemm_f32(n: usize, m: usize, k: usize, dst: *mut f32, ld: usize, x: &[f32], w: &[f32]) {
+pub(crate) unsafe fn gemm_f32(
+    n: usize,
+    m: usize,
+    k: usize,
+    dst: *mut f32,
+    ld: usize,
+    x: &[f32],
+    w: &[f32],
+) {
     debug_assert!(x.len() >= n * k && w.len() >= m * k);
     #[cfg(target_arch = "x86_64")]
     if gemm_avx512::has_f32() && !use_gemm_crate() {

@@ -280,25 +280,8 @@ pub fn sparse_mlp_table(
             }
             let cached_ms = time_ms(runs, || {
                 for l in &layers {
-                    let (gv, gs) = l.cache.gate_up();
-                    let (dv, ds) = l.cache.down();
-                    let act = Activation::Compute {
-                        gate: Strided {
-                            view: gv,
-                            stride: gs,
-                            offset: 0,
-                        },
-                        up: Strided {
-                            view: gv,
-                            stride: gs,
-                            offset: hidden,
-                        },
-                    };
-                    let down = Strided {
-                        view: dv,
-                        stride: ds,
-                        offset: 0,
-                    };
+                    let act = l.cache.activation();
+                    let down = l.cache.down_rows();
                     sparse_mlp(
                         pool,
                         Items::Slots(l.cache.len()),

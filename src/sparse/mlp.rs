@@ -377,29 +377,12 @@ impl SparseMlp {
             };
             st.cache.update(&src, &self.mask);
             st.cache.slots_of(&self.mask, &mut s.slots);
-            let (dv, ds) = st.cache.down();
-            let down = Strided {
-                view: dv,
-                stride: ds,
-                offset: 0,
-            };
+            let down = st.cache.down_rows();
             let items = Items::Gather(&s.slots);
             let act = if have_coefs {
                 Activation::Given(&s.coefs)
             } else {
-                let (gv, gs) = st.cache.gate_up();
-                Activation::Compute {
-                    gate: Strided {
-                        view: gv,
-                        stride: gs,
-                        offset: 0,
-                    },
-                    up: Strided {
-                        view: gv,
-                        stride: gs,
-                        offset: hd,
-                    },
-                }
+                st.cache.activation()
             };
             sparse_mlp(pool, items, act, down, h, out, &mut s.acc);
         } else {

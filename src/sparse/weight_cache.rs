@@ -10,6 +10,7 @@
 //! exact and cascade scorers, which compute g and u themselves).
 
 use crate::kernels::WeightView;
+use crate::kernels::sparse::{Activation, Strided};
 use crate::tensor::DType;
 
 /// A zeroed buffer in its own anonymous mapping, advised for transparent huge pages
@@ -193,6 +194,31 @@ impl WeightCache {
             view(&self.down, self.dtype, self.len() * self.down_stride),
             self.down_stride,
         )
+    }
+    /// The used slots' gate and up rows as the sparse kernel computes activations from.
+    pub fn activation(&self) -> Activation<'_> {
+        let (view, stride) = self.gate_up();
+        Activation::Compute {
+            gate: Strided {
+                view,
+                stride,
+                offset: 0,
+            },
+            up: Strided {
+                view,
+                stride,
+                offset: self.hidden,
+            },
+        }
+    }
+    /// The used slots' down rows as the sparse kernel reads them.
+    pub fn down_rows(&self) -> Strided<'_> {
+        let (view, stride) = self.down();
+        Strided {
+            view,
+            stride,
+            offset: 0,
+        }
     }
     /// Bytes the buffers have committed (the most slots ever used; the reservation of
     /// untouched slots costs address space only).
