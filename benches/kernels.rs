@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the linear kernels: matvec (decode) and matmul with n = 128
-//! tokens (prefill), f32 and bf16 weights, at SmolLM2-135M's MLP shape (576 x 1536) and
+//! tokens (prefill), f32, bf16 and GGUF-quantized (Q8_0, Q4_0, Q4_1) weights, at SmolLM2-135M's MLP shape (576 x 1536) and
 //! Llama-3.2-1B/3B-like shapes (2048 x 8192, 3072 x 8192). Throughput is in bytes of
 //! weights read per call, so matvec figures compare with memory bandwidth and matmul
 //! figures times 128 tokens give weight-bytes x tokens per second.
@@ -11,6 +11,7 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sparsellm::kernels::dot::f32_to_bf16;
 use sparsellm::kernels::{WeightView, matmul, matvec, pool};
+use sparsellm::quant::{QFormat, quantize};
 
 fn data(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -33,11 +34,24 @@ fn linear(c: &mut Criterion) {
     for (rows, cols) in [(1536usize, 576usize), (8192, 2048), (8192, 3072)] {
         let wf = data(rows * cols, 1);
         let wb: Vec<u16> = wf.iter().map(|&v| f32_to_bf16(v)).collect();
+        let quantized = |f: QFormat| {
+            let mut b = vec![0u8; rows * cols / 32 * f.block_bytes()];
+            quantize(f, &wf, &mut b);
+            b
+        };
+        let (q8, q40, q41) = (
+            quantized(QFormat::Q8_0),
+            quantized(QFormat::Q4_0),
+            quantized(QFormat::Q4_1),
+        );
         for (dtype, w) in [
             ("f32", WeightView::F32(&wf)),
             ("bf16", WeightView::Bf16(&wb)),
+            ("q8_0", WeightView::Quant(QFormat::Q8_0, &q8)),
+            ("q4_0", WeightView::Quant(QFormat::Q4_0, &q40)),
+            ("q4_1", WeightView::Quant(QFormat::Q4_1, &q41)),
         ] {
-            g.throughput(Throughput::Bytes((rows * cols * w.elem_bytes()) as u64));
+            g.throughput(Throughput::Bytes(w.byte_len() as u64));
             let shape = format!("{dtype}/{rows}x{cols}");
             let x = data(cols, 2);
             let mut out = vec![0f32; rows];

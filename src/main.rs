@@ -17,7 +17,7 @@ use sparsellm::loader::{self, fetch};
 use sparsellm::model::{Llama, MlpOverride};
 use sparsellm::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig};
 use sparsellm::synth::SynthShape;
-use sparsellm::tensor::DType;
+use sparsellm::tensor::{DType, LoadDType};
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
 
 /// Run LLaMA-family models on the CPU, computing only the MLP neurons each token needs.
@@ -83,9 +83,10 @@ struct CalibrateArgs {
     json: bool,
     #[command(flatten)]
     model: ModelArgs,
-    /// Compute dtype during calibration.
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
-    dtype: DType,
+    /// How the weights are held during calibration: native (as the file stores them:
+    /// GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized), f32 or bf16.
+    #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
+    dtype: LoadDType,
     /// Worker threads (default: the number of physical cores).
     #[arg(long, value_parser = parse_threads)]
     threads: Option<usize>,
@@ -97,8 +98,8 @@ struct SynthArgs {
     /// (hidden 3072, 28 layers); both 128256-token vocabularies, tied, llama3 RoPE scaling.
     #[arg(long, value_parser = parse_shape)]
     shape: SynthShape,
-    /// Storage dtype of the weights.
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    /// Storage dtype of the weights: f32 or bf16.
+    #[arg(long, default_value = "bf16", value_parser = parse_float_dtype)]
     dtype: DType,
     /// Output directory (must not exist).
     #[arg(long)]
@@ -123,9 +124,11 @@ struct ModelArgs {
 struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Compute dtype of the weights.
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
-    dtype: DType,
+    /// How the weights are held: native (as the file stores them: GGUF's Q8_0, Q4_0 and
+    /// Q4_1 blocks stay quantized and memory-mapped, F32/BF16 stay as they are, F16
+    /// widens to f32), or every matrix converted to f32 or bf16.
+    #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
+    dtype: LoadDType,
     /// Worker threads (default: the number of physical cores).
     #[arg(long, value_parser = parse_threads)]
     threads: Option<usize>,
@@ -231,8 +234,15 @@ struct BenchArgs {
     run: RunArgs,
 }
 
-fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
+fn parse_load_dtype(s: &str) -> std::result::Result<LoadDType, String> {
     s.parse()
+}
+
+fn parse_float_dtype(s: &str) -> std::result::Result<DType, String> {
+    match s.parse::<LoadDType>()? {
+        LoadDType::To(d) => Ok(d),
+        LoadDType::Native => Err("synth writes f32 or bf16".into()),
+    }
 }
 
 fn parse_threads(s: &str) -> std::result::Result<usize, String> {
@@ -803,7 +813,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         .shape
         .tensors()
         .iter()
-        .map(|(_, [r, c])| (r * c * a.dtype.size()) as u64)
+        .map(|(_, [r, c])| a.dtype.bytes_for(r * c) as u64)
         .sum();
     let pb = indicatif::ProgressBar::new(total);
     pb.set_style(

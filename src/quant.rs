@@ -13,6 +13,47 @@ use crate::loader::SourceDType;
 /// Elements per quantized block, for all of ggml's 32-wide formats.
 pub const QK: usize = 32;
 
+/// A quantized weight format: the block layout the kernels read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl QFormat {
+    /// Bytes of one 32-element block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QFormat::Q8_0 => 34,
+            QFormat::Q4_0 => 18,
+            QFormat::Q4_1 => 20,
+        }
+    }
+    /// Where the quants start inside a block (after the f16 scale, and Q4_1's f16 min).
+    pub(crate) const fn qs_offset(self) -> usize {
+        match self {
+            QFormat::Q4_1 => 4,
+            _ => 2,
+        }
+    }
+    /// The loader's name for this storage type.
+    pub fn source(self) -> SourceDType {
+        match self {
+            QFormat::Q8_0 => SourceDType::Q8_0,
+            QFormat::Q4_0 => SourceDType::Q4_0,
+            QFormat::Q4_1 => SourceDType::Q4_1,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            QFormat::Q8_0 => "q8_0",
+            QFormat::Q4_0 => "q4_0",
+            QFormat::Q4_1 => "q4_1",
+        }
+    }
+}
+
 /// `x = d * q`, q in -128..=127.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug)]
@@ -122,6 +163,57 @@ pub fn dequantize(dtype: SourceDType, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Quantizes `values` (a whole number of blocks) into `out` in `fmt`, as ggml's reference
+/// quantizers do (`quantize_row_q8_0_ref`, `_q4_0_ref`, `_q4_1_ref`).
+pub fn quantize(fmt: QFormat, values: &[f32], out: &mut [u8]) {
+    assert!(values.len().is_multiple_of(QK));
+    assert_eq!(out.len(), values.len() / QK * fmt.block_bytes());
+    for (x, o) in values
+        .chunks_exact(QK)
+        .zip(out.chunks_exact_mut(fmt.block_bytes()))
+    {
+        match fmt {
+            QFormat::Q8_0 => {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let b = BlockQ8_0 {
+                    d: f16::from_f32(d).to_le_bytes(),
+                    qs: std::array::from_fn(|j| (x[j] * id).round() as i8),
+                };
+                o.copy_from_slice(bytemuck::bytes_of(&b));
+            }
+            QFormat::Q4_0 => {
+                // The value of largest magnitude, with its sign, maps to -8.
+                let max = x
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = |v: f32| ((v * id + 8.5) as i32).min(15) as u8;
+                let b = BlockQ4_0 {
+                    d: f16::from_f32(d).to_le_bytes(),
+                    qs: std::array::from_fn(|j| q(x[j]) | (q(x[j + QK / 2]) << 4)),
+                };
+                o.copy_from_slice(bytemuck::bytes_of(&b));
+            }
+            QFormat::Q4_1 => {
+                let min = x.iter().fold(f32::INFINITY, |m, &v| m.min(v));
+                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let d = (max - min) / 15.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q = |v: f32| (((v - min) * id + 0.5) as i32).min(15) as u8;
+                let b = BlockQ4_1 {
+                    d: f16::from_f32(d).to_le_bytes(),
+                    m: f16::from_f32(min).to_le_bytes(),
+                    qs: std::array::from_fn(|j| q(x[j]) | (q(x[j + QK / 2]) << 4)),
+                };
+                o.copy_from_slice(bytemuck::bytes_of(&b));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,5 +253,46 @@ mod tests {
         q.qs[3] = -128;
         q.dequantize(&mut out);
         assert_eq!(out[3], -32.0);
+    }
+
+    #[test]
+    fn quantizers_round_trip_within_half_a_step() {
+        let x: Vec<f32> = (0..3 * QK)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 13.0)
+            .collect();
+        for (fmt, src, steps) in [
+            (QFormat::Q8_0, SourceDType::Q8_0, 127.0),
+            (QFormat::Q4_0, SourceDType::Q4_0, 8.0),
+            (QFormat::Q4_1, SourceDType::Q4_1, 15.0),
+        ] {
+            let mut bytes = vec![0u8; 3 * fmt.block_bytes()];
+            quantize(fmt, &x, &mut bytes);
+            let mut back = vec![0f32; x.len()];
+            dequantize(src, &bytes, &mut back);
+            for (blk, (a, b)) in x.chunks(QK).zip(back.chunks(QK)).enumerate() {
+                let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let range = a.iter().cloned().fold(f32::MIN, f32::max)
+                    - a.iter().cloned().fold(f32::MAX, f32::min);
+                let step = if fmt == QFormat::Q4_1 {
+                    range / steps
+                } else {
+                    amax / steps
+                };
+                // Q4_0's 16 levels run from -8 to 7 steps: values of the sign opposite to
+                // the largest one clip at 7, up to one whole step away.
+                let step = if fmt == QFormat::Q4_0 {
+                    2.0 * step
+                } else {
+                    step
+                };
+                for (u, v) in a.iter().zip(b) {
+                    // Half a step, plus the f16 rounding of the scale (and min).
+                    assert!(
+                        (u - v).abs() <= 0.5 * step + 2e-3 * amax,
+                        "{fmt:?} block {blk}: {u} -> {v}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -112,7 +112,7 @@ impl SynthShape {
             "max_position_embeddings": 131072,
             "vocab_size": self.vocab,
             "tie_word_embeddings": true,
-            "torch_dtype": match dtype { DType::F32 => "float32", DType::BF16 => "bfloat16" },
+            "torch_dtype": if dtype == DType::F32 { "float32" } else { "bfloat16" },
             "_sparsellm_synthetic": format!("seeded random weights of the {} shape; not a trained model", self.name),
         })
     }
@@ -200,6 +200,12 @@ fn write_into(
     let (st_dtype, esize) = match dtype {
         DType::F32 => ("F32", 4),
         DType::BF16 => ("BF16", 2),
+        _ => {
+            return Err(Error::Input(format!(
+                "synth writes f32 or bf16 weights, not {}",
+                dtype.name()
+            )));
+        }
     };
     let tensors = shape.tensors();
     let mut header = serde_json::Map::new();
@@ -247,9 +253,10 @@ fn write_into(
             buf.clear();
             for _ in 0..m {
                 let v = if is_norm { 1.0 } else { rng.normalish() * std };
-                match dtype {
-                    DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
-                    DType::BF16 => buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes()),
+                if dtype == DType::F32 {
+                    buf.extend_from_slice(&v.to_le_bytes())
+                } else {
+                    buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())
                 }
             }
             w.write_all(&buf).map_err(io)?;

@@ -10,13 +10,17 @@ use crate::error::Result;
 use crate::kernels::WeightView;
 use crate::kernels::dot::f32_to_bf16;
 use crate::loader::{RawTensor, SourceDType};
-use crate::quant;
+use crate::quant::{self, QFormat, QK};
 
-/// The dtype weights are computed in.
+/// The format a weight matrix is held in: a float dtype, or one of GGUF's quantized block
+/// formats (kept as the file stores them, `--dtype native`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     BF16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
 }
 
 impl DType {
@@ -24,23 +28,88 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
+            DType::Q8_0 => "q8_0",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
         }
     }
-    pub fn size(self) -> usize {
+    /// The quantized block format, if this is one.
+    pub fn qformat(self) -> Option<QFormat> {
         match self {
-            DType::F32 => 4,
-            DType::BF16 => 2,
+            DType::Q8_0 => Some(QFormat::Q8_0),
+            DType::Q4_0 => Some(QFormat::Q4_0),
+            DType::Q4_1 => Some(QFormat::Q4_1),
+            DType::F32 | DType::BF16 => None,
+        }
+    }
+    /// Bytes of `n` elements (for quantized formats `n` is a multiple of 32).
+    pub fn bytes_for(self, n: usize) -> usize {
+        match self {
+            DType::F32 => 4 * n,
+            DType::BF16 => 2 * n,
+            _ => {
+                let f = self.qformat().expect("quantized");
+                n / QK * f.block_bytes()
+            }
+        }
+    }
+    /// Elements that must be kept together (a row length is a multiple of this).
+    pub fn block_elems(self) -> usize {
+        if self.qformat().is_some() { QK } else { 1 }
+    }
+    /// The dtype a tensor stored as `src` is computed in under `--dtype native`: the
+    /// formats with kernels stay as they are; F16 widens to f32 (exactly).
+    pub fn native_for(src: SourceDType) -> DType {
+        match src {
+            SourceDType::F32 | SourceDType::F16 => DType::F32,
+            SourceDType::BF16 => DType::BF16,
+            SourceDType::Q8_0 => DType::Q8_0,
+            SourceDType::Q4_0 => DType::Q4_0,
+            SourceDType::Q4_1 => DType::Q4_1,
         }
     }
 }
 
-impl std::str::FromStr for DType {
+/// What `--dtype` asks for: every weight converted to one float dtype, or each kept in
+/// the format the file stores it in (`native`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadDType {
+    Native,
+    To(DType),
+}
+
+impl LoadDType {
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadDType::Native => "native",
+            LoadDType::To(d) => d.name(),
+        }
+    }
+    /// The dtype a tensor stored as `src` is held in.
+    pub fn resolve(self, src: SourceDType) -> DType {
+        match self {
+            LoadDType::Native => DType::native_for(src),
+            LoadDType::To(d) => d,
+        }
+    }
+}
+
+impl From<DType> for LoadDType {
+    fn from(d: DType) -> LoadDType {
+        LoadDType::To(d)
+    }
+}
+
+impl std::str::FromStr for LoadDType {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "f32" => Ok(DType::F32),
-            "bf16" => Ok(DType::BF16),
-            _ => Err(format!("unknown dtype '{s}' (expected f32 or bf16)")),
+            "native" => Ok(LoadDType::Native),
+            "f32" => Ok(LoadDType::To(DType::F32)),
+            "bf16" => Ok(LoadDType::To(DType::BF16)),
+            _ => Err(format!(
+                "unknown dtype '{s}' (expected native, f32 or bf16)"
+            )),
         }
     }
 }
@@ -102,12 +171,7 @@ impl Matrix {
     /// Takes `raw` as a `[rows, cols]` matrix in `dtype`: borrowed from the map when the
     /// file holds `dtype` at a suitable alignment, converted into an owned buffer otherwise.
     pub fn from_raw(raw: &RawTensor, rows: usize, cols: usize, dtype: DType) -> Result<Matrix> {
-        if raw.numel() != rows * cols {
-            return Err(raw.error(format!(
-                "shape {:?} does not hold a [{rows}, {cols}] matrix",
-                raw.shape
-            )));
-        }
+        check_shape(raw, rows, cols, dtype)?;
         let storage = if can_map(raw, dtype) {
             Storage::Mapped {
                 map: Arc::clone(&raw.map),
@@ -125,21 +189,17 @@ impl Matrix {
         })
     }
 
-    /// An owned matrix from f32 values (tests, synthetic weights).
+    /// An owned matrix from f32 values (tests, synthetic weights, repacked tensors);
+    /// quantized dtypes quantize as ggml's reference quantizers do.
     pub fn from_f32(values: &[f32], rows: usize, cols: usize, dtype: DType) -> Matrix {
         assert_eq!(values.len(), rows * cols);
-        let mut buf = AlignedBuf::zeroed(values.len() * dtype.size());
-        match dtype {
-            DType::F32 => buf
-                .bytes_mut()
-                .copy_from_slice(bytemuck::cast_slice(values)),
-            DType::BF16 => {
-                let dst: &mut [u16] = bytemuck::cast_slice_mut(buf.bytes_mut());
-                for (d, &v) in dst.iter_mut().zip(values) {
-                    *d = f32_to_bf16(v);
-                }
-            }
-        }
+        assert!(
+            cols.is_multiple_of(dtype.block_elems()),
+            "{cols} columns of {}",
+            dtype.name()
+        );
+        let mut buf = AlignedBuf::zeroed(dtype.bytes_for(values.len()));
+        encode_f32(values, dtype, buf.bytes_mut());
         Matrix {
             rows,
             cols,
@@ -153,6 +213,7 @@ impl Matrix {
         match self.dtype {
             DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
             DType::BF16 => WeightView::Bf16(bytemuck::cast_slice(b)),
+            q => WeightView::Quant(q.qformat().expect("quantized"), b),
         }
     }
 
@@ -180,20 +241,33 @@ impl Matrix {
     }
 }
 
+/// Writes `values` into `out` (exactly `dtype.bytes_for(values.len())` bytes) in `dtype`.
+pub fn encode_f32(values: &[f32], dtype: DType, out: &mut [u8]) {
+    assert_eq!(out.len(), dtype.bytes_for(values.len()));
+    match dtype {
+        DType::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
+        DType::BF16 => {
+            for (d, &v) in out.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
+            }
+        }
+        q => quant::quantize(q.qformat().expect("quantized"), values, out),
+    }
+}
+
 /// Converts a raw tensor into an owned buffer of `dtype`.
 fn convert(raw: &RawTensor, dtype: DType) -> AlignedBuf {
-    let mut buf = AlignedBuf::zeroed(raw.numel() * dtype.size());
+    let mut buf = AlignedBuf::zeroed(dtype.bytes_for(raw.numel()));
     convert_into(raw, dtype, buf.bytes_mut());
     buf
 }
 
-/// Converts `raw` into `out` (exactly `numel * dtype.size()` bytes, aligned for `dtype`),
-/// a block of rows at a time so the f32 intermediate stays small.
+/// Converts `raw` into `out` (exactly `dtype.bytes_for(numel)` bytes, aligned for
+/// `dtype`), 8192 elements at a time so the f32 intermediate stays small.
 fn convert_into(raw: &RawTensor, dtype: DType, out: &mut [u8]) {
     let n = raw.numel();
-    let buf = out;
     let bytes = raw.bytes();
-    // 8192 elements per step: a whole number of 32-element blocks.
+    // A whole number of 32-element blocks, in the source and in `dtype`.
     const STEP: usize = 8192;
     let mut tmp = vec![0f32; STEP];
     let mut done = 0;
@@ -202,18 +276,8 @@ fn convert_into(raw: &RawTensor, dtype: DType, out: &mut [u8]) {
         let b0 = raw.dtype.bytes_for(done).expect("validated size");
         let b1 = raw.dtype.bytes_for(done + m).expect("validated size");
         quant::dequantize(raw.dtype, &bytes[b0..b1], &mut tmp[..m]);
-        match dtype {
-            DType::F32 => {
-                let dst: &mut [f32] = bytemuck::cast_slice_mut(buf);
-                dst[done..done + m].copy_from_slice(&tmp[..m]);
-            }
-            DType::BF16 => {
-                let dst: &mut [u16] = bytemuck::cast_slice_mut(buf);
-                for (d, &v) in dst[done..done + m].iter_mut().zip(&tmp[..m]) {
-                    *d = f32_to_bf16(v);
-                }
-            }
-        }
+        let (o0, o1) = (dtype.bytes_for(done), dtype.bytes_for(done + m));
+        encode_f32(&tmp[..m], dtype, &mut out[o0..o1]);
         done += m;
     }
 }
@@ -235,17 +299,12 @@ pub struct WeightPlan {
 impl WeightPlan {
     /// Adds `raw` as a `[rows, cols]` matrix in `dtype`; returns its index in `finish`'s output.
     pub fn add(&mut self, raw: RawTensor, rows: usize, cols: usize, dtype: DType) -> Result<usize> {
-        if raw.numel() != rows * cols {
-            return Err(raw.error(format!(
-                "shape {:?} does not hold a [{rows}, {cols}] matrix",
-                raw.shape
-            )));
-        }
+        check_shape(&raw, rows, cols, dtype)?;
         let offset = if can_map(&raw, dtype) {
             None
         } else {
             let off = self.arena_len.next_multiple_of(64);
-            self.arena_len = off + rows * cols * dtype.size();
+            self.arena_len = off + dtype.bytes_for(rows * cols);
             Some(off)
         };
         self.items.push((raw, rows, cols, dtype, offset));
@@ -270,7 +329,7 @@ impl WeightPlan {
                 for (i, (raw, rows, cols, dtype, off)) in items.iter().enumerate() {
                     if let (Some(off), true) = (off, i % threads == t) {
                         // Each item owns a disjoint range of the arena.
-                        let out = base.range(*off, rows * cols * dtype.size());
+                        let out = base.range(*off, dtype.bytes_for(rows * cols));
                         convert_into(raw, *dtype, out);
                     }
                 }
@@ -290,7 +349,7 @@ impl WeightPlan {
                     (Some(off), Some(a)) => Storage::Mapped {
                         map: Arc::clone(a),
                         offset: off,
-                        len: rows * cols * dtype.size(),
+                        len: dtype.bytes_for(rows * cols),
                     },
                     _ => Storage::Mapped {
                         map: Arc::clone(&raw.map),
@@ -311,10 +370,33 @@ impl WeightPlan {
 
 /// Whether `raw` can be used in place as `dtype`.
 fn can_map(raw: &RawTensor, dtype: DType) -> bool {
-    let same = matches!(
-        (raw.dtype, dtype),
-        (SourceDType::F32, DType::F32) | (SourceDType::BF16, DType::BF16)
-    );
-    let aligned = (raw.map.as_ptr() as usize + raw.offset).is_multiple_of(dtype.size());
+    let (same, align) = match (raw.dtype, dtype) {
+        (SourceDType::F32, DType::F32) => (true, 4),
+        (SourceDType::BF16, DType::BF16) => (true, 2),
+        // Blocks are byte arrays: any address will do.
+        (SourceDType::Q8_0, DType::Q8_0)
+        | (SourceDType::Q4_0, DType::Q4_0)
+        | (SourceDType::Q4_1, DType::Q4_1) => (true, 1),
+        _ => (false, 1),
+    };
+    let aligned = (raw.map.as_ptr() as usize + raw.offset).is_multiple_of(align);
     same && aligned && cfg!(target_endian = "little")
+}
+
+/// Checks that `raw` holds a `[rows, cols]` matrix whose rows can be held in `dtype`.
+fn check_shape(raw: &RawTensor, rows: usize, cols: usize, dtype: DType) -> Result<()> {
+    if raw.numel() != rows * cols {
+        return Err(raw.error(format!(
+            "shape {:?} does not hold a [{rows}, {cols}] matrix",
+            raw.shape
+        )));
+    }
+    if !cols.is_multiple_of(dtype.block_elems()) {
+        return Err(raw.error(format!(
+            "rows of {cols} elements are not whole {}-element blocks of {}",
+            dtype.block_elems(),
+            dtype.name()
+        )));
+    }
+    Ok(())
 }

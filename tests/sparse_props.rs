@@ -4,7 +4,7 @@
 use proptest::prelude::*;
 use sparsellm::kernels::WeightView;
 use sparsellm::sparse::threshold::{SelectScratch, Threshold, top_k_count};
-use sparsellm::sparse::weight_cache::{CacheSource, UpdateStrategy, WeightCache};
+use sparsellm::sparse::weight_cache::{CacheSource, UpdateStrategy, WeightCache, down_t_dtype};
 use sparsellm::tensor::{DType, Matrix};
 
 fn matrix(rows: usize, cols: usize, seed: u64, dtype: DType) -> Matrix {
@@ -25,6 +25,13 @@ fn bits(v: WeightView<'_>, start: usize, len: usize) -> Vec<u32> {
     match v {
         WeightView::F32(w) => w[start..start + len].iter().map(|x| x.to_bits()).collect(),
         WeightView::Bf16(w) => w[start..start + len].iter().map(|&x| x as u32).collect(),
+        WeightView::Quant(f, w) => {
+            let (b0, b1) = (
+                start / 32 * f.block_bytes(),
+                (start + len) / 32 * f.block_bytes(),
+            );
+            w[b0..b1].iter().map(|&x| x as u32).collect()
+        }
     }
 }
 
@@ -80,15 +87,17 @@ proptest! {
     fn cache_always_holds_exactly_the_mask(
         hidden in 1usize..24,
         inter in 1usize..150,
-        bf16 in any::<bool>(),
+        dtype in 0usize..4,
         with_gate_up in any::<bool>(),
         strategy in 0usize..3,
         steps in prop::collection::vec((density(), any::<u64>()), 1..16),
     ) {
-        let dtype = if bf16 { DType::BF16 } else { DType::F32 };
+        let dtype = [DType::F32, DType::BF16, DType::Q4_1, DType::Q8_0][dtype];
+        // Quantized rows are whole 32-element blocks.
+        let hidden = if dtype.block_elems() > 1 { 32 * (1 + hidden % 3) } else { hidden };
         let gate = matrix(inter, hidden, 1, dtype);
         let up = matrix(inter, hidden, 2, dtype);
-        let down_t = matrix(inter, hidden, 3, dtype);
+        let down_t = matrix(inter, hidden, 3, down_t_dtype(dtype));
         let src = CacheSource { gate: gate.view(), up: up.view(), down_t: down_t.view(), hidden };
         let strategy = [UpdateStrategy::Paired, UpdateStrategy::RemoveThenAppend, UpdateStrategy::Rebuild][strategy];
         let mut cache = WeightCache::new(hidden, inter, dtype, with_gate_up);

@@ -7,6 +7,8 @@ use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
 #[cfg(target_arch = "x86_64")]
 use super::gemm_avx512;
 use super::pool::ThreadPool;
+use super::qdot::{QPair, quantize_activations, rows_q};
+use crate::quant::{QFormat, QK};
 
 /// `SPARSELLM_GEMM=crate` sends prefill GEMMs to the `gemm` crate (bf16 widened to f32)
 /// even on AVX-512 CPUs: the previous path, kept for comparisons.
@@ -22,31 +24,42 @@ pub enum WeightView<'a> {
     F32(&'a [f32]),
     /// bf16 bit patterns.
     Bf16(&'a [u16]),
+    /// GGUF quantized blocks, rows of whole blocks.
+    Quant(QFormat, &'a [u8]),
 }
 
 impl WeightView<'_> {
+    /// Elements.
     pub fn len(&self) -> usize {
         match self {
             WeightView::F32(w) => w.len(),
             WeightView::Bf16(w) => w.len(),
+            WeightView::Quant(f, w) => w.len() / f.block_bytes() * QK,
         }
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Bytes per element.
-    pub fn elem_bytes(&self) -> usize {
+    /// Bytes the weights occupy (what a matvec reads).
+    pub fn byte_len(&self) -> usize {
         match self {
-            WeightView::F32(_) => 4,
-            WeightView::Bf16(_) => 2,
+            WeightView::F32(w) => 4 * w.len(),
+            WeightView::Bf16(w) => 2 * w.len(),
+            WeightView::Quant(_, w) => w.len(),
         }
     }
-    /// Dot product of row `r` (of width `cols`) with `x`.
+    /// Dot product of row `r` (of width `cols`) with `x` (quantized rows are widened
+    /// first: the exact product, for tests and cold paths; matvec quantizes `x` instead).
     #[inline]
     pub fn row_dot(&self, r: usize, cols: usize, x: &[f32]) -> f32 {
         match self {
             WeightView::F32(w) => dot_f32(&w[r * cols..(r + 1) * cols], x),
             WeightView::Bf16(w) => dot_bf16(&w[r * cols..(r + 1) * cols], x),
+            WeightView::Quant(..) => {
+                let mut row = vec![0f32; cols];
+                self.row_to_f32(r, cols, &mut row);
+                dot_f32(&row, x)
+            }
         }
     }
     /// Row `r` widened to f32 into `out`.
@@ -56,6 +69,24 @@ impl WeightView<'_> {
             WeightView::Bf16(w) => {
                 for (o, &b) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
                     *o = bf16_to_f32(b);
+                }
+            }
+            WeightView::Quant(f, w) => {
+                let rb = cols / QK * f.block_bytes();
+                crate::quant::dequantize(f.source(), &w[r * rb..(r + 1) * rb], out)
+            }
+        }
+    }
+    /// Rows `r0..r1` (of width `cols`) as bf16 bit patterns into `out`.
+    #[cfg(target_arch = "x86_64")]
+    fn rows_to_bf16(&self, r0: usize, r1: usize, cols: usize, out: &mut [u16]) {
+        match self {
+            WeightView::Bf16(w) => out.copy_from_slice(&w[r0 * cols..r1 * cols]),
+            _ => {
+                let mut row = vec![0f32; cols];
+                for (r, o) in (r0..r1).zip(out.chunks_exact_mut(cols)) {
+                    self.row_to_f32(r, cols, &mut row);
+                    gemm_avx512::to_bf16(&row, o);
                 }
             }
         }
@@ -79,6 +110,11 @@ pub fn matvec(
     assert_eq!(x.len(), cols, "matvec: input size");
     assert_eq!(out.len(), rows, "matvec: output size");
     let dst = SharedMut(out.as_mut_ptr());
+    let mut xq: Vec<QPair> = Vec::new();
+    if matches!(w, WeightView::Quant(..)) {
+        quantize_activations(x, &mut xq);
+    }
+    let xq = &xq[..];
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
         // SAFETY: `for_ranges` hands each thread a disjoint sub-range of 0..rows, and
         // `out` has `rows` elements and outlives the call.
@@ -87,6 +123,10 @@ pub fn matvec(
         match w {
             WeightView::F32(w) => rows_f32(&w[range.start * cols..range.end * cols], x, out),
             WeightView::Bf16(w) => rows_bf16(&w[range.start * cols..range.end * cols], x, out),
+            WeightView::Quant(f, w) => {
+                let rb = cols / QK * f.block_bytes();
+                rows_q(f, &w[range.start * rb..range.end * rb], rb, xq, out)
+            }
         }
     });
 }
@@ -140,7 +180,7 @@ pub fn matmul(
     }
     let dst = SharedMut(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if let WeightView::Bf16(wb) = w
+    if matches!(w, WeightView::Bf16(_) | WeightView::Quant(..))
         && gemm_avx512::has_bf16()
         && !use_gemm_crate()
     {
@@ -148,20 +188,28 @@ pub fn matmul(
         gemm_avx512::to_bf16(x, &mut xb);
         let xb = &xb[..];
         pool.for_ranges(rows, ROW_ALIGN, &|range| {
-            // SAFETY: has_bf16() checked the CPU; this thread writes columns `range` of
-            // `out` ([n, rows], row stride `rows`) only, disjoint from other threads';
-            // `out` outlives the call (asserted sizes above).
-            unsafe {
-                gemm_avx512::gemm_bf16(
-                    n,
-                    range.len(),
-                    cols,
-                    xb,
-                    &wb[range.start * cols..range.end * cols],
-                    dst.get().add(range.start),
-                    rows,
-                )
-            };
+            let mut tile = Vec::new();
+            let mut r0 = range.start;
+            while r0 < range.end {
+                // bf16 rows are used in place; quantized rows are widened to bf16 a tile at
+                // a time (a tile stays in L2 while all n activation rows pass over it).
+                let (r1, wt) = match w {
+                    WeightView::Bf16(wb) => (range.end, &wb[r0 * cols..range.end * cols]),
+                    _ => {
+                        let r1 = (r0 + BF16_TILE_ROWS).min(range.end);
+                        tile.resize((r1 - r0) * cols, 0);
+                        w.rows_to_bf16(r0, r1, cols, &mut tile);
+                        (r1, &tile[..])
+                    }
+                };
+                // SAFETY: has_bf16() checked the CPU; this thread writes columns r0..r1 of
+                // `out` ([n, rows], row stride `rows`) only, disjoint from other threads';
+                // `out` outlives the call (asserted sizes above).
+                unsafe {
+                    gemm_avx512::gemm_bf16(n, r1 - r0, cols, xb, wt, dst.get().add(r0), rows)
+                };
+                r0 = r1;
+            }
         });
         return;
     }
@@ -183,7 +231,7 @@ pub fn matmul(
                     )
                 };
             }
-            WeightView::Bf16(_) => {
+            WeightView::Bf16(_) | WeightView::Quant(..) => {
                 let mut tile = vec![0f32; BF16_TILE_ROWS.min(range.len()) * cols];
                 let mut r0 = range.start;
                 while r0 < range.end {

@@ -24,6 +24,7 @@ pub mod gemm_avx512;
 pub mod linear;
 pub mod ops;
 pub mod pool;
+pub mod qdot;
 pub mod sparse;
 
 pub use linear::{WeightView, matmul, matvec};

@@ -23,6 +23,8 @@ use super::dot::{
 };
 use super::ops::silu;
 use super::pool::{ThreadPool, split_range};
+use super::qdot::{QPair, axpy_q, dot_q, quantize_activations, rows_q};
+use crate::quant::{QFormat, QK};
 
 /// A set of rows inside a flat weight buffer: row `r` starts at `r * stride + offset`.
 #[derive(Clone, Copy)]
@@ -38,6 +40,8 @@ pub struct Strided<'a> {
 struct Input<'a> {
     f: &'a [f32],
     b: Option<&'a [u16]>,
+    /// `h` quantized per 32-block, for quantized rows.
+    q: Option<&'a [QPair]>,
 }
 
 impl<'a> Strided<'a> {
@@ -53,6 +57,13 @@ impl<'a> Strided<'a> {
     fn start(&self, r: usize) -> usize {
         r * self.stride + self.offset
     }
+    /// The bytes of `len` elements of row `r` of quantized blocks (`stride`, `offset` and
+    /// `len` are whole blocks).
+    #[inline]
+    fn qrow<'b>(&self, fmt: QFormat, w: &'b [u8], r: usize, len: usize) -> &'b [u8] {
+        let (s, bb) = (self.start(r), fmt.block_bytes());
+        &w[s / QK * bb..(s + len) / QK * bb]
+    }
     #[inline]
     fn dot(&self, r: usize, x: Input<'_>) -> f32 {
         let s = self.start(r);
@@ -61,6 +72,14 @@ impl<'a> Strided<'a> {
             (WeightView::F32(w), _) => dot_f32(&w[s..s + n], x.f),
             (WeightView::Bf16(w), Some(xb)) => dot_bf16_bf16(&w[s..s + n], xb),
             (WeightView::Bf16(w), None) => dot_bf16(&w[s..s + n], x.f),
+            (WeightView::Quant(f, w), _) => match x.q {
+                Some(q) => dot_q(f, self.qrow(f, w, r, n), q),
+                None => {
+                    let mut row = vec![0f32; n];
+                    self.row_f32(r, &mut row);
+                    dot_f32(&row, x.f)
+                }
+            },
         }
     }
     /// As [`dot`](Self::dot), prefetching row `ahead` along the way where the kernel can
@@ -87,6 +106,7 @@ impl<'a> Strided<'a> {
         match self.view {
             WeightView::F32(w) => axpy_f32(a, &w[s..s + out.len()], out),
             WeightView::Bf16(w) => axpy_bf16(a, &w[s..s + out.len()], out),
+            WeightView::Quant(f, w) => axpy_q(f, a, self.qrow(f, w, r, out.len()), out),
         }
     }
     /// `out += a[0]·row[r[0]] + ... + a[3]·row[r[3]]`, the same arithmetic as four
@@ -98,6 +118,16 @@ impl<'a> Strided<'a> {
         let n = out.len();
         let s = r.map(|r| self.start(r));
         match self.view {
+            WeightView::Quant(..) => {
+                for k in 0..4 {
+                    if ahead[k] != r[k] {
+                        self.prefetch(ahead[k], n);
+                    }
+                }
+                for k in 0..4 {
+                    self.axpy(r[k], a[k], out);
+                }
+            }
             WeightView::F32(w) => {
                 for k in 0..4 {
                     if ahead[k] != r[k] {
@@ -135,6 +165,9 @@ impl<'a> Strided<'a> {
                     *o = bf16_to_f32(b);
                 }
             }
+            WeightView::Quant(f, w) => {
+                crate::quant::dequantize(f.source(), self.qrow(f, w, r, out.len()), out)
+            }
         }
     }
     /// Prefetches the `len` elements of row `r` into L2 (a hint: no effect on results).
@@ -146,6 +179,10 @@ impl<'a> Strided<'a> {
             let (ptr, bytes) = match self.view {
                 WeightView::F32(w) => (w[s..s + len].as_ptr() as *const i8, len * 4),
                 WeightView::Bf16(w) => (w[s..s + len].as_ptr() as *const i8, len * 2),
+                WeightView::Quant(f, w) => {
+                    let row = self.qrow(f, w, r, len);
+                    (row.as_ptr() as *const i8, row.len())
+                }
             };
             let mut off = 0;
             while off < bytes {
@@ -161,6 +198,10 @@ impl<'a> Strided<'a> {
     /// Whether dots over these rows take `h` in bf16.
     fn wants_bf16_input(&self) -> bool {
         matches!(self.view, WeightView::Bf16(_)) && has_avx512_bf16()
+    }
+    /// Whether dots over these rows take `h` quantized.
+    fn wants_q_input(&self) -> bool {
+        matches!(self.view, WeightView::Quant(..))
     }
 }
 
@@ -251,13 +292,22 @@ pub fn sparse_mlp(
     scratch.resize(threads * stride + h.len().div_ceil(2), 0.0);
     let (acc_buf, hb_buf) = scratch.split_at_mut(threads * stride);
     let hb: &mut [u16] = &mut bytemuck::cast_slice_mut(hb_buf)[..h.len()];
+    let mut hq = Vec::new();
+    if matches!(act, Activation::Compute { gate, .. } if gate.wants_q_input()) {
+        quantize_activations(h, &mut hq);
+    }
+    let q = (!hq.is_empty()).then_some(&hq[..]);
     let input = if bf16_input {
         for (o, &v) in hb.iter_mut().zip(h) {
             *o = f32_to_bf16(v);
         }
-        Input { f: h, b: Some(hb) }
+        Input {
+            f: h,
+            b: Some(hb),
+            q,
+        }
     } else {
-        Input { f: h, b: None }
+        Input { f: h, b: None, q }
     };
     let acc = SharedMut(acc_buf.as_mut_ptr());
     let gather = matches!(items, Items::Gather(_));
@@ -379,11 +429,20 @@ pub fn gather_gate_up(
     hb: &mut Vec<u16>,
 ) {
     assert!(g.len() == idx.len() && u.len() == idx.len());
+    let mut hq = Vec::new();
+    if gate.wants_q_input() {
+        quantize_activations(h, &mut hq);
+    }
+    let q = (!hq.is_empty()).then_some(&hq[..]);
     let input = if gate.wants_bf16_input() {
         to_bf16_into(h, hb);
-        Input { f: h, b: Some(hb) }
+        Input {
+            f: h,
+            b: Some(hb),
+            q,
+        }
     } else {
-        Input { f: h, b: None }
+        Input { f: h, b: None, q }
     };
     let (pg, pu) = (SharedMut(g.as_mut_ptr()), SharedMut(u.as_mut_ptr()));
     pool.for_ranges(idx.len(), 16, &|range| {
@@ -451,6 +510,11 @@ pub fn gate_up_activations(
         SharedMut(u.as_mut_ptr()),
         SharedMut(scores.as_mut_ptr()),
     );
+    let mut hq = Vec::new();
+    if matches!(gate, WeightView::Quant(..)) {
+        quantize_activations(h, &mut hq);
+    }
+    let hq = &hq[..];
     pool.for_ranges(inter, 16, &|range| {
         // SAFETY: for_ranges hands out disjoint sub-ranges of 0..inter; a, u and scores
         // have inter elements and outlive the call.
@@ -466,6 +530,10 @@ pub fn gate_up_activations(
             match w {
                 WeightView::F32(w) => rows_f32(&w[rows.clone()], h, out),
                 WeightView::Bf16(w) => rows_bf16(&w[rows.clone()], h, out),
+                WeightView::Quant(f, w) => {
+                    let rb = hidden / QK * f.block_bytes();
+                    rows_q(f, &w[range.start * rb..range.end * rb], rb, hq, out)
+                }
             }
         }
         for ((a, &u), s) in a.iter_mut().zip(u.iter()).zip(sc.iter_mut()) {
@@ -514,6 +582,7 @@ pub fn lowrank_scores(
     let input = Input {
         f: h,
         b: if bf16 { Some(&hb[..]) } else { None },
+        q: None,
     };
     let pz = SharedMut(z.as_mut_ptr());
     pool.for_ranges(rg + ru, 16, &|range| {

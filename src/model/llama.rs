@@ -9,7 +9,7 @@ use crate::kernels::{self, ThreadPool, ops};
 use crate::loader::WeightSource;
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::kv_cache::KvCache;
-use crate::tensor::{DType, Matrix, WeightPlan};
+use crate::tensor::{DType, LoadDType, Matrix, WeightPlan};
 
 /// A linear layer `y = x · W^T` with `W: [out, in]`.
 pub struct Linear {
@@ -99,7 +99,8 @@ pub trait MlpOverride {
 
 pub struct Llama {
     pub config: ModelConfig,
-    pub dtype: DType,
+    /// What the weights were loaded as (`native`: each as the file stores it).
+    pub dtype: LoadDType,
     pub embed_tokens: Matrix,
     pub layers: Vec<Layer>,
     pub norm: Vec<f32>,
@@ -110,8 +111,13 @@ pub struct Llama {
 }
 
 impl Llama {
-    /// Loads every weight of `src` in `dtype`, checking each shape against the config.
-    pub fn load(src: &dyn WeightSource, dtype: DType, pool: &'static ThreadPool) -> Result<Llama> {
+    /// Loads every weight of `src` as `dtype` asks, checking each shape against the config.
+    pub fn load(
+        src: &dyn WeightSource,
+        dtype: impl Into<LoadDType>,
+        pool: &'static ThreadPool,
+    ) -> Result<Llama> {
+        let dtype = dtype.into();
         let c = src.config().clone();
         c.validate()?;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -121,7 +127,8 @@ impl Llama {
             if raw.shape != [rows, cols] {
                 return Err(raw.error(format!("shape {:?}, expected [{rows}, {cols}]", raw.shape)));
             }
-            plan.add(raw, rows, cols, dtype)
+            let held = dtype.resolve(raw.dtype);
+            plan.add(raw, rows, cols, held)
         };
         add("model.embed_tokens.weight", c.vocab_size, h)?;
         const PARTS: [&str; 7] = [

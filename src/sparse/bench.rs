@@ -238,7 +238,7 @@ pub fn sparse_mlp_table(
     runs: usize,
 ) -> Vec<SparseMlpRow> {
     let (hidden, inter) = shape;
-    let layer_bytes = 3 * hidden * inter * dtype.size();
+    let layer_bytes = dtype.bytes_for(3 * hidden * inter);
     let nl = WORKING_SET.div_ceil(layer_bytes).max(1);
     let mut layers: Vec<BenchLayer> = (0..nl as u64)
         .map(|l| {
@@ -303,7 +303,7 @@ pub fn sparse_mlp_table(
                     sparse_mlp(pool, Items::Gather(mask), act, down, &h, &mut out, &mut acc);
                 }
             }) / nl as f64;
-            let sparse_bytes = mask.len() * 3 * hidden * dtype.size();
+            let sparse_bytes = dtype.bytes_for(mask.len() * 3 * hidden);
             SparseMlpRow {
                 hidden,
                 intermediate: inter,
@@ -349,7 +349,7 @@ pub fn predictor(
     ranks
         .iter()
         .map(|&rank| {
-            let per_layer = 2 * rank * (hidden + inter) * dtype.size();
+            let per_layer = dtype.bytes_for(2 * rank * (hidden + inter));
             let nl = WORKING_SET.div_ceil(per_layer).clamp(1, 64);
             let mut p = Predictor::random_shape(hidden, inter, nl, rank, 3);
             p.convert_to(dtype);
@@ -364,7 +364,7 @@ pub fn predictor(
                 rank,
                 ms,
                 bytes: per_layer,
-                fraction_of_mlp: per_layer as f64 / (3 * hidden * inter * dtype.size()) as f64,
+                fraction_of_mlp: per_layer as f64 / dtype.bytes_for(3 * hidden * inter) as f64,
             }
         })
         .collect()

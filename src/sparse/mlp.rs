@@ -14,7 +14,7 @@ use crate::kernels::{ThreadPool, ops::silu};
 use crate::model::llama::{Llama, Mlp, MlpOverride};
 use crate::sparse::predictor::{Predictor, PredictorScratch};
 use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
-use crate::sparse::weight_cache::{CacheSource, HugeMatrix, WeightCache};
+use crate::sparse::weight_cache::{CacheSource, HugeMatrix, WeightCache, down_t_dtype};
 use crate::sparse::{Mode, Scorer, SparsityConfig};
 use crate::tensor::{DType, Matrix};
 
@@ -79,7 +79,7 @@ impl SparseMlp {
         predictor: Option<Predictor>,
     ) -> Result<SparseMlp> {
         let mlps: Vec<&Mlp> = model.layers.iter().map(|l| &l.mlp).collect();
-        Self::for_layers(&mlps, model.dtype, config, predictor)
+        Self::for_layers(&mlps, config, predictor)
     }
 
     /// What the CLI calls: `spec` is the SPEC string, `scorer` the `--scorer` value,
@@ -99,7 +99,6 @@ impl SparseMlp {
     /// Builds the sparse MLP over explicit layers (tests and benchmarks use random ones).
     pub fn for_layers(
         mlps: &[&Mlp],
-        dtype: DType,
         config: SparsityConfig,
         predictor: Option<Predictor>,
     ) -> Result<SparseMlp> {
@@ -110,6 +109,9 @@ impl SparseMlp {
             first.gate_proj.in_features(),
             first.gate_proj.out_features(),
         );
+        // The cache holds gate/up rows as the model does and the transposed down rows in
+        // `down_t_dtype` (Q8_0 for a quantized model: see `WeightCache`).
+        let dtype = first.gate_proj.weight.dtype;
         let scorer = match (config.scorer, &predictor) {
             (Some(s), _) => s,
             (None, Some(_)) => Scorer::LowRank,
@@ -144,9 +146,14 @@ impl SparseMlp {
         } else {
             vec![None; mlps.len()]
         };
-        // The predictor's factors in the model's dtype (bf16 halves its bytes per token).
+        // The predictor's factors in the model's float dtype (bf16 halves its bytes per
+        // token; quantized models use bf16 factors).
         let predictor = predictor.map(|mut p| {
-            p.convert_to(dtype);
+            p.convert_to(if dtype == DType::F32 {
+                DType::F32
+            } else {
+                DType::BF16
+            });
             p
         });
         // Off runs dense: no per-layer state, no transposed copies.
@@ -157,7 +164,7 @@ impl SparseMlp {
             mlps.iter()
                 .zip(cutoffs)
                 .map(|(m, cutoff)| LayerState {
-                    down_t: transpose_matrix(&m.down_proj.weight, dtype),
+                    down_t: transpose_matrix(&m.down_proj.weight, down_t_dtype(dtype)),
                     cache: WeightCache::new(hidden, inter, dtype, with_gate_up),
                     cutoff,
                     tokens: 0,
@@ -411,8 +418,9 @@ impl MlpOverride for SparseMlp {
 }
 
 /// `w` ([rows, cols]) transposed into a new owned [cols, rows] matrix in `dtype` (in a
-/// huge-page mapping), in 64 x 64 tiles so both sides stay in cache. Same dtype: the
-/// values are moved bit for bit; otherwise they go through f32 (bf16 survives exactly).
+/// huge-page mapping), in 64 x 64 tiles so both sides stay in cache. Same float dtype:
+/// the values are moved bit for bit; otherwise they go through f32 (bf16 survives
+/// exactly; a quantized target is quantized from the transposed values).
 pub fn transpose_matrix(w: &Matrix, dtype: DType) -> HugeMatrix {
     let (rows, cols) = (w.rows, w.cols);
     let mut t = HugeMatrix::zeroed(cols, rows, dtype);
@@ -424,8 +432,10 @@ pub fn transpose_matrix(w: &Matrix, dtype: DType) -> HugeMatrix {
             transpose_into(src, rows, cols, bytemuck::cast_slice_mut(t.bytes_mut()))
         }
         _ => {
-            let tmp = Matrix::from_f32(&w.to_f32_vec(), rows, cols, dtype);
-            return transpose_matrix(&tmp, dtype);
+            // Through f32: quantized targets are quantized from the transposed values.
+            let mut tf = vec![0f32; rows * cols];
+            transpose_into(&w.to_f32_vec(), rows, cols, &mut tf);
+            crate::tensor::encode_f32(&tf, dtype, t.bytes_mut());
         }
     }
     t

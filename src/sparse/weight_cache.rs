@@ -5,7 +5,7 @@
 //! Slot `s` holds neuron `neuron_of[s]`: its gate row and up row side by side in one
 //! `[2*hidden]` block (padded to a multiple of 64 bytes), and its down column (a row of
 //! the transposed down projection, `[hidden]`, padded likewise). Buffers are in the
-//! model's dtype (f32 or bf16). At density D the cache holds about D·3·hidden·inter values
+//! model's dtype (f32, bf16, or a quantized block format: rows are whole blocks). At density D the cache holds about D·3·hidden·inter values
 //! per layer on top of the model's weights (less when only down rows are cached, for the
 //! exact and cascade scorers, which compute g and u themselves).
 
@@ -57,7 +57,7 @@ impl HugeMatrix {
             rows,
             cols,
             dtype,
-            buf: HugeBuf::zeroed(rows * cols * dtype.size()),
+            buf: HugeBuf::zeroed(dtype.bytes_for(rows * cols)),
         }
     }
     pub fn view(&self) -> WeightView<'_> {
@@ -67,7 +67,20 @@ impl HugeMatrix {
         self.buf.bytes_mut()
     }
     pub fn byte_len(&self) -> usize {
-        self.rows * self.cols * self.dtype.size()
+        self.dtype.bytes_for(self.rows * self.cols)
+    }
+}
+
+/// The dtype the transposed down projection (and the cache's down rows) is held in for a
+/// model whose MLP weights are in `dtype`. A quantized down projection's blocks run along
+/// the neurons, so one neuron's down column is not a whole block: it is repacked
+/// neuron-major and re-quantized to Q8_0 (8 bits keep the second rounding small next to
+/// the 4-bit original's).
+pub fn down_t_dtype(dtype: DType) -> DType {
+    if dtype.qformat().is_some() {
+        DType::Q8_0
+    } else {
+        dtype
     }
 }
 
@@ -100,7 +113,10 @@ pub enum UpdateStrategy {
 /// One layer's cache of active rows.
 pub struct WeightCache {
     hidden: usize,
+    /// Of the gate/up rows.
     dtype: DType,
+    /// Of the down rows: [`down_t_dtype`]`(dtype)`.
+    down_dtype: DType,
     with_gate_up: bool,
     /// Elements per slot in `gu` (>= 2*hidden) and in `down` (>= hidden).
     gu_stride: usize,
@@ -123,25 +139,36 @@ pub struct WeightCache {
     pub rows_copied: u64,
 }
 
-/// Rounds `n` elements of `size` bytes up to a whole number of 64-byte lines.
-fn pad_to_line(n: usize, size: usize) -> usize {
-    (n * size).div_ceil(64) * 64 / size
+/// Rounds `n` float elements up to a whole number of 64-byte lines. Quantized rows (whole
+/// blocks of 18, 20 or 34 bytes) stay as they are: their loads are unaligned anyway.
+fn pad_to_line(n: usize, dtype: DType) -> usize {
+    match dtype {
+        DType::F32 | DType::BF16 => {
+            let size = dtype.bytes_for(1);
+            (n * size).div_ceil(64) * 64 / size
+        }
+        _ => n,
+    }
 }
 
 impl WeightCache {
     /// An empty cache for a layer with `inter` neurons of width `hidden`. `with_gate_up`:
     /// also cache gate/up rows (not needed when g and u are computed elsewhere).
+    /// `dtype` is the gate/up rows' (the model's) dtype; down rows are in
+    /// [`down_t_dtype`]`(dtype)`, as the transposed down projection they are copied from.
     pub fn new(hidden: usize, inter: usize, dtype: DType, with_gate_up: bool) -> WeightCache {
+        let down_dtype = down_t_dtype(dtype);
         WeightCache {
             hidden,
             dtype,
+            down_dtype,
             with_gate_up,
             gu_stride: if with_gate_up {
-                pad_to_line(2 * hidden, dtype.size())
+                pad_to_line(2 * hidden, dtype)
             } else {
                 0
             },
-            down_stride: pad_to_line(hidden, dtype.size()),
+            down_stride: pad_to_line(hidden, down_dtype),
             gu: HugeBuf::zeroed(0),
             down: HugeBuf::zeroed(0),
             capacity: 0,
@@ -191,7 +218,7 @@ impl WeightCache {
     /// Down rows of the used slots: slot s at `[s*stride .. s*stride + hidden]`.
     pub fn down(&self) -> (WeightView<'_>, usize) {
         (
-            view(&self.down, self.dtype, self.len() * self.down_stride),
+            view(&self.down, self.down_dtype, self.len() * self.down_stride),
             self.down_stride,
         )
     }
@@ -223,7 +250,10 @@ impl WeightCache {
     /// Bytes the buffers have committed (the most slots ever used; the reservation of
     /// untouched slots costs address space only).
     pub fn byte_len(&self) -> usize {
-        self.high_water * (self.gu_stride + self.down_stride) * self.dtype.size()
+        self.dtype.bytes_for(self.high_water * self.gu_stride)
+            + self
+                .down_dtype
+                .bytes_for(self.high_water * self.down_stride)
     }
 
     /// How many neurons of `mask` are not cached (the rows an update would copy).
@@ -310,13 +340,12 @@ impl WeightCache {
         }
         let cap = self.slot_of.len();
         assert!(slots <= cap, "more slots than neurons");
-        let e = self.dtype.size();
-        for (buf, stride) in [
-            (&mut self.gu, self.gu_stride),
-            (&mut self.down, self.down_stride),
+        for (buf, stride, dt) in [
+            (&mut self.gu, self.gu_stride, self.dtype),
+            (&mut self.down, self.down_stride, self.down_dtype),
         ] {
-            let mut nb = HugeBuf::zeroed(cap * stride * e);
-            let used = self.neuron_of.len() * stride * e;
+            let mut nb = HugeBuf::zeroed(dt.bytes_for(cap * stride));
+            let used = dt.bytes_for(self.neuron_of.len() * stride);
             nb.bytes_mut()[..used].copy_from_slice(&buf.bytes()[..used]);
             *buf = nb;
         }
@@ -328,12 +357,11 @@ impl WeightCache {
         let slot = self.slot_of[neuron] as usize;
         let last = self.neuron_of.len() - 1;
         if slot != last {
-            let e = self.dtype.size();
-            for (buf, stride) in [
-                (&mut self.gu, self.gu_stride),
-                (&mut self.down, self.down_stride),
+            for (buf, stride, dt) in [
+                (&mut self.gu, self.gu_stride, self.dtype),
+                (&mut self.down, self.down_stride, self.down_dtype),
             ] {
-                let b = stride * e;
+                let b = dt.bytes_for(stride);
                 buf.bytes_mut()
                     .copy_within(last * b..(last + 1) * b, slot * b);
             }
@@ -348,16 +376,21 @@ impl WeightCache {
 
     /// Copies neuron `n`'s gate, up and down rows into `slot`.
     fn write_slot(&mut self, src: &CacheSource<'_>, slot: usize, n: usize) {
-        let (h, e) = (self.hidden, self.dtype.size());
+        let (h, dt) = (self.hidden, self.dtype);
+        let row = dt.bytes_for(h);
         if self.with_gate_up {
-            let b = slot * self.gu_stride * e;
-            let dst = &mut self.gu.bytes_mut()[b..b + 2 * h * e];
-            let (dg, du) = dst.split_at_mut(h * e);
+            let b = dt.bytes_for(slot * self.gu_stride);
+            let dst = &mut self.gu.bytes_mut()[b..b + 2 * row];
+            let (dg, du) = dst.split_at_mut(row);
             copy_row(src.gate, n, h, dg);
             copy_row(src.up, n, h, du);
         }
-        let b = slot * self.down_stride * e;
-        copy_row(src.down_t, n, h, &mut self.down.bytes_mut()[b..b + h * e]);
+        let (dd, b) = (
+            self.down_dtype,
+            self.down_dtype.bytes_for(slot * self.down_stride),
+        );
+        let row = dd.bytes_for(h);
+        copy_row(src.down_t, n, h, &mut self.down.bytes_mut()[b..b + row]);
         self.rows_copied += 1;
     }
 }
@@ -377,6 +410,7 @@ fn copy_row(src: WeightView<'_>, row: usize, cols: usize, dst: &mut [u8]) {
         WeightView::Bf16(w) => {
             dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
         }
+        WeightView::Quant(_, w) => dst.copy_from_slice(&w[row * dst.len()..(row + 1) * dst.len()]),
     }
 }
 
@@ -386,11 +420,13 @@ fn view(buf: &HugeBuf, dtype: DType, elems: usize) -> WeightView<'_> {
         return match dtype {
             DType::F32 => WeightView::F32(&[]),
             DType::BF16 => WeightView::Bf16(&[]),
+            q => WeightView::Quant(q.qformat().expect("quantized"), &[]),
         };
     }
-    let b = &buf.bytes()[..elems * dtype.size()];
+    let b = &buf.bytes()[..dtype.bytes_for(elems)];
     match dtype {
         DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
         DType::BF16 => WeightView::Bf16(bytemuck::cast_slice(b)),
+        q => WeightView::Quant(q.qformat().expect("quantized"), b),
     }
 }

@@ -1,0 +1,559 @@
+//! Dot products of GGUF's quantized weight rows (Q8_0, Q4_0, Q4_1) with activations
+//! quantized to 8 bits per 32-element block, as llama.cpp computes them: integer products
+//! of the quants, scaled once per block.
+//!
+//! The activations are quantized once per matrix-vector product into [`QPair`]s (two
+//! blocks each: 64 signed quants plus each block's scale `dx` and `s = dx·Σq`). For a
+//! weight block with scale `dw` and quants `w_j`, and an activation block `(dx, q_j)`:
+//! - Q4_1 (`w = dw·n + m`, n a nibble): `dw·dx·Σ n_j q_j + m·s`
+//! - Q4_0 (`w = dw·(n - 8)`):           `dw·(dx·Σ n_j q_j - 8·s)`
+//! - Q8_0 (`w = dw·c`, c signed):       `dw·dx·Σ c_j q_j`
+//!
+//! The integer sums run on AVX-512 VNNI (`vpdpbusd`: unsigned x signed bytes, two blocks
+//! per instruction; Q8_0's signed quants are offset by 128 and the offset's `128·s` taken
+//! back per block), on AVX2 (`vpmaddubsw`, one block at a time) or in scalar code, picked
+//! at run time. Quantizing the activations is the only approximation beyond the weights'
+//! own: each activation moves by at most `dx/2`, which bounds the error the tests check.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::dot::{Isa, isa};
+use crate::quant::{QFormat, QK, f16_le};
+
+/// Two consecutive 32-element blocks of quantized activations.
+#[repr(C, align(16))]
+#[derive(Clone, Copy, Pod, Zeroable, Debug)]
+pub struct QPair {
+    /// `[dx0, s0, dx1, s1]`: each block's scale and `scale · sum of its quants`.
+    pub ds: [f32; 4],
+    /// Block 0's quants, then block 1's.
+    pub qs: [i8; 2 * QK],
+}
+
+/// Quantizes `x` (a whole number of 32-element blocks) into `out`, resized to
+/// `ceil(blocks / 2)` pairs; a missing second block of the last pair is zero.
+///
+/// Per block: `dx = max|x| / 127`, `q = round(x / dx)` (ggml's `quantize_row_q8_1`).
+pub fn quantize_activations(x: &[f32], out: &mut Vec<QPair>) {
+    assert!(
+        x.len().is_multiple_of(QK),
+        "activations of {} elements",
+        x.len()
+    );
+    let blocks = x.len() / QK;
+    out.clear();
+    out.resize(blocks.div_ceil(2), QPair::zeroed());
+    for (b, xb) in x.chunks_exact(QK).enumerate() {
+        let pair = &mut out[b / 2];
+        let half = b % 2;
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in pair.qs[half * QK..(half + 1) * QK].iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        pair.ds[2 * half] = d;
+        pair.ds[2 * half + 1] = d * sum as f32;
+    }
+}
+
+/// The activation block `b` of `x`: (dx, s, quants).
+#[inline]
+fn act_block(x: &[QPair], b: usize) -> (f32, f32, &[i8]) {
+    let p = &x[b / 2];
+    let h = b % 2;
+    (p.ds[2 * h], p.ds[2 * h + 1], &p.qs[h * QK..(h + 1) * QK])
+}
+
+/// One weight block times one activation block, in scalar code.
+#[inline]
+fn block_dot_scalar(fmt: QFormat, wb: &[u8], dx: f32, s: f32, q: &[i8]) -> f32 {
+    let dw = f16_le([wb[0], wb[1]]);
+    let qs = &wb[fmt.qs_offset()..fmt.block_bytes()];
+    match fmt {
+        QFormat::Q8_0 => {
+            let sum: i32 = qs
+                .iter()
+                .zip(q)
+                .map(|(&c, &q)| c as i8 as i32 * q as i32)
+                .sum();
+            dw * dx * sum as f32
+        }
+        QFormat::Q4_0 | QFormat::Q4_1 => {
+            let mut sum = 0i32;
+            for j in 0..QK / 2 {
+                sum += (qs[j] & 0x0f) as i32 * q[j] as i32;
+                sum += (qs[j] >> 4) as i32 * q[j + QK / 2] as i32;
+            }
+            if fmt == QFormat::Q4_1 {
+                let m = f16_le([wb[2], wb[3]]);
+                dw * dx * sum as f32 + m * s
+            } else {
+                dw * (dx * sum as f32 - 8.0 * s)
+            }
+        }
+    }
+}
+
+/// Scalar reference: the dot product of one quantized row (`w`: whole blocks) with the
+/// quantized activations `x` (at least as many blocks).
+pub fn dot_scalar(fmt: QFormat, w: &[u8], x: &[QPair]) -> f32 {
+    let bb = fmt.block_bytes();
+    assert!(w.len().is_multiple_of(bb));
+    let blocks = w.len() / bb;
+    assert!(x.len() * 2 >= blocks, "activations shorter than the row");
+    (0..blocks)
+        .map(|b| {
+            let (dx, s, q) = act_block(x, b);
+            block_dot_scalar(fmt, &w[b * bb..(b + 1) * bb], dx, s, q)
+        })
+        .sum()
+}
+
+/// Whether the AVX-512 VNNI kernels run (AVX-512 F/BW/VL + VNNI + F16C); `SPARSELLM_ISA`
+/// below avx512 turns them off.
+pub fn has_vnni() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa() == Isa::Avx512
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Whether the AVX2 kernels run (AVX2 + FMA + F16C), when VNNI does not.
+fn has_avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            isa() != Isa::Scalar && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Unaligned little-endian u32 at `p`.
+///
+/// # Safety
+/// `p..p + 4` must be readable.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn read_u32(p: *const u8) -> u32 {
+    // SAFETY: the caller guarantees 4 readable bytes; read_unaligned has no alignment need.
+    unsafe { std::ptr::read_unaligned(p as *const u32) }
+}
+
+/// Rows `out.len()` of `w` (each `row_bytes` long) dotted with `x`, AVX-512 VNNI.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL, VNNI and F16C; `w` holds `out.len()` rows of
+/// `row_bytes` bytes, a whole number of blocks, and `x` at least as many blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,avx2,fma")]
+unsafe fn rows_vnni<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &mut [f32]) {
+    let fmt = format_of(F);
+    let bb = fmt.block_bytes();
+    let qo = fmt.qs_offset();
+    let blocks = row_bytes / bb;
+    let pairs = blocks / 2;
+    assert!(w.len() >= out.len() * row_bytes && x.len() * 2 >= blocks);
+    let nib = _mm256_set1_epi8(0x0f);
+    let flip = _mm512_set1_epi8(-128);
+    // Lanes 0..8 take element 0 of a 4-vector, lanes 8..16 element 2.
+    let spread = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    // The per-block constant term's weight: Q4_1 m, Q4_0 -8·dw, Q8_0 -128·dw.
+    let cmul = match fmt {
+        QFormat::Q4_1 => _mm_set1_ps(1.0),
+        QFormat::Q4_0 => _mm_set_ps(-8.0, 1.0, -8.0, 1.0),
+        QFormat::Q8_0 => _mm_set_ps(-128.0, 1.0, -128.0, 1.0),
+    };
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = w[r * row_bytes..(r + 1) * row_bytes].as_ptr();
+        let mut acc = _mm512_setzero_ps();
+        let mut cacc = _mm_setzero_ps();
+        for p in 0..pairs {
+            // SAFETY: blocks 2p and 2p + 1 lie inside the row (p < blocks / 2), and pair p
+            // inside x (asserted); every load below stays inside those blocks.
+            unsafe {
+                let b0 = row.add(2 * p * bb);
+                let b1 = b0.add(bb);
+                let wq = match fmt {
+                    QFormat::Q8_0 => _mm512_xor_si512(
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(qo) as *const _)),
+                            _mm256_loadu_si256(b1.add(qo) as *const _),
+                        ),
+                        flip,
+                    ),
+                    _ => {
+                        let q = _mm256_loadu2_m128i(
+                            b1.add(qo) as *const __m128i,
+                            b0.add(qo) as *const __m128i,
+                        );
+                        let lo = _mm256_and_si256(q, nib);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
+                        // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: block order.
+                        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                        _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
+                    }
+                };
+                let xp = x.get_unchecked(p);
+                let xq = _mm512_loadu_si512(xp.qs.as_ptr() as *const _);
+                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+                // f16 [d0, c0, d1, c1] (c = m for Q4_1, d again otherwise).
+                let dc = match fmt {
+                    QFormat::Q4_1 => _mm_set_epi32(0, 0, read_u32(b1) as i32, read_u32(b0) as i32),
+                    _ => {
+                        // Only the 2-byte scale is certain to be readable here: Q4_0's
+                        // last block may end the buffer 2 bytes after it.
+                        let d0 = u16::from_le_bytes([*b0, *b0.add(1)]) as u32 * 0x1_0001;
+                        let d1 = u16::from_le_bytes([*b1, *b1.add(1)]) as u32 * 0x1_0001;
+                        _mm_set_epi32(0, 0, d1 as i32, d0 as i32)
+                    }
+                };
+                let prod = _mm_mul_ps(
+                    _mm_mul_ps(_mm_cvtph_ps(dc), cmul),
+                    _mm_load_ps(xp.ds.as_ptr()),
+                );
+                cacc = _mm_add_ps(cacc, prod);
+                let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(prod));
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
+            }
+        }
+        // [_, c0·s0, _, c1·s1]: the constant terms sit in the odd lanes.
+        let mut c = [0f32; 4];
+        // SAFETY: c has 4 floats.
+        unsafe { _mm_storeu_ps(c.as_mut_ptr(), cacc) };
+        let mut s = _mm512_reduce_add_ps(acc) + c[1] + c[3];
+        if blocks % 2 == 1 {
+            let b = blocks - 1;
+            let (dx, sx, q) = act_block(x, b);
+            s += block_dot_scalar(
+                fmt,
+                &w[r * row_bytes + b * bb..r * row_bytes + (b + 1) * bb],
+                dx,
+                sx,
+                q,
+            );
+        }
+        *o = s;
+    }
+}
+
+/// As [`rows_vnni`] with AVX2: one block per step, `vpmaddubsw` on unsigned x signed
+/// bytes (Q8_0 by the sign trick: |w| times x with w's sign).
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; sizes as for [`rows_vnni`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &mut [f32]) {
+    let fmt = format_of(F);
+    let bb = fmt.block_bytes();
+    let qo = fmt.qs_offset();
+    let blocks = row_bytes / bb;
+    assert!(w.len() >= out.len() * row_bytes && x.len() * 2 >= blocks);
+    let nib = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    for (r, o) in out.iter_mut().enumerate() {
+        let row = w[r * row_bytes..(r + 1) * row_bytes].as_ptr();
+        let mut acc = _mm256_setzero_ps();
+        let mut cst = 0f32;
+        for b in 0..blocks {
+            let (dx, sx, q) = act_block(x, b);
+            // SAFETY: block b lies inside the row and q has 32 quants.
+            unsafe {
+                let blk = row.add(b * bb);
+                let xq = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+                let prod16 = match fmt {
+                    QFormat::Q8_0 => {
+                        let wq = _mm256_loadu_si256(blk.add(qo) as *const __m256i);
+                        _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
+                    }
+                    _ => {
+                        let q16 = _mm_loadu_si128(blk.add(qo) as *const __m128i);
+                        let q = _mm256_set_m128i(_mm_srli_epi16::<4>(q16), q16);
+                        _mm256_maddubs_epi16(_mm256_and_si256(q, nib), xq)
+                    }
+                };
+                let isum = _mm256_madd_epi16(prod16, ones);
+                let dw = f16_le([*blk, *blk.add(1)]);
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * dx), acc);
+                cst += match fmt {
+                    QFormat::Q4_1 => f16_le([*blk.add(2), *blk.add(3)]) * sx,
+                    QFormat::Q4_0 => -8.0 * dw * sx,
+                    QFormat::Q8_0 => 0.0,
+                };
+            }
+        }
+        let lo = _mm256_castps256_ps128(acc);
+        let hi = _mm256_extractf128_ps::<1>(acc);
+        let v = _mm_add_ps(lo, hi);
+        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+        let v = _mm_add_ss(v, _mm_movehdup_ps(v));
+        *o = _mm_cvtss_f32(v) + cst;
+    }
+}
+
+const fn format_of(f: u8) -> QFormat {
+    match f {
+        0 => QFormat::Q8_0,
+        1 => QFormat::Q4_0,
+        _ => QFormat::Q4_1,
+    }
+}
+
+/// `out[r] = row r of w · x` for `out.len()` consecutive rows of `row_bytes` bytes each,
+/// the fastest available version. `x` comes from [`quantize_activations`].
+pub fn rows_q(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[QPair], out: &mut [f32]) {
+    assert!(
+        row_bytes.is_multiple_of(fmt.block_bytes()),
+        "row of {row_bytes} bytes"
+    );
+    assert!(w.len() >= out.len() * row_bytes, "rows_q: weight size");
+    assert!(
+        x.len() * 2 >= row_bytes / fmt.block_bytes(),
+        "rows_q: activation size"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_vnni() {
+            // SAFETY: has_vnni() checked the features; sizes asserted above.
+            unsafe {
+                match fmt {
+                    QFormat::Q8_0 => rows_vnni::<0>(w, row_bytes, x, out),
+                    QFormat::Q4_0 => rows_vnni::<1>(w, row_bytes, x, out),
+                    QFormat::Q4_1 => rows_vnni::<2>(w, row_bytes, x, out),
+                }
+            }
+            return;
+        }
+        if has_avx2() {
+            // SAFETY: has_avx2() checked AVX2/FMA/F16C; sizes asserted above.
+            unsafe {
+                match fmt {
+                    QFormat::Q8_0 => rows_avx2::<0>(w, row_bytes, x, out),
+                    QFormat::Q4_0 => rows_avx2::<1>(w, row_bytes, x, out),
+                    QFormat::Q4_1 => rows_avx2::<2>(w, row_bytes, x, out),
+                }
+            }
+            return;
+        }
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        *o = dot_scalar(fmt, &w[r * row_bytes..(r + 1) * row_bytes], x);
+    }
+}
+
+/// The dot product of one quantized row with `x`, the fastest available version.
+#[inline]
+pub fn dot_q(fmt: QFormat, w: &[u8], x: &[QPair]) -> f32 {
+    let mut o = [0f32];
+    rows_q(fmt, w, w.len(), x, &mut o);
+    o[0]
+}
+
+/// Scalar reference: `y += a · row` for one quantized row of `y.len()` elements.
+pub fn axpy_q_scalar(fmt: QFormat, a: f32, w: &[u8], y: &mut [f32]) {
+    let mut tmp = [0f32; QK];
+    for (blk, yb) in w
+        .chunks_exact(fmt.block_bytes())
+        .zip(y.chunks_exact_mut(QK))
+    {
+        crate::quant::dequantize(fmt.source(), blk, &mut tmp);
+        for (o, &v) in yb.iter_mut().zip(&tmp) {
+            *o += a * v;
+        }
+    }
+}
+
+/// `y += a · row` for one Q8_0 row, AVX-512 (one FMA per element with `a·d` per block).
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL and F16C; `w` holds `y.len() / 32` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn axpy_q8_0_avx512(a: f32, w: &[u8], y: &mut [f32]) {
+    let blocks = y.len() / QK;
+    assert!(w.len() >= blocks * 34);
+    let (pw, py) = (w.as_ptr(), y.as_mut_ptr());
+    for b in 0..blocks {
+        // SAFETY: block b's 34 bytes and y[32b..32b + 32] are in bounds (asserted).
+        unsafe {
+            let blk = pw.add(b * 34);
+            let d = f16_le([*blk, *blk.add(1)]);
+            let s = _mm512_set1_ps(a * d);
+            let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(q)));
+            let y0 = py.add(b * QK);
+            _mm512_storeu_ps(y0, _mm512_fmadd_ps(s, lo, _mm512_loadu_ps(y0)));
+            _mm512_storeu_ps(
+                y0.add(16),
+                _mm512_fmadd_ps(s, hi, _mm512_loadu_ps(y0.add(16))),
+            );
+        }
+    }
+}
+
+/// `y += a · row` for one quantized row (`w`: `y.len() / 32` blocks), fastest version.
+#[inline]
+pub fn axpy_q(fmt: QFormat, a: f32, w: &[u8], y: &mut [f32]) {
+    assert!(y.len().is_multiple_of(QK) && w.len() == y.len() / QK * fmt.block_bytes());
+    #[cfg(target_arch = "x86_64")]
+    if fmt == QFormat::Q8_0 && isa() == Isa::Avx512 && has_avx2() {
+        // SAFETY: isa() checked AVX-512 F/BW/VL and has_avx2() F16C; sizes asserted.
+        unsafe { axpy_q8_0_avx512(a, w, y) };
+        return;
+    }
+    axpy_q_scalar(fmt, a, w, y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::test_data::data;
+    use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
+    use half::f16;
+
+    /// `blocks` random blocks of `fmt` (scales of mixed magnitude, all quant values used).
+    fn random_row(fmt: QFormat, blocks: usize, seed: u64) -> Vec<u8> {
+        let v = data(blocks * 40, seed);
+        let mut out = Vec::new();
+        for b in 0..blocks {
+            let r = &v[b * 40..(b + 1) * 40];
+            let d = f16::from_f32(r[0].abs() * 0.05 + 1e-3).to_le_bytes();
+            let byte = |i: usize| ((r[4 + i % 36] * 0.5 + 0.5) * 255.0) as u8 ^ (i as u8 * 37);
+            match fmt {
+                QFormat::Q8_0 => {
+                    let mut blk = BlockQ8_0::zeroed();
+                    blk.d = d;
+                    for (i, q) in blk.qs.iter_mut().enumerate() {
+                        *q = byte(i) as i8;
+                    }
+                    out.extend(bytemuck::bytes_of(&blk));
+                }
+                QFormat::Q4_0 => {
+                    let mut blk = BlockQ4_0::zeroed();
+                    blk.d = d;
+                    for (i, q) in blk.qs.iter_mut().enumerate() {
+                        *q = byte(i);
+                    }
+                    out.extend(bytemuck::bytes_of(&blk));
+                }
+                QFormat::Q4_1 => {
+                    let mut blk = BlockQ4_1::zeroed();
+                    blk.d = d;
+                    blk.m = f16::from_f32(r[1] * 0.3).to_le_bytes();
+                    for (i, q) in blk.qs.iter_mut().enumerate() {
+                        *q = byte(i);
+                    }
+                    out.extend(bytemuck::bytes_of(&blk));
+                }
+            }
+        }
+        out
+    }
+
+    fn source(fmt: QFormat) -> crate::loader::SourceDType {
+        match fmt {
+            QFormat::Q8_0 => crate::loader::SourceDType::Q8_0,
+            QFormat::Q4_0 => crate::loader::SourceDType::Q4_0,
+            QFormat::Q4_1 => crate::loader::SourceDType::Q4_1,
+        }
+    }
+
+    #[test]
+    fn quantized_dots_are_within_the_activation_rounding_bound_of_f32() {
+        for fmt in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+            for blocks in [1, 2, 3, 5, 18, 19, 48] {
+                let n = blocks * QK;
+                let rows = 7;
+                let w = random_row(fmt, blocks * rows, blocks as u64);
+                let x = data(n, 99 + blocks as u64);
+                let mut xq = Vec::new();
+                quantize_activations(&x, &mut xq);
+                let rb = blocks * fmt.block_bytes();
+                let mut got = vec![0f32; rows];
+                rows_q(fmt, &w, rb, &xq, &mut got);
+                for r in 0..rows {
+                    let mut wf = vec![0f32; n];
+                    crate::quant::dequantize(source(fmt), &w[r * rb..(r + 1) * rb], &mut wf);
+                    let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
+                    // Each activation moves by at most dx/2 when quantized.
+                    let bound: f32 = (0..n)
+                        .map(|i| {
+                            let (dx, _, _) = act_block(&xq, i / QK);
+                            wf[i].abs() * dx * 0.5
+                        })
+                        .sum();
+                    let slack = 1e-4 * (1.0 + exact.abs());
+                    let reference = dot_scalar(fmt, &w[r * rb..(r + 1) * rb], &xq);
+                    assert!(
+                        (reference - exact).abs() <= bound + slack,
+                        "{fmt:?} {blocks} blocks: scalar {reference} vs f32 {exact} (bound {bound})"
+                    );
+                    assert!(
+                        (got[r] - reference).abs() <= 1e-4 * (1.0 + reference.abs()),
+                        "{fmt:?} {blocks} blocks row {r}: kernel {} vs scalar {reference}",
+                        got[r]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn activation_quantization_round_trips_within_half_a_step() {
+        let x = data(5 * QK, 3);
+        let mut q = Vec::new();
+        quantize_activations(&x, &mut q);
+        assert_eq!(q.len(), 3);
+        for (i, &v) in x.iter().enumerate() {
+            let (dx, s, qs) = act_block(&q, i / QK);
+            assert!((qs[i % QK] as f32 * dx - v).abs() <= dx * 0.5 + 1e-7);
+            let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+            assert_eq!(s, dx * sum as f32);
+        }
+        // The padding block of the last pair is zero.
+        assert_eq!(q[2].ds[2], 0.0);
+        assert!(q[2].qs[QK..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn quantized_axpy_matches_scalar_on_odd_sizes() {
+        for fmt in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+            for blocks in [1, 3, 18, 19] {
+                let w = random_row(fmt, blocks, 7 + blocks as u64);
+                let y0 = data(blocks * QK, 8);
+                let (mut want, mut got) = (y0.clone(), y0.clone());
+                axpy_q_scalar(fmt, 0.7, &w, &mut want);
+                axpy_q(fmt, 0.7, &w, &mut got);
+                let mut wf = vec![0f32; blocks * QK];
+                crate::quant::dequantize(source(fmt), &w, &mut wf);
+                for i in 0..y0.len() {
+                    assert!(
+                        (want[i] - (y0[i] + 0.7 * wf[i])).abs() <= 1e-5 * (1.0 + want[i].abs())
+                    );
+                    assert!(
+                        (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                        "{fmt:?}"
+                    );
+                }
+            }
+        }
+    }
+}
