@@ -15,7 +15,7 @@ use sparsellm::generate::{self, GenerateOptions, SamplingOptions};
 use sparsellm::kernels::pool;
 use sparsellm::loader::{self, fetch};
 use sparsellm::model::{Llama, MlpOverride};
-use sparsellm::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig};
+use sparsellm::sparse::{Predictor, Scorer, SparseMlp, SparsityConfig};
 use sparsellm::synth::SynthShape;
 use sparsellm::tensor::{DType, LoadDType};
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
@@ -144,8 +144,9 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     predictor: Option<PathBuf>,
     /// Where active neurons' weights are read from: a differential cache of compact rows,
-    /// or a gather from the full matrices.
-    #[arg(long, default_value = "cached", value_parser = ["cached", "gather"])]
+    /// a gather from the full matrices, or (quantized models) whole 32-neuron groups whose
+    /// down-projection blocks are read in place.
+    #[arg(long, default_value = "cached", value_parser = ["cached", "gather", "blocks"])]
     sparse_mode: String,
 }
 
@@ -322,17 +323,13 @@ fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<SparseMlp>> {
         }
         return Ok(None);
     }
-    let mut sp = SparseMlp::from_spec(
+    let sp = SparseMlp::from_spec(
         model,
         &run.sparsity,
         run.scorer.as_deref(),
         run.predictor.as_deref(),
+        run.sparse_mode.parse()?,
     )?;
-    sp.set_mode(if run.sparse_mode == "gather" {
-        Mode::Gather
-    } else {
-        Mode::Cached
-    });
     Ok(Some(sp))
 }
 
@@ -702,11 +699,7 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
         ("sparse", Some(rank)) => {
             let mut config: SparsityConfig = a.run.sparsity.parse()?;
             config.scorer = a.run.scorer.as_deref().map(str::parse).transpose()?;
-            config.mode = if a.run.sparse_mode == "gather" {
-                Mode::Gather
-            } else {
-                Mode::Cached
-            };
+            config.mode = a.run.sparse_mode.parse()?;
             let predictor = Predictor::random(&l.model.config, rank, 1);
             Some(SparseMlp::new(&l.model, config, Some(predictor))?)
         }

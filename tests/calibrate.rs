@@ -14,7 +14,7 @@ use sparsellm::sparse::calibrate::{
     CalibrationOptions, CalibrationReport, Covariance, calibrate, fit_low_rank,
 };
 use sparsellm::sparse::predictor::{Predictor, model_identity};
-use sparsellm::sparse::{Scorer, SparseMlp};
+use sparsellm::sparse::{Mode, Scorer, SparseMlp};
 use sparsellm::tensor::DType;
 use sparsellm::tokenizer::Tokenizer;
 
@@ -200,7 +200,7 @@ fn calibrate_save_load_round_trip_runs_sparse_and_refuses_other_models() {
     // The loaded file runs end to end through SparseMlp, calibrated and at a density.
     let eval_ids = &ids[256..256 + 128];
     for spec in ["calibrated", "density:0.5"] {
-        let mut s = SparseMlp::from_spec(m, spec, None, Some(&path)).unwrap();
+        let mut s = SparseMlp::from_spec(m, spec, None, Some(&path), Mode::Cached).unwrap();
         s.set_prefill_dense(false);
         assert_eq!(s.scorer(), Scorer::LowRank);
         let r = perplexity(m, eval_ids, 128, Some(&mut s), |_, _| {}).unwrap();
@@ -218,7 +218,7 @@ fn calibrate_save_load_round_trip_runs_sparse_and_refuses_other_models() {
     other.model = "llama-h576-i1536-l30-v49152-0000000000000000".into();
     let other_path = dir.path().join("other.safetensors");
     other.save(&other_path).unwrap();
-    let e = SparseMlp::from_spec(m, "calibrated", None, Some(&other_path))
+    let e = SparseMlp::from_spec(m, "calibrated", None, Some(&other_path), Mode::Cached)
         .err()
         .expect("another model's predictor was accepted");
     assert!(matches!(e, Error::Predictor(_)), "{e}");
@@ -303,7 +303,8 @@ fn smollm2_quality_table() {
             ("density:0.5", "cascade"),
             ("calibrated", "lowrank"),
         ] {
-            let mut s = SparseMlp::from_spec(m, spec, Some(scorer), Some(&path)).unwrap();
+            let mut s =
+                SparseMlp::from_spec(m, spec, Some(scorer), Some(&path), Mode::Cached).unwrap();
             s.set_prefill_dense(false);
             let r = perplexity(m, &eval_ids, 512, Some(&mut s), |_, _| {}).unwrap();
             rows.push(format!(

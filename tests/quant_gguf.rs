@@ -102,7 +102,9 @@ fn native_weights_are_quantized_mapped_and_decode_like_transformers() {
         let ids = common::ids(&case["ids"]);
         let mut cache = native.new_cache();
         for (t, pos) in case["positions"].as_array().unwrap().iter().enumerate() {
-            let row = native.forward(&ids[t..t + 1], &mut cache, Logits::Last, None).unwrap();
+            let row = native
+                .forward(&ids[t..t + 1], &mut cache, Logits::Last, None)
+                .unwrap();
             assert_eq!(row.len(), vocab);
             let top = common::ids(&pos["top_ids"]);
             total += 1;

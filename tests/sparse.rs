@@ -210,6 +210,70 @@ fn random_quantized_layers_match_masked_reference() {
     }
 }
 
+#[test]
+fn block_mode_keeps_whole_groups_and_matches_the_masked_reference() {
+    let pool = ThreadPool::new(2);
+    let (hidden, inter) = (64, 320); // 10 groups of 32 neurons
+    for dtype in [DType::Q4_1, DType::Q8_0] {
+        let mlps = [
+            random_mlp(hidden, inter, dtype, 30),
+            random_mlp(hidden, inter, dtype, 31),
+        ];
+        let refs: Vec<&Mlp> = mlps.iter().collect();
+        for (scorer, pred) in [
+            (Scorer::Exact, None),
+            (
+                Scorer::LowRank,
+                Some(Predictor::random_shape(hidden, inter, 2, 16, 4)),
+            ),
+        ] {
+            for (threshold, groups) in [
+                (Threshold::Density(0.25), Some(3)),
+                (Threshold::Density(1.0), Some(10)),
+                (Threshold::Sigma(0.0), None),
+            ] {
+                let mut s = SparseMlp::for_layers(
+                    &refs,
+                    config(threshold, scorer, Mode::Blocks),
+                    pred.clone(),
+                )
+                .unwrap();
+                for t in 0..3 {
+                    let h = rand_vec(hidden, 50 + t, 1.0);
+                    for (l, mlp) in refs.iter().enumerate() {
+                        let mut out = vec![f32::NAN; hidden];
+                        assert!(s.forward(&pool, mlp, l, &h, 1, &mut out));
+                        let mask = s.last_mask().to_vec();
+                        let what = format!("{} {scorer} {threshold} layer {l}", dtype.name());
+                        assert_eq!(mask.len() % 32, 0, "{what}: whole groups");
+                        for g in mask.chunks(32) {
+                            assert!(g[0] % 32 == 0 && g.windows(2).all(|w| w[1] == w[0] + 1));
+                        }
+                        if let Some(k) = groups {
+                            assert_eq!(mask.len(), 32 * k, "{what}");
+                        }
+                        let want = masked_reference(&pool, mlp, &h, &mask);
+                        let e = rel_err(&out, &want);
+                        // 8-bit activations into the down projection (as the dense matvec).
+                        assert!(e <= 2e-2, "{what}: relative error {e}");
+                    }
+                }
+            }
+        }
+    }
+    // Float weights have no blocks to read in place.
+    let f = random_mlp(hidden, inter, DType::F32, 1);
+    let e = SparseMlp::for_layers(
+        &[&f],
+        config(Threshold::Density(0.5), Scorer::Exact, Mode::Blocks),
+        None,
+    )
+    .err()
+    .expect("blocks needs quantized weights")
+    .to_string();
+    assert!(e.contains("blocks"), "{e}");
+}
+
 /// The MLP inputs of every layer for a short prompt (recorded through the override hook).
 struct Recorder(Vec<Vec<f32>>);
 impl MlpOverride for Recorder {
@@ -385,7 +449,7 @@ fn per_row_masks_compute_what_decoding_computes() {
 #[test]
 fn density_is_reported_and_prefill_dense_is_default() {
     let m = model();
-    let mut s = SparseMlp::from_spec(m, "density:0.25", None, None).unwrap();
+    let mut s = SparseMlp::from_spec(m, "density:0.25", None, None, Mode::Cached).unwrap();
     assert_eq!(s.scorer(), Scorer::Exact);
     let mut cache = m.new_cache();
     m.forward(&PROMPT[..4], &mut cache, Logits::Last, Some(&mut s))
@@ -396,19 +460,19 @@ fn density_is_reported_and_prefill_dense_is_default() {
     let want = 384.0 / 1536.0;
     assert!((s.density().unwrap() - want).abs() < 1e-12);
     assert!(s.layer_density().iter().all(|&d| (d - want).abs() < 1e-12));
-    let off = SparseMlp::from_spec(m, "off", None, None).unwrap();
+    let off = SparseMlp::from_spec(m, "off", None, None, Mode::Cached).unwrap();
     assert_eq!(off.extra_bytes(), 0);
-    let e = SparseMlp::from_spec(m, "dense", None, None)
+    let e = SparseMlp::from_spec(m, "dense", None, None, Mode::Cached)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("bad sparsity spec 'dense'"), "{e}");
-    let e = SparseMlp::from_spec(m, "calibrated", None, None)
+    let e = SparseMlp::from_spec(m, "calibrated", None, None, Mode::Cached)
         .err()
         .unwrap()
         .to_string();
     assert_eq!(e, "calibrated needs a predictor file with thresholds");
-    let e = SparseMlp::from_spec(m, "density:0.5", Some("lowrank"), None)
+    let e = SparseMlp::from_spec(m, "density:0.5", Some("lowrank"), None, Mode::Cached)
         .err()
         .unwrap()
         .to_string();
@@ -439,7 +503,7 @@ fn predictor_files_round_trip_and_refuse_other_models() {
         assert_eq!(a, b, "layer {l} scores after round trip");
     }
     // With thresholds, calibrated builds.
-    let s = SparseMlp::from_spec(m, "calibrated", None, Some(&path)).unwrap();
+    let s = SparseMlp::from_spec(m, "calibrated", None, Some(&path), Mode::Cached).unwrap();
     assert_eq!(s.scorer(), Scorer::LowRank);
 
     // Another model's predictor.

@@ -7,7 +7,7 @@ use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
 #[cfg(target_arch = "x86_64")]
 use super::gemm_avx512;
 use super::pool::ThreadPool;
-use super::qdot::{QPair, quantize_activations, rows_q};
+use super::qdot::{QPair, quantize_activations, rows_q, rows_q_blocks};
 use crate::quant::{QFormat, QK};
 
 /// `SPARSELLM_GEMM=crate` sends prefill GEMMs to the `gemm` crate (bf16 widened to f32)
@@ -128,6 +128,44 @@ pub fn matvec(
                 rows_q(f, &w[range.start * rb..range.end * rb], rb, xq, out)
             }
         }
+    });
+}
+
+/// `out = w[:, blocks] · x` for a quantized `w: [rows, cols]`: only the 32-column blocks
+/// `blocks` of each row, `x` holding those blocks' 32 values each in the same order
+/// (`x.len() == 32 · blocks.len()`). Rows split over the pool as in [`matvec`].
+pub fn matvec_blocks(
+    pool: &ThreadPool,
+    w: WeightView<'_>,
+    rows: usize,
+    cols: usize,
+    blocks: &[u32],
+    x: &[f32],
+    out: &mut [f32],
+) {
+    let WeightView::Quant(f, wq) = w else {
+        panic!("matvec_blocks: the weights are not quantized blocks");
+    };
+    assert_eq!(w.len(), rows * cols, "matvec_blocks: weight size");
+    assert_eq!(x.len(), blocks.len() * QK, "matvec_blocks: input size");
+    assert_eq!(out.len(), rows, "matvec_blocks: output size");
+    let mut xq = Vec::new();
+    quantize_activations(x, &mut xq);
+    let rb = cols / QK * f.block_bytes();
+    let (xq, dst) = (&xq[..], SharedMut(out.as_mut_ptr()));
+    pool.for_ranges(rows, ROW_ALIGN, &|range| {
+        // SAFETY: `for_ranges` hands each thread a disjoint sub-range of 0..rows, and
+        // `out` has `rows` elements and outlives the call.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start), range.len()) };
+        rows_q_blocks(
+            f,
+            &wq[range.start * rb..range.end * rb],
+            rb,
+            blocks,
+            xq,
+            out,
+        )
     });
 }
 

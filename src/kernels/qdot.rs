@@ -163,13 +163,20 @@ unsafe fn read_u32(p: *const u8) -> u32 {
 /// `row_bytes` bytes, a whole number of blocks, and `x` at least as many blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,avx2,fma")]
-unsafe fn rows_vnni<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &mut [f32]) {
+unsafe fn rows_vnni<const F: u8, const GATHER: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    idx: &[u32],
+    x: &[QPair],
+    out: &mut [f32],
+) {
     let fmt = format_of(F);
     let bb = fmt.block_bytes();
     let qo = fmt.qs_offset();
-    let blocks = row_bytes / bb;
+    let blocks = if GATHER { idx.len() } else { row_bytes / bb };
     let pairs = blocks / 2;
     assert!(w.len() >= out.len() * row_bytes && x.len() * 2 >= blocks);
+    assert!(!GATHER || idx.iter().all(|&b| (b as usize + 1) * bb <= row_bytes));
     let nib = _mm256_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
     // Lanes 0..8 take element 0 of a 4-vector, lanes 8..16 element 2.
@@ -185,11 +192,16 @@ unsafe fn rows_vnni<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &
         let mut acc = _mm512_setzero_ps();
         let mut cacc = _mm_setzero_ps();
         for p in 0..pairs {
-            // SAFETY: blocks 2p and 2p + 1 lie inside the row (p < blocks / 2), and pair p
-            // inside x (asserted); every load below stays inside those blocks.
+            // SAFETY: blocks 2p and 2p + 1 (or idx[2p], idx[2p + 1]) lie inside the row
+            // (p < blocks / 2; indices asserted), and pair p inside x (asserted); every
+            // load below stays inside those blocks.
             unsafe {
-                let b0 = row.add(2 * p * bb);
-                let b1 = b0.add(bb);
+                let (b0, b1) = if GATHER {
+                    let (i0, i1) = (*idx.get_unchecked(2 * p), *idx.get_unchecked(2 * p + 1));
+                    (row.add(i0 as usize * bb), row.add(i1 as usize * bb))
+                } else {
+                    (row.add(2 * p * bb), row.add((2 * p + 1) * bb))
+                };
                 let wq = match fmt {
                     QFormat::Q8_0 => _mm512_xor_si512(
                         _mm512_inserti64x4::<1>(
@@ -240,14 +252,10 @@ unsafe fn rows_vnni<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &
         let mut s = _mm512_reduce_add_ps(acc) + c[1] + c[3];
         if blocks % 2 == 1 {
             let b = blocks - 1;
+            let wb = if GATHER { idx[b] as usize } else { b };
             let (dx, sx, q) = act_block(x, b);
-            s += block_dot_scalar(
-                fmt,
-                &w[r * row_bytes + b * bb..r * row_bytes + (b + 1) * bb],
-                dx,
-                sx,
-                q,
-            );
+            let start = r * row_bytes + wb * bb;
+            s += block_dot_scalar(fmt, &w[start..start + bb], dx, sx, q);
         }
         *o = s;
     }
@@ -260,12 +268,19 @@ unsafe fn rows_vnni<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &
 /// The CPU must have AVX2, FMA and F16C; sizes as for [`rows_vnni`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn rows_avx2<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &mut [f32]) {
+unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    idx: &[u32],
+    x: &[QPair],
+    out: &mut [f32],
+) {
     let fmt = format_of(F);
     let bb = fmt.block_bytes();
     let qo = fmt.qs_offset();
-    let blocks = row_bytes / bb;
+    let blocks = if GATHER { idx.len() } else { row_bytes / bb };
     assert!(w.len() >= out.len() * row_bytes && x.len() * 2 >= blocks);
+    assert!(!GATHER || idx.iter().all(|&b| (b as usize + 1) * bb <= row_bytes));
     let nib = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
     for (r, o) in out.iter_mut().enumerate() {
@@ -274,9 +289,15 @@ unsafe fn rows_avx2<const F: u8>(w: &[u8], row_bytes: usize, x: &[QPair], out: &
         let mut cst = 0f32;
         for b in 0..blocks {
             let (dx, sx, q) = act_block(x, b);
-            // SAFETY: block b lies inside the row and q has 32 quants.
+            // SAFETY: block b (or idx[b], asserted) lies inside the row; q has 32 quants.
             unsafe {
-                let blk = row.add(b * bb);
+                let blk = row.add(
+                    if GATHER {
+                        *idx.get_unchecked(b) as usize
+                    } else {
+                        b
+                    } * bb,
+                );
                 let xq = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
                 let prod16 = match fmt {
                     QFormat::Q8_0 => {
@@ -319,43 +340,86 @@ const fn format_of(f: u8) -> QFormat {
 /// `out[r] = row r of w · x` for `out.len()` consecutive rows of `row_bytes` bytes each,
 /// the fastest available version. `x` comes from [`quantize_activations`].
 pub fn rows_q(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[QPair], out: &mut [f32]) {
-    assert!(
-        row_bytes.is_multiple_of(fmt.block_bytes()),
-        "row of {row_bytes} bytes"
-    );
+    rows_q_impl::<false>(fmt, w, row_bytes, &[], x, out)
+}
+
+/// As [`rows_q`] over the blocks `blocks` of each row only: block `j` of `x` multiplies
+/// block `blocks[j]` of every row. The sparse MLP's block mode: the down projection's
+/// blocks run along the neurons, so 32-neuron groups select whole blocks in place.
+pub fn rows_q_blocks(
+    fmt: QFormat,
+    w: &[u8],
+    row_bytes: usize,
+    blocks: &[u32],
+    x: &[QPair],
+    out: &mut [f32],
+) {
+    rows_q_impl::<true>(fmt, w, row_bytes, blocks, x, out)
+}
+
+fn rows_q_impl<const GATHER: bool>(
+    fmt: QFormat,
+    w: &[u8],
+    row_bytes: usize,
+    idx: &[u32],
+    x: &[QPair],
+    out: &mut [f32],
+) {
+    let bb = fmt.block_bytes();
+    assert!(row_bytes.is_multiple_of(bb), "row of {row_bytes} bytes");
     assert!(w.len() >= out.len() * row_bytes, "rows_q: weight size");
+    let blocks = if GATHER { idx.len() } else { row_bytes / bb };
+    assert!(x.len() * 2 >= blocks, "rows_q: activation size");
     assert!(
-        x.len() * 2 >= row_bytes / fmt.block_bytes(),
-        "rows_q: activation size"
+        idx.iter().all(|&b| (b as usize + 1) * bb <= row_bytes),
+        "rows_q: block index outside the row"
     );
     #[cfg(target_arch = "x86_64")]
     {
         if has_vnni() {
-            // SAFETY: has_vnni() checked the features; sizes asserted above.
+            // SAFETY: has_vnni() checked the features; sizes and indices asserted above.
             unsafe {
                 match fmt {
-                    QFormat::Q8_0 => rows_vnni::<0>(w, row_bytes, x, out),
-                    QFormat::Q4_0 => rows_vnni::<1>(w, row_bytes, x, out),
-                    QFormat::Q4_1 => rows_vnni::<2>(w, row_bytes, x, out),
+                    QFormat::Q8_0 => rows_vnni::<0, GATHER>(w, row_bytes, idx, x, out),
+                    QFormat::Q4_0 => rows_vnni::<1, GATHER>(w, row_bytes, idx, x, out),
+                    QFormat::Q4_1 => rows_vnni::<2, GATHER>(w, row_bytes, idx, x, out),
                 }
             }
             return;
         }
         if has_avx2() {
-            // SAFETY: has_avx2() checked AVX2/FMA/F16C; sizes asserted above.
+            // SAFETY: has_avx2() checked AVX2/FMA/F16C; sizes and indices asserted above.
             unsafe {
                 match fmt {
-                    QFormat::Q8_0 => rows_avx2::<0>(w, row_bytes, x, out),
-                    QFormat::Q4_0 => rows_avx2::<1>(w, row_bytes, x, out),
-                    QFormat::Q4_1 => rows_avx2::<2>(w, row_bytes, x, out),
+                    QFormat::Q8_0 => rows_avx2::<0, GATHER>(w, row_bytes, idx, x, out),
+                    QFormat::Q4_0 => rows_avx2::<1, GATHER>(w, row_bytes, idx, x, out),
+                    QFormat::Q4_1 => rows_avx2::<2, GATHER>(w, row_bytes, idx, x, out),
                 }
             }
             return;
         }
     }
     for (r, o) in out.iter_mut().enumerate() {
-        *o = dot_scalar(fmt, &w[r * row_bytes..(r + 1) * row_bytes], x);
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        *o = if GATHER {
+            dot_blocks_scalar(fmt, row, idx, x)
+        } else {
+            dot_scalar(fmt, row, x)
+        };
     }
+}
+
+/// Scalar reference of one row of [`rows_q_blocks`].
+pub fn dot_blocks_scalar(fmt: QFormat, w: &[u8], blocks: &[u32], x: &[QPair]) -> f32 {
+    let bb = fmt.block_bytes();
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(j, &b)| {
+            let (dx, s, q) = act_block(x, j);
+            block_dot_scalar(fmt, &w[b as usize * bb..(b as usize + 1) * bb], dx, s, q)
+        })
+        .sum()
 }
 
 /// The dot product of one quantized row with `x`, the fastest available version.
@@ -551,6 +615,38 @@ mod tests {
                     assert!(
                         (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
                         "{fmt:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_gathers_match_scalar_on_odd_counts() {
+        for fmt in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+            let (blocks_per_row, rows) = (11, 5);
+            let w = random_row(fmt, blocks_per_row * rows, 3);
+            let rb = blocks_per_row * fmt.block_bytes();
+            for idx in [vec![], vec![4], vec![0, 10, 3], vec![1, 2, 5, 7, 8, 9, 10]] {
+                let x = data(idx.len().max(1) * QK, 5);
+                let mut xq = Vec::new();
+                quantize_activations(&x[..idx.len() * QK], &mut xq);
+                let mut got = vec![0f32; rows];
+                rows_q_blocks(fmt, &w, rb, &idx, &xq, &mut got);
+                for r in 0..rows {
+                    let want = dot_blocks_scalar(fmt, &w[r * rb..(r + 1) * rb], &idx, &xq);
+                    // The same blocks gathered into a dense row give the same product.
+                    let mut packed = Vec::new();
+                    for &b in &idx {
+                        let s = r * rb + b as usize * fmt.block_bytes();
+                        packed.extend_from_slice(&w[s..s + fmt.block_bytes()]);
+                    }
+                    let dense = dot_scalar(fmt, &packed, &xq);
+                    assert!((want - dense).abs() <= 1e-5 * (1.0 + dense.abs()));
+                    assert!(
+                        (got[r] - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{fmt:?} {idx:?} row {r}: {} vs {want}",
+                        got[r]
                     );
                 }
             }

@@ -10,8 +10,9 @@ use crate::kernels::WeightView;
 use crate::kernels::sparse::{
     Activation, Items, Strided, gate_up_activations, gather_gate_up, sparse_mlp,
 };
-use crate::kernels::{ThreadPool, ops::silu};
+use crate::kernels::{ThreadPool, matvec_blocks, ops::silu};
 use crate::model::llama::{Llama, Mlp, MlpOverride};
+use crate::quant::QK;
 use crate::sparse::predictor::{Predictor, PredictorScratch};
 use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
 use crate::sparse::weight_cache::{CacheSource, HugeMatrix, WeightCache, down_t_dtype};
@@ -29,7 +30,8 @@ pub const DEFAULT_MAX_CHURN: f64 = 0.25;
 struct LayerState {
     /// down_proj transposed: [inter, hidden], row i = neuron i's down column. Costs one
     /// extra copy of the down projection (a third of the MLP's weight bytes) per layer.
-    down_t: HugeMatrix,
+    /// None in `Mode::Blocks`, which reads the down projection in place.
+    down_t: Option<HugeMatrix>,
     cache: WeightCache,
     /// Calibrated cut-off (`calibrated` only).
     cutoff: Option<f32>,
@@ -51,6 +53,10 @@ struct Scratch {
     slots: Vec<u32>,
     acc: Vec<f32>,
     hb: Vec<u16>,
+    /// Block mode: each 32-neuron group's score, the kept groups, their activations.
+    group_scores: Vec<f32>,
+    groups: Vec<u32>,
+    acts: Vec<f32>,
     select: SelectScratch,
     predictor: PredictorScratch,
 }
@@ -89,9 +95,11 @@ impl SparseMlp {
         spec: &str,
         scorer: Option<&str>,
         predictor: Option<&Path>,
+        mode: Mode,
     ) -> Result<SparseMlp> {
         let mut config: SparsityConfig = spec.parse()?;
         config.scorer = scorer.map(str::parse).transpose()?;
+        config.mode = mode;
         let predictor = predictor.map(|p| Predictor::load(p, model)).transpose()?;
         Self::new(model, config, predictor)
     }
@@ -117,6 +125,20 @@ impl SparseMlp {
             (None, Some(_)) => Scorer::LowRank,
             (None, None) => Scorer::Exact,
         };
+        if config.mode == Mode::Blocks {
+            let down = &first.down_proj.weight;
+            if down.dtype.qformat().is_none() {
+                return Err(Error::Input(format!(
+                    "--sparse-mode blocks reads quantized down blocks in place; these weights are {} (use --dtype native with a quantized GGUF, or cached/gather)",
+                    down.dtype.name()
+                )));
+            }
+            if let Scorer::Cascade { .. } = scorer {
+                return Err(Error::Input(
+                    "--sparse-mode blocks works with the exact, lowrank and signed-gate scorers, not cascade".into(),
+                ));
+            }
+        }
         let needs_predictor = !matches!(scorer, Scorer::Exact | Scorer::SignedGate);
         if needs_predictor && predictor.is_none() && !config.is_off() {
             return Err(Error::Input(format!(
@@ -164,7 +186,8 @@ impl SparseMlp {
             mlps.iter()
                 .zip(cutoffs)
                 .map(|(m, cutoff)| LayerState {
-                    down_t: transpose_matrix(&m.down_proj.weight, down_t_dtype(dtype)),
+                    down_t: (config.mode != Mode::Blocks)
+                        .then(|| transpose_matrix(&m.down_proj.weight, down_t_dtype(dtype))),
                     cache: WeightCache::new(hidden, inter, dtype, with_gate_up),
                     cutoff,
                     tokens: 0,
@@ -190,9 +213,6 @@ impl SparseMlp {
     }
     pub fn scorer(&self) -> Scorer {
         self.scorer
-    }
-    pub fn set_mode(&mut self, mode: Mode) {
-        self.config.mode = mode;
     }
     pub fn set_prefill_dense(&mut self, dense: bool) {
         self.config.prefill_dense = dense;
@@ -228,7 +248,7 @@ impl SparseMlp {
     pub fn extra_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| l.down_t.byte_len() + l.cache.byte_len())
+            .map(|l| l.down_t.as_ref().map_or(0, |d| d.byte_len()) + l.cache.byte_len())
             .sum()
     }
 
@@ -265,6 +285,16 @@ impl SparseMlp {
         assert_eq!(out.len(), n * hd);
         let cached = n == 1 && self.config.mode == Mode::Cached;
         for t in 0..n {
+            if self.config.mode == Mode::Blocks {
+                self.token_blocks(
+                    pool,
+                    mlp,
+                    layer,
+                    &h[t * hd..(t + 1) * hd],
+                    &mut out[t * hd..(t + 1) * hd],
+                );
+                continue;
+            }
             self.token(
                 pool,
                 mlp,
@@ -292,7 +322,7 @@ impl SparseMlp {
         let st = &mut self.layers[layer];
         let gate = Strided::matrix(mlp.gate_proj.weight.view(), hd);
         let up = Strided::matrix(mlp.up_proj.weight.view(), hd);
-        let down_t = Strided::matrix(st.down_t.view(), hd);
+        let down_t = Strided::matrix(st.down_t.as_ref().expect("not block mode").view(), hd);
         s.scores.resize(inter, 0.0);
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
@@ -379,7 +409,7 @@ impl SparseMlp {
             let src = CacheSource {
                 gate: mlp.gate_proj.weight.view(),
                 up: mlp.up_proj.weight.view(),
-                down_t: st.down_t.view(),
+                down_t: down_t.view,
                 hidden: hd,
             };
             st.cache.update(&src, &self.mask);
@@ -401,6 +431,87 @@ impl SparseMlp {
             };
             sparse_mlp(pool, items, act, down_t, h, out, &mut s.acc);
         }
+    }
+
+    /// One token in block mode: score neurons, keep whole 32-neuron groups by their summed
+    /// scores, compute the kept neurons' activations and read the down projection's blocks
+    /// of those groups in place.
+    fn token_blocks(
+        &mut self,
+        pool: &ThreadPool,
+        mlp: &Mlp,
+        layer: usize,
+        h: &[f32],
+        out: &mut [f32],
+    ) {
+        let (hd, inter) = (self.hidden, self.inter);
+        let s = &mut self.s;
+        let st = &mut self.layers[layer];
+        s.scores.resize(inter, 0.0);
+        let exact = matches!(self.scorer, Scorer::Exact | Scorer::SignedGate);
+        if exact {
+            s.g.resize(inter, 0.0);
+            s.u.resize(inter, 0.0);
+            gate_up_activations(
+                pool,
+                mlp.gate_proj.weight.view(),
+                mlp.up_proj.weight.view(),
+                h,
+                &mut s.g,
+                &mut s.u,
+                &mut s.scores,
+            );
+            if self.scorer == Scorer::SignedGate {
+                let w = &mlp.gate_proj.weight;
+                crate::kernels::matvec(pool, w.view(), inter, hd, h, &mut s.scores);
+            }
+        } else {
+            let p = self.predictor.as_ref().expect("checked at construction");
+            p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
+        }
+        s.group_scores.clear();
+        s.group_scores
+            .extend(s.scores.chunks_exact(QK).map(|c| c.iter().sum::<f32>()));
+        match (self.config.threshold, st.cutoff) {
+            // As many groups as the calibrated cut keeps neurons, rounded up.
+            (Threshold::Calibrated, Some(cut)) => {
+                let k = s.scores.iter().filter(|&&v| v > cut).count();
+                select_top_k(&s.group_scores, k.div_ceil(QK), &mut s.keys, &mut s.groups);
+            }
+            (t, cut) => t.select(&s.group_scores, cut, &mut s.select, &mut s.groups),
+        }
+        self.mask.clear();
+        self.mask.extend(
+            s.groups
+                .iter()
+                .flat_map(|&g| g * QK as u32..(g + 1) * QK as u32),
+        );
+        let m = self.mask.len();
+        s.acts.clear();
+        if exact {
+            s.acts.extend(self.mask.iter().map(|&i| s.g[i as usize]));
+        } else {
+            s.g.resize(m, 0.0);
+            s.u.resize(m, 0.0);
+            let gate = Strided::matrix(mlp.gate_proj.weight.view(), hd);
+            let up = Strided::matrix(mlp.up_proj.weight.view(), hd);
+            gather_gate_up(
+                pool,
+                gate,
+                up,
+                &self.mask,
+                h,
+                &mut s.g[..m],
+                &mut s.u[..m],
+                &mut s.hb,
+            );
+            s.acts
+                .extend(s.g[..m].iter().zip(&s.u[..m]).map(|(&g, &u)| silu(g) * u));
+        }
+        let down = &mlp.down_proj.weight;
+        matvec_blocks(pool, down.view(), hd, inter, &s.groups, &s.acts, out);
+        st.tokens += 1;
+        st.active += m as u64;
     }
 }
 

@@ -86,6 +86,24 @@ pub enum Mode {
     Cached,
     /// Gathered by index from the full matrices, with software prefetch.
     Gather,
+    /// Quantized models only: neurons are selected in groups of 32 (a group's score is the
+    /// sum of its neurons'), and the down projection's blocks, which run along the neurons,
+    /// are read in place: no repacked copy, the file's own blocks, but a coarser choice.
+    Blocks,
+}
+
+impl FromStr for Mode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Mode> {
+        match s {
+            "cached" => Ok(Mode::Cached),
+            "gather" => Ok(Mode::Gather),
+            "blocks" => Ok(Mode::Blocks),
+            _ => Err(Error::Input(format!(
+                "bad sparse mode '{s}': expected cached, gather or blocks"
+            ))),
+        }
+    }
 }
 
 /// A sparsity setting: `SPEC` (the threshold) plus how to score and where to read rows.
