@@ -4,6 +4,7 @@
 #
 #   python3 -m venv /tmp/peer && /tmp/peer/bin/pip install llama-cpp-python==0.3.36
 #   scripts/peer_compare.sh [ROUNDS]        # prints one markdown row per configuration
+#   DTYPES="native" scripts/peer_compare.sh # only some dtypes (native = the Q4_1 file)
 #
 # llama.cpp's prefill figure from llamacpp_peer.py includes Python overhead (about half
 # of llama-bench's pp128, per ../shared/peer/README.md); decode figures are comparable.
@@ -20,11 +21,14 @@ for dt in f32 bf16; do
 done
 echo "| dtype | threads | sparsellm decode tok/s | llama.cpp decode tok/s | ratio | sparsellm prefill tok/s | llama.cpp prefill tok/s (python) |"
 echo "|---|---|---|---|---|---|---|"
-for dt in f32 bf16; do
+# native: the default model's own Q4_1 file for both engines (ours computes on its blocks).
+DTYPES=${DTYPES:-native f32 bf16}
+for dt in $DTYPES; do
+  if [ "$dt" = native ]; then PEER_MODEL=$MODEL; else PEER_MODEL=/tmp/model-$dt.gguf; fi
   for t in 1 2; do
     ours_d=(); ours_p=(); peer_d=(); peer_p=()
     for r in $(seq "$ROUNDS"); do
-      j=$($PY $PEER /tmp/model-$dt.gguf --threads $t --runs 3 2>/dev/null)
+      j=$($PY $PEER "$PEER_MODEL" --threads $t --runs 3 2>/dev/null)
       peer_d+=($(echo "$j" | python3 -c 'import json,sys;print(json.load(sys.stdin)["decode_tok_s"])'))
       peer_p+=($(echo "$j" | python3 -c 'import json,sys;print(json.load(sys.stdin)["prefill_tok_s"])'))
       j=$($BIN bench --dtype $dt --threads $t --runs 3 --json 2>/dev/null)

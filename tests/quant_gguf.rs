@@ -121,3 +121,23 @@ fn native_weights_are_quantized_mapped_and_decode_like_transformers() {
     assert!(worst < 1.0, "worst top-20 logit difference {worst}");
     assert!(agree * 10 >= total * 9, "top-1 agreement {agree}/{total}");
 }
+
+/// llama.cpp's perplexity of the default Q4_1 file (GPL-3, windows of 512, second half of
+/// each window), from ../shared/peer/README.md.
+const LLAMA_CPP_Q4_1_PPL: f64 = 18.3914;
+
+#[test]
+fn native_perplexity_within_half_a_percent_of_llama_cpp() {
+    let src = sparsellm::loader::open(&common::model_path()).unwrap();
+    let model = Llama::load(src.as_ref(), LoadDType::Native, pool::global()).unwrap();
+    let ids = common::ids(&common::reference()["perplexity"]["ids"]);
+    let rep = sparsellm::eval::perplexity(&model, &ids, 512, None, |_, _| {}).unwrap();
+    let rel = rep.ppl_second_half / LLAMA_CPP_Q4_1_PPL - 1.0;
+    eprintln!(
+        "native Q4_1: ppl {:.4} / {:.4} (second half), llama.cpp {LLAMA_CPP_Q4_1_PPL}: {:+.3}%",
+        rep.ppl_all,
+        rep.ppl_second_half,
+        100.0 * rel
+    );
+    assert!(rel.abs() < 0.005, "{rel}");
+}

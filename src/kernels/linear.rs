@@ -7,7 +7,9 @@ use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
 #[cfg(target_arch = "x86_64")]
 use super::gemm_avx512;
 use super::pool::ThreadPool;
-use super::qdot::{QPair, quantize_activations, rows_q, rows_q_blocks};
+use super::qdot::{
+    QPair, TOKENS_PER_STEP, quantize_activations, rows_q, rows_q_blocks, rows_q_tokens,
+};
 use crate::quant::{QFormat, QK};
 
 /// `SPARSELLM_GEMM=crate` sends prefill GEMMs to the `gemm` crate (bf16 widened to f32)
@@ -74,20 +76,6 @@ impl WeightView<'_> {
             WeightView::Quant(f, w) => {
                 let rb = cols / QK * f.block_bytes();
                 crate::quant::dequantize(f.source(), &w[r * rb..(r + 1) * rb], out)
-            }
-        }
-    }
-    /// Rows `r0..r1` (of width `cols`) as bf16 bit patterns into `out`.
-    #[cfg(target_arch = "x86_64")]
-    fn rows_to_bf16(&self, r0: usize, r1: usize, cols: usize, out: &mut [u16]) {
-        match self {
-            WeightView::Bf16(w) => out.copy_from_slice(&w[r0 * cols..r1 * cols]),
-            _ => {
-                let mut row = vec![0f32; cols];
-                for (r, o) in (r0..r1).zip(out.chunks_exact_mut(cols)) {
-                    self.row_to_f32(r, cols, &mut row);
-                    gemm_avx512::to_bf16(&row, o);
-                }
             }
         }
     }
@@ -217,37 +205,32 @@ pub fn matmul(
         return matvec(pool, w, rows, cols, x, out);
     }
     let dst = SharedMut(out.as_mut_ptr());
+    if let WeightView::Quant(f, wq) = w {
+        return matmul_quant(pool, f, wq, rows, cols, x, n, out);
+    }
     #[cfg(target_arch = "x86_64")]
-    if matches!(w, WeightView::Bf16(_) | WeightView::Quant(..))
-        && gemm_avx512::has_bf16()
-        && !use_gemm_crate()
-    {
+    if matches!(w, WeightView::Bf16(_)) && gemm_avx512::has_bf16() && !use_gemm_crate() {
         let mut xb = vec![0u16; n * cols];
         gemm_avx512::to_bf16(x, &mut xb);
         let xb = &xb[..];
         pool.for_ranges(rows, ROW_ALIGN, &|range| {
-            let mut tile = Vec::new();
-            let mut r0 = range.start;
-            while r0 < range.end {
-                // bf16 rows are used in place; quantized rows are widened to bf16 a tile at
-                // a time (a tile stays in L2 while all n activation rows pass over it).
-                let (r1, wt) = match w {
-                    WeightView::Bf16(wb) => (range.end, &wb[r0 * cols..range.end * cols]),
-                    _ => {
-                        let r1 = (r0 + BF16_TILE_ROWS).min(range.end);
-                        tile.resize((r1 - r0) * cols, 0);
-                        w.rows_to_bf16(r0, r1, cols, &mut tile);
-                        (r1, &tile[..])
-                    }
-                };
-                // SAFETY: has_bf16() checked the CPU; this thread writes columns r0..r1 of
-                // `out` ([n, rows], row stride `rows`) only, disjoint from other threads';
-                // `out` outlives the call (asserted sizes above).
-                unsafe {
-                    gemm_avx512::gemm_bf16(n, r1 - r0, cols, xb, wt, dst.get().add(r0), rows)
-                };
-                r0 = r1;
-            }
+            let WeightView::Bf16(wb) = w else {
+                unreachable!("checked above")
+            };
+            // SAFETY: has_bf16() checked the CPU; this thread writes columns `range` of
+            // `out` ([n, rows], row stride `rows`) only, disjoint from other threads';
+            // `out` outlives the call (asserted sizes above).
+            unsafe {
+                gemm_avx512::gemm_bf16(
+                    n,
+                    range.len(),
+                    cols,
+                    xb,
+                    &wb[range.start * cols..range.end * cols],
+                    dst.get().add(range.start),
+                    rows,
+                )
+            };
         });
         return;
     }
@@ -269,7 +252,8 @@ pub fn matmul(
                     )
                 };
             }
-            WeightView::Bf16(_) | WeightView::Quant(..) => {
+            WeightView::Quant(..) => unreachable!("quantized weights returned above"),
+            WeightView::Bf16(_) => {
                 let mut tile = vec![0f32; BF16_TILE_ROWS.min(range.len()) * cols];
                 let mut r0 = range.start;
                 while r0 < range.end {
@@ -292,6 +276,64 @@ pub fn matmul(
                     r0 = r1;
                 }
             }
+        }
+    });
+}
+
+/// Rows of quantized weights per step of [`matmul_quant`]: a few KiB of blocks that stay
+/// in L1 while every token passes over them.
+const QUANT_TILE_ROWS: usize = 32;
+
+/// [`matmul`] on quantized blocks: each token's activations quantized to 8 bits per block
+/// (as decode and llama.cpp do), then VNNI block products over a tile of rows for a few
+/// tokens at a time. Each (row, token) product equals decode's matvec bit for bit, so a
+/// prefill or batched evaluation computes what token-by-token decoding would.
+#[allow(clippy::too_many_arguments)]
+fn matmul_quant(
+    pool: &ThreadPool,
+    f: QFormat,
+    wq: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    let xq: Vec<Vec<QPair>> = x
+        .chunks_exact(cols)
+        .map(|r| {
+            let mut q = Vec::new();
+            quantize_activations(r, &mut q);
+            q
+        })
+        .collect();
+    let rb = cols / QK * f.block_bytes();
+    let dst = SharedMut(out.as_mut_ptr());
+    pool.for_ranges(rows, ROW_ALIGN, &|range| {
+        let mut tmp = vec![vec![0f32; QUANT_TILE_ROWS]; TOKENS_PER_STEP];
+        let mut r0 = range.start;
+        while r0 < range.end {
+            let r1 = (r0 + QUANT_TILE_ROWS).min(range.end);
+            let tile = &wq[r0 * rb..r1 * rb];
+            for t0 in (0..n).step_by(TOKENS_PER_STEP) {
+                let t1 = (t0 + TOKENS_PER_STEP).min(n);
+                let xs: Vec<&[QPair]> = xq[t0..t1].iter().map(|v| &v[..]).collect();
+                let mut views: Vec<&mut [f32]> = tmp[..t1 - t0]
+                    .iter_mut()
+                    .map(|v| &mut v[..r1 - r0])
+                    .collect();
+                rows_q_tokens(f, tile, rb, &xs, &mut views);
+                for (t, v) in (t0..t1).zip(&tmp) {
+                    // SAFETY: this thread writes columns r0..r1 (inside its range, disjoint
+                    // from other threads') of row t of `out` ([n, rows]); in bounds by the
+                    // asserted sizes; `out` outlives the call.
+                    let o = unsafe {
+                        std::slice::from_raw_parts_mut(dst.get().add(t * rows + r0), r1 - r0)
+                    };
+                    o.copy_from_slice(&v[..r1 - r0]);
+                }
+            }
+            r0 = r1;
         }
     });
 }
@@ -401,6 +443,35 @@ mod tests {
                             assert!(
                                 (a - b).abs() < 1e-4 * (1.0 + b.abs()),
                                 "matvec {rows}x{cols}: {a} vs {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_matmul_equals_matvec_per_token_bit_for_bit() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (rows, cols) in [(1, 32), (37, 96), (200, 576)] {
+                let wf = data(rows * cols, 4);
+                for f in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+                    let mut wq = vec![0u8; rows * cols / QK * f.block_bytes()];
+                    crate::quant::quantize(f, &wf, &mut wq);
+                    let w = WeightView::Quant(f, &wq);
+                    for n in [2, 5, 9] {
+                        let x = data(n * cols, 6);
+                        let mut got = vec![0f32; n * rows];
+                        matmul(&pool, w, rows, cols, &x, n, &mut got);
+                        for t in 0..n {
+                            let mut one = vec![0f32; rows];
+                            matvec(&pool, w, rows, cols, &x[t * cols..(t + 1) * cols], &mut one);
+                            assert_eq!(
+                                &got[t * rows..(t + 1) * rows],
+                                &one[..],
+                                "{f:?} {rows}x{cols} n={n} t={t}"
                             );
                         }
                     }

@@ -156,18 +156,22 @@ unsafe fn read_u32(p: *const u8) -> u32 {
     unsafe { std::ptr::read_unaligned(p as *const u32) }
 }
 
-/// Rows `out.len()` of `w` (each `row_bytes` long) dotted with `x`, AVX-512 VNNI.
+/// Rows of `w` (each `row_bytes` long) dotted with the `T` activation vectors `x`, AVX-512
+/// VNNI: `out[r·T + t] = row r · x[t]` for `out.len() / T` rows. Each weight pair of
+/// blocks is unpacked once for the `T` vectors (prefill), and the arithmetic for each
+/// (row, vector) is the same whatever `T` is, so a prefill product equals decode's.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VL, VNNI and F16C; `w` holds `out.len()` rows of
-/// `row_bytes` bytes, a whole number of blocks, and `x` at least as many blocks.
+/// The CPU must have AVX-512 F/BW/VL, VNNI and F16C; `w` holds `out.len() / T` rows of
+/// `row_bytes` bytes, a whole number of blocks, and every `x[t]` at least as many blocks
+/// (or `idx.len()` blocks when gathering).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,avx2,fma")]
-unsafe fn rows_vnni<const F: u8, const GATHER: bool>(
+unsafe fn rows_vnni<const F: u8, const GATHER: bool, const T: usize>(
     w: &[u8],
     row_bytes: usize,
     idx: &[u32],
-    x: &[QPair],
+    x: [&[QPair]; T],
     out: &mut [f32],
 ) {
     let fmt = format_of(F);
@@ -175,7 +179,8 @@ unsafe fn rows_vnni<const F: u8, const GATHER: bool>(
     let qo = fmt.qs_offset();
     let blocks = if GATHER { idx.len() } else { row_bytes / bb };
     let pairs = blocks / 2;
-    assert!(w.len() >= out.len() * row_bytes && x.len() * 2 >= blocks);
+    let rows = out.len() / T;
+    assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= blocks));
     assert!(!GATHER || idx.iter().all(|&b| (b as usize + 1) * bb <= row_bytes));
     let nib = _mm256_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
@@ -187,14 +192,14 @@ unsafe fn rows_vnni<const F: u8, const GATHER: bool>(
         QFormat::Q4_0 => _mm_set_ps(-8.0, 1.0, -8.0, 1.0),
         QFormat::Q8_0 => _mm_set_ps(-128.0, 1.0, -128.0, 1.0),
     };
-    for (r, o) in out.iter_mut().enumerate() {
+    for (r, o) in out.chunks_exact_mut(T).enumerate() {
         let row = w[r * row_bytes..(r + 1) * row_bytes].as_ptr();
-        let mut acc = _mm512_setzero_ps();
-        let mut cacc = _mm_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); T];
+        let mut cacc = [_mm_setzero_ps(); T];
         for p in 0..pairs {
             // SAFETY: blocks 2p and 2p + 1 (or idx[2p], idx[2p + 1]) lie inside the row
-            // (p < blocks / 2; indices asserted), and pair p inside x (asserted); every
-            // load below stays inside those blocks.
+            // (p < blocks / 2; indices asserted), and pair p inside every x[t] (asserted);
+            // every load below stays inside those blocks.
             unsafe {
                 let (b0, b1) = if GATHER {
                     let (i0, i1) = (*idx.get_unchecked(2 * p), *idx.get_unchecked(2 * p + 1));
@@ -222,42 +227,42 @@ unsafe fn rows_vnni<const F: u8, const GATHER: bool>(
                         _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
                     }
                 };
-                let xp = x.get_unchecked(p);
-                let xq = _mm512_loadu_si512(xp.qs.as_ptr() as *const _);
-                let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
                 // f16 [d0, c0, d1, c1] (c = m for Q4_1, d again otherwise).
                 let dc = match fmt {
                     QFormat::Q4_1 => _mm_set_epi32(0, 0, read_u32(b1) as i32, read_u32(b0) as i32),
                     _ => {
-                        // Only the 2-byte scale is certain to be readable here: Q4_0's
-                        // last block may end the buffer 2 bytes after it.
                         let d0 = u16::from_le_bytes([*b0, *b0.add(1)]) as u32 * 0x1_0001;
                         let d1 = u16::from_le_bytes([*b1, *b1.add(1)]) as u32 * 0x1_0001;
                         _mm_set_epi32(0, 0, d1 as i32, d0 as i32)
                     }
                 };
-                let prod = _mm_mul_ps(
-                    _mm_mul_ps(_mm_cvtph_ps(dc), cmul),
-                    _mm_load_ps(xp.ds.as_ptr()),
-                );
-                cacc = _mm_add_ps(cacc, prod);
-                let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(prod));
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc);
+                let dcm = _mm_mul_ps(_mm_cvtph_ps(dc), cmul);
+                for t in 0..T {
+                    let xp = x[t].get_unchecked(p);
+                    let xq = _mm512_loadu_si512(xp.qs.as_ptr() as *const _);
+                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+                    let prod = _mm_mul_ps(dcm, _mm_load_ps(xp.ds.as_ptr()));
+                    cacc[t] = _mm_add_ps(cacc[t], prod);
+                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(prod));
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
+                }
             }
         }
-        // [_, c0·s0, _, c1·s1]: the constant terms sit in the odd lanes.
-        let mut c = [0f32; 4];
-        // SAFETY: c has 4 floats.
-        unsafe { _mm_storeu_ps(c.as_mut_ptr(), cacc) };
-        let mut s = _mm512_reduce_add_ps(acc) + c[1] + c[3];
-        if blocks % 2 == 1 {
-            let b = blocks - 1;
-            let wb = if GATHER { idx[b] as usize } else { b };
-            let (dx, sx, q) = act_block(x, b);
-            let start = r * row_bytes + wb * bb;
-            s += block_dot_scalar(fmt, &w[start..start + bb], dx, sx, q);
+        for t in 0..T {
+            // [_, c0·s0, _, c1·s1]: the constant terms sit in the odd lanes.
+            let mut c = [0f32; 4];
+            // SAFETY: c has 4 floats.
+            unsafe { _mm_storeu_ps(c.as_mut_ptr(), cacc[t]) };
+            let mut s = _mm512_reduce_add_ps(acc[t]) + c[1] + c[3];
+            if blocks % 2 == 1 {
+                let b = blocks - 1;
+                let wb = if GATHER { idx[b] as usize } else { b };
+                let (dx, sx, q) = act_block(x[t], b);
+                let start = r * row_bytes + wb * bb;
+                s += block_dot_scalar(fmt, &w[start..start + bb], dx, sx, q);
+            }
+            o[t] = s;
         }
-        *o = s;
     }
 }
 
@@ -380,9 +385,9 @@ fn rows_q_impl<const GATHER: bool>(
             // SAFETY: has_vnni() checked the features; sizes and indices asserted above.
             unsafe {
                 match fmt {
-                    QFormat::Q8_0 => rows_vnni::<0, GATHER>(w, row_bytes, idx, x, out),
-                    QFormat::Q4_0 => rows_vnni::<1, GATHER>(w, row_bytes, idx, x, out),
-                    QFormat::Q4_1 => rows_vnni::<2, GATHER>(w, row_bytes, idx, x, out),
+                    QFormat::Q8_0 => rows_vnni::<0, GATHER, 1>(w, row_bytes, idx, [x], out),
+                    QFormat::Q4_0 => rows_vnni::<1, GATHER, 1>(w, row_bytes, idx, [x], out),
+                    QFormat::Q4_1 => rows_vnni::<2, GATHER, 1>(w, row_bytes, idx, [x], out),
                 }
             }
             return;
@@ -406,6 +411,72 @@ fn rows_q_impl<const GATHER: bool>(
         } else {
             dot_scalar(fmt, row, x)
         };
+    }
+}
+
+/// Tokens per step of [`rows_q_tokens`]: each unpacked weight block serves this many
+/// activation vectors (the registers hold 2 accumulators per token).
+pub const TOKENS_PER_STEP: usize = 4;
+
+/// `out[t][r] = row r of w · x[t]` for up to [`TOKENS_PER_STEP`] activation vectors (each
+/// from [`quantize_activations`]) and `rows` consecutive rows: prefill's product, equal to
+/// [`rows_q`] on each vector alone (the same arithmetic, bit for bit). `out[t]` has `rows`
+/// elements.
+pub fn rows_q_tokens(
+    fmt: QFormat,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[&[QPair]],
+    out: &mut [&mut [f32]],
+) {
+    let n = x.len();
+    assert!(n == out.len() && (1..=TOKENS_PER_STEP).contains(&n));
+    let rows = out[0].len();
+    assert!(
+        out.iter().all(|o| o.len() == rows),
+        "rows_q_tokens: output sizes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if has_vnni() {
+        assert!(
+            row_bytes.is_multiple_of(fmt.block_bytes()),
+            "row of {row_bytes} bytes"
+        );
+        assert!(w.len() >= rows * row_bytes, "rows_q_tokens: weight size");
+        let blocks = row_bytes / fmt.block_bytes();
+        assert!(
+            x.iter().all(|x| x.len() * 2 >= blocks),
+            "rows_q_tokens: activation size"
+        );
+        let mut buf = vec![0f32; rows * n];
+        macro_rules! run {
+            ($t:literal) => {{
+                let xs: [&[QPair]; $t] = std::array::from_fn(|t| x[t]);
+                // SAFETY: has_vnni() checked the features; sizes asserted above.
+                unsafe {
+                    match fmt {
+                        QFormat::Q8_0 => rows_vnni::<0, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                        QFormat::Q4_0 => rows_vnni::<1, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                        QFormat::Q4_1 => rows_vnni::<2, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    }
+                }
+            }};
+        }
+        match n {
+            1 => run!(1),
+            2 => run!(2),
+            3 => run!(3),
+            _ => run!(4),
+        }
+        for (t, o) in out.iter_mut().enumerate() {
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = buf[r * n + t];
+            }
+        }
+        return;
+    }
+    for (xt, o) in x.iter().zip(out.iter_mut()) {
+        rows_q(fmt, w, row_bytes, xt, o);
     }
 }
 
@@ -648,6 +719,35 @@ mod tests {
                         "{fmt:?} {idx:?} row {r}: {} vs {want}",
                         got[r]
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn multi_token_products_equal_single_token_ones_bit_for_bit() {
+        for fmt in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+            for blocks in [1, 2, 5, 18] {
+                let rows = 9;
+                let w = random_row(fmt, blocks * rows, 11);
+                let rb = blocks * fmt.block_bytes();
+                for n in 1..=TOKENS_PER_STEP {
+                    let xs: Vec<Vec<QPair>> = (0..n)
+                        .map(|t| {
+                            let mut q = Vec::new();
+                            quantize_activations(&data(blocks * QK, 20 + t as u64), &mut q);
+                            q
+                        })
+                        .collect();
+                    let refs: Vec<&[QPair]> = xs.iter().map(|x| &x[..]).collect();
+                    let mut outs = vec![vec![0f32; rows]; n];
+                    let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+                    rows_q_tokens(fmt, &w, rb, &refs, &mut views);
+                    for t in 0..n {
+                        let mut one = vec![0f32; rows];
+                        rows_q(fmt, &w, rb, &xs[t], &mut one);
+                        assert_eq!(outs[t], one, "{fmt:?} {blocks} blocks, token {t} of {n}");
+                    }
                 }
             }
         }
