@@ -331,6 +331,8 @@ impl WeightPlan {
                         // Each item owns a disjoint range of the arena.
                         let out = base.range(*off, dtype.bytes_for(rows * cols));
                         convert_into(raw, *dtype, out);
+                        // The source is not read again: drop its pages from the RSS.
+                        crate::kernels::release_pages(&raw.map, raw.offset, raw.len);
                     }
                 }
             });

@@ -15,7 +15,40 @@ pub fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     // (the same contract every mmap-ing engine has). A file truncated underneath us
     // would fault, which no safe API can prevent.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Arc::new(map))
+    let map = Arc::new(map);
+    let mut maps = FILE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|w| w.strong_count() > 0);
+    maps.push(Arc::downgrade(&map));
+    Ok(map)
+}
+
+/// The maps made by [`map_file`] (weak: the registry keeps no map alive). A live `Arc`
+/// equal to a registered pointer is that file map: a dead entry still holds its
+/// allocation, so no other map can take its address.
+static FILE_MAPS: std::sync::Mutex<Vec<std::sync::Weak<Mmap>>> = std::sync::Mutex::new(Vec::new());
+
+/// Drops the pages of `map[offset..offset + len]` from this process's resident memory
+/// when `map` is a file map from [`map_file`] (tensors converted at load are read once:
+/// keeping their source pages would count the model twice in the peak RSS). Later reads
+/// fault the pages back in from the page cache. Anonymous maps are left alone (dropping
+/// their pages would zero them). Best effort: errors are ignored.
+pub fn release_pages(map: &Arc<Mmap>, offset: usize, len: usize) {
+    let is_file = FILE_MAPS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(map)));
+    #[cfg(unix)]
+    if is_file && offset.checked_add(len).is_some_and(|e| e <= map.len()) {
+        // SAFETY: the map is a read-only mapping of a file (registered by map_file), so
+        // MADV_DONTNEED only drops resident pages: the next access re-reads the same bytes
+        // from the page cache; no reference into the map observes any change. The range
+        // is inside the map (checked).
+        let _ =
+            unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (is_file, offset, len);
 }
 
 pub mod attention;
@@ -104,5 +137,27 @@ pub(crate) mod test_data {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_pages_read_back_the_same_bytes() {
+        let bytes: Vec<u8> = (0..3 * 4096 + 100).map(|i| (i * 7 % 251) as u8).collect();
+        let path = std::env::temp_dir().join(format!("sparsellm-release-{}", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let file_map = map_file(&path).unwrap();
+        let anon_map = map_bytes(&bytes).unwrap();
+        for map in [&file_map, &anon_map] {
+            assert_eq!(&map[..], &bytes[..]);
+            release_pages(map, 4000, 5000);
+            release_pages(map, 0, map.len());
+            release_pages(map, map.len(), 1); // out of range: ignored
+            assert_eq!(&map[..], &bytes[..], "contents survive");
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 }
