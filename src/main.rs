@@ -195,14 +195,15 @@ struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// With --sparsity: also print each layer's achieved MLP density (a table; the array
-    /// `layer_density` with --json).
+    /// With --sparsity or --sweep: also print each layer's achieved MLP density (a table;
+    /// the array `layer_density` with --json).
     #[arg(long)]
     verbose: bool,
     /// Run a list of sparsity settings over the text (dense, exact scores at densities
     /// 0.25/0.5/0.75, sigma:0/0.5/1/2, the original sigma:2 on signed gate scores, and with
-    /// --predictor lowrank, cascade and calibrated) and write DIR/sweep.md, DIR/sweep.json
-    /// and DIR/sweep.png: perplexity and decode tokens/s against MLP bytes read per token.
+    /// --predictor lowrank, cascade and calibrated), each also timed on a short generation
+    /// in this process, and write sweep.md, sweep.json and sweep.png into --out DIR:
+    /// perplexity and decode tokens/s against MLP bytes read per token.
     #[arg(long, requires = "out")]
     sweep: bool,
     /// The sweep's output directory (created if missing).
@@ -649,6 +650,24 @@ fn eval_sweep(
         println!("{}", json!(report));
     } else {
         print!("{}", sweep::markdown(&report));
+        let sparse: Vec<&sweep::SweepRow> = report
+            .rows
+            .iter()
+            .filter(|r| !r.layer_density.is_empty())
+            .collect();
+        if a.verbose && !sparse.is_empty() {
+            println!("\nMLP density per layer:\n");
+            let names: Vec<&str> = sparse.iter().map(|r| r.setting.as_str()).collect();
+            println!("| layer | {} |", names.join(" | "));
+            println!("|---|{}", "---|".repeat(names.len()));
+            for layer in 0..l.model.config.num_layers {
+                let cells: Vec<String> = sparse
+                    .iter()
+                    .map(|r| format!("{:.3}", r.layer_density[layer]))
+                    .collect();
+                println!("| {layer} | {} |", cells.join(" | "));
+            }
+        }
         println!(
             "\nwrote {}, {} and {}",
             out.join("sweep.md").display(),

@@ -239,7 +239,7 @@ pub struct Progress<'a> {
 }
 
 /// Runs `settings` over `ids`. Settings needing a predictor are skipped (and listed) when
-/// none is given. The report's descriptive fields (model, text, dtype, threads, predictor)
+/// none is given, and so are those the sparse mode cannot run. The report's descriptive fields (model, text, dtype, threads, predictor)
 /// are left empty for the caller to fill.
 pub fn run(
     model: &Llama,
@@ -273,10 +273,24 @@ pub fn run(
         .partition(|s| predictor.is_some() || !s.needs_predictor());
     let prompt = &ids[..opts.prompt_tokens];
     let mut rows = Vec::with_capacity(run_list.len());
+    let mut skipped: Vec<String> = skipped
+        .iter()
+        .map(|s| format!("{s} (needs --predictor)"))
+        .collect();
     let (mut windows, mut tokens) = (0, 0);
     for (i, setting) in run_list.iter().enumerate() {
         let name = setting.to_string();
-        let mut sp = build_sparse(model, setting.config, setting.scorer, predictor, opts.mode)?;
+        // A setting this sparse mode cannot run (cascade in block mode, block mode on
+        // float weights) is listed as skipped, not the end of the sweep.
+        let mut sp = match build_sparse(model, setting.config, setting.scorer, predictor, opts.mode)
+        {
+            Ok(sp) => sp,
+            Err(e @ Error::Input(_)) => {
+                skipped.push(format!("{name} ({e})"));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(s) = sp.as_mut() {
             // Every position uses its own mask, as decoding would.
             s.set_prefill_dense(false);
@@ -373,10 +387,7 @@ pub fn run(
             opts.runs, opts.gen_tokens, opts.prompt_tokens, opts.warmup
         ),
         rows,
-        skipped: skipped
-            .iter()
-            .map(|s| format!("{s} (needs --predictor)"))
-            .collect(),
+        skipped,
     })
 }
 
@@ -425,7 +436,7 @@ pub fn markdown(r: &SweepReport) -> String {
     }
     s.push('\n');
     s.push_str(
-        "MLP bytes/token: the gate, up and down bytes a decoded token reads (exact scoring reads all of gate and up; a low-rank scorer its predictor's factors and the active rows; down rows from the transposed copy, Q8_0 for a quantized model), relative to the dense MLP's, from the achieved density over the evaluation.\n\n",
+        "MLP bytes/token: the gate, up and down bytes a decoded token reads (exact scoring reads all of gate and up; a low-rank scorer its predictor's factors and the active rows; down rows from the transposed copy, Q8_0 for a quantized model, or in block mode from the model's own blocks; rows copied into the weight cache not counted), relative to the dense MLP's, from the achieved density over the evaluation.\n\n",
     );
     s.push_str(&format!("{}.\n", r.decode_note));
     if !r.skipped.is_empty() {
