@@ -1,9 +1,13 @@
 //! Quality evaluation: perplexity over non-overlapping windows by both common methods
 //! (every prediction in the window; llama.cpp's second half only), and, for a sparse
-//! setting, the mean KL divergence from the dense model and top-1 agreement with it.
+//! setting, the mean KL divergence from the dense model, top-1 agreement with it, and the
+//! MLP weight bytes each decoded token reads relative to dense ([`mlp_bytes`]).
 
 use crate::error::{Error, Result};
 use crate::model::{Llama, Logits, MlpOverride};
+use crate::sparse::threshold::top_k_count;
+use crate::sparse::weight_cache::down_t_dtype;
+use crate::sparse::{Mode, Predictor, Scorer, SparseMlp};
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct EvalReport {
@@ -131,5 +135,91 @@ pub fn perplexity(
         ppl_second_half: (nll_half / n_half as f64).exp(),
         kl_vs_dense: sparse.then(|| kl_sum / n_all as f64),
         top1_agreement: sparse.then(|| agree as f64 / n_all as f64),
+    })
+}
+
+/// MLP weight bytes one decoded token reads under a sparse setting, against dense.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MlpBytes {
+    /// Dense: every layer's gate, up and down projections, as held (`Matrix::byte_len`).
+    pub dense: f64,
+    /// The sparse setting, averaged over the tokens processed sparsely: the scorer's reads
+    /// (the predictor's factors; every gate and up row for exact scoring) plus the rows of
+    /// the neurons it computes.
+    pub sparse: f64,
+    /// Of `sparse`, the predictor's factors (0 without a low-rank scorer).
+    pub predictor: f64,
+}
+
+impl MlpBytes {
+    /// `sparse / dense`: the MLP bytes read per token relative to dense, predictor included.
+    pub fn ratio(&self) -> f64 {
+        self.sparse / self.dense
+    }
+}
+
+/// The MLP bytes per decoded token of `sp` over the tokens it has processed since its last
+/// `reset_stats` (from each layer's achieved density and the matrices' byte sizes), per
+/// layer, summed over layers:
+///
+/// - `exact`: the whole gate and up matrices (every g_i and u_i is computed), plus the
+///   active neurons' down rows;
+/// - `signed-gate`: as exact, plus the gate matrix a second time (the signed ranking is a
+///   separate product with it);
+/// - `lowrank`: the predictor's factors, plus the active neurons' gate, up and down rows;
+/// - `cascade:F`: the predictor's factors, the gate and up rows of the ceil(F·n) candidates,
+///   plus the active neurons' down rows.
+///
+/// A down row is read from the transposed copy (`down_t_dtype`: Q8_0 for a quantized
+/// model, which is larger than its Q4 rows) except in block mode, which reads the model's
+/// own down blocks. Cache maintenance (rows copied into the weight cache when the mask
+/// changes) is not counted. `predictor` must be the predictor `sp` scores with, with the
+/// factors in the dtype `sp` holds them in ([`Predictor::factor_dtype_for`]). None before
+/// any sparse token, or when the scorer needs a predictor and none is given.
+pub fn mlp_bytes(model: &Llama, sp: &SparseMlp, predictor: Option<&Predictor>) -> Option<MlpBytes> {
+    let density = sp.layer_density();
+    if density.len() != model.layers.len() || density.iter().any(|d| !d.is_finite()) {
+        return None;
+    }
+    let scorer = sp.scorer();
+    let blocks = sp.config().mode == Mode::Blocks;
+    let (mut dense, mut sparse, mut pred) = (0f64, 0f64, 0f64);
+    for (l, (layer, &d)) in model.layers.iter().zip(&density).enumerate() {
+        let m = &layer.mlp;
+        let (gate, up, down) = (
+            m.gate_proj.weight.byte_len() as f64,
+            m.up_proj.weight.byte_len() as f64,
+            m.down_proj.weight.byte_len() as f64,
+        );
+        let inter = m.gate_proj.weight.rows;
+        let hidden = m.gate_proj.weight.cols;
+        let n = inter as f64;
+        let (gate_row, up_row) = (gate / n, up / n);
+        let down_row = if blocks {
+            down / n
+        } else {
+            down_t_dtype(m.down_proj.weight.dtype).bytes_for(hidden) as f64
+        };
+        let active = d * n;
+        let p = match scorer {
+            Scorer::LowRank | Scorer::Cascade { .. } => predictor?.bytes_per_layer(l) as f64,
+            Scorer::Exact | Scorer::SignedGate => 0.0,
+        };
+        let rows = match scorer {
+            Scorer::Exact => gate + up + active * down_row,
+            Scorer::SignedGate => 2.0 * gate + up + active * down_row,
+            Scorer::LowRank => active * (gate_row + up_row + down_row),
+            Scorer::Cascade { superset } => {
+                top_k_count(superset, inter) as f64 * (gate_row + up_row) + active * down_row
+            }
+        };
+        dense += gate + up + down;
+        sparse += p + rows;
+        pred += p;
+    }
+    Some(MlpBytes {
+        dense,
+        sparse,
+        predictor: pred,
     })
 }

@@ -10,6 +10,7 @@ pub mod loader;
 pub mod model;
 pub mod quant;
 pub mod sparse;
+pub mod sweep;
 pub mod synth;
 pub mod tensor;
 pub mod tokenizer;

@@ -16,6 +16,7 @@ use sparsellm::kernels::pool;
 use sparsellm::loader::{self, fetch};
 use sparsellm::model::{Llama, MlpOverride};
 use sparsellm::sparse::{Predictor, Scorer, SparseMlp, SparsityConfig};
+use sparsellm::sweep;
 use sparsellm::synth::SynthShape;
 use sparsellm::tensor::{DType, LoadDType};
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
@@ -194,8 +195,40 @@ struct EvalArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// With --sparsity or --sweep: also print each layer's achieved MLP density (a table;
+    /// the array `layer_density` with --json).
+    #[arg(long)]
+    verbose: bool,
+    /// Run a list of sparsity settings over the text (dense, exact scores at densities
+    /// 0.25/0.5/0.75, sigma:0/0.5/1/2, the original sigma:2 on signed gate scores, and with
+    /// --predictor lowrank, cascade and calibrated), each also timed on a short generation
+    /// in this process, and write sweep.md, sweep.json and sweep.png into --out DIR:
+    /// perplexity and decode tokens/s against MLP bytes read per token.
+    #[arg(long, requires = "out")]
+    sweep: bool,
+    /// The sweep's output directory (created if missing).
+    #[arg(long, value_name = "DIR", requires = "sweep")]
+    out: Option<PathBuf>,
+    /// The sweep's settings instead of the default list: comma-separated SPEC[@SCORER],
+    /// e.g. "off,density:0.5@exact,sigma:1@exact,sigma:2@signed-gate,calibrated".
+    #[arg(long, value_name = "LIST", requires = "sweep", value_parser = parse_sweep_settings)]
+    sweep_settings: Option<String>,
+    /// The sweep's decode timing: tokens generated (greedy) after the text's first 32
+    /// tokens, per run.
+    #[arg(long, default_value_t = 32, value_parser = parse_positive, requires = "sweep")]
+    decode_tokens: usize,
+    /// The sweep's decode timing: measured runs per setting (after one warm-up); the median
+    /// is reported.
+    #[arg(long, default_value_t = 3, value_parser = parse_positive, requires = "sweep")]
+    decode_runs: usize,
     #[command(flatten)]
     run: RunArgs,
+}
+
+fn parse_sweep_settings(s: &str) -> std::result::Result<String, String> {
+    sweep::parse_settings(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Args)]
@@ -449,9 +482,32 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if text.is_empty() {
         bail!("{}: the text is empty", a.text.display());
     }
+    if a.sweep && (a.run.sparsity != "off" || a.run.scorer.is_some()) {
+        bail!(
+            "--sweep runs its own settings: give them with --sweep-settings, not --sparsity or --scorer"
+        );
+    }
     let l = load(&a.run)?;
     let ids = l.tokenizer.encode(&text)?;
-    let mut sparse = sparse_mlp(&a.run, &l.model)?;
+    if !a.sweep && a.run.sparsity == "off" && (a.run.predictor.is_some() || a.run.scorer.is_some())
+    {
+        bail!("--predictor and --scorer need a --sparsity setting other than off");
+    }
+    // Loaded once, its factors in the dtype the sparse MLP reads them in (so that its
+    // bytes per token are counted as decoding reads them).
+    let predictor = a
+        .run
+        .predictor
+        .as_deref()
+        .map(|p| sweep::load_predictor(p, &l.model))
+        .transpose()?;
+    let mode = a.run.sparse_mode.parse()?;
+    if a.sweep {
+        return eval_sweep(&a, &l, &ids, predictor.as_ref(), mode);
+    }
+    let config: SparsityConfig = a.run.sparsity.parse()?;
+    let scorer = a.run.scorer.as_deref().map(str::parse).transpose()?;
+    let mut sparse = sweep::build_sparse(&l.model, config, scorer, predictor.as_ref(), mode)?;
     if let Some(sp) = sparse.as_mut() {
         // Every position uses its own mask, as decoding would.
         sp.set_prefill_dense(false);
@@ -468,6 +524,10 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
+    let bytes = sparse
+        .as_ref()
+        .and_then(|sp| eval::mlp_bytes(&l.model, sp, predictor.as_ref()));
+    let layer_density = sparse.as_ref().map(|sp| sp.layer_density());
     if a.json {
         let mut v = json!({
             "tokens": r.tokens,
@@ -481,8 +541,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             v["kl_vs_dense"] = json!(kl);
             v["top1_agreement"] = json!(r.top1_agreement);
             v["mlp_density"] = json!(sparse.as_ref().and_then(|s| s.density()));
+            v["mlp_bytes_ratio"] = json!(bytes.map(|b| b.ratio()));
+            v["predictor_bytes_ratio"] = json!(bytes.map(|b| b.predictor / b.dense));
             v["sparsity"] = json!(a.run.sparsity);
             v["scorer"] = json!(sparse.as_ref().map(|s| s.scorer().to_string()));
+            if a.verbose {
+                v["layer_density"] = json!(layer_density);
+            }
         }
         println!("{v}");
     } else {
@@ -500,7 +565,115 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 kl,
                 top1
             );
+            if let Some(b) = bytes {
+                println!(
+                    "MLP bytes read per token: {:.3} of dense ({:.2} of {:.2} MB{})",
+                    b.ratio(),
+                    b.sparse / 1e6,
+                    b.dense / 1e6,
+                    if b.predictor > 0.0 {
+                        format!(", predictor {:.3} of dense", b.predictor / b.dense)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            if a.verbose {
+                println!("| layer | MLP density |");
+                println!("|---|---|");
+                for (i, d) in layer_density.iter().flatten().enumerate() {
+                    println!("| {i} | {d:.3} |");
+                }
+            }
         }
+    }
+    Ok(())
+}
+
+/// `eval --sweep`: every setting over the text, then the table, JSON and plot.
+fn eval_sweep(
+    a: &EvalArgs,
+    l: &Loaded,
+    ids: &[u32],
+    predictor: Option<&Predictor>,
+    mode: sparsellm::sparse::Mode,
+) -> Result<()> {
+    let out = a.out.as_deref().context("--sweep needs --out DIR")?;
+    let settings = match &a.sweep_settings {
+        Some(list) => {
+            let v = sweep::parse_settings(list)?;
+            if predictor.is_none()
+                && let Some(s) = v.iter().find(|s| s.needs_predictor())
+            {
+                bail!("sweep setting '{s}' needs a predictor file (--predictor)");
+            }
+            v
+        }
+        None => sweep::default_settings(),
+    };
+    let opts = sweep::SweepOptions {
+        window: a.window,
+        prompt_tokens: 32,
+        gen_tokens: a.decode_tokens,
+        runs: a.decode_runs,
+        warmup: 1,
+        mode,
+    };
+    let pb = progress_bar(settings.len() as u64, "sweep");
+    let mut report = sweep::run(&l.model, ids, &settings, predictor, &opts, |p| {
+        pb.set_length(p.settings as u64);
+        pb.set_position(p.setting as u64);
+        if p.window < p.windows {
+            pb.set_message(format!(
+                "{} (window {}/{})",
+                p.name,
+                p.window + 1,
+                p.windows
+            ));
+        } else {
+            pb.set_message(format!("{} (decode timing)", p.name));
+        }
+    })?;
+    pb.finish_and_clear();
+    let path = model_path(&a.run.model)?;
+    report.model = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    report.model_identity = l.identity.clone();
+    report.text = a.text.display().to_string();
+    report.dtype = a.run.dtype.name().to_string();
+    report.threads = pool::global().threads();
+    report.predictor = a.run.predictor.as_ref().map(|p| p.display().to_string());
+    sweep::write_outputs(&report, out)?;
+    if a.json {
+        println!("{}", json!(report));
+    } else {
+        print!("{}", sweep::markdown(&report));
+        let sparse: Vec<&sweep::SweepRow> = report
+            .rows
+            .iter()
+            .filter(|r| !r.layer_density.is_empty())
+            .collect();
+        if a.verbose && !sparse.is_empty() {
+            println!("\nMLP density per layer:\n");
+            let names: Vec<&str> = sparse.iter().map(|r| r.setting.as_str()).collect();
+            println!("| layer | {} |", names.join(" | "));
+            println!("|---|{}", "---|".repeat(names.len()));
+            for layer in 0..l.model.config.num_layers {
+                let cells: Vec<String> = sparse
+                    .iter()
+                    .map(|r| format!("{:.3}", r.layer_density[layer]))
+                    .collect();
+                println!("| {layer} | {} |", cells.join(" | "));
+            }
+        }
+        println!(
+            "\nwrote {}, {} and {}",
+            out.join("sweep.md").display(),
+            out.join("sweep.json").display(),
+            out.join("sweep.png").display()
+        );
     }
     Ok(())
 }

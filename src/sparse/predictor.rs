@@ -300,6 +300,29 @@ impl Predictor {
             .unwrap_or(0)
     }
 
+    /// The dtype a sparse MLP keeps the factors in for a model whose MLP weights are
+    /// `weights`: f32 for f32 weights, bf16 otherwise (bf16 halves the bytes each token
+    /// reads; quantized models use bf16 factors).
+    pub fn factor_dtype_for(weights: DType) -> DType {
+        if weights == DType::F32 {
+            DType::F32
+        } else {
+            DType::BF16
+        }
+    }
+
+    /// Bytes one prediction reads for layer `layer` (every factor once), with the factors
+    /// in the dtype they are held in now (see [`convert_to`](Self::convert_to)).
+    pub fn bytes_per_layer(&self, layer: usize) -> usize {
+        let l = &self.layers[layer];
+        let bytes = |f: &Factor| match f {
+            Factor::F32(v) => 4 * v.len(),
+            Factor::Bf16(v) => 2 * v.len(),
+        };
+        let lr = |x: &LowRank| bytes(&x.at) + bytes(&x.b);
+        lr(&l.gate) + l.up.as_ref().map_or(0, lr)
+    }
+
     /// Writes the predictor to `path` (atomically: a temporary file renamed into place).
     pub fn save(&self, path: &Path) -> Result<()> {
         let perr = |m: String| Error::Predictor(format!("{}: {m}", path.display()));

@@ -1,0 +1,774 @@
+//! `sparsellm eval --sweep`: quality and speed of a list of sparsity settings against the
+//! MLP bytes each reads per token. Each setting is evaluated over the same text as
+//! `sparsellm eval --sparsity` does it (perplexity, KL and top-1 agreement against dense,
+//! achieved density, [`mlp_bytes`](crate::eval::mlp_bytes)), then timed on a short greedy
+//! generation in this same process; the results go to `sweep.md` (a table), `sweep.json`
+//! and `sweep.png` (perplexity and decode tokens/s against MLP bytes per token).
+//!
+//! The settings are [`DEFAULT_SETTINGS`] (one place to change them) or a list given on the
+//! command line, each `SPEC[@SCORER]` (e.g. `density:0.5@exact`, `sigma:2@signed-gate`,
+//! `calibrated`; `off` is the dense model).
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::bench::{self, Stat};
+use crate::error::{Error, Result};
+use crate::eval::{self, EvalReport, MlpBytes};
+use crate::model::{Llama, MlpOverride};
+use crate::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig, Threshold};
+
+/// The settings a sweep runs unless told otherwise, in order: dense; the oracle (exact
+/// scores) at three densities; the one-pass sigma rule on exact scores; the original
+/// project's rule (sigma:2 on the signed gate); and, with a predictor, the low-rank and
+/// cascade scorers and the calibrated thresholds. Those needing a predictor are skipped
+/// without one.
+pub const DEFAULT_SETTINGS: &[&str] = &[
+    "off",
+    "density:0.25@exact",
+    "density:0.5@exact",
+    "density:0.75@exact",
+    "sigma:0@exact",
+    "sigma:0.5@exact",
+    "sigma:1@exact",
+    "sigma:2@exact",
+    "sigma:2@signed-gate",
+    "density:0.5@lowrank",
+    "density:0.75@lowrank",
+    "density:0.5@cascade",
+    "calibrated@lowrank",
+];
+
+/// One setting of a sweep: a sparsity SPEC and a scorer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Setting {
+    pub config: SparsityConfig,
+    /// The scorer; None for dense (`off`), or when not named (then as `--scorer`'s default:
+    /// lowrank with a predictor, exact without).
+    pub scorer: Option<Scorer>,
+}
+
+impl std::str::FromStr for Setting {
+    type Err = Error;
+    /// `SPEC[@SCORER]`: `off`, `density:0.5@exact`, `sigma:2@signed-gate`, `calibrated`.
+    fn from_str(s: &str) -> Result<Setting> {
+        let s = s.trim();
+        let (spec, scorer) = match s.split_once('@') {
+            Some((a, b)) => (a, Some(b.parse::<Scorer>()?)),
+            None => (s, None),
+        };
+        let config: SparsityConfig = spec.parse()?;
+        if config.is_off() && scorer.is_some() {
+            return Err(Error::Input(format!(
+                "sweep setting '{s}': the dense model (off) has no scorer"
+            )));
+        }
+        Ok(Setting { config, scorer })
+    }
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.config.is_off() {
+            return f.write_str("dense");
+        }
+        write!(f, "{}", self.config.threshold)?;
+        if let Some(s) = self.scorer {
+            write!(f, " {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Setting {
+    /// The scorer this setting uses given whether a predictor is at hand (None: dense).
+    pub fn effective_scorer(&self, have_predictor: bool) -> Option<Scorer> {
+        if self.config.is_off() {
+            return None;
+        }
+        Some(self.scorer.unwrap_or(if have_predictor {
+            Scorer::LowRank
+        } else {
+            Scorer::Exact
+        }))
+    }
+
+    /// Whether this setting cannot run without a predictor file.
+    pub fn needs_predictor(&self) -> bool {
+        self.config.threshold == Threshold::Calibrated
+            || matches!(
+                self.scorer,
+                Some(Scorer::LowRank) | Some(Scorer::Cascade { .. })
+            )
+    }
+}
+
+/// Parses a comma-separated list of `SPEC[@SCORER]` settings.
+pub fn parse_settings(list: &str) -> Result<Vec<Setting>> {
+    let v: Vec<Setting> = list
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(str::parse)
+        .collect::<Result<_>>()?;
+    if v.is_empty() {
+        return Err(Error::Input("the list of sweep settings is empty".into()));
+    }
+    Ok(v)
+}
+
+/// The default settings, parsed.
+pub fn default_settings() -> Vec<Setting> {
+    DEFAULT_SETTINGS
+        .iter()
+        .map(|s| s.parse().expect("DEFAULT_SETTINGS parse"))
+        .collect()
+}
+
+/// Builds the sparse MLP of a setting (None for dense) as `SparseMlp::from_spec` does, from
+/// an already loaded predictor (cloned: each setting gets its own), with `mode`. The
+/// predictor should hold its factors in [`Predictor::factor_dtype_for`] the model's MLP
+/// dtype, so that it is the one [`eval::mlp_bytes`] is told about.
+pub fn build_sparse(
+    model: &Llama,
+    config: SparsityConfig,
+    scorer: Option<Scorer>,
+    predictor: Option<&Predictor>,
+    mode: Mode,
+) -> Result<Option<SparseMlp>> {
+    if config.is_off() {
+        return Ok(None);
+    }
+    let mut config = config;
+    config.scorer = scorer;
+    config.mode = mode;
+    SparseMlp::new(model, config, predictor.cloned()).map(Some)
+}
+
+/// Loads a predictor file for `model`, its factors converted to the dtype a sparse MLP of
+/// this model holds them in (so that its byte count is what decoding reads).
+pub fn load_predictor(path: &Path, model: &Llama) -> Result<Predictor> {
+    let mut p = Predictor::load(path, model)?;
+    let dtype = model
+        .layers
+        .first()
+        .map(|l| l.mlp.gate_proj.weight.dtype)
+        .ok_or_else(|| Error::Input("a model without layers".into()))?;
+    p.convert_to(Predictor::factor_dtype_for(dtype));
+    Ok(p)
+}
+
+/// How a sweep runs.
+#[derive(Debug, Clone)]
+pub struct SweepOptions {
+    /// Evaluation window (tokens).
+    pub window: usize,
+    /// Decode timing: prompt = the first `prompt_tokens` tokens of the text, then
+    /// `gen_tokens` greedy tokens (no EOS stop), `runs` measured runs after `warmup`.
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub runs: usize,
+    pub warmup: usize,
+    /// Where active rows are read from (`--sparse-mode`), for every setting.
+    pub mode: Mode,
+}
+
+/// One setting's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepRow {
+    /// Human-readable name: `dense`, `density:0.5 exact`, ...
+    pub setting: String,
+    /// The SPEC (`off` for dense) and the scorer used (null for dense).
+    pub sparsity: String,
+    pub scorer: Option<String>,
+    /// Achieved MLP density over the evaluation (1 for dense).
+    pub mlp_density: f64,
+    /// MLP bytes read per token relative to dense, predictor included (1 for dense).
+    pub mlp_bytes_ratio: f64,
+    /// Of which the predictor's factors.
+    pub predictor_bytes_ratio: f64,
+    pub ppl_all: f64,
+    /// llama.cpp's method (second half of each window).
+    pub ppl_second_half: f64,
+    /// `ppl_second_half` over the dense row's (null when the sweep has no dense row).
+    pub ppl_ratio: Option<f64>,
+    /// Mean KL(dense || setting) per token (0 for dense).
+    pub kl_vs_dense: f64,
+    pub top1_agreement: f64,
+    /// Decode tokens/s over the timing runs: median, min, max.
+    pub decode_tok_s: Stat,
+    /// `decode_tok_s.median` over the dense row's (null without a dense row).
+    pub decode_ratio: Option<f64>,
+    /// Achieved density per layer (empty for dense).
+    pub layer_density: Vec<f64>,
+}
+
+/// The whole sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepReport {
+    /// The model's file or directory name, and its identity (shape and weight fingerprint).
+    pub model: String,
+    pub model_identity: String,
+    pub text: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub sparse_mode: String,
+    pub predictor: Option<String>,
+    pub window: usize,
+    pub windows: usize,
+    pub tokens: usize,
+    /// How decode speed was measured.
+    pub decode_prompt_tokens: usize,
+    pub decode_gen_tokens: usize,
+    pub decode_runs: usize,
+    pub decode_note: String,
+    pub rows: Vec<SweepRow>,
+    /// Settings not run, with the reason.
+    pub skipped: Vec<String>,
+}
+
+/// Progress of a sweep: setting `setting` of `settings` (its name), window `window` of
+/// `windows` of its evaluation (`window == windows` while its decode is timed).
+#[derive(Debug, Clone)]
+pub struct Progress<'a> {
+    pub setting: usize,
+    pub settings: usize,
+    pub name: &'a str,
+    pub window: usize,
+    pub windows: usize,
+}
+
+/// Runs `settings` over `ids`. Settings needing a predictor are skipped (and listed) when
+/// none is given, and so are those the sparse mode cannot run. The report's descriptive fields (model, text, dtype, threads, predictor)
+/// are left empty for the caller to fill.
+pub fn run(
+    model: &Llama,
+    ids: &[u32],
+    settings: &[Setting],
+    predictor: Option<&Predictor>,
+    opts: &SweepOptions,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<SweepReport> {
+    if opts.runs == 0 || opts.gen_tokens == 0 || opts.prompt_tokens == 0 {
+        return Err(Error::Input(
+            "the sweep's decode timing needs at least one prompt token, one generated token and one run".into(),
+        ));
+    }
+    if ids.len() < opts.prompt_tokens {
+        return Err(Error::Input(format!(
+            "the text has {} tokens, fewer than the decode prompt's {}",
+            ids.len(),
+            opts.prompt_tokens
+        )));
+    }
+    if opts.prompt_tokens + opts.gen_tokens > model.config.max_position_embeddings {
+        return Err(Error::Input(format!(
+            "decode prompt + generated tokens ({}) exceed the model's context ({})",
+            opts.prompt_tokens + opts.gen_tokens,
+            model.config.max_position_embeddings
+        )));
+    }
+    let (run_list, skipped): (Vec<&Setting>, Vec<&Setting>) = settings
+        .iter()
+        .partition(|s| predictor.is_some() || !s.needs_predictor());
+    let prompt = &ids[..opts.prompt_tokens];
+    let mut rows = Vec::with_capacity(run_list.len());
+    let mut skipped: Vec<String> = skipped
+        .iter()
+        .map(|s| format!("{s} (needs --predictor)"))
+        .collect();
+    let (mut windows, mut tokens) = (0, 0);
+    for (i, setting) in run_list.iter().enumerate() {
+        let name = setting.to_string();
+        // A setting this sparse mode cannot run (cascade in block mode, block mode on
+        // float weights) is listed as skipped, not the end of the sweep.
+        let mut sp = match build_sparse(model, setting.config, setting.scorer, predictor, opts.mode)
+        {
+            Ok(sp) => sp,
+            Err(e @ Error::Input(_)) => {
+                skipped.push(format!("{name} ({e})"));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if let Some(s) = sp.as_mut() {
+            // Every position uses its own mask, as decoding would.
+            s.set_prefill_dense(false);
+        }
+        let r: EvalReport = eval::perplexity(
+            model,
+            ids,
+            opts.window,
+            sp.as_mut().map(|s| s as &mut dyn MlpOverride),
+            |w, n| {
+                progress(Progress {
+                    setting: i,
+                    settings: run_list.len(),
+                    name: &name,
+                    window: w,
+                    windows: n,
+                })
+            },
+        )?;
+        (windows, tokens) = (r.windows, r.tokens);
+        // Achieved density and bytes over the evaluation only (before the timing runs).
+        let bytes = match sp.as_ref() {
+            Some(s) => eval::mlp_bytes(model, s, predictor).ok_or_else(|| {
+                Error::Input(format!("{name}: no MLP byte count (no sparse token?)"))
+            })?,
+            None => MlpBytes {
+                dense: 1.0,
+                sparse: 1.0,
+                predictor: 0.0,
+            },
+        };
+        let density = sp.as_ref().and_then(SparseMlp::density).unwrap_or(1.0);
+        let layer_density = sp
+            .as_ref()
+            .map(SparseMlp::layer_density)
+            .unwrap_or_default();
+        // Decode timing with the same sparse MLP, prefill dense as generation runs it.
+        if let Some(s) = sp.as_mut() {
+            s.set_prefill_dense(true);
+        }
+        let mut speeds = Vec::with_capacity(opts.runs);
+        for k in 0..opts.warmup + opts.runs {
+            let sample = bench::measure(
+                model,
+                prompt,
+                opts.gen_tokens,
+                sp.as_mut().map(|s| s as &mut dyn MlpOverride),
+            )?;
+            if k >= opts.warmup {
+                speeds.push(sample.decode_tok_s);
+            }
+        }
+        rows.push(SweepRow {
+            setting: name,
+            sparsity: setting.config.threshold.to_string(),
+            scorer: setting
+                .effective_scorer(predictor.is_some())
+                .map(|s| s.to_string()),
+            mlp_density: density,
+            mlp_bytes_ratio: bytes.ratio(),
+            predictor_bytes_ratio: bytes.predictor / bytes.dense,
+            ppl_all: r.ppl_all,
+            ppl_second_half: r.ppl_second_half,
+            ppl_ratio: None,
+            kl_vs_dense: r.kl_vs_dense.unwrap_or(0.0),
+            top1_agreement: r.top1_agreement.unwrap_or(1.0),
+            decode_tok_s: Stat::of(&speeds),
+            decode_ratio: None,
+            layer_density,
+        });
+    }
+    if let Some(d) = rows.iter().find(|r| r.sparsity == "off").cloned() {
+        for r in &mut rows {
+            r.ppl_ratio = Some(r.ppl_second_half / d.ppl_second_half);
+            r.decode_ratio = Some(r.decode_tok_s.median / d.decode_tok_s.median);
+        }
+    }
+    Ok(SweepReport {
+        model: String::new(),
+        model_identity: String::new(),
+        text: String::new(),
+        dtype: String::new(),
+        threads: 0,
+        sparse_mode: format!("{:?}", opts.mode).to_lowercase(),
+        predictor: None,
+        window: opts.window,
+        windows,
+        tokens,
+        decode_prompt_tokens: opts.prompt_tokens,
+        decode_gen_tokens: opts.gen_tokens,
+        decode_runs: opts.runs,
+        decode_note: format!(
+            "decode tok/s: median of {} greedy generations of {} tokens after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP, one setting after another",
+            opts.runs, opts.gen_tokens, opts.prompt_tokens, opts.warmup
+        ),
+        rows,
+        skipped,
+    })
+}
+
+/// The report as a markdown document: a header naming what was run, the table, notes.
+pub fn markdown(r: &SweepReport) -> String {
+    let mut s = String::new();
+    s.push_str("# Sparsity sweep\n\n");
+    s.push_str(&format!(
+        "model `{}` (`{}`), {}, {} threads, sparse mode {}{}; text `{}`: {} tokens in {} windows of {}.\n\n",
+        r.model,
+        r.model_identity,
+        r.dtype,
+        r.threads,
+        r.sparse_mode,
+        r.predictor
+            .as_ref()
+            .map(|p| format!(", predictor `{p}`"))
+            .unwrap_or_default(),
+        r.text,
+        r.tokens,
+        r.windows,
+        r.window
+    ));
+    s.push_str(
+        "| setting | MLP density | MLP bytes/token vs dense | of which predictor | ppl, second half | ppl, all | KL(dense‖sparse) | top-1 agreement | decode tok/s [min, max] |\n",
+    );
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for row in &r.rows {
+        let ratio = |x: Option<f64>| x.map(|v| format!(" (x{v:.3})")).unwrap_or_default();
+        s.push_str(&format!(
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3}{} | {:.3} | {:.4} | {:.3} | {:.1} [{:.1}, {:.1}]{} |\n",
+            row.setting,
+            row.mlp_density,
+            row.mlp_bytes_ratio,
+            row.predictor_bytes_ratio,
+            row.ppl_second_half,
+            ratio(row.ppl_ratio),
+            row.ppl_all,
+            row.kl_vs_dense,
+            row.top1_agreement,
+            row.decode_tok_s.median,
+            row.decode_tok_s.min,
+            row.decode_tok_s.max,
+            ratio(row.decode_ratio),
+        ));
+    }
+    s.push('\n');
+    s.push_str(
+        "MLP bytes/token: the gate, up and down bytes a decoded token reads (exact scoring reads all of gate and up; a low-rank scorer its predictor's factors and the active rows; down rows from the transposed copy, Q8_0 for a quantized model, or in block mode from the model's own blocks; rows copied into the weight cache not counted), relative to the dense MLP's, from the achieved density over the evaluation.\n\n",
+    );
+    s.push_str(&format!("{}.\n", r.decode_note));
+    if !r.skipped.is_empty() {
+        s.push_str(&format!("\nSkipped: {}.\n", r.skipped.join(", ")));
+    }
+    s
+}
+
+/// Writes `dir/sweep.md`, `dir/sweep.json` and `dir/sweep.png` (creating `dir`).
+pub fn write_outputs(r: &SweepReport, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let md = dir.join("sweep.md");
+    std::fs::write(&md, markdown(r)).map_err(|e| Error::io(&md, e))?;
+    let js = dir.join("sweep.json");
+    let text = serde_json::to_string_pretty(r).expect("the report serializes");
+    std::fs::write(&js, text + "\n").map_err(|e| Error::io(&js, e))?;
+    plot(r, &dir.join("sweep.png"))
+}
+
+/// The family a row belongs to in the plot (one colour and line each): the scorer and the
+/// kind of threshold.
+fn family(row: &SweepRow) -> String {
+    if row.sparsity == "off" {
+        return "dense".into();
+    }
+    let kind = match row.sparsity.split(':').next().unwrap_or("") {
+        "density" => "density:D",
+        "sigma" => "sigma:K",
+        k => k,
+    };
+    let scorer = match row.scorer.as_deref().unwrap_or("") {
+        "exact" => "exact scores",
+        "signed-gate" => "signed gate",
+        s => s,
+    };
+    format!("{scorer}, {kind}")
+}
+
+/// Family colours: black for dense, then Tableau's ten (dark enough on white).
+const COLORS: [(u8, u8, u8); 11] = [
+    (0, 0, 0),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+];
+
+/// The font the plot's text is drawn with: bundled (a subset of DejaVu Sans, printable
+/// ASCII), so that no system font library is needed.
+static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans-subset.ttf");
+
+fn register_font() -> Result<()> {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *ONCE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
+            .is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Input("the bundled plot font does not parse".into()))
+    }
+}
+
+/// Draws the sweep: perplexity (second half, log scale) and decode tokens/s against MLP
+/// bytes per token relative to dense, one point per setting, a line and colour per family.
+pub fn plot(r: &SweepReport, path: &Path) -> Result<()> {
+    register_font()?;
+    draw(r, path).map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+}
+
+/// Places point labels (pixel boxes) so that they do not overlap one another: for each
+/// point, the first of a few offsets whose box is free, else the first offset.
+fn place_labels(points: &[((i32, i32), usize)]) -> Vec<(i32, i32)> {
+    const H: i32 = 14;
+    let mut taken: Vec<(i32, i32, i32, i32)> = Vec::new();
+    points
+        .iter()
+        .map(|&((x, y), chars)| {
+            let w = 7 * chars as i32;
+            let candidates = [
+                (8, -18),
+                (8, 4),
+                (-8 - w, -18),
+                (-8 - w, 4),
+                (8, -32),
+                (8, 18),
+            ];
+            let free = |&(dx, dy): &(i32, i32)| {
+                let (x0, y0) = (x + dx, y + dy);
+                !taken
+                    .iter()
+                    .any(|&(a, b, c, d)| x0 < c && a < x0 + w && y0 < d && b < y0 + H)
+            };
+            let (dx, dy) = candidates
+                .iter()
+                .copied()
+                .find(|c| free(c))
+                .unwrap_or(candidates[0]);
+            taken.push((x + dx, y + dy, x + dx + w, y + dy + H));
+            (dx, dy)
+        })
+        .collect()
+}
+
+fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (1600, 820)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = format!(
+        "{} ({}): {} tokens, windows of {}; decode {} tokens after {}, median of {} run(s)",
+        r.model,
+        r.dtype,
+        r.tokens,
+        r.window,
+        r.decode_gen_tokens,
+        r.decode_prompt_tokens,
+        r.decode_runs
+    );
+    let root = root.titled(&title, ("sans-serif", 20))?;
+    let (body, legend) = root.split_vertically(root.dim_in_pixel().1 - 50);
+    let panels = body.split_evenly((1, 2));
+    let mut families: Vec<String> = Vec::new();
+    for row in &r.rows {
+        let f = family(row);
+        if !families.contains(&f) {
+            families.push(f);
+        }
+    }
+    // Dense first (black) when present; the other families in order of appearance.
+    families.sort_by_key(|f| f != "dense");
+    let color_of = |f: &str| {
+        let i = families.iter().position(|x| x == f).unwrap_or(0);
+        let i = if families[0] == "dense" { i } else { i + 1 };
+        let (r, g, b) = COLORS[i % COLORS.len()];
+        RGBColor(r, g, b)
+    };
+    let xmax = r
+        .rows
+        .iter()
+        .map(|x| x.mlp_bytes_ratio)
+        .fold(1.0f64, f64::max)
+        * 1.1;
+    let label_of = |x: &SweepRow| {
+        if x.sparsity == "off" {
+            "dense".to_string()
+        } else {
+            x.sparsity.clone()
+        }
+    };
+    type Pick = fn(&SweepRow) -> f64;
+    let panels_spec: [(&str, &str, Pick, bool); 2] = [
+        (
+            "Perplexity (second half of each window)",
+            "perplexity (log scale)",
+            |x| x.ppl_second_half,
+            true,
+        ),
+        (
+            "Decode tokens/s (this process, one setting after another)",
+            "decode tokens/s (median)",
+            |x| x.decode_tok_s.median,
+            false,
+        ),
+    ];
+    for (area, (caption, ydesc, pick, log)) in panels.iter().zip(panels_spec) {
+        let ys: Vec<f64> = r.rows.iter().map(pick).collect();
+        let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min);
+        let ymax = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut builder = ChartBuilder::on(area);
+        builder
+            .caption(caption, ("sans-serif", 19))
+            .margin(20)
+            .x_label_area_size(50)
+            .y_label_area_size(80);
+        // The same drawing for both kinds of y axis (log for perplexity).
+        macro_rules! body {
+            ($chart:ident) => {{
+                $chart
+                    .configure_mesh()
+                    .x_desc("MLP bytes read per token, relative to dense (predictor included)")
+                    .y_desc(ydesc)
+                    .label_style(("sans-serif", 15))
+                    .axis_desc_style(("sans-serif", 16))
+                    .light_line_style(RGBColor(235, 235, 235))
+                    .x_label_formatter(&|v| format!("{v:.1}"))
+                    .y_label_formatter(&|v| format!("{v:.0}"))
+                    .draw()?;
+                for f in &families {
+                    let c = color_of(f);
+                    let mut pts: Vec<(f64, f64)> = r
+                        .rows
+                        .iter()
+                        .filter(|x| &family(x) == f)
+                        .map(|x| (x.mlp_bytes_ratio, pick(x)))
+                        .collect();
+                    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    if pts.len() > 1 {
+                        $chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?;
+                    }
+                    $chart.draw_series(pts.iter().map(|&p| Circle::new(p, 6, c.filled())))?;
+                }
+                let pixels: Vec<((i32, i32), usize)> = r
+                    .rows
+                    .iter()
+                    .map(|x| {
+                        let p = $chart.backend_coord(&(x.mlp_bytes_ratio, pick(x)));
+                        (p, label_of(x).len())
+                    })
+                    .collect();
+                let offsets = place_labels(&pixels);
+                $chart.draw_series(r.rows.iter().zip(offsets).map(|(x, off)| {
+                    EmptyElement::at((x.mlp_bytes_ratio, pick(x)))
+                        + Text::new(label_of(x), off, ("sans-serif", 13).into_font())
+                }))?;
+            }};
+        }
+        if log {
+            let range = (ymin / 1.3)..(ymax * 1.6);
+            let mut chart = builder.build_cartesian_2d(0f64..xmax, range.log_scale())?;
+            body!(chart);
+        } else {
+            let mut chart = builder.build_cartesian_2d(0f64..xmax, 0f64..(ymax * 1.15).max(1.0))?;
+            body!(chart);
+        }
+    }
+    // One legend for both panels, below them: a marker and the family's name each.
+    let mut x = 100;
+    let font: TextStyle = ("sans-serif", 16).into_font().into();
+    for f in &families {
+        let c = color_of(f);
+        legend.draw(&Circle::new((x, 25), 7, c.filled()))?;
+        legend.draw(&Text::new(f.clone(), (x + 14, 16), font.clone()))?;
+        let (w, _) = legend.estimate_text_size(f, &font)?;
+        x += w as i32 + 50;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_name() {
+        for s in DEFAULT_SETTINGS {
+            s.parse::<Setting>().unwrap();
+        }
+        let v = parse_settings("off, density:0.5@exact,sigma:2@signed-gate,calibrated").unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[0].to_string(), "dense");
+        assert_eq!(v[1].to_string(), "density:0.5 exact");
+        assert_eq!(v[2].scorer, Some(Scorer::SignedGate));
+        assert!(v[3].needs_predictor() && !v[1].needs_predictor());
+        assert_eq!(v[3].effective_scorer(true), Some(Scorer::LowRank));
+        assert_eq!(v[1].effective_scorer(true), Some(Scorer::Exact));
+        assert!(parse_settings("off@exact").is_err());
+        assert!(parse_settings("density:2").is_err());
+        assert!(parse_settings(" , ").is_err());
+    }
+
+    fn row(sparsity: &str, scorer: Option<&str>, bytes: f64, ppl: f64, tok_s: f64) -> SweepRow {
+        SweepRow {
+            setting: sparsity.into(),
+            sparsity: sparsity.into(),
+            scorer: scorer.map(Into::into),
+            mlp_density: 0.5,
+            mlp_bytes_ratio: bytes,
+            predictor_bytes_ratio: 0.0,
+            ppl_all: ppl * 1.3,
+            ppl_second_half: ppl,
+            ppl_ratio: None,
+            kl_vs_dense: 0.1,
+            top1_agreement: 0.9,
+            decode_tok_s: Stat::of(&[tok_s]),
+            decode_ratio: None,
+            layer_density: vec![0.5; 2],
+        }
+    }
+
+    #[test]
+    fn writes_table_json_and_png_of_a_report() {
+        let rows = vec![
+            row("off", None, 1.0, 18.3, 140.0),
+            row("density:0.5", Some("exact"), 0.95, 18.9, 141.0),
+            row("density:0.25", Some("exact"), 0.81, 21.0, 150.0),
+            row("sigma:1", Some("exact"), 0.72, 90.0, 152.0),
+            row("sigma:2", Some("signed-gate"), 1.01, 46867.0, 120.0),
+            row("density:0.5", Some("lowrank"), 1.12, 22.0, 100.0),
+            row("density:0.5", Some("cascade:0.7"), 1.3, 21.4, 95.0),
+            row("calibrated", Some("lowrank"), 1.4, 18.9, 90.0),
+        ];
+        let r = SweepReport {
+            model: "m.gguf".into(),
+            model_identity: "llama-test".into(),
+            text: "t.txt".into(),
+            dtype: "native".into(),
+            threads: 2,
+            sparse_mode: "cached".into(),
+            predictor: Some("p.safetensors".into()),
+            window: 64,
+            windows: 2,
+            tokens: 128,
+            decode_prompt_tokens: 32,
+            decode_gen_tokens: 32,
+            decode_runs: 3,
+            decode_note: "note".into(),
+            rows,
+            skipped: vec![],
+        };
+        // SWEEP_PLOT_DIR keeps the files for a look at the plot.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = std::env::var_os("SWEEP_PLOT_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| tmp.path().to_path_buf());
+        write_outputs(&r, &dir).unwrap();
+        let png = std::fs::read(dir.join("sweep.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        let md = std::fs::read_to_string(dir.join("sweep.md")).unwrap();
+        assert!(md.contains("| sigma:2 |"), "{md}");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json")).unwrap())
+                .unwrap();
+        assert_eq!(v["rows"].as_array().unwrap().len(), 8);
+        assert_eq!(family(&r.rows[1]), "exact scores, density:D");
+        assert_eq!(family(&r.rows[0]), "dense");
+    }
+}
