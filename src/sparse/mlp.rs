@@ -171,11 +171,7 @@ impl SparseMlp {
         // The predictor's factors in the model's float dtype (bf16 halves its bytes per
         // token; quantized models use bf16 factors).
         let predictor = predictor.map(|mut p| {
-            p.convert_to(if dtype == DType::F32 {
-                DType::F32
-            } else {
-                DType::BF16
-            });
+            p.convert_to(Predictor::factor_dtype_for(dtype));
             p
         });
         // Off runs dense: no per-layer state, no transposed copies.
