@@ -2,6 +2,8 @@
 
 use super::SharedMut;
 use super::dot::dot_f32;
+#[cfg(target_arch = "x86_64")]
+use super::ops::exp512;
 use super::ops::softmax;
 use super::pool::{ThreadPool, split_range};
 #[cfg(target_arch = "x86_64")]
@@ -243,26 +245,6 @@ unsafe fn softmax_unnormalised(s: *mut f32, len: usize, scale: f32) -> f32 {
     }
 }
 
-/// `exp(x)` for x <= 0 (softmax arguments), to about 1 ulp: x = n ln2 + r with
-/// |r| <= ln2 / 2, a degree-6 Taylor polynomial of e^r, then `vscalefps` by 2^n (which
-/// underflows to 0 for very negative x).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-#[inline]
-fn exp512(x: __m512) -> __m512 {
-    let x = _mm512_max_ps(x, _mm512_set1_ps(-104.0));
-    let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-        _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-    );
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), x);
-    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-    let mut p = _mm512_set1_ps(1.0 / 720.0);
-    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    }
-    _mm512_scalef_ps(p, n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,27 +318,6 @@ mod tests {
                         );
                     }
                 }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn exp512_is_accurate() {
-        if !super::super::gemm_avx512::has_f32() {
-            return;
-        }
-        let xs: Vec<f32> = (0..16 * 400).map(|i| -(i as f32) * 0.0137).collect();
-        for c in xs.chunks(16) {
-            let mut got = [0f32; 16];
-            // SAFETY: has_f32() checked AVX-512; c and got hold 16 floats.
-            unsafe { _mm512_storeu_ps(got.as_mut_ptr(), exp512(_mm512_loadu_ps(c.as_ptr()))) };
-            for (&x, &g) in c.iter().zip(&got) {
-                let want = (x as f64).exp();
-                assert!(
-                    ((g as f64) - want).abs() <= 3e-7 * want + 1e-38,
-                    "exp({x}) = {g} vs {want}"
-                );
             }
         }
     }
