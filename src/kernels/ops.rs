@@ -665,9 +665,13 @@ unsafe fn silu_mul_avx2(gate: &mut [f32], up: &[f32]) {
     silu_mul_scalar(&mut gate[body..], &up[body..]);
 }
 
-/// [`silu_mul`] with the elements split over the pool.
+/// [`silu_mul`] with the elements split over the pool (when there are enough of them to
+/// pay for waking it: a decode step's few thousand are done in place).
 pub fn silu_mul_par(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
     assert_eq!(gate.len(), up.len());
+    if gate.len() < PAR_MIN_ELEMS {
+        return silu_mul(gate, up);
+    }
     let dst = SharedMut(gate.as_mut_ptr());
     pool.for_ranges(gate.len(), 256, &|r| {
         // SAFETY: disjoint element ranges (for_ranges) of `gate`, which outlives the call.
@@ -675,6 +679,9 @@ pub fn silu_mul_par(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
         silu_mul(g, &up[r]);
     });
 }
+
+/// Fewer elements than this are not worth a pool job.
+const PAR_MIN_ELEMS: usize = 1 << 14;
 
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {

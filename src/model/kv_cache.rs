@@ -1,12 +1,19 @@
 //! The key/value cache of one sequence: per layer, the rotated keys and the values of
 //! every position so far, `[position][kv_heads * head_dim]`, growing as tokens arrive
 //! (memory is proportional to the tokens seen, not to the model's maximum context).
+//!
+//! The cache also carries the forward pass's working buffers ([`Scratch`]): it is the
+//! state a sequence keeps between calls, and reusing the buffers spares each call (and
+//! each layer) fresh allocations.
+
+use crate::model::llama::Scratch;
 
 pub struct KvCache {
     kv_dim: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     len: usize,
+    pub(crate) scratch: Scratch,
 }
 
 impl KvCache {
@@ -16,6 +23,7 @@ impl KvCache {
             keys: vec![Vec::new(); num_layers],
             values: vec![Vec::new(); num_layers],
             len: 0,
+            scratch: Scratch::default(),
         }
     }
 
@@ -62,12 +70,18 @@ impl KvCache {
         self.truncate(0);
     }
 
-    /// Bytes held.
+    /// Bytes of keys and values held (the working buffers not included: see
+    /// [`KvCache::scratch_byte_len`]).
     pub fn byte_len(&self) -> usize {
         self.keys
             .iter()
             .chain(&self.values)
             .map(|v| v.capacity() * 4)
             .sum()
+    }
+
+    /// Bytes of the forward pass's working buffers held.
+    pub fn scratch_byte_len(&self) -> usize {
+        self.scratch.byte_len()
     }
 }
