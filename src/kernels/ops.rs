@@ -164,8 +164,8 @@ pub fn rmsnorm_rows(pool: &ThreadPool, x: &[f32], weight: &[f32], eps: f32, out:
     let dim = weight.len();
     assert!(dim > 0 && x.len() == out.len() && x.len().is_multiple_of(dim));
     let dst = SharedMut(out.as_mut_ptr());
-    pool.for_ranges(x.len() / dim, 1, &|rows| {
-        // SAFETY: `for_ranges` hands out disjoint row ranges inside 0..rows, and `out`
+    par_rows(pool, x.len() / dim, dim, &|rows| {
+        // SAFETY: `par_rows` hands out disjoint row ranges inside 0..rows, and `out`
         // ([rows, dim]) outlives the call.
         let out = unsafe { rows_mut(dst, &rows, dim) };
         let x = &x[rows.start * dim..rows.end * dim];
@@ -189,8 +189,8 @@ pub fn add_rmsnorm_rows(
     assert!(dim > 0 && x.len() == out.len() && x.len() == delta.len());
     assert!(x.len().is_multiple_of(dim));
     let (xs, dst) = (SharedMut(x.as_mut_ptr()), SharedMut(out.as_mut_ptr()));
-    pool.for_ranges(x.len() / dim, 1, &|rows| {
-        // SAFETY: disjoint row ranges (for_ranges) of two distinct buffers of [rows, dim]
+    par_rows(pool, x.len() / dim, dim, &|rows| {
+        // SAFETY: disjoint row ranges (par_rows) of two distinct buffers of [rows, dim]
         // that outlive the call.
         let (x, out) = unsafe { (rows_mut(xs, &rows, dim), rows_mut(dst, &rows, dim)) };
         let delta = &delta[rows.start * dim..rows.end * dim];
@@ -434,8 +434,8 @@ pub fn rope_rows(pool: &ThreadPool, table: &RopeTable, q: &mut [f32], k: &mut [f
     assert!(n <= table.len() && q.len().is_multiple_of(n) && k.len().is_multiple_of(n));
     let (qd, kd) = (q.len() / n, k.len() / n);
     let (qs, ks) = (SharedMut(q.as_mut_ptr()), SharedMut(k.as_mut_ptr()));
-    pool.for_ranges(n, 1, &|rows| {
-        // SAFETY: disjoint row ranges (for_ranges) of two distinct buffers of n rows that
+    par_rows(pool, n, qd + kd, &|rows| {
+        // SAFETY: disjoint row ranges (par_rows) of two distinct buffers of n rows that
         // outlive the call.
         let (q, k) = unsafe { (rows_mut(qs, &rows, qd), rows_mut(ks, &rows, kd)) };
         for (i, t) in rows.enumerate() {
@@ -682,6 +682,18 @@ pub fn silu_mul_par(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
 
 /// Fewer elements than this are not worth a pool job.
 const PAR_MIN_ELEMS: usize = 1 << 14;
+
+/// Runs `f` over row ranges of `0..rows` split across the pool, or over all rows on this
+/// thread when they hold fewer than `PAR_MIN_ELEMS` elements (`row_len` each).
+fn par_rows(pool: &ThreadPool, rows: usize, row_len: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+    if rows * row_len < PAR_MIN_ELEMS {
+        if rows > 0 {
+            f(0..rows);
+        }
+        return;
+    }
+    pool.for_ranges(rows, 1, f);
+}
 
 /// `x += y`.
 pub fn add_assign(x: &mut [f32], y: &[f32]) {
