@@ -210,25 +210,9 @@ fn attend_blocked(
             let t0 = b * tb;
             let t1 = (t0 + tb).min(n);
             let rows = (t1 - t0) * group;
-            let rv = rows.div_ceil(16);
-            for r in 0..rv * 16 {
-                if r < rows {
-                    let t = t0 + r / group;
-                    let src = &q[(t * heads + kvh * group + r % group) * d..][..d];
-                    for (dd, &x) in src.iter().enumerate() {
-                        qt[dd * rs + r] = x * scale;
-                    }
-                    pos[r] = (start + t) as i32;
-                } else {
-                    for dd in 0..d {
-                        qt[dd * rs + r] = 0.0;
-                    }
-                    pos[r] = -1;
-                }
-            }
             let item = Item {
                 rs,
-                rv,
+                rv: rows.div_ceil(16),
                 rows,
                 len: start + t1,
                 kv_dim,
@@ -236,22 +220,26 @@ fn attend_blocked(
                 group,
                 heads,
                 first_row: start + t0,
+                scale,
             };
-            // SAFETY: has_f32() was checked by `attend`. The item writes the rows of
-            // heads kvh * group.. of tokens t0..t1 of `out` only (disjoint across items,
-            // each taken once off the counter), at (t * heads + kvh * group) * d; `out`
-            // outlives the call. Keys and values hold start + n >= len rows (asserted by
-            // `attend`); qt, st, pos and inv are sized for rs rows above.
+            let first = (t0 * heads + kvh * group) * d;
+            // SAFETY: has_f32() was checked by `attend`. The item reads the query rows
+            // of heads kvh * group.. of tokens t0..t1 (inside q, [n, heads * d]) and
+            // writes the same rows of `out` only (disjoint across items, each taken once
+            // off the counter); `out` outlives the call. Keys and values hold start + n
+            // >= len rows (asserted by `attend`); qt, st, pos and inv are sized for rs
+            // rows above.
             unsafe {
                 item_blocked(
                     &item,
-                    qt.as_ptr(),
+                    q.as_ptr().add(first),
+                    qt.as_mut_ptr(),
                     keys.as_ptr().add(kvh * d),
                     values.as_ptr().add(kvh * d),
                     st.as_mut_ptr(),
-                    pos.as_ptr(),
+                    pos.as_mut_ptr(),
                     inv.as_mut_ptr(),
-                    dst.get().add((t0 * heads + kvh * group) * d),
+                    dst.get().add(first),
                 )
             };
         }
@@ -274,23 +262,26 @@ struct Item {
     heads: usize,
     /// Position of the item's first token.
     first_row: usize,
+    /// 1 / sqrt(d), folded into the packed queries.
+    scale: f32,
 }
 
 /// # Safety
 /// AVX-512F/BW/VL; `qt` holds d x rs floats, `st` len x rs, `pos` and `inv` rs; `k` and
-/// `v` `len` rows of stride kv_dim (d wide); `out` is row 0 of the item (token t0, head
-/// kvh * group), writable for the item's rows: row r at
-/// `((r / group) * heads + r % group) * d`, d wide.
+/// `v` `len` rows of stride kv_dim (d wide); `q` and `out` point at row 0 of the item
+/// (token t0, head kvh * group) of the queries and outputs, readable / writable for the
+/// item's rows: row r at `((r / group) * heads + r % group) * d`, d wide.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn item_blocked(
     it: &Item,
-    qt: *const f32,
+    q: *const f32,
+    qt: *mut f32,
     k: *const f32,
     v: *const f32,
     st: *mut f32,
-    pos: *const i32,
+    pos: *mut i32,
     inv: *mut f32,
     out: *mut f32,
 ) {
@@ -304,10 +295,37 @@ unsafe fn item_blocked(
         group,
         heads,
         first_row,
+        scale,
     } = it;
-    // SAFETY: the caller's contract covers every range below: scores for p < len,
-    // columns below rv * 16 <= rs, output rows below `rows`.
+    // SAFETY: the caller's contract covers every range below: query and output rows
+    // below `rows` (gathers are masked to them), scores for p < len, columns below
+    // rv * 16 <= rs.
     unsafe {
+        // Pack the queries transposed and scaled, qt[dd][r], 16 rows per gather; padding
+        // rows get zeros and position -1 (masked everywhere).
+        let sc = _mm512_set1_ps(scale);
+        for c in 0..rv {
+            let mut offs = [0i32; 16];
+            let mut ps = [-1i32; 16];
+            let lanes = (rows - 16 * c).min(16);
+            for (j, (o, p)) in offs.iter_mut().zip(&mut ps).enumerate().take(lanes) {
+                let r = 16 * c + j;
+                *o = (((r / group) * heads + r % group) * d) as i32;
+                *p = (first_row + r / group) as i32;
+            }
+            let m = ((1u32 << lanes) - 1) as u16;
+            let ov = _mm512_loadu_si512(offs.as_ptr() as *const __m512i);
+            _mm512_storeu_si512(
+                pos.add(16 * c) as *mut __m512i,
+                _mm512_loadu_si512(ps.as_ptr() as *const __m512i),
+            );
+            for dd in 0..d {
+                let g = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), m, ov, q.add(dd));
+                _mm512_storeu_ps(qt.add(dd * rs + 16 * c), _mm512_mul_ps(g, sc));
+            }
+        }
+        let qt = qt as *const f32;
+        let pos = pos as *const i32;
         let mut p = 0;
         while p < len {
             let pb = (len - p).min(8);
