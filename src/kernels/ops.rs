@@ -3,8 +3,8 @@
 //!
 //! Each has a scalar reference (`*_scalar`) and AVX-512 / AVX2+FMA versions picked at run
 //! time by [`isa`]; the row-wise ones also have drivers (`*_rows`, [`silu_mul_par`]) that
-//! split the rows of a prefill batch over the thread pool, so that no phase between two
-//! GEMMs leaves a core idle.
+//! split the rows of a large batch over the thread pool (below `PAR_MIN_ELEMS` elements
+//! they run on the calling thread: a pool job costs more than it saves there).
 
 use std::ops::Range;
 
@@ -680,8 +680,11 @@ pub fn silu_mul_par(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
     });
 }
 
-/// Fewer elements than this are not worth a pool job.
-const PAR_MIN_ELEMS: usize = 1 << 14;
+/// Fewer elements than this (about 20 us of work) are not worth a pool job: splitting a
+/// 128-token RMSNorm (74K elements, ~12 us) saves a few microseconds on a quiet machine
+/// but adds a synchronisation, which on a shared one costs far more whenever the other
+/// thread has been descheduled.
+const PAR_MIN_ELEMS: usize = 1 << 17;
 
 /// Runs `f` over row ranges of `0..rows` split across the pool, or over all rows on this
 /// thread when they hold fewer than `PAR_MIN_ELEMS` elements (`row_len` each).
@@ -771,7 +774,8 @@ mod tests {
     fn row_drivers_match_per_row_ops() {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
-            for (rows, dim) in [(1, 9), (5, 33), (17, 64), (40, 577)] {
+            // The last shapes are above PAR_MIN_ELEMS: split over the pool.
+            for (rows, dim) in [(1, 9), (5, 33), (17, 64), (40, 577), (300, 577)] {
                 let x0 = data(rows * dim, 3);
                 let delta = data(rows * dim, 4);
                 let w = data(dim, 5);
