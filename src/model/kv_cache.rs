@@ -44,6 +44,17 @@ impl KvCache {
         self.values[layer].extend_from_slice(v);
     }
 
+    /// Appends `n` zeroed positions to `layer` and returns their keys and values
+    /// ([n, kv_dim] each) to be filled in place (as `append` without the copy). The
+    /// sequence length advances when `commit` is called after the last layer.
+    pub fn append_rows(&mut self, layer: usize, n: usize) -> (&mut [f32], &mut [f32]) {
+        let (k, v) = (&mut self.keys[layer], &mut self.values[layer]);
+        let old = k.len();
+        k.resize(old + n * self.kv_dim, 0.0);
+        v.resize(old + n * self.kv_dim, 0.0);
+        (&mut k[old..], &mut v[old..])
+    }
+
     /// Marks `n` appended positions as part of the sequence.
     pub fn commit(&mut self, n: usize) {
         self.len += n;
@@ -83,5 +94,33 @@ impl KvCache {
     /// Bytes of the forward pass's working buffers held.
     pub fn scratch_byte_len(&self) -> usize {
         self.scratch.byte_len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_rows_fills_like_append() {
+        let (mut a, mut b) = (KvCache::new(2, 3), KvCache::new(2, 3));
+        for (n, base) in [(2, 0.0), (1, 10.0)] {
+            let k: Vec<f32> = (0..n * 3).map(|i| base + i as f32).collect();
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            for layer in 0..2 {
+                a.append(layer, &k, &v);
+                let (ks, vs) = b.append_rows(layer, n);
+                ks.copy_from_slice(&k);
+                vs.copy_from_slice(&v);
+            }
+            a.commit(n);
+            b.commit(n);
+        }
+        assert_eq!(b.len(), 3);
+        for layer in 0..2 {
+            assert_eq!(a.layer(layer), b.layer(layer));
+        }
+        b.truncate(1);
+        assert_eq!(b.layer(1).0, &[0.0, 1.0, 2.0]);
     }
 }

@@ -382,8 +382,6 @@ impl Llama {
             x,
             xn,
             q,
-            k,
-            v,
             att,
             tmp,
             g,
@@ -393,8 +391,6 @@ impl Llama {
         let x = grow(x, n * h);
         let xn = grow(xn, n * h);
         let q = grow(q, n * c.q_dim());
-        let k = grow(k, n * c.kv_dim());
-        let v = grow(v, n * c.kv_dim());
         let att = grow(att, n * c.q_dim());
         let tmp = grow(tmp, n * h);
         for (t, &id) in tokens.iter().enumerate() {
@@ -415,12 +411,13 @@ impl Llama {
             timer.end(Phase::Norm);
             let a = &layer.self_attn;
             a.q_proj.forward(pool, xn, n, q);
+            // Keys and values go straight into the cache's new rows.
+            let (k, v) = cache.append_rows(li, n);
             a.k_proj.forward(pool, xn, n, k);
             a.v_proj.forward(pool, xn, n, v);
             timer.end(Phase::Qkv);
             ops::rope_rows(pool, rope, q, k, n);
             timer.end(Phase::Rope);
-            cache.append(li, k, v);
             let (kc, vc) = cache.layer(li);
             kernels::attention::attend(
                 pool,
@@ -498,8 +495,6 @@ pub struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
     att: Vec<f32>,
     tmp: Vec<f32>,
     g: Vec<f32>,
@@ -511,7 +506,7 @@ impl Scratch {
     /// Bytes held.
     pub fn byte_len(&self) -> usize {
         let b = [
-            &self.x, &self.xn, &self.q, &self.k, &self.v, &self.att, &self.tmp, &self.g, &self.u,
+            &self.x, &self.xn, &self.q, &self.att, &self.tmp, &self.g, &self.u,
         ];
         b.iter().map(|v| v.capacity() * 4).sum()
     }
