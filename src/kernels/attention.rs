@@ -145,6 +145,7 @@ fn attend_path(
 
 /// Query rows (tokens x the heads of a group) per item of the blocked path: three vectors
 /// of 16, so that a score tile of 8 positions x 48 rows fits in 24 registers.
+#[cfg(target_arch = "x86_64")]
 const BLOCK_ROWS: usize = 48;
 
 /// The sizes of one `attend` call.
@@ -162,7 +163,7 @@ struct Shape {
 /// together, in three steps with no horizontal reductions:
 ///
 /// 1. scores, transposed: `st[p][r] = (q_r / sqrt(d)) · k_p` for every position p the
-///    block can see, as outer products: the queries are packed once per item as
+///    block can see, as outer products: the queries are gathered once per item into
 ///    `qt[dd][r]` (d x 48 floats), each key element is broadcast against 3 vectors of 16
 ///    rows ([`scores_tile`]);
 /// 2. softmax down each column of `st` (16 rows per vector, the causal limit of each row

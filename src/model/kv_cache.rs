@@ -81,19 +81,13 @@ impl KvCache {
         self.truncate(0);
     }
 
-    /// Bytes of keys and values held (the working buffers not included: see
-    /// [`KvCache::scratch_byte_len`]).
+    /// Bytes of keys and values held (the working buffers not included).
     pub fn byte_len(&self) -> usize {
         self.keys
             .iter()
             .chain(&self.values)
             .map(|v| v.capacity() * 4)
             .sum()
-    }
-
-    /// Bytes of the forward pass's working buffers held.
-    pub fn scratch_byte_len(&self) -> usize {
-        self.scratch.byte_len()
     }
 }
 

@@ -136,24 +136,10 @@ impl Mlp {
         let inter = self.gate_proj.out_features();
         let mut g = vec![0f32; n * inter];
         let mut u = vec![0f32; n * inter];
-        self.forward_with(pool, h, n, out, &mut g, &mut u);
-    }
-
-    /// [`Mlp::forward`] with caller-provided working buffers `g`, `u`: [n, intermediate]
-    /// (overwritten).
-    pub fn forward_with(
-        &self,
-        pool: &ThreadPool,
-        h: &[f32],
-        n: usize,
-        out: &mut [f32],
-        g: &mut [f32],
-        u: &mut [f32],
-    ) {
-        self.gate_proj.forward(pool, h, n, g);
-        self.up_proj.forward(pool, h, n, u);
-        ops::silu_mul_par(pool, g, u);
-        self.down_proj.forward(pool, g, n, out);
+        self.gate_proj.forward(pool, h, n, &mut g);
+        self.up_proj.forward(pool, h, n, &mut u);
+        ops::silu_mul_par(pool, &mut g, &u);
+        self.down_proj.forward(pool, &g, n, out);
     }
 }
 
@@ -443,6 +429,7 @@ impl Llama {
             if done {
                 timer.end(Phase::GateUp);
             } else {
+                // `Mlp::forward`, with the cache's buffers and a timer.
                 let m = &layer.mlp;
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
                 m.gate_proj.forward(pool, xn, n, g);
@@ -456,7 +443,10 @@ impl Llama {
         }
         cache.commit(n);
         let rows: std::ops::Range<usize> = match logits {
-            Logits::None => return Vec::new(),
+            Logits::None => {
+                timer.report(n);
+                return Vec::new();
+            }
             Logits::Last => n - 1..n,
             Logits::All => 0..n,
         };
@@ -500,16 +490,6 @@ pub struct Scratch {
     g: Vec<f32>,
     u: Vec<f32>,
     rope: RopeTable,
-}
-
-impl Scratch {
-    /// Bytes held.
-    pub fn byte_len(&self) -> usize {
-        let b = [
-            &self.x, &self.xn, &self.q, &self.att, &self.tmp, &self.g, &self.u,
-        ];
-        b.iter().map(|v| v.capacity() * 4).sum()
-    }
 }
 
 /// The first `len` elements of `buf`, grown (never shrunk) to hold them; the contents are
