@@ -1,12 +1,19 @@
 //! The key/value cache of one sequence: per layer, the rotated keys and the values of
 //! every position so far, `[position][kv_heads * head_dim]`, growing as tokens arrive
 //! (memory is proportional to the tokens seen, not to the model's maximum context).
+//!
+//! The cache also carries the forward pass's working buffers ([`Scratch`]): it is the
+//! state a sequence keeps between calls, and reusing the buffers spares each call (and
+//! each layer) fresh allocations.
+
+use crate::model::llama::Scratch;
 
 pub struct KvCache {
     kv_dim: usize,
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     len: usize,
+    pub(crate) scratch: Scratch,
 }
 
 impl KvCache {
@@ -16,6 +23,7 @@ impl KvCache {
             keys: vec![Vec::new(); num_layers],
             values: vec![Vec::new(); num_layers],
             len: 0,
+            scratch: Scratch::default(),
         }
     }
 
@@ -34,6 +42,17 @@ impl KvCache {
         debug_assert_eq!(k.len() % self.kv_dim, 0);
         self.keys[layer].extend_from_slice(k);
         self.values[layer].extend_from_slice(v);
+    }
+
+    /// Appends `n` zeroed positions to `layer` and returns their keys and values
+    /// ([n, kv_dim] each) to be filled in place (as `append` without the copy). The
+    /// sequence length advances when `commit` is called after the last layer.
+    pub fn append_rows(&mut self, layer: usize, n: usize) -> (&mut [f32], &mut [f32]) {
+        let (k, v) = (&mut self.keys[layer], &mut self.values[layer]);
+        let old = k.len();
+        k.resize(old + n * self.kv_dim, 0.0);
+        v.resize(old + n * self.kv_dim, 0.0);
+        (&mut k[old..], &mut v[old..])
     }
 
     /// Marks `n` appended positions as part of the sequence.
@@ -62,12 +81,40 @@ impl KvCache {
         self.truncate(0);
     }
 
-    /// Bytes held.
+    /// Bytes of keys and values held (the working buffers not included).
     pub fn byte_len(&self) -> usize {
         self.keys
             .iter()
             .chain(&self.values)
             .map(|v| v.capacity() * 4)
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn append_rows_fills_like_append() {
+        let (mut a, mut b) = (KvCache::new(2, 3), KvCache::new(2, 3));
+        for (n, base) in [(2, 0.0), (1, 10.0)] {
+            let k: Vec<f32> = (0..n * 3).map(|i| base + i as f32).collect();
+            let v: Vec<f32> = k.iter().map(|x| -x).collect();
+            for layer in 0..2 {
+                a.append(layer, &k, &v);
+                let (ks, vs) = b.append_rows(layer, n);
+                ks.copy_from_slice(&k);
+                vs.copy_from_slice(&v);
+            }
+            a.commit(n);
+            b.commit(n);
+        }
+        assert_eq!(b.len(), 3);
+        for layer in 0..2 {
+            assert_eq!(a.layer(layer), b.layer(layer));
+        }
+        b.truncate(1);
+        assert_eq!(b.layer(1).0, &[0.0, 1.0, 2.0]);
     }
 }

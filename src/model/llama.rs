@@ -5,11 +5,89 @@
 //! matrix-matrix kernels). Weight names mirror the HuggingFace checkpoint's.
 
 use crate::error::{Error, Result};
-use crate::kernels::{self, ThreadPool, ops};
+use crate::kernels::ops::{self, RopeTable};
+use crate::kernels::{self, ThreadPool};
 use crate::loader::WeightSource;
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::kv_cache::KvCache;
 use crate::tensor::{DType, LoadDType, Matrix, WeightPlan};
+
+/// Wall time per phase of a forward pass, printed to stderr after each call of more than
+/// one token when `SPARSELLM_PROFILE` is set (`SPARSELLM_PROFILE=1 sparsellm bench ...`).
+/// Off, a phase boundary costs one branch.
+struct PhaseTimer {
+    on: bool,
+    last: std::time::Instant,
+    acc: [f64; Phase::COUNT],
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Embed,
+    Norm,
+    Qkv,
+    Rope,
+    Attention,
+    OProj,
+    GateUp,
+    SiluMul,
+    Down,
+    Head,
+}
+
+impl Phase {
+    const COUNT: usize = 10;
+    const NAMES: [&str; Phase::COUNT] = [
+        "embed",
+        "norm",
+        "qkv",
+        "rope",
+        "attention",
+        "o_proj",
+        "gate_up",
+        "silu_mul",
+        "down",
+        "head",
+    ];
+}
+
+impl PhaseTimer {
+    fn new() -> PhaseTimer {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        PhaseTimer {
+            on: *ON.get_or_init(|| std::env::var_os("SPARSELLM_PROFILE").is_some()),
+            last: std::time::Instant::now(),
+            acc: [0.0; Phase::COUNT],
+        }
+    }
+
+    /// Charges the time since the previous boundary to `p`.
+    #[inline]
+    fn end(&mut self, p: Phase) {
+        if self.on {
+            let now = std::time::Instant::now();
+            self.acc[p as usize] += (now - self.last).as_secs_f64();
+            self.last = now;
+        }
+    }
+
+    fn report(&self, n: usize) {
+        if !self.on || n < 2 {
+            return;
+        }
+        let total: f64 = self.acc.iter().sum();
+        let parts: Vec<String> = Phase::NAMES
+            .iter()
+            .zip(&self.acc)
+            .map(|(name, t)| format!("{name} {:.2}", t * 1e3))
+            .collect();
+        eprintln!(
+            "profile: {n} tokens, {:.2} ms: {} (ms)",
+            total * 1e3,
+            parts.join(", ")
+        );
+    }
+}
 
 /// A linear layer `y = x · W^T` with `W: [out, in]`.
 pub struct Linear {
@@ -60,7 +138,7 @@ impl Mlp {
         let mut u = vec![0f32; n * inter];
         self.gate_proj.forward(pool, h, n, &mut g);
         self.up_proj.forward(pool, h, n, &mut u);
-        ops::silu_mul(&mut g, &u);
+        ops::silu_mul_par(pool, &mut g, &u);
         self.down_proj.forward(pool, &g, n, out);
     }
 }
@@ -250,7 +328,7 @@ impl Llama {
         tokens: &[u32],
         cache: &mut KvCache,
         logits: Logits,
-        mut mlp: Option<&mut (dyn MlpOverride + '_)>,
+        mlp: Option<&mut (dyn MlpOverride + '_)>,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let n = tokens.len();
@@ -265,60 +343,78 @@ impl Llama {
                 c.max_position_embeddings
             )));
         }
-        let h = c.hidden_size;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= c.vocab_size) {
+            return Err(Error::Input(format!(
+                "token id {id} is outside the vocabulary ({})",
+                c.vocab_size
+            )));
+        }
+        // The working buffers live in the cache between calls (see `Scratch`).
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        let out = self.forward_layers(tokens, cache, logits, mlp, &mut scratch);
+        cache.scratch = scratch;
+        Ok(out)
+    }
+
+    fn forward_layers(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        logits: Logits,
+        mut mlp: Option<&mut (dyn MlpOverride + '_)>,
+        s: &mut Scratch,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let n = tokens.len();
+        let start = cache.len();
+        let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let pool = self.pool;
-        let mut x = vec![0f32; n * h];
+        let inter = c.intermediate_size;
+        let mut timer = PhaseTimer::new();
+        let Scratch {
+            x,
+            xn,
+            q,
+            att,
+            tmp,
+            g,
+            u,
+            rope,
+        } = s;
+        let x = grow(x, n * h);
+        let xn = grow(xn, n * h);
+        let q = grow(q, n * c.q_dim());
+        let att = grow(att, n * c.q_dim());
+        let tmp = grow(tmp, n * h);
         for (t, &id) in tokens.iter().enumerate() {
-            if id as usize >= c.vocab_size {
-                return Err(Error::Input(format!(
-                    "token id {id} is outside the vocabulary ({})",
-                    c.vocab_size
-                )));
-            }
             self.embed_tokens
                 .row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
         }
-        let mut xn = vec![0f32; n * h];
-        let mut q = vec![0f32; n * c.q_dim()];
-        let mut k = vec![0f32; n * c.kv_dim()];
-        let mut v = vec![0f32; n * c.kv_dim()];
-        let mut att = vec![0f32; n * c.q_dim()];
-        let mut tmp = vec![0f32; n * h];
         let interleaved = c.rope_style == RopeStyle::Interleaved;
+        rope.fill(&self.inv_freq, start, n, interleaved);
+        timer.end(Phase::Embed);
         for (li, layer) in self.layers.iter().enumerate() {
-            for t in 0..n {
-                ops::rmsnorm(
-                    &x[t * h..(t + 1) * h],
-                    &layer.input_layernorm,
-                    c.rms_norm_eps,
-                    &mut xn[t * h..(t + 1) * h],
-                );
+            // The previous layer's MLP output (in `tmp`) joins the residual stream here,
+            // fused with this layer's first norm.
+            if li == 0 {
+                ops::rmsnorm_rows(pool, x, &layer.input_layernorm, eps, xn);
+            } else {
+                ops::add_rmsnorm_rows(pool, x, tmp, &layer.input_layernorm, eps, xn);
             }
+            timer.end(Phase::Norm);
             let a = &layer.self_attn;
-            a.q_proj.forward(pool, &xn, n, &mut q);
-            a.k_proj.forward(pool, &xn, n, &mut k);
-            a.v_proj.forward(pool, &xn, n, &mut v);
-            for t in 0..n {
-                ops::rope(
-                    &mut q[t * c.q_dim()..(t + 1) * c.q_dim()],
-                    c.head_dim,
-                    start + t,
-                    &self.inv_freq,
-                    interleaved,
-                );
-                ops::rope(
-                    &mut k[t * c.kv_dim()..(t + 1) * c.kv_dim()],
-                    c.head_dim,
-                    start + t,
-                    &self.inv_freq,
-                    interleaved,
-                );
-            }
-            cache.append(li, &k, &v);
+            a.q_proj.forward(pool, xn, n, q);
+            // Keys and values go straight into the cache's new rows.
+            let (k, v) = cache.append_rows(li, n);
+            a.k_proj.forward(pool, xn, n, k);
+            a.v_proj.forward(pool, xn, n, v);
+            timer.end(Phase::Qkv);
+            ops::rope_rows(pool, rope, q, k, n);
+            timer.end(Phase::Rope);
             let (kc, vc) = cache.layer(li);
             kernels::attention::attend(
                 pool,
-                &q,
+                q,
                 kc,
                 vc,
                 n,
@@ -326,43 +422,51 @@ impl Llama {
                 c.num_heads,
                 c.num_kv_heads,
                 c.head_dim,
-                &mut att,
+                att,
             );
-            a.o_proj.forward(pool, &att, n, &mut tmp);
-            ops::add_assign(&mut x, &tmp);
-
-            for t in 0..n {
-                ops::rmsnorm(
-                    &x[t * h..(t + 1) * h],
-                    &layer.post_attention_layernorm,
-                    c.rms_norm_eps,
-                    &mut xn[t * h..(t + 1) * h],
-                );
-            }
+            timer.end(Phase::Attention);
+            a.o_proj.forward(pool, att, n, tmp);
+            timer.end(Phase::OProj);
+            ops::add_rmsnorm_rows(pool, x, tmp, &layer.post_attention_layernorm, eps, xn);
+            timer.end(Phase::Norm);
             let done = match mlp.as_deref_mut() {
-                Some(o) => o.forward(self, li, &xn, n, &mut tmp),
+                Some(o) => o.forward(self, li, xn, n, tmp),
                 None => false,
             };
-            if !done {
-                layer.mlp.forward(pool, &xn, n, &mut tmp);
+            if done {
+                timer.end(Phase::GateUp);
+            } else {
+                // `Mlp::forward`, with the cache's buffers and a timer.
+                let m = &layer.mlp;
+                let (g, u) = (grow(g, n * inter), grow(u, n * inter));
+                m.gate_proj.forward(pool, xn, n, g);
+                m.up_proj.forward(pool, xn, n, u);
+                timer.end(Phase::GateUp);
+                ops::silu_mul_par(pool, g, u);
+                timer.end(Phase::SiluMul);
+                m.down_proj.forward(pool, g, n, tmp);
+                timer.end(Phase::Down);
             }
-            ops::add_assign(&mut x, &tmp);
         }
         cache.commit(n);
         let rows: std::ops::Range<usize> = match logits {
-            Logits::None => return Ok(Vec::new()),
+            Logits::None => {
+                timer.report(n);
+                return Vec::new();
+            }
             Logits::Last => n - 1..n,
             Logits::All => 0..n,
         };
         let m = rows.len();
-        for (i, t) in rows.enumerate() {
-            ops::rmsnorm(
-                &x[t * h..(t + 1) * h],
-                &self.norm,
-                c.rms_norm_eps,
-                &mut xn[i * h..(i + 1) * h],
-            );
-        }
+        let rows = rows.start * h..rows.end * h;
+        ops::add_rmsnorm_rows(
+            pool,
+            &mut x[rows.clone()],
+            &tmp[rows],
+            &self.norm,
+            eps,
+            &mut xn[..m * h],
+        );
         let head = self.head();
         let mut out = vec![0f32; m * c.vocab_size];
         kernels::matmul(
@@ -374,6 +478,32 @@ impl Llama {
             m,
             &mut out,
         );
-        Ok(out)
+        timer.end(Phase::Head);
+        timer.report(n);
+        out
     }
+}
+
+/// The forward pass's working buffers. They are kept in the sequence's [`KvCache`]
+/// between calls, so that a prefill or a decode step allocates (and page-faults) nothing
+/// once the buffers have grown to its size.
+#[derive(Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    rope: RopeTable,
+}
+
+/// The first `len` elements of `buf`, grown (never shrunk) to hold them; the contents are
+/// whatever the last use left.
+fn grow(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
 }
