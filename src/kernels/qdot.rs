@@ -416,7 +416,7 @@ fn rows_q_impl<const GATHER: bool>(
 
 /// Tokens per step of [`rows_q_tokens`]: each unpacked weight block serves this many
 /// activation vectors (the registers hold 2 accumulators per token).
-pub const TOKENS_PER_STEP: usize = 4;
+pub const TOKENS_PER_STEP: usize = 8;
 
 /// `out[t][r] = row r of w · x[t]` for up to [`TOKENS_PER_STEP`] activation vectors (each
 /// from [`quantize_activations`]) and `rows` consecutive rows: prefill's product, equal to
@@ -466,7 +466,11 @@ pub fn rows_q_tokens(
             1 => run!(1),
             2 => run!(2),
             3 => run!(3),
-            _ => run!(4),
+            4 => run!(4),
+            5 => run!(5),
+            6 => run!(6),
+            7 => run!(7),
+            _ => run!(8),
         }
         for (t, o) in out.iter_mut().enumerate() {
             for (r, v) in o.iter_mut().enumerate() {
