@@ -323,23 +323,7 @@ impl SparseMlp {
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
             Scorer::Exact | Scorer::SignedGate => {
-                // a_i = silu(g_i)·u_i of every neuron into g, |a_i| into scores.
-                s.g.resize(inter, 0.0);
-                s.u.resize(inter, 0.0);
-                gate_up_activations(
-                    pool,
-                    mlp.gate_proj.weight.view(),
-                    mlp.up_proj.weight.view(),
-                    h,
-                    &mut s.g,
-                    &mut s.u,
-                    &mut s.scores,
-                );
-                if self.scorer == Scorer::SignedGate {
-                    // Rank by the signed gate pre-activation, as the original did.
-                    let w = &mlp.gate_proj.weight;
-                    crate::kernels::matvec(pool, w.view(), inter, hd, h, &mut s.scores);
-                }
+                exact_scores(pool, mlp, h, self.scorer, s);
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
@@ -446,21 +430,7 @@ impl SparseMlp {
         s.scores.resize(inter, 0.0);
         let exact = matches!(self.scorer, Scorer::Exact | Scorer::SignedGate);
         if exact {
-            s.g.resize(inter, 0.0);
-            s.u.resize(inter, 0.0);
-            gate_up_activations(
-                pool,
-                mlp.gate_proj.weight.view(),
-                mlp.up_proj.weight.view(),
-                h,
-                &mut s.g,
-                &mut s.u,
-                &mut s.scores,
-            );
-            if self.scorer == Scorer::SignedGate {
-                let w = &mlp.gate_proj.weight;
-                crate::kernels::matvec(pool, w.view(), inter, hd, h, &mut s.scores);
-            }
+            exact_scores(pool, mlp, h, self.scorer, s);
         } else {
             let p = self.predictor.as_ref().expect("checked at construction");
             p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
@@ -508,6 +478,28 @@ impl SparseMlp {
         matvec_blocks(pool, down.view(), hd, inter, &s.groups, &s.acts, out);
         st.tokens += 1;
         st.active += m as u64;
+    }
+}
+
+/// The exact scorers: a_i = silu(g_i)·u_i of every neuron into `s.g`, |a_i| into
+/// `s.scores` (`SignedGate`: the signed gate pre-activation instead, the original's rank).
+fn exact_scores(pool: &ThreadPool, mlp: &Mlp, h: &[f32], scorer: Scorer, s: &mut Scratch) {
+    let inter = mlp.gate_proj.out_features();
+    s.g.resize(inter, 0.0);
+    s.u.resize(inter, 0.0);
+    s.scores.resize(inter, 0.0);
+    gate_up_activations(
+        pool,
+        mlp.gate_proj.weight.view(),
+        mlp.up_proj.weight.view(),
+        h,
+        &mut s.g,
+        &mut s.u,
+        &mut s.scores,
+    );
+    if scorer == Scorer::SignedGate {
+        let w = &mlp.gate_proj.weight;
+        crate::kernels::matvec(pool, w.view(), inter, h.len(), h, &mut s.scores);
     }
 }
 
