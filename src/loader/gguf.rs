@@ -24,6 +24,10 @@ const MAX_STRING_LEN: u64 = 16 << 20;
 /// ~32 bytes of memory however small it is in the file, so this cap (with the bytes-left
 /// check) bounds a hostile array's memory at ~128 MB.
 const MAX_ARRAY_LEN: u64 = 1 << 22;
+/// All metadata arrays of a file together: 8M entries (~270 MB parsed, at ~32 bytes an
+/// entry), so many arrays each under [`MAX_ARRAY_LEN`] cannot multiply a small file into
+/// gigabytes. The default model holds about 150K.
+const MAX_ARRAY_ELEMS_PER_FILE: u64 = 1 << 23;
 const MAX_TENSORS: u64 = 1 << 20;
 const MAX_METADATA: u64 = 1 << 20;
 const MAX_DIMS: u32 = 4;
@@ -156,6 +160,8 @@ struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
     path: &'a Path,
+    /// Array entries the file may still declare (see [`MAX_ARRAY_ELEMS_PER_FILE`]).
+    elems_left: u64,
 }
 
 impl<'a> Cursor<'a> {
@@ -220,6 +226,12 @@ impl<'a> Cursor<'a> {
                 if n > MAX_ARRAY_LEN || n > left {
                     return Err(self.err(format!("{key}: array length {n} is impossible")));
                 }
+                if n > self.elems_left {
+                    return Err(self.err(format!(
+                        "{key}: the metadata arrays hold more than {MAX_ARRAY_ELEMS_PER_FILE} entries in all"
+                    )));
+                }
+                self.elems_left -= n;
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
                     v.push(self.value(elem_ty, key, depth + 1)?);
@@ -243,7 +255,12 @@ impl GgufFile {
     /// Parses the header of a mapped file, validating every tensor's extent.
     pub fn parse(path: &Path, map: Arc<Mmap>) -> Result<GgufFile> {
         let buf: &[u8] = &map;
-        let mut c = Cursor { buf, pos: 0, path };
+        let mut c = Cursor {
+            buf,
+            pos: 0,
+            path,
+            elems_left: MAX_ARRAY_ELEMS_PER_FILE,
+        };
         let magic = c
             .take(4, "magic")
             .map_err(|_| Error::format(path, "not a GGUF file (shorter than its magic number)"))?;
@@ -696,5 +713,44 @@ impl WeightSource for GgufModel {
 
     fn path(&self) -> &Path {
         self.file.path()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A metadata-only GGUF with `arrays` u8 arrays of `n` entries each.
+    fn arrays_file(arrays: usize, n: usize) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(MAGIC);
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.extend((arrays as u64).to_le_bytes());
+        for a in 0..arrays {
+            let key = format!("junk.{a}");
+            b.extend((key.len() as u64).to_le_bytes());
+            b.extend(key.as_bytes());
+            b.extend(9u32.to_le_bytes());
+            b.extend(0u32.to_le_bytes());
+            b.extend((n as u64).to_le_bytes());
+            b.extend(std::iter::repeat_n(7u8, n));
+        }
+        b
+    }
+
+    #[test]
+    fn many_large_arrays_are_refused_before_they_multiply_memory() {
+        let path = Path::new("arrays.gguf");
+        let ok = crate::kernels::map_bytes(&arrays_file(2, 1000)).unwrap();
+        assert!(GgufFile::parse(path, ok).is_ok());
+        // Each array is under the per-array cap; together they pass the per-file one.
+        let n = (MAX_ARRAY_LEN - 1) as usize;
+        let bytes = arrays_file(3, n);
+        let e = GgufFile::parse(path, crate::kernels::map_bytes(&bytes).unwrap())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("entries in all") && e.contains("junk.2"), "{e}");
     }
 }
