@@ -601,14 +601,17 @@ impl GgufModel {
             bos_token_id: opt_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: opt_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
         };
-        config
-            .validate()
-            .map_err(|e| Error::Config(format!("{}: {e}", file.path().display())))?;
+        // Name the file in the message once (validate's errors are already Config).
+        config.validate().map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", file.path().display())),
+            other => other,
+        })?;
         if let Some(rot) = file.get(&k("rope.dimension_count"))
             && rot.as_u64() != Some(head_dim as u64)
         {
             return Err(Error::Config(format!(
-                "partial RoPE (rope.dimension_count {rot:?} != head_dim {head_dim}) is not supported"
+                "{}: partial RoPE (rope.dimension_count {rot:?} != head_dim {head_dim}) is not supported",
+                file.path().display()
             )));
         }
         Ok(GgufModel { file, config })
