@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::kernels::{WeightView, ops::silu};
 use crate::model::{Llama, Logits, MlpOverride};
-use crate::sparse::predictor::{LayerPredictor, LowRank, Predictor, model_identity};
+use crate::sparse::predictor::{LayerPredictor, LowRank, Predictor, model_identity, transpose};
 use crate::sparse::{Scorer, SparseMlp, SparsityConfig, Threshold};
 
 /// What [`calibrate`] does; [`Default`] is the recommended setting.
@@ -346,19 +346,11 @@ struct Factors {
 impl Factors {
     fn from_fit(f: &LowRankFit, hidden: usize, inter: usize) -> Factors {
         let r = f.rank;
-        let mut at = vec![0f32; r * hidden];
-        for i in 0..hidden {
-            for k in 0..r {
-                at[k * hidden + i] = f.a[i * r + k];
-            }
+        Factors {
+            rank: r,
+            at: transpose(&f.a, hidden, r),
+            bt: transpose(&f.b, r, inter),
         }
-        let mut bt = vec![0f32; inter * r];
-        for k in 0..r {
-            for j in 0..inter {
-                bt[j * r + k] = f.b[k * inter + j];
-            }
-        }
-        Factors { rank: r, at, bt }
     }
 
     /// `(h·A)·B` for `n` rows: [n, inter].
@@ -390,18 +382,8 @@ impl Factors {
 
     fn to_low_rank(&self, hidden: usize, inter: usize) -> LowRank {
         let r = self.rank;
-        let mut a = vec![0f32; hidden * r];
-        for k in 0..r {
-            for i in 0..hidden {
-                a[i * r + k] = self.at[k * hidden + i];
-            }
-        }
-        let mut b = vec![0f32; r * inter];
-        for j in 0..inter {
-            for k in 0..r {
-                b[k * inter + j] = self.bt[j * r + k];
-            }
-        }
+        let a = transpose(&self.at, r, hidden);
+        let b = transpose(&self.bt, inter, r);
         LowRank::from_ab(&a, &b, hidden, r, inter)
     }
 }

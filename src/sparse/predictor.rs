@@ -146,7 +146,8 @@ impl LowRank {
     }
 }
 
-fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+/// `m` ([rows, cols], row-major) transposed: [cols, rows].
+pub(crate) fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut t = vec![0f32; m.len()];
     for r in 0..rows {
         for c in 0..cols {
