@@ -928,17 +928,7 @@ fn model_tensor_names(num_layers: usize) -> Vec<String> {
         "model.norm.weight".to_string(),
     ];
     for l in 0..num_layers {
-        for part in [
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-            "input_layernorm",
-            "post_attention_layernorm",
-        ] {
+        for part in common::LAYER_TENSORS {
             names.push(format!("model.layers.{l}.{part}.weight"));
         }
     }

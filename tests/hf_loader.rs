@@ -14,19 +14,7 @@ use sparsellm::model::config::{Llama3RopeScaling, RopeStyle};
 
 mod common;
 
-use common::hf_checkpoint;
-
-const LAYER_TENSORS: [&str; 9] = [
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-    "input_layernorm",
-    "post_attention_layernorm",
-];
+use common::{LAYER_TENSORS, hf_checkpoint};
 
 /// Every tensor SmolLM2-135M has, with its HF shape.
 fn smollm2_shapes() -> Vec<(String, Vec<usize>)> {

@@ -7,6 +7,20 @@ use std::sync::Mutex;
 
 use serde_json::Value;
 
+/// The weight names of one layer of a HuggingFace llama checkpoint, after
+/// `model.layers.{l}.` and before `.weight`.
+pub const LAYER_TENSORS: [&str; 9] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+];
+
 /// The shared reference directory (../shared/reference from the crate root).
 pub fn reference_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference"))
