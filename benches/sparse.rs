@@ -4,7 +4,9 @@
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use sparsellm::kernels::sparse::{Activation, Items, Strided, sparse_mlp};
 use sparsellm::kernels::{matvec, ops, pool};
-use sparsellm::sparse::bench::{LLAMA_32_1B, SMOLLM2_135M, mask_sequence, random_matrix};
+use sparsellm::sparse::bench::{
+    CACHE_UPDATE_CASES, LLAMA_32_1B, SMOLLM2_135M, mask_sequence, random_matrix,
+};
 use sparsellm::sparse::mlp::transpose_matrix;
 use sparsellm::sparse::predictor::{Predictor, PredictorScratch};
 use sparsellm::sparse::threshold::{SelectScratch, Threshold};
@@ -48,8 +50,8 @@ fn cache_update(c: &mut Criterion) {
         hidden,
     };
     let mut g = c.benchmark_group("cache_update");
-    for churn in [0.05, 0.2, 0.5] {
-        let masks = mask_sequence(inter, 0.25, churn, 64, 7);
+    for (density, churn) in CACHE_UPDATE_CASES {
+        let masks = mask_sequence(inter, density, churn, 64, 7);
         for (name, s) in [
             ("paired", UpdateStrategy::Paired),
             ("remove_then_append", UpdateStrategy::RemoveThenAppend),
@@ -57,12 +59,15 @@ fn cache_update(c: &mut Criterion) {
         ] {
             let mut cache = WeightCache::new(hidden, inter, dtype, true);
             let mut i = 0;
-            g.bench_function(BenchmarkId::new(name, churn), |b| {
-                b.iter(|| {
-                    cache.update_with(&src, &masks[i % masks.len()], s);
-                    i += 1;
-                })
-            });
+            g.bench_function(
+                BenchmarkId::new(name, format!("d{density}_churn{churn}")),
+                |b| {
+                    b.iter(|| {
+                        cache.update_with(&src, &masks[i % masks.len()], s);
+                        i += 1;
+                    })
+                },
+            );
         }
     }
     g.finish();

@@ -541,6 +541,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             v["kl_vs_dense"] = json!(kl);
             v["top1_agreement"] = json!(r.top1_agreement);
             v["mlp_density"] = json!(sparse.as_ref().and_then(|s| s.density()));
+            v["mask_churn"] = json!(sparse.as_ref().and_then(|s| s.churn()));
             v["mlp_bytes_ratio"] = json!(bytes.map(|b| b.ratio()));
             v["predictor_bytes_ratio"] = json!(bytes.map(|b| b.predictor / b.dense));
             v["sparsity"] = json!(a.run.sparsity);
@@ -558,10 +559,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         if let (Some(kl), Some(top1), Some(sp)) = (r.kl_vs_dense, r.top1_agreement, sparse.as_ref())
         {
             println!(
-                "sparsity {} (scorer {}): MLP density {:.3}, KL(dense || sparse) {:.4} nats/token, top-1 agreement {:.3}",
+                "sparsity {} (scorer {}): MLP density {:.3} (mask churn {:.3} per token), KL(dense || sparse) {:.4} nats/token, top-1 agreement {:.3}",
                 a.run.sparsity,
                 sp.scorer(),
                 sp.density().unwrap_or(1.0),
+                sp.churn().unwrap_or(0.0),
                 kl,
                 top1
             );

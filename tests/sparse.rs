@@ -121,11 +121,19 @@ fn check_layers(
                 let mut s =
                     SparseMlp::for_layers(mlps, config(threshold, scorer, mode), Some(pred))
                         .unwrap();
+                // Churn by hand: neurons entering each layer's mask from one token to the next.
+                let mut prev: Vec<Option<Vec<u32>>> = vec![None; mlps.len()];
+                let (mut added, mut kept) = (0usize, 0usize);
                 for h in tokens {
                     for (l, mlp) in mlps.iter().enumerate() {
                         let mut out = vec![f32::NAN; hidden];
                         assert!(s.forward(pool, mlp, l, h, 1, &mut out));
                         let mask = s.last_mask().to_vec();
+                        if let Some(p) = &prev[l] {
+                            added += mask.iter().filter(|i| !p.contains(i)).count();
+                            kept += mask.len();
+                        }
+                        prev[l] = Some(mask.clone());
                         let want = masked_reference(pool, mlp, h, &mask);
                         let e = rel_err(&out, &want);
                         let what = format!(
@@ -167,6 +175,8 @@ fn check_layers(
                 }
                 let d = s.density().unwrap();
                 assert!((0.0..=1.0).contains(&d));
+                let want = (kept > 0).then(|| added as f64 / kept as f64);
+                assert_eq!(s.churn(), want, "{scorer} {mode:?} {threshold}: churn");
             }
         }
     }

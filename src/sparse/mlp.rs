@@ -38,6 +38,32 @@ struct LayerState {
     /// Tokens processed sparsely and neurons kept over them.
     tokens: u64,
     active: u64,
+    /// The previous token's mask as a bitset, and over consecutive tokens the neurons
+    /// that entered the mask and the mask sizes: the churn the weight cache absorbs.
+    prev_mask: Vec<u64>,
+    churn_added: u64,
+    churn_kept: u64,
+}
+
+impl LayerState {
+    /// Counts the neurons of `mask` absent from the previous token's mask (not on this
+    /// layer's first token), then remembers `mask`.
+    fn record_mask(&mut self, mask: &[u32]) {
+        if self.tokens > 0 {
+            let added = mask
+                .iter()
+                .filter(|&&i| self.prev_mask[i as usize / 64] >> (i % 64) & 1 == 0)
+                .count();
+            self.churn_added += added as u64;
+            self.churn_kept += mask.len() as u64;
+        }
+        self.prev_mask.fill(0);
+        for &i in mask {
+            self.prev_mask[i as usize / 64] |= 1 << (i % 64);
+        }
+        self.tokens += 1;
+        self.active += mask.len() as u64;
+    }
 }
 
 /// Reusable per-token buffers.
@@ -188,6 +214,9 @@ impl SparseMlp {
                     cutoff,
                     tokens: 0,
                     active: 0,
+                    prev_mask: vec![0; inter.div_ceil(64)],
+                    churn_added: 0,
+                    churn_kept: 0,
                 })
                 .collect()
         };
@@ -248,10 +277,21 @@ impl SparseMlp {
             .sum()
     }
 
+    /// Mask churn between consecutive tokens: the fraction of a token's active neurons
+    /// that were not active for the previous token, over every layer (None before two
+    /// tokens). This is what the weight cache copies per token.
+    pub fn churn(&self) -> Option<f64> {
+        let added: u64 = self.layers.iter().map(|l| l.churn_added).sum();
+        let kept: u64 = self.layers.iter().map(|l| l.churn_kept).sum();
+        (kept > 0).then(|| added as f64 / kept as f64)
+    }
+
     pub fn reset_stats(&mut self) {
         for l in &mut self.layers {
             l.tokens = 0;
             l.active = 0;
+            l.churn_added = 0;
+            l.churn_kept = 0;
         }
     }
 
@@ -380,8 +420,6 @@ impl SparseMlp {
                 true
             }
         };
-        st.tokens += 1;
-        st.active += self.mask.len() as u64;
         // Items in mask order in both paths (and in batched calls), so the cached and
         // the gathered computation agree bit for bit.
         if cached && st.cache.missing(&self.mask) as f64 <= self.max_churn * self.mask.len() as f64
@@ -411,6 +449,7 @@ impl SparseMlp {
             };
             sparse_mlp(pool, items, act, down_t, h, out, &mut s.acc);
         }
+        st.record_mask(&self.mask);
     }
 
     /// One token in block mode: score neurons, keep whole 32-neuron groups by their summed
@@ -476,8 +515,7 @@ impl SparseMlp {
         }
         let down = &mlp.down_proj.weight;
         matvec_blocks(pool, down.view(), hd, inter, &s.groups, &s.acts, out);
-        st.tokens += 1;
-        st.active += m as u64;
+        st.record_mask(&self.mask);
     }
 }
 
