@@ -207,3 +207,40 @@ fn sparse_decoding_on_f16_weights_matches_f32() {
         assert!(worst < 1e-2, "{mode:?}: {worst}");
     }
 }
+
+#[test]
+fn synthetic_f16_checkpoint_loads_mapped_as_f16() {
+    use sparsellm::synth::{SynthShape, write_checkpoint};
+    use sparsellm::tokenizer::Tokenizer;
+    // A small shape (the default model's vocabulary, so its tokenizer fits).
+    let shape = SynthShape {
+        name: "tiny",
+        hidden: 64,
+        intermediate: 160,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        vocab: 49152,
+    };
+    let source = sparsellm::loader::open(&common::model_path()).unwrap();
+    let tokenizer = Tokenizer::load(&source.tokenizer_source().unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("synth-f16");
+    write_checkpoint(&shape, DType::F16, &out, &tokenizer, 3, |_, _| {}).unwrap();
+    let src = sparsellm::loader::open(&out).unwrap();
+    let native = Llama::load(src.as_ref(), LoadDType::Native, pool::global()).unwrap();
+    let wide = Llama::load(src.as_ref(), LoadDType::To(DType::F32), pool::global()).unwrap();
+    for (name, m) in matrices(&native) {
+        assert_eq!(m.dtype, DType::F16, "{name}");
+        assert!(m.is_mapped(), "{name}: an f16 safetensors file is mapped");
+    }
+    let ids = [1u32, 200, 3000, 45000, 7, 7, 9];
+    let ln = native
+        .forward(&ids, &mut native.new_cache(), Logits::All, None)
+        .unwrap();
+    let lw = wide
+        .forward(&ids, &mut wide.new_cache(), Logits::All, None)
+        .unwrap();
+    let (d, _) = compare(&ln, &lw);
+    assert!(d < 1e-3, "{d}");
+}
