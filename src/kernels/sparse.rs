@@ -1,8 +1,7 @@
 //! Sparse MLP kernels: `out = sum over chosen neurons i of silu(g_i)·u_i · down_row_i`,
 //! with `g_i = gate_row_i·h`, `u_i = up_row_i·h`, over f32, bf16, f16 or quantized weight
-//! rows, split by
-//! neurons over the pool (each thread accumulates into a private `[hidden]` buffer; the
-//! caller sums them). Two ways to address rows: compact cached slots (contiguous, the
+//! rows, split by neurons over the pool (each thread accumulates into a private `[hidden]`
+//! buffer; the caller sums them). Two ways to address rows: compact cached slots (contiguous, the
 //! hardware prefetcher suffices) or a gather by row index (the full matrices, or cache
 //! slots visited in mask order), with software prefetch of the rows a few neurons ahead.
 //! Scalar references for the tests.
