@@ -85,7 +85,7 @@ struct CalibrateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// How the weights are held during calibration: native (as the file stores them:
-    /// GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized), f32 or bf16.
+    /// GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized), f32, bf16 or f16.
     #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
     dtype: LoadDType,
     /// Worker threads (default: the number of physical cores).
@@ -99,7 +99,7 @@ struct SynthArgs {
     /// (hidden 3072, 28 layers); both 128256-token vocabularies, tied, llama3 RoPE scaling.
     #[arg(long, value_parser = parse_shape)]
     shape: SynthShape,
-    /// Storage dtype of the weights: f32 or bf16.
+    /// Storage dtype of the weights: f32, bf16 or f16.
     #[arg(long, default_value = "bf16", value_parser = parse_float_dtype)]
     dtype: DType,
     /// Output directory (must not exist).
@@ -126,8 +126,8 @@ struct RunArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// How the weights are held: native (as the file stores them: GGUF's Q8_0, Q4_0 and
-    /// Q4_1 blocks stay quantized and memory-mapped, F32/BF16 stay as they are, F16
-    /// widens to f32), or every matrix converted to f32 or bf16.
+    /// Q4_1 blocks stay quantized and memory-mapped, F32/BF16/F16 stay as they are), or
+    /// every matrix converted to f32, bf16 or f16.
     #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
     dtype: LoadDType,
     /// Worker threads (default: the number of physical cores).
@@ -275,7 +275,7 @@ fn parse_load_dtype(s: &str) -> std::result::Result<LoadDType, String> {
 fn parse_float_dtype(s: &str) -> std::result::Result<DType, String> {
     match s.parse::<LoadDType>()? {
         LoadDType::To(d) => Ok(d),
-        LoadDType::Native => Err("synth writes f32 or bf16".into()),
+        LoadDType::Native => Err("synth writes f32, bf16 or f16".into()),
     }
 }
 

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::kernels::dot::f32_to_bf16;
+use crate::kernels::f16::f32_to_f16;
 use crate::tensor::DType;
 use crate::tokenizer::Tokenizer;
 
@@ -112,7 +113,11 @@ impl SynthShape {
             "max_position_embeddings": 131072,
             "vocab_size": self.vocab,
             "tie_word_embeddings": true,
-            "torch_dtype": if dtype == DType::F32 { "float32" } else { "bfloat16" },
+            "torch_dtype": match dtype {
+                DType::F32 => "float32",
+                DType::F16 => "float16",
+                _ => "bfloat16",
+            },
             "_sparsellm_synthetic": format!("seeded random weights of the {} shape; not a trained model", self.name),
         })
     }
@@ -200,9 +205,10 @@ fn write_into(
     let (st_dtype, esize) = match dtype {
         DType::F32 => ("F32", 4),
         DType::BF16 => ("BF16", 2),
+        DType::F16 => ("F16", 2),
         _ => {
             return Err(Error::Input(format!(
-                "synth writes f32 or bf16 weights, not {}",
+                "synth writes f32, bf16 or f16 weights, not {}",
                 dtype.name()
             )));
         }
@@ -253,10 +259,10 @@ fn write_into(
             buf.clear();
             for _ in 0..m {
                 let v = if is_norm { 1.0 } else { rng.normalish() * std };
-                if dtype == DType::F32 {
-                    buf.extend_from_slice(&v.to_le_bytes())
-                } else {
-                    buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes())
+                match dtype {
+                    DType::F32 => buf.extend_from_slice(&v.to_le_bytes()),
+                    DType::F16 => buf.extend_from_slice(&f32_to_f16(v).to_le_bytes()),
+                    _ => buf.extend_from_slice(&f32_to_bf16(v).to_le_bytes()),
                 }
             }
             w.write_all(&buf).map_err(io)?;

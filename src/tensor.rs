@@ -1,6 +1,7 @@
-//! Weight storage: a matrix or vector in a compute dtype (f32 or bf16), either borrowed
-//! from the file's memory map (when the file already holds that dtype) or converted once
-//! at load into an owned 64-byte-aligned buffer.
+//! Weight storage: a matrix or vector in a compute dtype (f32, bf16, f16, or one of GGUF's
+//! quantized block formats), either borrowed from the file's memory map (when the file
+//! already holds that dtype) or converted once at load into an owned 64-byte-aligned
+//! buffer.
 
 use std::sync::Arc;
 
@@ -9,6 +10,7 @@ use memmap2::Mmap;
 use crate::error::Result;
 use crate::kernels::WeightView;
 use crate::kernels::dot::f32_to_bf16;
+use crate::kernels::f16::f32_to_f16;
 use crate::loader::{RawTensor, SourceDType};
 use crate::quant::{self, QFormat, QK};
 
@@ -18,6 +20,8 @@ use crate::quant::{self, QFormat, QK};
 pub enum DType {
     F32,
     BF16,
+    /// IEEE half precision (GGUF's and safetensors' F16).
+    F16,
     Q8_0,
     Q4_0,
     Q4_1,
@@ -28,6 +32,7 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
+            DType::F16 => "f16",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
             DType::Q4_1 => "q4_1",
@@ -39,14 +44,14 @@ impl DType {
             DType::Q8_0 => Some(QFormat::Q8_0),
             DType::Q4_0 => Some(QFormat::Q4_0),
             DType::Q4_1 => Some(QFormat::Q4_1),
-            DType::F32 | DType::BF16 => None,
+            DType::F32 | DType::BF16 | DType::F16 => None,
         }
     }
     /// Bytes of `n` elements (for quantized formats `n` is a multiple of 32).
     pub fn bytes_for(self, n: usize) -> usize {
         match self {
             DType::F32 => 4 * n,
-            DType::BF16 => 2 * n,
+            DType::BF16 | DType::F16 => 2 * n,
             _ => {
                 let f = self.qformat().expect("quantized");
                 n / QK * f.block_bytes()
@@ -57,11 +62,12 @@ impl DType {
     pub fn block_elems(self) -> usize {
         if self.qformat().is_some() { QK } else { 1 }
     }
-    /// The dtype a tensor stored as `src` is computed in under `--dtype native`: the
-    /// formats with kernels stay as they are; F16 widens to f32 (exactly).
+    /// The dtype a tensor stored as `src` is computed in under `--dtype native`: every
+    /// source format has kernels, so each stays as it is (and memory-mapped).
     pub fn native_for(src: SourceDType) -> DType {
         match src {
-            SourceDType::F32 | SourceDType::F16 => DType::F32,
+            SourceDType::F32 => DType::F32,
+            SourceDType::F16 => DType::F16,
             SourceDType::BF16 => DType::BF16,
             SourceDType::Q8_0 => DType::Q8_0,
             SourceDType::Q4_0 => DType::Q4_0,
@@ -107,8 +113,9 @@ impl std::str::FromStr for LoadDType {
             "native" => Ok(LoadDType::Native),
             "f32" => Ok(LoadDType::To(DType::F32)),
             "bf16" => Ok(LoadDType::To(DType::BF16)),
+            "f16" => Ok(LoadDType::To(DType::F16)),
             _ => Err(format!(
-                "unknown dtype '{s}' (expected native, f32 or bf16)"
+                "unknown dtype '{s}' (expected native, f32, bf16 or f16)"
             )),
         }
     }
@@ -213,6 +220,7 @@ impl Matrix {
         match self.dtype {
             DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
             DType::BF16 => WeightView::Bf16(bytemuck::cast_slice(b)),
+            DType::F16 => WeightView::F16(bytemuck::cast_slice(b)),
             q => WeightView::Quant(q.qformat().expect("quantized"), b),
         }
     }
@@ -249,6 +257,11 @@ pub fn encode_f32(values: &[f32], dtype: DType, out: &mut [u8]) {
         DType::BF16 => {
             for (d, &v) in out.chunks_exact_mut(2).zip(values) {
                 d.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
+            }
+        }
+        DType::F16 => {
+            for (d, &v) in out.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&f32_to_f16(v).to_le_bytes());
             }
         }
         q => quant::quantize(q.qformat().expect("quantized"), values, out),
@@ -374,7 +387,7 @@ impl WeightPlan {
 fn can_map(raw: &RawTensor, dtype: DType) -> bool {
     let (same, align) = match (raw.dtype, dtype) {
         (SourceDType::F32, DType::F32) => (true, 4),
-        (SourceDType::BF16, DType::BF16) => (true, 2),
+        (SourceDType::BF16, DType::BF16) | (SourceDType::F16, DType::F16) => (true, 2),
         // Blocks are byte arrays: any address will do.
         (SourceDType::Q8_0, DType::Q8_0)
         | (SourceDType::Q4_0, DType::Q4_0)

@@ -201,6 +201,21 @@ fn random_layers_match_masked_reference_f32_and_bf16() {
 }
 
 #[test]
+fn random_f16_layers_match_masked_reference() {
+    // f16 weights widen exactly: gate/up dots, cached and gathered rows, and the f16
+    // transposed down rows all compute on the same values as the f64 reference.
+    let pool = ThreadPool::new(2);
+    for (hidden, inter) in [(33, 97), (64, 256), (7, 17)] {
+        let a = random_mlp(hidden, inter, DType::F16, 10);
+        let b = random_mlp(hidden, inter, DType::F16, 20);
+        assert_eq!(a.down_proj.weight.dtype, DType::F16);
+        let tokens: Vec<Vec<f32>> = (0..5).map(|t| rand_vec(hidden, 100 + t, 1.0)).collect();
+        let worst = check_layers(&pool, &[&a, &b], DType::F16, &tokens, 1e-5);
+        eprintln!("f16 {hidden}x{inter}: worst relative error {worst:e}");
+    }
+}
+
+#[test]
 fn random_quantized_layers_match_masked_reference() {
     // Gate/up rows stay in the model's blocks (h quantized to 8 bits, as the dense matvec
     // does); the down projection is repacked neuron-major to Q8_0, so the output differs

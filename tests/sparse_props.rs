@@ -24,7 +24,9 @@ fn matrix(rows: usize, cols: usize, seed: u64, dtype: DType) -> Matrix {
 fn bits(v: WeightView<'_>, start: usize, len: usize) -> Vec<u32> {
     match v {
         WeightView::F32(w) => w[start..start + len].iter().map(|x| x.to_bits()).collect(),
-        WeightView::Bf16(w) => w[start..start + len].iter().map(|&x| x as u32).collect(),
+        WeightView::Bf16(w) | WeightView::F16(w) => {
+            w[start..start + len].iter().map(|&x| x as u32).collect()
+        }
         WeightView::Quant(f, w) => {
             let (b0, b1) = (
                 start / 32 * f.block_bytes(),
@@ -87,12 +89,12 @@ proptest! {
     fn cache_always_holds_exactly_the_mask(
         hidden in 1usize..24,
         inter in 1usize..150,
-        dtype in 0usize..4,
+        dtype in 0usize..5,
         with_gate_up in any::<bool>(),
         strategy in 0usize..3,
         steps in prop::collection::vec((density(), any::<u64>()), 1..16),
     ) {
-        let dtype = [DType::F32, DType::BF16, DType::Q4_1, DType::Q8_0][dtype];
+        let dtype = [DType::F32, DType::BF16, DType::F16, DType::Q4_1, DType::Q8_0][dtype];
         // Quantized rows are whole 32-element blocks.
         let hidden = if dtype.block_elems() > 1 { 32 * (1 + hidden % 3) } else { hidden };
         let gate = matrix(inter, hidden, 1, dtype);

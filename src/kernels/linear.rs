@@ -4,6 +4,7 @@
 
 use super::SharedMut;
 use super::dot::{bf16_to_f32, dot_bf16, dot_f32, rows_bf16, rows_f32};
+use super::f16::{dot_f16, f16_to_f32_slice, rows_f16};
 #[cfg(target_arch = "x86_64")]
 use super::gemm_avx512;
 use super::pool::ThreadPool;
@@ -26,6 +27,8 @@ pub enum WeightView<'a> {
     F32(&'a [f32]),
     /// bf16 bit patterns.
     Bf16(&'a [u16]),
+    /// IEEE f16 bit patterns.
+    F16(&'a [u16]),
     /// GGUF quantized blocks, rows of whole blocks.
     Quant(QFormat, &'a [u8]),
 }
@@ -36,6 +39,7 @@ impl WeightView<'_> {
         match self {
             WeightView::F32(w) => w.len(),
             WeightView::Bf16(w) => w.len(),
+            WeightView::F16(w) => w.len(),
             WeightView::Quant(f, w) => w.len() / f.block_bytes() * QK,
         }
     }
@@ -47,6 +51,7 @@ impl WeightView<'_> {
         match self {
             WeightView::F32(w) => 4 * w.len(),
             WeightView::Bf16(w) => 2 * w.len(),
+            WeightView::F16(w) => 2 * w.len(),
             WeightView::Quant(_, w) => w.len(),
         }
     }
@@ -57,6 +62,7 @@ impl WeightView<'_> {
         match self {
             WeightView::F32(w) => dot_f32(&w[r * cols..(r + 1) * cols], x),
             WeightView::Bf16(w) => dot_bf16(&w[r * cols..(r + 1) * cols], x),
+            WeightView::F16(w) => dot_f16(&w[r * cols..(r + 1) * cols], x),
             WeightView::Quant(..) => {
                 let mut row = vec![0f32; cols];
                 self.row_to_f32(r, cols, &mut row);
@@ -73,6 +79,7 @@ impl WeightView<'_> {
                     *o = bf16_to_f32(b);
                 }
             }
+            WeightView::F16(w) => f16_to_f32_slice(&w[r * cols..(r + 1) * cols], out),
             WeightView::Quant(f, w) => {
                 let rb = cols / QK * f.block_bytes();
                 crate::quant::dequantize(f.source(), &w[r * rb..(r + 1) * rb], out)
@@ -111,6 +118,7 @@ pub fn matvec(
         match w {
             WeightView::F32(w) => rows_f32(&w[range.start * cols..range.end * cols], x, out),
             WeightView::Bf16(w) => rows_bf16(&w[range.start * cols..range.end * cols], x, out),
+            WeightView::F16(w) => rows_f16(&w[range.start * cols..range.end * cols], x, out),
             WeightView::Quant(f, w) => {
                 let rb = cols / QK * f.block_bytes();
                 rows_q(f, &w[range.start * rb..range.end * rb], rb, xq, out)
@@ -253,7 +261,8 @@ pub fn matmul(
                 };
             }
             WeightView::Quant(..) => unreachable!("quantized weights returned above"),
-            WeightView::Bf16(_) => {
+            // f16 widens exactly; per weight one conversion against n FMAs.
+            WeightView::Bf16(_) | WeightView::F16(_) => {
                 let mut tile = vec![0f32; BF16_TILE_ROWS.min(range.len()) * cols];
                 let mut r0 = range.start;
                 while r0 < range.end {

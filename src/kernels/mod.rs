@@ -53,6 +53,7 @@ pub fn release_pages(map: &Arc<Mmap>, offset: usize, len: usize) {
 
 pub mod attention;
 pub mod dot;
+pub mod f16;
 pub mod gemm_avx512;
 pub mod linear;
 pub mod ops;

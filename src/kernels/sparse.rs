@@ -1,7 +1,7 @@
 //! Sparse MLP kernels: `out = sum over chosen neurons i of silu(g_i)·u_i · down_row_i`,
-//! with `g_i = gate_row_i·h`, `u_i = up_row_i·h`, over f32 or bf16 weight rows, split by
-//! neurons over the pool (each thread accumulates into a private `[hidden]` buffer; the
-//! caller sums them). Two ways to address rows: compact cached slots (contiguous, the
+//! with `g_i = gate_row_i·h`, `u_i = up_row_i·h`, over f32, bf16, f16 or quantized weight
+//! rows, split by neurons over the pool (each thread accumulates into a private `[hidden]`
+//! buffer; the caller sums them). Two ways to address rows: compact cached slots (contiguous, the
 //! hardware prefetcher suffices) or a gather by row index (the full matrices, or cache
 //! slots visited in mask order), with software prefetch of the rows a few neurons ahead.
 //! Scalar references for the tests.
@@ -21,6 +21,7 @@ use super::dot::{
     Isa, bf16_to_f32, dot_bf16, dot_bf16_bf16, dot_bf16_bf16_ahead, dot_f32, dot_f32_scalar,
     f32_to_bf16, has_avx512_bf16, isa, rows_bf16, rows_f32, to_bf16_into,
 };
+use super::f16::{axpy_f16, dot_f16, f16_to_f32_slice, rows_f16};
 use super::ops::silu;
 use super::pool::{ThreadPool, split_range};
 use super::qdot::{QPair, axpy_q, dot_q, quantize_activations, rows_q};
@@ -72,6 +73,7 @@ impl<'a> Strided<'a> {
             (WeightView::F32(w), _) => dot_f32(&w[s..s + n], x.f),
             (WeightView::Bf16(w), Some(xb)) => dot_bf16_bf16(&w[s..s + n], xb),
             (WeightView::Bf16(w), None) => dot_bf16(&w[s..s + n], x.f),
+            (WeightView::F16(w), _) => dot_f16(&w[s..s + n], x.f),
             (WeightView::Quant(f, w), _) => match x.q {
                 Some(q) => dot_q(f, self.qrow(f, w, r, n), q),
                 None => {
@@ -106,6 +108,7 @@ impl<'a> Strided<'a> {
         match self.view {
             WeightView::F32(w) => axpy_f32(a, &w[s..s + out.len()], out),
             WeightView::Bf16(w) => axpy_bf16(a, &w[s..s + out.len()], out),
+            WeightView::F16(w) => axpy_f16(a, &w[s..s + out.len()], out),
             WeightView::Quant(f, w) => axpy_q(f, a, self.qrow(f, w, r, out.len()), out),
         }
     }
@@ -118,7 +121,7 @@ impl<'a> Strided<'a> {
         let n = out.len();
         let s = r.map(|r| self.start(r));
         match self.view {
-            WeightView::Quant(..) => {
+            WeightView::Quant(..) | WeightView::F16(_) => {
                 for k in 0..4 {
                     if ahead[k] != r[k] {
                         self.prefetch(ahead[k], n);
@@ -165,6 +168,7 @@ impl<'a> Strided<'a> {
                     *o = bf16_to_f32(b);
                 }
             }
+            WeightView::F16(w) => f16_to_f32_slice(&w[s..s + out.len()], out),
             WeightView::Quant(f, w) => {
                 crate::quant::dequantize(f.source(), self.qrow(f, w, r, out.len()), out)
             }
@@ -179,6 +183,7 @@ impl<'a> Strided<'a> {
             let (ptr, bytes) = match self.view {
                 WeightView::F32(w) => (w[s..s + len].as_ptr() as *const i8, len * 4),
                 WeightView::Bf16(w) => (w[s..s + len].as_ptr() as *const i8, len * 2),
+                WeightView::F16(w) => (w[s..s + len].as_ptr() as *const i8, len * 2),
                 WeightView::Quant(f, w) => {
                     let row = self.qrow(f, w, r, len);
                     (row.as_ptr() as *const i8, row.len())
@@ -530,6 +535,7 @@ pub fn gate_up_activations(
             match w {
                 WeightView::F32(w) => rows_f32(&w[rows.clone()], h, out),
                 WeightView::Bf16(w) => rows_bf16(&w[rows.clone()], h, out),
+                WeightView::F16(w) => rows_f16(&w[rows.clone()], h, out),
                 WeightView::Quant(f, w) => {
                     let rb = hidden / QK * f.block_bytes();
                     rows_q(f, &w[range.start * rb..range.end * rb], rb, hq, out)
@@ -844,6 +850,7 @@ unsafe fn axpy_bf16_avx2(a: f32, w: &[u16], y: &mut [f32]) {
 mod tests {
     use super::*;
 
+    use crate::kernels::f16::f32_to_f16;
     use crate::kernels::test_data::data;
 
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
@@ -887,6 +894,28 @@ mod tests {
                 [3, 2, 1, 0],
             );
             assert_eq!(a, b, "axpy4 bf16 n={n}: bit-identical to four axpys");
+            let rows: Vec<Vec<u16>> = (0..4)
+                .map(|k| data(n, 20 + k).iter().map(|&v| f32_to_f16(v)).collect())
+                .collect();
+            let (mut a, mut b) = (y0.clone(), y0.clone());
+            for k in 0..4 {
+                axpy_f16(coef[k], &rows[k], &mut a);
+            }
+            let flat: Vec<u16> = rows.concat();
+            Strided::matrix(WeightView::F16(&flat), n).axpy4(
+                [0, 1, 2, 3],
+                coef,
+                &mut b,
+                [3, 2, 1, 0],
+            );
+            assert_eq!(a, b, "axpy4 f16 n={n}: bit-identical to four axpys");
+            let mut c = vec![0f32; n];
+            combine_rows(WeightView::F16(&flat), n, 0, &coef[..3], &mut c);
+            let mut want = vec![0f32; n];
+            for k in 0..3 {
+                super::super::f16::axpy_f16_scalar(coef[k], &rows[k], &mut want);
+            }
+            assert_close(&c, &want, &format!("combine_rows f16 n={n}"));
         }
     }
 
@@ -900,6 +929,8 @@ mod tests {
                 let down_t = data(inter * hidden, 5);
                 let bf = |v: &[f32]| v.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<u16>>();
                 let (gb, ub, db) = (bf(&gate), bf(&up), bf(&down_t));
+                let hf = |v: &[f32]| v.iter().map(|&x| f32_to_f16(x)).collect::<Vec<u16>>();
+                let (gh, uh, dh) = (hf(&gate), hf(&up), hf(&down_t));
                 let h = data(hidden, 6);
                 let idx: Vec<u32> = (0..inter as u32).filter(|i| i % 3 != 1).collect();
                 let given = data(idx.len(), 7);
@@ -913,6 +944,11 @@ mod tests {
                         WeightView::Bf16(&gb),
                         WeightView::Bf16(&ub),
                         WeightView::Bf16(&db),
+                    ),
+                    (
+                        WeightView::F16(&gh),
+                        WeightView::F16(&uh),
+                        WeightView::F16(&dh),
                     ),
                 ] {
                     let (g, u, d) = (

@@ -568,6 +568,9 @@ pub fn transpose_matrix(w: &Matrix, dtype: DType) -> HugeMatrix {
         (WeightView::Bf16(src), DType::BF16) => {
             transpose_into(src, rows, cols, bytemuck::cast_slice_mut(t.bytes_mut()))
         }
+        (WeightView::F16(src), DType::F16) => {
+            transpose_into(src, rows, cols, bytemuck::cast_slice_mut(t.bytes_mut()))
+        }
         _ => {
             // Through f32: quantized targets are quantized from the transposed values.
             let mut tf = vec![0f32; rows * cols];

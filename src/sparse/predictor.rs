@@ -303,7 +303,7 @@ impl Predictor {
 
     /// The dtype a sparse MLP keeps the factors in for a model whose MLP weights are
     /// `weights`: f32 for f32 weights, bf16 otherwise (bf16 halves the bytes each token
-    /// reads; quantized models use bf16 factors).
+    /// reads; f16 and quantized models use bf16 factors).
     pub fn factor_dtype_for(weights: DType) -> DType {
         if weights == DType::F32 {
             DType::F32

@@ -5,7 +5,7 @@
 //! Slot `s` holds neuron `neuron_of[s]`: its gate row and up row side by side in one
 //! `[2*hidden]` block (padded to a multiple of 64 bytes), and its down column (a row of
 //! the transposed down projection, `[hidden]`, padded likewise). Buffers are in the
-//! model's dtype (f32, bf16, or a quantized block format: rows are whole blocks). At density D the cache holds about D·3·hidden·inter values
+//! model's dtype (f32, bf16, f16, or a quantized block format: rows are whole blocks). At density D the cache holds about D·3·hidden·inter values
 //! per layer on top of the model's weights (less when only down rows are cached, for the
 //! exact and cascade scorers, which compute g and u themselves).
 
@@ -75,7 +75,8 @@ impl HugeMatrix {
 /// model whose MLP weights are in `dtype`. A quantized down projection's blocks run along
 /// the neurons, so one neuron's down column is not a whole block: it is repacked
 /// neuron-major and re-quantized to Q8_0 (8 bits keep the second rounding small next to
-/// the 4-bit original's).
+/// the 4-bit original's). Float dtypes stay as they are: a transpose moves their values
+/// bit for bit (f16 keeps half the bytes of f32 per cached row, read by the f16 axpy).
 pub fn down_t_dtype(dtype: DType) -> DType {
     if dtype.qformat().is_some() {
         DType::Q8_0
@@ -143,7 +144,7 @@ pub struct WeightCache {
 /// blocks of 18, 20 or 34 bytes) stay as they are: their loads are unaligned anyway.
 fn pad_to_line(n: usize, dtype: DType) -> usize {
     match dtype {
-        DType::F32 | DType::BF16 => {
+        DType::F32 | DType::BF16 | DType::F16 => {
             let size = dtype.bytes_for(1);
             (n * size).div_ceil(64) * 64 / size
         }
@@ -410,6 +411,9 @@ fn copy_row(src: WeightView<'_>, row: usize, cols: usize, dst: &mut [u8]) {
         WeightView::Bf16(w) => {
             dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
         }
+        WeightView::F16(w) => {
+            dst.copy_from_slice(bytemuck::cast_slice(&w[row * cols..(row + 1) * cols]))
+        }
         WeightView::Quant(_, w) => dst.copy_from_slice(&w[row * dst.len()..(row + 1) * dst.len()]),
     }
 }
@@ -420,6 +424,7 @@ fn view(buf: &HugeBuf, dtype: DType, elems: usize) -> WeightView<'_> {
         return match dtype {
             DType::F32 => WeightView::F32(&[]),
             DType::BF16 => WeightView::Bf16(&[]),
+            DType::F16 => WeightView::F16(&[]),
             q => WeightView::Quant(q.qformat().expect("quantized"), &[]),
         };
     }
@@ -427,6 +432,7 @@ fn view(buf: &HugeBuf, dtype: DType, elems: usize) -> WeightView<'_> {
     match dtype {
         DType::F32 => WeightView::F32(bytemuck::cast_slice(b)),
         DType::BF16 => WeightView::Bf16(bytemuck::cast_slice(b)),
+        DType::F16 => WeightView::F16(bytemuck::cast_slice(b)),
         q => WeightView::Quant(q.qformat().expect("quantized"), b),
     }
 }
