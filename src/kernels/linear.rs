@@ -204,9 +204,15 @@ pub fn matmul(
     if n == 1 {
         return matvec(pool, w, rows, cols, x, out);
     }
-    let dst = SharedMut(out.as_mut_ptr());
     if let WeightView::Quant(f, wq) = w {
         return matmul_quant(pool, f, wq, rows, cols, x, n, out);
+    }
+    let dst = SharedMut(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Bf16(wb) = w
+        && use_packed_bf16(n)
+    {
+        return matmul_bf16_packed(pool, x, n, cols, &[(wb, rows, dst)]);
     }
     #[cfg(target_arch = "x86_64")]
     if matches!(w, WeightView::Bf16(_)) && gemm_avx512::has_bf16() && !use_gemm_crate() {
@@ -277,6 +283,130 @@ pub fn matmul(
                 }
             }
         }
+    });
+}
+
+/// `outs[i] = x · ws[i]^T` for weight matrices that share their input (a layer's q, k and
+/// v projections; gate and up): x: [n, cols], `ws[i]`: [rows_i, cols], `outs[i]`:
+/// [n, rows_i]. With bf16 weights on AVX-512 BF16 this is one pool job (the activations
+/// packed once, the rows of all matrices dealt out in chunks); otherwise one [`matmul`]
+/// per matrix.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    ws: &[(WeightView<'_>, usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    assert_eq!(ws.len(), outs.len(), "matmul_many: one output per matrix");
+    #[cfg(target_arch = "x86_64")]
+    if use_packed_bf16(n) && ws.iter().all(|(w, _)| matches!(w, WeightView::Bf16(_))) {
+        let parts: Vec<(&[u16], usize, SharedMut)> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&(w, rows), out)| {
+                let WeightView::Bf16(wb) = w else {
+                    unreachable!("checked above")
+                };
+                assert_eq!(w.len(), rows * cols, "matmul_many: weight size");
+                assert_eq!(out.len(), n * rows, "matmul_many: output size");
+                (wb, rows, SharedMut(out.as_mut_ptr()))
+            })
+            .collect();
+        assert_eq!(x.len(), n * cols, "matmul_many: input size");
+        return matmul_bf16_packed(pool, x, n, cols, &parts);
+    }
+    for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
+        matmul(pool, w, rows, cols, x, n, out);
+    }
+}
+
+/// Fewest tokens for the packed bf16 kernel (16 tokens fill one group's lanes; below that
+/// the row-tile kernel wastes less).
+const PACKED_MIN_TOKENS: usize = 16;
+
+/// Whether a bf16 matmul of `n` tokens goes to [`matmul_bf16_packed`].
+#[cfg(target_arch = "x86_64")]
+fn use_packed_bf16(n: usize) -> bool {
+    n >= PACKED_MIN_TOKENS && gemm_avx512::has_bf16() && !use_gemm_crate()
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The packed activations of [`matmul_bf16_packed`], kept between calls (a prefill
+    /// packs a few hundred KiB per matrix; reallocating would page-fault each time).
+    static PACKED: std::cell::RefCell<gemm_avx512::PackedBf16> = Default::default();
+}
+
+/// `parts[i].2 = x · parts[i].0^T` (`[n, rows_i]`, row stride rows_i) with the packed
+/// bf16 kernel, in one pool job: each thread packs (rounds to bf16) its share of the
+/// token groups, waits for the others' (a spin on a counter), then takes chunks of rows
+/// of all matrices in turn from a shared counter until none are left, so a thread that
+/// was descheduled for a while leaves its remaining chunks to the other.
+#[cfg(target_arch = "x86_64")]
+fn matmul_bf16_packed(
+    pool: &ThreadPool,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    parts: &[(&[u16], usize, SharedMut)],
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let threads = pool.threads();
+    // Chunks of rows: about 8 per thread over all matrices, a multiple of 8 rows (the
+    // kernel's row tiles), 16..=128.
+    let total: usize = parts.iter().map(|p| p.1).sum();
+    let chunk = (total / (8 * threads) / 8 * 8).clamp(16, 128);
+    let counts: Vec<usize> = parts.iter().map(|p| p.1.div_ceil(chunk)).collect();
+    let chunks: usize = counts.iter().sum();
+    PACKED.with_borrow_mut(|packed| {
+        packed.reset(n, cols);
+        let view = packed.view();
+        let groups = view.groups();
+        let (ready, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        pool.run(&|i, nt| {
+            let mine = super::pool::split_range(groups, 1, i, nt);
+            // SAFETY: has_bf16() (use_packed_bf16); the buffer was reset to (n, cols) and
+            // x is [n, cols] (asserted by the callers); threads pack disjoint groups.
+            unsafe { gemm_avx512::pack_bf16(x, view, mine) };
+            ready.fetch_add(1, Ordering::Release);
+            let start = std::time::Instant::now();
+            while ready.load(Ordering::Acquire) < nt {
+                if start.elapsed() < std::time::Duration::from_micros(50) {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            loop {
+                let mut c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= chunks {
+                    break;
+                }
+                let mut part = 0;
+                while c >= counts[part] {
+                    c -= counts[part];
+                    part += 1;
+                }
+                let (w, rows, out) = parts[part];
+                let r0 = c * chunk;
+                let r1 = (r0 + chunk).min(rows);
+                // SAFETY: every group is packed and published (the Acquire load above
+                // saw all threads' Release increments); rows r0..r1 of this matrix are
+                // in bounds; chunk c of part `part` is taken by this thread only, so its
+                // output columns r0..r1 ([n, rows]) are written by this thread only.
+                unsafe {
+                    gemm_avx512::gemm_bf16_packed(
+                        view,
+                        r1 - r0,
+                        &w[r0 * cols..r1 * cols],
+                        out.get().add(r0),
+                        rows,
+                    )
+                };
+            }
+        });
     });
 }
 
@@ -444,6 +574,55 @@ mod tests {
                                 (a - b).abs() < 1e-4 * (1.0 + b.abs()),
                                 "matvec {rows}x{cols}: {a} vs {b}"
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_many_and_packed_sizes_match_scalar() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (rows, cols) in [(17, 33), (200, 577), (40, 64)] {
+                let wf: Vec<Vec<f32>> = (0..3)
+                    .map(|i| data((rows + i) * cols, 7 + i as u64))
+                    .collect();
+                let wb: Vec<Vec<u16>> = wf
+                    .iter()
+                    .map(|w| w.iter().map(|&v| f32_to_bf16(v)).collect())
+                    .collect();
+                for n in [15, 16, 17, 40, 64, 130] {
+                    let x = data(n * cols, 2);
+                    for bf16 in [false, true] {
+                        let ws: Vec<(WeightView<'_>, usize)> = (0..3)
+                            .map(|i| {
+                                let w = if bf16 {
+                                    WeightView::Bf16(&wb[i])
+                                } else {
+                                    WeightView::F32(&wf[i])
+                                };
+                                (w, rows + i)
+                            })
+                            .collect();
+                        let mut outs: Vec<Vec<f32>> =
+                            (0..3).map(|i| vec![0f32; n * (rows + i)]).collect();
+                        let mut views: Vec<&mut [f32]> =
+                            outs.iter_mut().map(|o| &mut o[..]).collect();
+                        matmul_many(&pool, &ws, cols, &x, n, &mut views);
+                        for (i, &(w, r)) in ws.iter().enumerate() {
+                            let xr = kernel_activations(w, &x, n);
+                            let mut want = vec![0f32; n * r];
+                            matmul_scalar(w, r, cols, &xr, n, &mut want);
+                            let mut one = vec![0f32; n * r];
+                            matmul(&pool, w, r, cols, &x, n, &mut one);
+                            for ((a, b), c) in outs[i].iter().zip(&want).zip(&one) {
+                                assert!(
+                                    (a - b).abs() < 1e-4 * (1.0 + b.abs()) && a == c,
+                                    "{threads} threads {r}x{cols} n={n} bf16 {bf16}: {a} vs {b}, {c}"
+                                );
+                            }
                         }
                     }
                 }

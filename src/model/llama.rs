@@ -403,11 +403,11 @@ impl Llama {
             }
             timer.end(Phase::Norm);
             let a = &layer.self_attn;
-            a.q_proj.forward(pool, xn, n, q);
-            // Keys and values go straight into the cache's new rows.
+            // Keys and values go straight into the cache's new rows; the three
+            // projections share their input (one pool job for bf16 weights).
             let (k, v) = cache.append_rows(li, n);
-            a.k_proj.forward(pool, xn, n, k);
-            a.v_proj.forward(pool, xn, n, v);
+            let ws = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
+            kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
             timer.end(Phase::Qkv);
             ops::rope_rows(pool, rope, q, k, n);
             timer.end(Phase::Rope);
@@ -439,8 +439,8 @@ impl Llama {
                 // `Mlp::forward`, with the cache's buffers and a timer.
                 let m = &layer.mlp;
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
-                m.gate_proj.forward(pool, xn, n, g);
-                m.up_proj.forward(pool, xn, n, u);
+                let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
+                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
                 ops::silu_mul_par(pool, g, u);
                 timer.end(Phase::SiluMul);
