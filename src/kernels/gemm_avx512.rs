@@ -686,24 +686,21 @@ fn transpose16(r: &mut [__m512i; 16]) {
     }
 }
 
-/// One tile of R weight rows x G token groups of the packed kernel over the whole `k`.
+/// The accumulators of one tile of R weight rows x G token groups over the whole `k`:
+/// `acc[r][g]` lane l is row r's product with token 16 g + l.
 ///
 /// # Safety
 /// AVX-512F/BW/VL/BF16; `x` points at G groups' lines (group stride `pairs`), `w` at R
-/// rows of `k` bf16; `out` writable at `t * ld + r` for t < min(tokens, 16 G), r < R.
+/// rows of `k` bf16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile_packed<const R: usize, const G: usize>(
+unsafe fn accumulate<const R: usize, const G: usize>(
     x: *const Line,
     pairs: usize,
     w: *const u16,
     k: usize,
-    out: *mut f32,
-    ld: usize,
-    tokens: usize,
-) {
+) -> [[__m512; G]; R] {
     let mut acc = [[_mm512_setzero_ps(); G]; R];
     // SAFETY: lines g * pairs + p (p < pairs) of G groups and the pairs 2 p, 2 p + 1 < k
     // of R rows are in bounds (the caller's contract); an odd k's last element is read
@@ -736,18 +733,97 @@ unsafe fn tile_packed<const R: usize, const G: usize>(
             }
             step(&mut acc, full, b);
         }
-        // Lanes are tokens: write each row's column through a small buffer.
-        let mut buf = [[0f32; 4 * GROUP]; R];
-        for (a, b) in acc.iter().zip(buf.iter_mut()) {
-            for (g, a) in a.iter().enumerate() {
-                _mm512_storeu_ps(b.as_mut_ptr().add(g * GROUP), *a);
-            }
+    }
+    acc
+}
+
+/// One tile of R weight rows x G token groups of the packed kernel: [`accumulate`], then
+/// each row's column of outputs.
+///
+/// # Safety
+/// As for [`accumulate`]; `out` writable at `t * ld + r` for t < min(tokens, 16 G), r < R.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_packed<const R: usize, const G: usize>(
+    x: *const Line,
+    pairs: usize,
+    w: *const u16,
+    k: usize,
+    out: *mut f32,
+    ld: usize,
+    tokens: usize,
+) {
+    // SAFETY: forwarded contract.
+    let acc = unsafe { accumulate::<R, G>(x, pairs, w, k) };
+    // Lanes are tokens: write each row's column through a small buffer.
+    let mut buf = [[0f32; 4 * GROUP]; R];
+    for (a, b) in acc.iter().zip(buf.iter_mut()) {
+        for (g, a) in a.iter().enumerate() {
+            // SAFETY: g < G <= 4: 16 floats inside b.
+            unsafe { _mm512_storeu_ps(b.as_mut_ptr().add(g * GROUP), *a) };
         }
-        for t in 0..tokens.min(G * GROUP) {
-            let o = out.add(t * ld);
-            for (r, b) in buf.iter().enumerate() {
-                *o.add(r) = b[t];
-            }
+    }
+    for t in 0..tokens.min(G * GROUP) {
+        for (r, b) in buf.iter().enumerate() {
+            // SAFETY: t < tokens and r < R: inside the caller's region.
+            unsafe { *out.add(t * ld + r) = b[t] };
+        }
+    }
+}
+
+/// One SwiGLU tile: R rows of `gate` and of `up` x G groups, `h = silu(gate) * up` (as
+/// `ops::silu_mul` computes it) rounded to bf16 and stored packed: rows (2 i, 2 i + 1) of
+/// the tile form pair line i of each group (an odd R's last row pairs with zero).
+///
+/// # Safety
+/// As for [`accumulate`] for both matrices; `out` points at the first tile row's pair
+/// line of the first group of a packed buffer with `out_pairs` lines per group, and the
+/// lines `g * out_pairs + i` for g < G, i < ceil(R / 2) are writable by this thread.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_swiglu<const R: usize, const G: usize>(
+    x: *const Line,
+    pairs: usize,
+    gate: *const u16,
+    up: *const u16,
+    k: usize,
+    out: *mut Line,
+    out_pairs: usize,
+) {
+    // SAFETY: forwarded contract.
+    let (g, u) = unsafe {
+        (
+            accumulate::<R, G>(x, pairs, gate, k),
+            accumulate::<R, G>(x, pairs, up, k),
+        )
+    };
+    let one = _mm512_set1_ps(1.0);
+    let h = |r: usize, grp: usize| -> __m256i {
+        if r >= R {
+            return _mm256_setzero_si256();
+        }
+        let (g, u) = (g[r][grp], u[r][grp]);
+        let e = super::ops::exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        let s = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), u);
+        // SAFETY: __m256bh and __m256i are both 32 plain bytes.
+        unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(s)) }
+    };
+    for grp in 0..G {
+        for i in 0..R.div_ceil(2) {
+            let lo = _mm512_cvtepu16_epi32(h(2 * i, grp));
+            let hi = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h(2 * i + 1, grp)));
+            // SAFETY: line grp * out_pairs + i is writable (the caller's contract) and
+            // 64-byte aligned.
+            unsafe {
+                _mm512_store_si512(
+                    out.add(grp * out_pairs + i) as *mut __m512i,
+                    _mm512_or_si512(lo, hi),
+                )
+            };
         }
     }
 }
@@ -813,6 +889,63 @@ pub unsafe fn gemm_bf16_packed(x: PackedView, m: usize, w: &[u16], out: *mut f32
                     out.add(g * GROUP * ld + j),
                     ld,
                     x.n - g * GROUP
+                )
+            };
+            g += c;
+        }
+        j += r;
+    }
+}
+
+/// `h[t, j] = silu(x[t] · gate[j]) * (x[t] · up[j])` for t < x.n and rows j < m of
+/// `gate` and `up` (`[m, x.k]` each), rounded to bf16 into the packed buffer `h` (reset to
+/// `(x.n, inter)`) at columns `j0 + j`: SwiGLU's element-wise part fused into its two
+/// projections, and its output packed for the down projection.
+///
+/// # Safety
+/// `has_bf16()` must hold; `x` as for [`gemm_bf16_packed`]; `j0` even, `j0 + m <= h.k`,
+/// `h.n == x.n`; h's pair lines `j0 / 2..(j0 + m).div_ceil(2)` of every group are not
+/// accessed by anyone else during the call.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+pub unsafe fn swiglu_bf16_packed(
+    x: PackedView,
+    m: usize,
+    gate: &[u16],
+    up: &[u16],
+    h: PackedView,
+    j0: usize,
+) {
+    let (k, pairs, groups) = (x.k, x.pairs(), x.groups());
+    assert!(gate.len() >= m * k && up.len() >= m * k);
+    assert!(j0.is_multiple_of(2) && j0 + m <= h.k && h.n == x.n);
+    let hp = h.pairs();
+    let mut j = 0;
+    while j < m {
+        // 4 rows (2 pair lines) x 4 groups per tile; the kernel's choice for short inputs
+        // (8 rows x 2 groups) is kept too.
+        let r = if groups >= 3 { 4 } else { 8 }.min(m - j);
+        let mut g = 0;
+        while g < groups {
+            let c = if r > 4 {
+                groups - g
+            } else {
+                (groups - g).min(4)
+            };
+            // SAFETY: groups g..g + c of x and rows j..j + r of gate and up are in
+            // bounds; h's lines (g.., (j0 + j) / 2..) are inside this call's columns.
+            unsafe {
+                dispatch_packed!(
+                    tile_swiglu,
+                    r,
+                    c,
+                    x.lines.add(g * pairs) as *const Line,
+                    pairs,
+                    gate.as_ptr().add(j * k),
+                    up.as_ptr().add(j * k),
+                    k,
+                    h.lines.add(g * hp + (j0 + j) / 2),
+                    hp
                 )
             };
             g += c;
@@ -975,6 +1108,62 @@ mod tests {
                     gemm_bf16_packed(v, m, &wb, got.as_mut_ptr(), ld);
                 }
                 check(&got, &want, &format!("packed {n}x{m}x{k}"));
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_unfused_bit_for_bit() {
+        if !has_bf16() {
+            return;
+        }
+        let pool_free = |x: &[f32], n: usize, k: usize| {
+            let mut p = PackedBf16::default();
+            p.reset(n, k);
+            let v = p.view();
+            // SAFETY: has_bf16(); p reset to (n, k).
+            unsafe { pack_bf16(x, v, 0..v.groups()) };
+            p
+        };
+        for (inter, k) in [(2, 1), (18, 33), (9, 130), (64, 64), (13, 576)] {
+            let gate: Vec<u16> = data(inter * k, 1)
+                .iter()
+                .map(|&v| super::super::dot::f32_to_bf16(v * 3.0))
+                .collect();
+            let up: Vec<u16> = data(inter * k, 4)
+                .iter()
+                .map(|&v| super::super::dot::f32_to_bf16(v))
+                .collect();
+            for n in [1, 16, 17, 40, 64, 100] {
+                let x = data(n * k, 2);
+                let mut xp = pool_free(&x, n, k);
+                let xv = xp.view();
+                let (mut g, mut u) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                let mut h = PackedBf16::default();
+                h.reset(n, inter);
+                let hv = h.view();
+                // SAFETY: has_bf16(); x packed; g and u are [n, inter]; two calls write
+                // disjoint column ranges of h (the first ends at an even column).
+                unsafe {
+                    gemm_bf16_packed(xv, inter, &gate, g.as_mut_ptr(), inter);
+                    gemm_bf16_packed(xv, inter, &up, u.as_mut_ptr(), inter);
+                    let split = inter / 4 * 2;
+                    swiglu_bf16_packed(xv, split, &gate, &up, hv, 0);
+                    swiglu_bf16_packed(
+                        xv,
+                        inter - split,
+                        &gate[split * k..],
+                        &up[split * k..],
+                        hv,
+                        split,
+                    );
+                }
+                crate::kernels::ops::silu_mul(&mut g, &u);
+                let want = pool_free(&g, n, inter);
+                let len = want.groups() * want.pairs();
+                for (i, (a, b)) in h.lines[..len].iter().zip(&want.lines[..len]).enumerate() {
+                    assert_eq!(a.0, b.0, "{n}x{inter}x{k} line {i}");
+                }
             }
         }
     }

@@ -339,36 +339,64 @@ thread_local! {
     static PACKED: std::cell::RefCell<gemm_avx512::PackedBf16> = Default::default();
 }
 
-/// `parts[i].2 = x · parts[i].0^T` (`[n, rows_i]`, row stride rows_i) with the packed
-/// bf16 kernel, in one pool job: each thread packs (rounds to bf16) its share of the
-/// token groups, waits for the others' (a spin on a counter), then takes chunks of rows
-/// of all matrices in turn from a shared counter until none are left, so a thread that
-/// was descheduled for a while leaves its remaining chunks to the other.
+/// What one matrix of a [`packed_job`] computes.
 #[cfg(target_arch = "x86_64")]
-fn matmul_bf16_packed(
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    /// `out = x · w^T`: [n, rows] f32, row stride `rows`.
+    Gemm(&'a [u16], usize, SharedMut),
+    /// SwiGLU of `gate` and `up` ([rows, cols] each) into the packed `h` ([n, rows]).
+    SwiGlu(&'a [u16], &'a [u16], usize, gemm_avx512::PackedView),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Part<'_> {
+    fn rows(&self) -> usize {
+        match *self {
+            Part::Gemm(_, rows, _) | Part::SwiGlu(_, _, rows, _) => rows,
+        }
+    }
+}
+
+/// [`matmul`]s of bf16 weights with the packed kernel, in one pool job: the input `x`
+/// ([n, cols] f32) is packed (rounded to bf16) by all threads, each its share of the
+/// token groups, and they wait for each other's (a spin on a counter) — or `x` is None and
+/// `packed` already holds the input; then the threads take chunks of rows of all parts in
+/// turn from a shared counter until none are left, so a thread that was descheduled for a
+/// while leaves its remaining chunks to the other.
+#[cfg(target_arch = "x86_64")]
+fn packed_job(
     pool: &ThreadPool,
-    x: &[f32],
+    x: Option<&[f32]>,
+    packed: &mut gemm_avx512::PackedBf16,
     n: usize,
     cols: usize,
-    parts: &[(&[u16], usize, SharedMut)],
+    parts: &[Part<'_>],
 ) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let threads = pool.threads();
-    // Chunks of rows: about 8 per thread over all matrices, a multiple of 8 rows (the
-    // kernel's row tiles), 16..=128.
-    let total: usize = parts.iter().map(|p| p.1).sum();
-    let chunk = (total / (8 * threads) / 8 * 8).clamp(16, 128);
-    let counts: Vec<usize> = parts.iter().map(|p| p.1.div_ceil(chunk)).collect();
-    let chunks: usize = counts.iter().sum();
-    PACKED.with_borrow_mut(|packed| {
+    if let Some(x) = x {
+        assert_eq!(x.len(), n * cols, "packed matmul: input size");
         packed.reset(n, cols);
-        let view = packed.view();
-        let groups = view.groups();
-        let (ready, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        pool.run(&|i, nt| {
+    }
+    assert!(
+        packed.n() == n && packed.k() == cols,
+        "packed matmul: input shape"
+    );
+    let threads = pool.threads();
+    // Chunks of rows: about 8 per thread over all parts, a multiple of 8 rows (the
+    // kernel's row tiles), 16..=128.
+    let total: usize = parts.iter().map(Part::rows).sum();
+    let chunk = (total / (8 * threads) / 8 * 8).clamp(16, 128);
+    let counts: Vec<usize> = parts.iter().map(|p| p.rows().div_ceil(chunk)).collect();
+    let chunks: usize = counts.iter().sum();
+    let view = packed.view();
+    let groups = view.groups();
+    let (ready, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    pool.run(&|i, nt| {
+        if let Some(x) = x {
             let mine = super::pool::split_range(groups, 1, i, nt);
             // SAFETY: has_bf16() (use_packed_bf16); the buffer was reset to (n, cols) and
-            // x is [n, cols] (asserted by the callers); threads pack disjoint groups.
+            // x is [n, cols] (asserted); threads pack disjoint groups.
             unsafe { gemm_avx512::pack_bf16(x, view, mine) };
             ready.fetch_add(1, Ordering::Release);
             let start = std::time::Instant::now();
@@ -379,35 +407,116 @@ fn matmul_bf16_packed(
                     std::thread::yield_now();
                 }
             }
-            loop {
-                let mut c = next.fetch_add(1, Ordering::Relaxed);
-                if c >= chunks {
-                    break;
-                }
-                let mut part = 0;
-                while c >= counts[part] {
-                    c -= counts[part];
-                    part += 1;
-                }
-                let (w, rows, out) = parts[part];
-                let r0 = c * chunk;
-                let r1 = (r0 + chunk).min(rows);
-                // SAFETY: every group is packed and published (the Acquire load above
-                // saw all threads' Release increments); rows r0..r1 of this matrix are
-                // in bounds; chunk c of part `part` is taken by this thread only, so its
-                // output columns r0..r1 ([n, rows]) are written by this thread only.
-                unsafe {
-                    gemm_avx512::gemm_bf16_packed(
+        }
+        loop {
+            let mut c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                break;
+            }
+            let mut part = 0;
+            while c >= counts[part] {
+                c -= counts[part];
+                part += 1;
+            }
+            let rows = parts[part].rows();
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY: every group of the input is packed and published (the Acquire load
+            // above saw all threads' Release increments, or the caller packed it before
+            // the job); rows r0..r1 of this part's matrices are in bounds (asserted by
+            // the callers); chunk c of part `part` is taken by this thread only, so its
+            // outputs (columns r0..r1, even r0) are written by this thread only.
+            unsafe {
+                match parts[part] {
+                    Part::Gemm(w, rows, out) => gemm_avx512::gemm_bf16_packed(
                         view,
                         r1 - r0,
                         &w[r0 * cols..r1 * cols],
                         out.get().add(r0),
                         rows,
-                    )
-                };
-            }
-        });
+                    ),
+                    Part::SwiGlu(gate, up, _, h) => gemm_avx512::swiglu_bf16_packed(
+                        view,
+                        r1 - r0,
+                        &gate[r0 * cols..r1 * cols],
+                        &up[r0 * cols..r1 * cols],
+                        h,
+                        r0,
+                    ),
+                }
+            };
+        }
     });
+}
+
+/// The first half of a prefill's SwiGLU MLP: `h = silu(x · gate^T) * (x · up^T)` (x:
+/// [n, cols], gate and up: [inter, cols]) rounded to bf16 into `h`, packed for
+/// [`matmul_packed`], in one pool job. Returns false (doing nothing) unless the weights
+/// are bf16 and the packed kernel applies (AVX-512 BF16, n >= 16); the caller then runs
+/// gate, up, `silu_mul` and down itself, with the same result.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_packed(
+    pool: &ThreadPool,
+    gate: WeightView<'_>,
+    up: WeightView<'_>,
+    inter: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    h: &mut super::gemm_avx512::PackedBf16,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (WeightView::Bf16(g), WeightView::Bf16(u)) = (gate, up)
+        && use_packed_bf16(n)
+    {
+        assert!(
+            g.len() == inter * cols && u.len() == inter * cols,
+            "swiglu: weight size"
+        );
+        h.reset(n, inter);
+        let hv = h.view();
+        PACKED.with_borrow_mut(|xp| {
+            packed_job(pool, Some(x), xp, n, cols, &[Part::SwiGlu(g, u, inter, hv)])
+        });
+        return true;
+    }
+    let _ = (pool, gate, up, inter, cols, x, n, h);
+    false
+}
+
+/// `out = h · w^T` for activations already packed by [`swiglu_packed`] (h: [n, cols],
+/// w: [rows, cols] bf16, out: [n, rows]).
+pub fn matmul_packed(
+    pool: &ThreadPool,
+    w: WeightView<'_>,
+    rows: usize,
+    h: &mut super::gemm_avx512::PackedBf16,
+    out: &mut [f32],
+) {
+    let (n, cols) = (h.n(), h.k());
+    assert_eq!(w.len(), rows * cols, "matmul_packed: weight size");
+    assert_eq!(out.len(), n * rows, "matmul_packed: output size");
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Bf16(wb) = w
+        && use_packed_bf16(n)
+    {
+        let dst = SharedMut(out.as_mut_ptr());
+        return packed_job(pool, None, h, n, cols, &[Part::Gemm(wb, rows, dst)]);
+    }
+    panic!("matmul_packed: the input was packed by swiglu_packed, which needs bf16 weights");
+}
+
+/// `parts[i].2 = x · parts[i].0^T` with the packed kernel (see [`packed_job`]).
+#[cfg(target_arch = "x86_64")]
+fn matmul_bf16_packed(
+    pool: &ThreadPool,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    parts: &[(&[u16], usize, SharedMut)],
+) {
+    let parts: Vec<Part<'_>> = parts.iter().map(|&(w, r, o)| Part::Gemm(w, r, o)).collect();
+    PACKED.with_borrow_mut(|xp| packed_job(pool, Some(x), xp, n, cols, &parts));
 }
 
 /// Rows of quantized weights per step of [`matmul_quant`]: a few KiB of blocks that stay
@@ -625,6 +734,45 @@ mod tests {
                             }
                         }
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_and_packed_down_equal_the_unfused_mlp() {
+        use crate::kernels::gemm_avx512::PackedBf16;
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (hidden, inter) in [(33, 50), (64, 200)] {
+                let bf = |n: usize, seed: u64| -> Vec<u16> {
+                    data(n, seed).iter().map(|&v| f32_to_bf16(v)).collect()
+                };
+                let (g, u, d) = (
+                    bf(inter * hidden, 1),
+                    bf(inter * hidden, 2),
+                    bf(hidden * inter, 3),
+                );
+                let (gw, uw, dw) = (
+                    WeightView::Bf16(&g),
+                    WeightView::Bf16(&u),
+                    WeightView::Bf16(&d),
+                );
+                for n in [16, 17, 50, 130] {
+                    let x = data(n * hidden, 4);
+                    let mut hp = PackedBf16::default();
+                    if !swiglu_packed(&pool, gw, uw, inter, hidden, &x, n, &mut hp) {
+                        return;
+                    }
+                    let mut got = vec![0f32; n * hidden];
+                    matmul_packed(&pool, dw, hidden, &mut hp, &mut got);
+                    let (mut a, mut b) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                    matmul(&pool, gw, inter, hidden, &x, n, &mut a);
+                    matmul(&pool, uw, inter, hidden, &x, n, &mut b);
+                    crate::kernels::ops::silu_mul(&mut a, &b);
+                    let mut want = vec![0f32; n * hidden];
+                    matmul(&pool, dw, hidden, inter, &a, n, &mut want);
+                    assert_eq!(got, want, "{threads} threads {hidden}x{inter} n={n}");
                 }
             }
         }
