@@ -700,6 +700,8 @@ unsafe fn accumulate<const R: usize, const G: usize>(
     pairs: usize,
     w: *const u16,
     k: usize,
+    pf: *const u16,
+    pf_len: usize,
 ) -> [[__m512; G]; R] {
     let mut acc = [[_mm512_setzero_ps(); G]; R];
     // SAFETY: lines g * pairs + p (p < pairs) of G groups and the pairs 2 p, 2 p + 1 < k
@@ -719,7 +721,18 @@ unsafe fn accumulate<const R: usize, const G: usize>(
             }
         };
         let full = k / 2;
+        // One cache line of `pf` (the next tile's rows, R x k bf16 = R k / 32 lines) per
+        // R / 4 steps of the k / 2.
+        let per = R.div_ceil(4);
         for p in 0..full {
+            if p % 4 == 0 {
+                for q in 0..per {
+                    let off = (p / 4 * per + q) * 32;
+                    if off < pf_len {
+                        _mm_prefetch::<_MM_HINT_T0>(pf.add(off) as *const i8);
+                    }
+                }
+            }
             let mut b = [_mm512_setzero_si512(); R];
             for (r, b) in b.iter_mut().enumerate() {
                 *b = _mm512_set1_epi32((w.add(r * k + 2 * p) as *const i32).read_unaligned());
@@ -754,9 +767,11 @@ unsafe fn tile_packed<const R: usize, const G: usize>(
     out: *mut f32,
     ld: usize,
     tokens: usize,
+    pf: *const u16,
+    pf_len: usize,
 ) {
     // SAFETY: forwarded contract.
-    let acc = unsafe { accumulate::<R, G>(x, pairs, w, k) };
+    let acc = unsafe { accumulate::<R, G>(x, pairs, w, k, pf, pf_len) };
     // Lanes are tokens: write each row's column through a small buffer.
     let mut buf = [[0f32; 4 * GROUP]; R];
     for (a, b) in acc.iter().zip(buf.iter_mut()) {
@@ -793,12 +808,14 @@ unsafe fn tile_swiglu<const R: usize, const G: usize>(
     k: usize,
     out: *mut Line,
     out_pairs: usize,
+    pf: [*const u16; 2],
+    pf_len: usize,
 ) {
     // SAFETY: forwarded contract.
     let (g, u) = unsafe {
         (
-            accumulate::<R, G>(x, pairs, gate, k),
-            accumulate::<R, G>(x, pairs, up, k),
+            accumulate::<R, G>(x, pairs, gate, k, pf[0], pf_len),
+            accumulate::<R, G>(x, pairs, up, k, pf[1], pf_len),
         )
     };
     let one = _mm512_set1_ps(1.0);
@@ -867,6 +884,7 @@ pub unsafe fn gemm_bf16_packed(x: PackedView, m: usize, w: &[u16], out: *mut f32
     let mut j = 0;
     while j < m {
         let r = tr.min(m - j);
+        let next = tr.min(m - j - r);
         let mut g = 0;
         while g < groups {
             // Short row tails take single groups (the dispatch has r > 4 for g <= 2 only).
@@ -888,7 +906,9 @@ pub unsafe fn gemm_bf16_packed(x: PackedView, m: usize, w: &[u16], out: *mut f32
                     k,
                     out.add(g * GROUP * ld + j),
                     ld,
-                    x.n - g * GROUP
+                    x.n - g * GROUP,
+                    w.as_ptr().add((j + r) * k),
+                    if g == 0 { next * k } else { 0 }
                 )
             };
             g += c;
@@ -924,7 +944,9 @@ pub unsafe fn swiglu_bf16_packed(
     while j < m {
         // 4 rows (2 pair lines) x 4 groups per tile; the kernel's choice for short inputs
         // (8 rows x 2 groups) is kept too.
-        let r = if groups >= 3 { 4 } else { 8 }.min(m - j);
+        let tr = if groups >= 3 { 4 } else { 8 };
+        let r = tr.min(m - j);
+        let next = tr.min(m - j - r);
         let mut g = 0;
         while g < groups {
             let c = if r > 4 {
@@ -945,7 +967,9 @@ pub unsafe fn swiglu_bf16_packed(
                     up.as_ptr().add(j * k),
                     k,
                     h.lines.add(g * hp + (j0 + j) / 2),
-                    hp
+                    hp,
+                    [gate.as_ptr().add((j + r) * k), up.as_ptr().add((j + r) * k)],
+                    if g == 0 { next * k } else { 0 }
                 )
             };
             g += c;

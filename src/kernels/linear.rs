@@ -778,6 +778,68 @@ mod tests {
         }
     }
 
+    /// Where a packed bf16 matmul's time goes (run with `--ignored --nocapture`): packing
+    /// alone, the kernel alone on packed input, and the whole `matmul` on a 1-thread pool.
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn packed_matmul_timing() {
+        use crate::kernels::gemm_avx512::{PackedBf16, gemm_bf16_packed, has_bf16, pack_bf16};
+        if !has_bf16() {
+            return;
+        }
+        let pool = ThreadPool::new(1);
+        let n = 128;
+        for (rows, cols) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+            let wb: Vec<u16> = data(rows * cols, 1)
+                .iter()
+                .map(|&v| f32_to_bf16(v))
+                .collect();
+            // Copies to cycle through, so that the weights come from memory as in a
+            // forward pass (about 100 MB).
+            let copies: Vec<Vec<u16>> = (0..(100 << 20) / (2 * rows * cols))
+                .map(|_| wb.clone())
+                .collect();
+            let x = data(n * cols, 2);
+            let mut out = vec![0f32; n * rows];
+            let mut p = PackedBf16::default();
+            p.reset(n, cols);
+            let v = p.view();
+            let (mut tp, mut tk, mut tm, mut tc) = (vec![], vec![], vec![], vec![]);
+            for i in 0..30 {
+                let t0 = std::time::Instant::now();
+                // SAFETY: has_bf16(); p reset to (n, cols); out is [n, rows].
+                unsafe { pack_bf16(&x, v, 0..v.groups()) };
+                let t1 = std::time::Instant::now();
+                // SAFETY: as above.
+                unsafe { gemm_bf16_packed(v, rows, &wb, out.as_mut_ptr(), rows) };
+                let t2 = std::time::Instant::now();
+                matmul(&pool, WeightView::Bf16(&wb), rows, cols, &x, n, &mut out);
+                let t3 = std::time::Instant::now();
+                let w = WeightView::Bf16(&copies[i % copies.len()]);
+                matmul(&pool, w, rows, cols, &x, n, &mut out);
+                tc.push(t3.elapsed().as_secs_f64());
+                tp.push((t1 - t0).as_secs_f64());
+                tk.push((t2 - t1).as_secs_f64());
+                tm.push((t3 - t2).as_secs_f64());
+            }
+            for t in [&mut tp, &mut tk, &mut tm, &mut tc] {
+                t.sort_by(f64::total_cmp);
+            }
+            let flop = 2.0 * (n * rows * cols) as f64;
+            println!(
+                "{rows}x{cols}: pack {:.1} us, kernel {:.1} us ({:.0} GFLOP/s), matmul {:.1} us ({:.0} GFLOP/s), cold weights {:.1} us ({:.0} GFLOP/s)",
+                tp[15] * 1e6,
+                tk[15] * 1e6,
+                flop / tk[15] / 1e9,
+                tm[15] * 1e6,
+                flop / tm[15] / 1e9,
+                tc[15] * 1e6,
+                flop / tc[15] / 1e9
+            );
+        }
+    }
+
     #[test]
     fn quantized_matmul_equals_matvec_per_token_bit_for_bit() {
         for threads in [1, 2, 3] {
