@@ -212,9 +212,15 @@ pub fn matmul(
     if n == 1 {
         return matvec(pool, w, rows, cols, x, out);
     }
-    let dst = SharedMut(out.as_mut_ptr());
     if let WeightView::Quant(f, wq) = w {
         return matmul_quant(pool, f, wq, rows, cols, x, n, out);
+    }
+    let dst = SharedMut(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Bf16(wb) = w
+        && use_packed_bf16(n)
+    {
+        return matmul_bf16_packed(pool, x, n, cols, &[(wb, rows, dst)]);
     }
     #[cfg(target_arch = "x86_64")]
     if matches!(w, WeightView::Bf16(_)) && gemm_avx512::has_bf16() && !use_gemm_crate() {
@@ -287,6 +293,239 @@ pub fn matmul(
             }
         }
     });
+}
+
+/// `outs[i] = x · ws[i]^T` for weight matrices that share their input (a layer's q, k and
+/// v projections; gate and up): x: [n, cols], `ws[i]`: [rows_i, cols], `outs[i]`:
+/// [n, rows_i]. With bf16 weights on AVX-512 BF16 this is one pool job (the activations
+/// packed once, the rows of all matrices dealt out in chunks); otherwise one [`matmul`]
+/// per matrix.
+pub fn matmul_many(
+    pool: &ThreadPool,
+    ws: &[(WeightView<'_>, usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    assert_eq!(ws.len(), outs.len(), "matmul_many: one output per matrix");
+    #[cfg(target_arch = "x86_64")]
+    if use_packed_bf16(n) && ws.iter().all(|(w, _)| matches!(w, WeightView::Bf16(_))) {
+        let parts: Vec<(&[u16], usize, SharedMut)> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&(w, rows), out)| {
+                let WeightView::Bf16(wb) = w else {
+                    unreachable!("checked above")
+                };
+                assert_eq!(w.len(), rows * cols, "matmul_many: weight size");
+                assert_eq!(out.len(), n * rows, "matmul_many: output size");
+                (wb, rows, SharedMut(out.as_mut_ptr()))
+            })
+            .collect();
+        assert_eq!(x.len(), n * cols, "matmul_many: input size");
+        return matmul_bf16_packed(pool, x, n, cols, &parts);
+    }
+    for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
+        matmul(pool, w, rows, cols, x, n, out);
+    }
+}
+
+/// Fewest tokens for the packed bf16 kernel (16 tokens fill one group's lanes; below that
+/// the row-tile kernel wastes less).
+const PACKED_MIN_TOKENS: usize = 16;
+
+/// Whether a bf16 matmul of `n` tokens goes to [`matmul_bf16_packed`].
+#[cfg(target_arch = "x86_64")]
+fn use_packed_bf16(n: usize) -> bool {
+    n >= PACKED_MIN_TOKENS && gemm_avx512::has_bf16() && !use_gemm_crate()
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// The packed activations of [`matmul_bf16_packed`], kept between calls (a prefill
+    /// packs a few hundred KiB per matrix; reallocating would page-fault each time).
+    static PACKED: std::cell::RefCell<gemm_avx512::PackedBf16> = Default::default();
+}
+
+/// What one matrix of a [`packed_job`] computes.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Part<'a> {
+    /// `out = x · w^T`: [n, rows] f32, row stride `rows`.
+    Gemm(&'a [u16], usize, SharedMut),
+    /// SwiGLU of `gate` and `up` ([rows, cols] each) into the packed `h` ([n, rows]).
+    SwiGlu(&'a [u16], &'a [u16], usize, gemm_avx512::PackedView),
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Part<'_> {
+    fn rows(&self) -> usize {
+        match *self {
+            Part::Gemm(_, rows, _) | Part::SwiGlu(_, _, rows, _) => rows,
+        }
+    }
+}
+
+/// [`matmul`]s of bf16 weights with the packed kernel, in one pool job: the input `x`
+/// ([n, cols] f32) is packed (rounded to bf16) by all threads, each its share of the
+/// token groups, and they wait for each other's (a spin on a counter) — or `x` is None and
+/// `packed` already holds the input; then the threads take chunks of rows of all parts in
+/// turn from a shared counter until none are left, so a thread that was descheduled for a
+/// while leaves its remaining chunks to the other.
+#[cfg(target_arch = "x86_64")]
+fn packed_job(
+    pool: &ThreadPool,
+    x: Option<&[f32]>,
+    packed: &mut gemm_avx512::PackedBf16,
+    n: usize,
+    cols: usize,
+    parts: &[Part<'_>],
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if let Some(x) = x {
+        assert_eq!(x.len(), n * cols, "packed matmul: input size");
+        packed.reset(n, cols);
+    }
+    assert!(
+        packed.n() == n && packed.k() == cols,
+        "packed matmul: input shape"
+    );
+    let threads = pool.threads();
+    // Chunks of rows: about 8 per thread over all parts, a multiple of 8 rows (the
+    // kernel's row tiles), 16..=128.
+    let total: usize = parts.iter().map(Part::rows).sum();
+    let chunk = (total / (8 * threads) / 8 * 8).clamp(16, 128);
+    let counts: Vec<usize> = parts.iter().map(|p| p.rows().div_ceil(chunk)).collect();
+    let chunks: usize = counts.iter().sum();
+    let view = packed.view();
+    let groups = view.groups();
+    let (ready, next) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    pool.run(&|i, nt| {
+        if let Some(x) = x {
+            let mine = super::pool::split_range(groups, 1, i, nt);
+            // SAFETY: has_bf16() (use_packed_bf16); the buffer was reset to (n, cols) and
+            // x is [n, cols] (asserted); threads pack disjoint groups.
+            unsafe { gemm_avx512::pack_bf16(x, view, mine) };
+            ready.fetch_add(1, Ordering::Release);
+            let start = std::time::Instant::now();
+            while ready.load(Ordering::Acquire) < nt {
+                if start.elapsed() < std::time::Duration::from_micros(50) {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
+        loop {
+            let mut c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= chunks {
+                break;
+            }
+            let mut part = 0;
+            while c >= counts[part] {
+                c -= counts[part];
+                part += 1;
+            }
+            let rows = parts[part].rows();
+            let r0 = c * chunk;
+            let r1 = (r0 + chunk).min(rows);
+            // SAFETY: every group of the input is packed and published (the Acquire load
+            // above saw all threads' Release increments, or the caller packed it before
+            // the job); rows r0..r1 of this part's matrices are in bounds (asserted by
+            // the callers); chunk c of part `part` is taken by this thread only, so its
+            // outputs (columns r0..r1, even r0) are written by this thread only.
+            unsafe {
+                match parts[part] {
+                    Part::Gemm(w, rows, out) => gemm_avx512::gemm_bf16_packed(
+                        view,
+                        r1 - r0,
+                        &w[r0 * cols..r1 * cols],
+                        out.get().add(r0),
+                        rows,
+                    ),
+                    Part::SwiGlu(gate, up, _, h) => gemm_avx512::swiglu_bf16_packed(
+                        view,
+                        r1 - r0,
+                        &gate[r0 * cols..r1 * cols],
+                        &up[r0 * cols..r1 * cols],
+                        h,
+                        r0,
+                    ),
+                }
+            };
+        }
+    });
+}
+
+/// The first half of a prefill's SwiGLU MLP: `h = silu(x · gate^T) * (x · up^T)` (x:
+/// [n, cols], gate and up: [inter, cols]) rounded to bf16 into `h`, packed for
+/// [`matmul_packed`], in one pool job. Returns false (doing nothing) unless the weights
+/// are bf16 and the packed kernel applies (AVX-512 BF16, n >= 16); the caller then runs
+/// gate, up, `silu_mul` and down itself, with the same result.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_packed(
+    pool: &ThreadPool,
+    gate: WeightView<'_>,
+    up: WeightView<'_>,
+    inter: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    h: &mut super::gemm_avx512::PackedBf16,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (WeightView::Bf16(g), WeightView::Bf16(u)) = (gate, up)
+        && use_packed_bf16(n)
+    {
+        assert!(
+            g.len() == inter * cols && u.len() == inter * cols,
+            "swiglu: weight size"
+        );
+        h.reset(n, inter);
+        let hv = h.view();
+        PACKED.with_borrow_mut(|xp| {
+            packed_job(pool, Some(x), xp, n, cols, &[Part::SwiGlu(g, u, inter, hv)])
+        });
+        return true;
+    }
+    let _ = (pool, gate, up, inter, cols, x, n, h);
+    false
+}
+
+/// `out = h · w^T` for activations already packed by [`swiglu_packed`] (h: [n, cols],
+/// w: [rows, cols] bf16, out: [n, rows]).
+pub fn matmul_packed(
+    pool: &ThreadPool,
+    w: WeightView<'_>,
+    rows: usize,
+    h: &mut super::gemm_avx512::PackedBf16,
+    out: &mut [f32],
+) {
+    let (n, cols) = (h.n(), h.k());
+    assert_eq!(w.len(), rows * cols, "matmul_packed: weight size");
+    assert_eq!(out.len(), n * rows, "matmul_packed: output size");
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Bf16(wb) = w
+        && use_packed_bf16(n)
+    {
+        let dst = SharedMut(out.as_mut_ptr());
+        return packed_job(pool, None, h, n, cols, &[Part::Gemm(wb, rows, dst)]);
+    }
+    panic!("matmul_packed: the input was packed by swiglu_packed, which needs bf16 weights");
+}
+
+/// `parts[i].2 = x · parts[i].0^T` with the packed kernel (see [`packed_job`]).
+#[cfg(target_arch = "x86_64")]
+fn matmul_bf16_packed(
+    pool: &ThreadPool,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    parts: &[(&[u16], usize, SharedMut)],
+) {
+    let parts: Vec<Part<'_>> = parts.iter().map(|&(w, r, o)| Part::Gemm(w, r, o)).collect();
+    PACKED.with_borrow_mut(|xp| packed_job(pool, Some(x), xp, n, cols, &parts));
 }
 
 /// Rows of quantized weights per step of [`matmul_quant`]: a few KiB of blocks that stay
@@ -457,6 +696,156 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn matmul_many_and_packed_sizes_match_scalar() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (rows, cols) in [(17, 33), (200, 577), (40, 64)] {
+                let wf: Vec<Vec<f32>> = (0..3)
+                    .map(|i| data((rows + i) * cols, 7 + i as u64))
+                    .collect();
+                let wb: Vec<Vec<u16>> = wf
+                    .iter()
+                    .map(|w| w.iter().map(|&v| f32_to_bf16(v)).collect())
+                    .collect();
+                for n in [15, 16, 17, 40, 64, 130] {
+                    let x = data(n * cols, 2);
+                    for bf16 in [false, true] {
+                        let ws: Vec<(WeightView<'_>, usize)> = (0..3)
+                            .map(|i| {
+                                let w = if bf16 {
+                                    WeightView::Bf16(&wb[i])
+                                } else {
+                                    WeightView::F32(&wf[i])
+                                };
+                                (w, rows + i)
+                            })
+                            .collect();
+                        let mut outs: Vec<Vec<f32>> =
+                            (0..3).map(|i| vec![0f32; n * (rows + i)]).collect();
+                        let mut views: Vec<&mut [f32]> =
+                            outs.iter_mut().map(|o| &mut o[..]).collect();
+                        matmul_many(&pool, &ws, cols, &x, n, &mut views);
+                        for (i, &(w, r)) in ws.iter().enumerate() {
+                            let xr = kernel_activations(w, &x, n);
+                            let mut want = vec![0f32; n * r];
+                            matmul_scalar(w, r, cols, &xr, n, &mut want);
+                            let mut one = vec![0f32; n * r];
+                            matmul(&pool, w, r, cols, &x, n, &mut one);
+                            for ((a, b), c) in outs[i].iter().zip(&want).zip(&one) {
+                                assert!(
+                                    (a - b).abs() < 1e-4 * (1.0 + b.abs()) && a == c,
+                                    "{threads} threads {r}x{cols} n={n} bf16 {bf16}: {a} vs {b}, {c}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_and_packed_down_equal_the_unfused_mlp() {
+        use crate::kernels::gemm_avx512::PackedBf16;
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (hidden, inter) in [(33, 50), (64, 200)] {
+                let bf = |n: usize, seed: u64| -> Vec<u16> {
+                    data(n, seed).iter().map(|&v| f32_to_bf16(v)).collect()
+                };
+                let (g, u, d) = (
+                    bf(inter * hidden, 1),
+                    bf(inter * hidden, 2),
+                    bf(hidden * inter, 3),
+                );
+                let (gw, uw, dw) = (
+                    WeightView::Bf16(&g),
+                    WeightView::Bf16(&u),
+                    WeightView::Bf16(&d),
+                );
+                for n in [16, 17, 50, 130] {
+                    let x = data(n * hidden, 4);
+                    let mut hp = PackedBf16::default();
+                    if !swiglu_packed(&pool, gw, uw, inter, hidden, &x, n, &mut hp) {
+                        return;
+                    }
+                    let mut got = vec![0f32; n * hidden];
+                    matmul_packed(&pool, dw, hidden, &mut hp, &mut got);
+                    let (mut a, mut b) = (vec![0f32; n * inter], vec![0f32; n * inter]);
+                    matmul(&pool, gw, inter, hidden, &x, n, &mut a);
+                    matmul(&pool, uw, inter, hidden, &x, n, &mut b);
+                    crate::kernels::ops::silu_mul(&mut a, &b);
+                    let mut want = vec![0f32; n * hidden];
+                    matmul(&pool, dw, hidden, inter, &a, n, &mut want);
+                    assert_eq!(got, want, "{threads} threads {hidden}x{inter} n={n}");
+                }
+            }
+        }
+    }
+
+    /// Where a packed bf16 matmul's time goes (run with `--ignored --nocapture`): packing
+    /// alone, the kernel alone on packed input, and the whole `matmul` on a 1-thread pool.
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn packed_matmul_timing() {
+        use crate::kernels::gemm_avx512::{PackedBf16, gemm_bf16_packed, has_bf16, pack_bf16};
+        if !has_bf16() {
+            return;
+        }
+        let pool = ThreadPool::new(1);
+        let n = 128;
+        for (rows, cols) in [(576, 576), (192, 576), (1536, 576), (576, 1536)] {
+            let wb: Vec<u16> = data(rows * cols, 1)
+                .iter()
+                .map(|&v| f32_to_bf16(v))
+                .collect();
+            // Copies to cycle through, so that the weights come from memory as in a
+            // forward pass (about 100 MB).
+            let copies: Vec<Vec<u16>> = (0..(100 << 20) / (2 * rows * cols))
+                .map(|_| wb.clone())
+                .collect();
+            let x = data(n * cols, 2);
+            let mut out = vec![0f32; n * rows];
+            let mut p = PackedBf16::default();
+            p.reset(n, cols);
+            let v = p.view();
+            let (mut tp, mut tk, mut tm, mut tc) = (vec![], vec![], vec![], vec![]);
+            for i in 0..30 {
+                let t0 = std::time::Instant::now();
+                // SAFETY: has_bf16(); p reset to (n, cols); out is [n, rows].
+                unsafe { pack_bf16(&x, v, 0..v.groups()) };
+                let t1 = std::time::Instant::now();
+                // SAFETY: as above.
+                unsafe { gemm_bf16_packed(v, rows, &wb, out.as_mut_ptr(), rows) };
+                let t2 = std::time::Instant::now();
+                matmul(&pool, WeightView::Bf16(&wb), rows, cols, &x, n, &mut out);
+                let t3 = std::time::Instant::now();
+                let w = WeightView::Bf16(&copies[i % copies.len()]);
+                matmul(&pool, w, rows, cols, &x, n, &mut out);
+                tc.push(t3.elapsed().as_secs_f64());
+                tp.push((t1 - t0).as_secs_f64());
+                tk.push((t2 - t1).as_secs_f64());
+                tm.push((t3 - t2).as_secs_f64());
+            }
+            for t in [&mut tp, &mut tk, &mut tm, &mut tc] {
+                t.sort_by(f64::total_cmp);
+            }
+            let flop = 2.0 * (n * rows * cols) as f64;
+            println!(
+                "{rows}x{cols}: pack {:.1} us, kernel {:.1} us ({:.0} GFLOP/s), matmul {:.1} us ({:.0} GFLOP/s), cold weights {:.1} us ({:.0} GFLOP/s)",
+                tp[15] * 1e6,
+                tk[15] * 1e6,
+                flop / tk[15] / 1e9,
+                tm[15] * 1e6,
+                flop / tm[15] / 1e9,
+                tc[15] * 1e6,
+                flop / tc[15] / 1e9
+            );
         }
     }
 

@@ -61,7 +61,7 @@ pub mod pool;
 pub mod qdot;
 pub mod sparse;
 
-pub use linear::{WeightView, matmul, matvec, matvec_blocks};
+pub use linear::{WeightView, matmul, matmul_many, matvec, matvec_blocks};
 pub use pool::ThreadPool;
 
 /// A byte buffer that the pool's threads fill in disjoint ranges.

@@ -379,6 +379,7 @@ impl Llama {
             tmp,
             g,
             u,
+            hp,
             rope,
         } = s;
         let x = grow(x, n * h);
@@ -403,11 +404,11 @@ impl Llama {
             }
             timer.end(Phase::Norm);
             let a = &layer.self_attn;
-            a.q_proj.forward(pool, xn, n, q);
-            // Keys and values go straight into the cache's new rows.
+            // Keys and values go straight into the cache's new rows; the three
+            // projections share their input (one pool job for bf16 weights).
             let (k, v) = cache.append_rows(li, n);
-            a.k_proj.forward(pool, xn, n, k);
-            a.v_proj.forward(pool, xn, n, v);
+            let ws = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
+            kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
             timer.end(Phase::Qkv);
             ops::rope_rows(pool, rope, q, k, n);
             timer.end(Phase::Rope);
@@ -433,14 +434,29 @@ impl Llama {
                 Some(o) => o.forward(self, li, xn, n, tmp),
                 None => false,
             };
+            let m = &layer.mlp;
             if done {
                 timer.end(Phase::GateUp);
+            } else if kernels::linear::swiglu_packed(
+                pool,
+                m.gate_proj.weight.view(),
+                m.up_proj.weight.view(),
+                inter,
+                h,
+                xn,
+                n,
+                hp,
+            ) {
+                // bf16: SwiGLU's element-wise part is fused into gate/up, whose output is
+                // packed for down (see `swiglu_packed`).
+                timer.end(Phase::GateUp);
+                kernels::linear::matmul_packed(pool, m.down_proj.weight.view(), h, hp, tmp);
+                timer.end(Phase::Down);
             } else {
                 // `Mlp::forward`, with the cache's buffers and a timer.
-                let m = &layer.mlp;
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
-                m.gate_proj.forward(pool, xn, n, g);
-                m.up_proj.forward(pool, xn, n, u);
+                let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
+                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
                 ops::silu_mul_par(pool, g, u);
                 timer.end(Phase::SiluMul);
@@ -496,6 +512,8 @@ pub struct Scratch {
     tmp: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    /// The MLP's hidden activations packed as bf16 (see `kernels::linear::swiglu_packed`).
+    hp: kernels::gemm_avx512::PackedBf16,
     rope: RopeTable,
 }
 
