@@ -7,6 +7,7 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::generate::{GenerateOptions, SamplingOptions, generate};
 use crate::model::{Llama, MlpOverride};
+use crate::profile::{self, DecodeProfile, Phase};
 
 /// Median, min and max of a set of measurements.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -67,6 +68,105 @@ pub fn measure(
         total_tok_s: (prompt.len() + g.output_ids.len()) as f64 / (g.total_ms / 1e3),
         ..Sample::default()
     })
+}
+
+/// One generation's decode steps by phase, and the decode time the generation measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeRun {
+    pub profile: DecodeProfile,
+    /// From the first sampled token to the end: every decode step's forward pass, plus
+    /// sampling and the loop around it.
+    pub decode_s: f64,
+}
+
+/// Generates `gen_tokens` greedy tokens from `prompt` (no EOS stop) with the decode steps
+/// profiled by phase (see [`crate::profile`]).
+pub fn measure_decode_phases(
+    model: &Llama,
+    prompt: &[u32],
+    gen_tokens: usize,
+    mlp: Option<&mut (dyn MlpOverride + '_)>,
+) -> Result<DecodeRun> {
+    let opts = GenerateOptions {
+        max_tokens: gen_tokens,
+        sampling: SamplingOptions::default(),
+        stop_at_eos: false,
+    };
+    profile::take_decode();
+    profile::record_decode(true);
+    let g = generate(model, None, prompt, &opts, mlp, |_| {});
+    profile::record_decode(false);
+    let profile = profile::take_decode();
+    let g = g?;
+    let steps = g.output_ids.len().saturating_sub(1);
+    Ok(DecodeRun {
+        profile,
+        decode_s: if g.decode_tok_s > 0.0 {
+            steps as f64 / g.decode_tok_s
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Where a decode step's time goes: milliseconds per token of each phase that occurred,
+/// over every measured step.
+#[derive(Debug, Clone, Serialize)]
+pub struct DecodeComponents {
+    /// Phase name -> ms per token.
+    pub phases: serde_json::Map<String, serde_json::Value>,
+    /// The phases in forward order (for tables).
+    #[serde(skip)]
+    pub ordered: Vec<(Phase, f64)>,
+    /// The sum of the phases: the forward pass's time per token.
+    pub phases_ms: f64,
+    /// The decode step as generation measures it (1000 / decode tok/s): the forward pass
+    /// plus sampling, the loop, and the timer's own cost.
+    pub step_ms: f64,
+    /// step_ms - phases_ms.
+    pub unaccounted_ms: f64,
+    /// Decode steps measured.
+    pub tokens: u64,
+    pub mlp_density: f64,
+}
+
+impl DecodeComponents {
+    pub fn from_runs(runs: &[DecodeRun], mlp_density: f64) -> DecodeComponents {
+        let mut total = DecodeProfile::default();
+        let mut decode_s = 0.0;
+        for r in runs {
+            total.steps += r.profile.steps;
+            total.phases.add(&r.profile.phases);
+            decode_s += r.decode_s;
+        }
+        let per_token = |s: f64| {
+            if total.steps > 0 {
+                s * 1e3 / total.steps as f64
+            } else {
+                0.0
+            }
+        };
+        let ordered: Vec<(Phase, f64)> = total
+            .phases
+            .occurred()
+            .map(|(p, s)| (p, per_token(s)))
+            .collect();
+        let phases = ordered
+            .iter()
+            .map(|&(p, ms)| (p.name().to_owned(), serde_json::json!(ms)))
+            .collect();
+        let phases_ms = per_token(total.phases.total());
+        let step_ms = per_token(decode_s);
+        DecodeComponents {
+            phases,
+            ordered,
+            phases_ms,
+            step_ms,
+            unaccounted_ms: step_ms - phases_ms,
+            tokens: total.steps,
+            mlp_density,
+        }
+    }
 }
 
 /// One mode's figures (dense or sparse), as in the CLI contract.

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod profile;
 pub mod quant;
 pub mod sparse;
 pub mod sweep;

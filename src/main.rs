@@ -251,11 +251,19 @@ struct BenchArgs {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
-    /// Instead of generation: the sparse components (threshold, cache update, sparse MLP
-    /// cached / gathered / dense at densities 0.05-1.0, predictor cost per rank) at the
-    /// SmolLM2 and Llama-3.2-1B shapes, random weights.
+    /// Instead of the benchmark: where the time goes. (1) The sparse components
+    /// (threshold, cache update, sparse MLP cached / gathered / dense at densities
+    /// 0.05-1.0, predictor cost per rank) at the SmolLM2 and Llama-3.2-1B shapes, random
+    /// weights. (2) The model's decode step by phase (embed, norm, qkv, rope, attention,
+    /// o_proj, the MLP's parts, head), dense and, with --sparsity, sparse (scorer,
+    /// threshold, cache_update, sparse_kernel): --warmup then --runs generations per mode,
+    /// interleaved, in this process; ms per token.
     #[arg(long)]
     components: bool,
+    /// With --components: only the kernels' micro-benchmarks (1) or only the model's
+    /// decode phases (2).
+    #[arg(long, value_name = "PART", value_parser = ["kernels", "model"], requires = "components")]
+    components_only: Option<String>,
     /// Benchmarks only: score with a seeded RANDOM low-rank predictor of this rank (its
     /// cost is real, its choices are not; for synthetic models, whose weights are random).
     #[arg(long, value_name = "RANK")]
@@ -688,17 +696,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         return bench_child(a, &mode);
     }
     if a.components {
-        let pool = pool::init_global(a.run.threads.unwrap_or_else(pool::default_threads));
-        let report = sparsellm::sparse::bench::components(pool, a.runs);
-        if a.json {
-            println!(
-                "{}",
-                json!({ "threads": pool.threads(), "cpu": bench::cpu_name(), "components": report })
-            );
-        } else {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        }
-        return Ok(());
+        return bench_components(a);
     }
     if a.prompt_tokens + a.gen_tokens > 1 << 20 {
         bail!("--prompt-tokens + --gen-tokens is absurd");
@@ -848,11 +846,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One mode in this process: load, warm up, measure, print {"header", "sample"}.
-fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
+/// The benchmark's prompt: the first --prompt-tokens tokens of --text, checked against
+/// the text's length and the model's context.
+fn bench_prompt(a: &BenchArgs, l: &Loaded) -> Result<Vec<u32>> {
     let text = read_text(&a.text)?;
-    let l = load(&a.run)?;
-    let ids = l.tokenizer.encode(&text)?;
+    let mut ids = l.tokenizer.encode(&text)?;
     if ids.len() < a.prompt_tokens {
         bail!(
             "{} has {} tokens, fewer than --prompt-tokens {}",
@@ -868,16 +866,193 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
             l.model.config.max_position_embeddings
         );
     }
-    let prompt = &ids[..a.prompt_tokens];
-    let mut sparse = match (mode, a.random_predictor) {
-        ("sparse", None) => sparse_mlp(&a.run, &l.model)?,
-        ("sparse", Some(rank)) => {
+    ids.truncate(a.prompt_tokens);
+    Ok(ids)
+}
+
+/// `bench --components`: the kernels' micro-benchmarks, then the model's decode step by
+/// phase, dense and sparse.
+fn bench_components(a: BenchArgs) -> Result<()> {
+    let only = a.components_only.as_deref();
+    let pool = pool::init_global(a.run.threads.unwrap_or_else(pool::default_threads));
+    let mut report = json!({ "threads": pool.threads(), "cpu": bench::cpu_name() });
+    if only != Some("model") {
+        let kernels = sparsellm::sparse::bench::components(pool, a.runs);
+        if !a.json {
+            println!("{}", serde_json::to_string_pretty(&kernels)?);
+        }
+        report["components"] = json!(kernels);
+    }
+    if only != Some("kernels") {
+        let (header, modes) = decode_components(&a)?;
+        if a.json {
+            report["model"] = header["model"].clone();
+            report["dtype"] = header["dtype"].clone();
+            report["sparsity"] = json!(a.run.sparsity);
+            report["prompt_tokens"] = json!(a.prompt_tokens);
+            report["gen_tokens"] = json!(a.gen_tokens);
+            report["runs"] = json!(a.runs);
+            let mut m = serde_json::Map::new();
+            for (mode, c) in &modes {
+                m.insert(mode.to_string(), json!(c));
+            }
+            report["decode_components"] = serde_json::Value::Object(m);
+        } else {
+            print_decode_components(&a, &header, &modes);
+        }
+    }
+    if a.json {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Loads the model once and times its decode steps by phase: dense, and sparse when
+/// --sparsity asks, interleaved run by run so that a shared machine's drift hits both.
+fn decode_components(
+    a: &BenchArgs,
+) -> Result<(
+    serde_json::Value,
+    Vec<(&'static str, bench::DecodeComponents)>,
+)> {
+    let l = load(&a.run)?;
+    let prompt = &bench_prompt(a, &l)?;
+    let mut sparse = bench_sparse_mlp(a, &l.model)?;
+    let modes: &[&'static str] = if sparse.is_some() {
+        &["dense", "sparse"]
+    } else {
+        &["dense"]
+    };
+    let pb = progress_bar(((a.warmup + a.runs) * modes.len()) as u64, "components");
+    if a.json {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut runs: Vec<Vec<bench::DecodeRun>> = vec![Vec::new(); modes.len()];
+    for run in 0..a.warmup + a.runs {
+        if run == a.warmup
+            && let Some(sp) = sparse.as_mut()
+        {
+            sp.reset_stats();
+        }
+        for (m, mode) in modes.iter().enumerate() {
+            pb.set_message(format!("components {mode}"));
+            let mlp = if *mode == "sparse" {
+                as_override(&mut sparse)
+            } else {
+                None
+            };
+            let r = bench::measure_decode_phases(&l.model, prompt, a.gen_tokens, mlp)?;
+            if run >= a.warmup {
+                runs[m].push(r);
+            }
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let out = modes
+        .iter()
+        .zip(&runs)
+        .map(|(&mode, r)| {
+            let density = match mode {
+                "sparse" => sparse.as_ref().and_then(|s| s.density()).unwrap_or(1.0),
+                _ => 1.0,
+            };
+            (mode, bench::DecodeComponents::from_runs(r, density))
+        })
+        .collect();
+    let header = json!({ "model": l.identity, "dtype": a.run.dtype.name() });
+    Ok((header, out))
+}
+
+/// The sparse MLP of a benchmark: as --sparsity and friends ask, or scored by a seeded
+/// random predictor (--random-predictor).
+fn bench_sparse_mlp(a: &BenchArgs, model: &Llama) -> Result<Option<SparseMlp>> {
+    match a.random_predictor {
+        None => sparse_mlp(&a.run, model),
+        Some(_) if a.run.sparsity == "off" => Ok(None),
+        Some(rank) => {
             let mut config: SparsityConfig = a.run.sparsity.parse()?;
             config.scorer = a.run.scorer.as_deref().map(str::parse).transpose()?;
             config.mode = a.run.sparse_mode.parse()?;
-            let predictor = Predictor::random(&l.model.config, rank, 1);
-            Some(SparseMlp::new(&l.model, config, Some(predictor))?)
+            let predictor = Predictor::random(&model.config, rank, 1);
+            Ok(Some(SparseMlp::new(model, config, Some(predictor))?))
         }
+    }
+}
+
+/// The decode phases as a markdown table: phase x mode, ms per token and share of the
+/// step.
+fn print_decode_components(
+    a: &BenchArgs,
+    header: &serde_json::Value,
+    modes: &[(&str, bench::DecodeComponents)],
+) {
+    println!(
+        "model {} | {} | {} threads | sparsity {} | prompt {} tokens, {} generated, {} runs",
+        header["model"].as_str().unwrap_or(""),
+        a.run.dtype.name(),
+        pool::global().threads(),
+        a.run.sparsity,
+        a.prompt_tokens,
+        a.gen_tokens,
+        a.runs
+    );
+    let mut phases: Vec<sparsellm::profile::Phase> = Vec::new();
+    for p in sparsellm::profile::Phase::ALL {
+        if modes
+            .iter()
+            .any(|(_, c)| c.ordered.iter().any(|&(q, _)| q == p))
+        {
+            phases.push(p);
+        }
+    }
+    let head: Vec<String> = modes
+        .iter()
+        .map(|(m, _)| format!("{m} ms/token | {m} share"))
+        .collect();
+    println!("| phase | {} |", head.join(" | "));
+    println!("|---|{}", "---|---|".repeat(modes.len()));
+    let cell = |c: &bench::DecodeComponents, ms: Option<f64>| match ms {
+        Some(ms) => format!("{ms:.3} | {:.1}%", 100.0 * ms / c.step_ms),
+        None => " | ".to_owned(),
+    };
+    for p in phases {
+        let cells: Vec<String> = modes
+            .iter()
+            .map(|(_, c)| {
+                let ms = c.ordered.iter().find(|&&(q, _)| q == p).map(|&(_, ms)| ms);
+                cell(c, ms)
+            })
+            .collect();
+        println!("| {} | {} |", p.name(), cells.join(" | "));
+    }
+    let row = |name: &str, f: &dyn Fn(&bench::DecodeComponents) -> f64| {
+        let cells: Vec<String> = modes.iter().map(|(_, c)| cell(c, Some(f(c)))).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    };
+    row("**sum of phases**", &|c| c.phases_ms);
+    row("unaccounted", &|c| c.unaccounted_ms);
+    row("**decode step**", &|c| c.step_ms);
+    let extra: Vec<String> = modes
+        .iter()
+        .map(|(m, c)| {
+            format!(
+                "{m}: {:.1} tok/s, MLP density {:.3}, {} steps",
+                1e3 / c.step_ms,
+                c.mlp_density,
+                c.tokens
+            )
+        })
+        .collect();
+    println!("{}", extra.join("; "));
+}
+
+/// One mode in this process: load, warm up, measure, print {"header", "sample"}.
+fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
+    let l = load(&a.run)?;
+    let prompt = &bench_prompt(&a, &l)?;
+    let mut sparse = match mode {
+        "sparse" => bench_sparse_mlp(&a, &l.model)?,
         _ => None,
     };
     for _ in 0..a.warmup {

@@ -931,6 +931,95 @@ fn json_bench() {
     }
 }
 
+#[test]
+fn json_bench_components_breaks_the_decode_step_down() {
+    let o = run(args![
+        "bench",
+        "--components",
+        "--json",
+        "--runs",
+        "1",
+        "--gen-tokens",
+        "4",
+        "--prompt-tokens",
+        "8",
+        "--sparsity",
+        "density:0.5",
+        "--threads",
+        "2",
+        "--model",
+        model()
+    ]);
+    let v = parse_json(&o);
+    // The kernels' micro-benchmarks keep their key.
+    assert!(v["components"]["threshold"].is_array(), "{v}");
+    let dc = &v["decode_components"];
+    let common = [
+        "embed",
+        "norm",
+        "qkv",
+        "rope",
+        "attention",
+        "o_proj",
+        "head",
+    ];
+    let check = |mode: &str, own: &[&str], absent: &[&str]| {
+        let c = &dc[mode];
+        let phases = c["phases"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{mode}: {v}"));
+        for k in common.iter().chain(own) {
+            let ms = phases.get(*k).and_then(Value::as_f64);
+            assert!(ms.is_some_and(|ms| ms >= 0.0), "{mode}.{k}: {v}");
+        }
+        for k in absent {
+            assert!(phases.get(*k).is_none(), "{mode} has {k}: {v}");
+        }
+        // 4 generated tokens: the first comes from prefill, 3 decode steps.
+        assert_eq!(c["tokens"], json!(3), "{mode}: {v}");
+        let step = c["step_ms"].as_f64().unwrap_or_else(|| panic!("{v}"));
+        let sum: f64 = phases.values().map(|x| x.as_f64().unwrap()).sum();
+        assert!(step > 0.0 && step.is_finite(), "{mode}: {v}");
+        // The phases are the forward pass; the step adds sampling and the loop.
+        assert!(sum <= step * 1.001 && sum >= 0.8 * step, "{mode}: {v}");
+        let reported = c["phases_ms"].as_f64().unwrap();
+        assert!((reported - sum).abs() <= 1e-6 * step, "{mode}: {v}");
+    };
+    let dense_mlp = ["gate_up", "silu_mul", "down"];
+    let sparse_mlp = ["scorer", "threshold", "cache_update", "sparse_kernel"];
+    check("dense", &dense_mlp, &sparse_mlp);
+    check("sparse", &sparse_mlp, &dense_mlp);
+    assert_eq!(dc["sparse"]["mlp_density"], json!(0.5), "{v}");
+
+    // Only the model part, dense only without --sparsity.
+    let o = run(args![
+        "bench",
+        "--components",
+        "--components-only",
+        "model",
+        "--json",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--gen-tokens",
+        "2",
+        "--prompt-tokens",
+        "4",
+        "--threads",
+        "2",
+        "--model",
+        model()
+    ]);
+    let v = parse_json(&o);
+    assert!(v.get("components").is_none(), "{v}");
+    assert!(
+        v["decode_components"]["dense"]["phases"]["qkv"].is_f64(),
+        "{v}"
+    );
+    assert!(v["decode_components"].get("sparse").is_none(), "{v}");
+}
+
 // ---------------------------------------------------------------------------------------
 // --help.
 
@@ -981,6 +1070,8 @@ fn help_lists_flags() {
                 "--dtype",
                 "--threads",
                 "--model",
+                "--components",
+                "--components-only",
             ],
         ),
     ];

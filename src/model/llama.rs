@@ -10,84 +10,8 @@ use crate::kernels::{self, ThreadPool};
 use crate::loader::WeightSource;
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::kv_cache::KvCache;
+use crate::profile::{ForwardTimer, Phase};
 use crate::tensor::{DType, LoadDType, Matrix, WeightPlan};
-
-/// Wall time per phase of a forward pass, printed to stderr after each call of more than
-/// one token when `SPARSELLM_PROFILE` is set (`SPARSELLM_PROFILE=1 sparsellm bench ...`).
-/// Off, a phase boundary costs one branch.
-struct PhaseTimer {
-    on: bool,
-    last: std::time::Instant,
-    acc: [f64; Phase::COUNT],
-}
-
-#[derive(Clone, Copy)]
-enum Phase {
-    Embed,
-    Norm,
-    Qkv,
-    Rope,
-    Attention,
-    OProj,
-    GateUp,
-    SiluMul,
-    Down,
-    Head,
-}
-
-impl Phase {
-    const COUNT: usize = 10;
-    const NAMES: [&str; Phase::COUNT] = [
-        "embed",
-        "norm",
-        "qkv",
-        "rope",
-        "attention",
-        "o_proj",
-        "gate_up",
-        "silu_mul",
-        "down",
-        "head",
-    ];
-}
-
-impl PhaseTimer {
-    fn new() -> PhaseTimer {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        PhaseTimer {
-            on: *ON.get_or_init(|| std::env::var_os("SPARSELLM_PROFILE").is_some()),
-            last: std::time::Instant::now(),
-            acc: [0.0; Phase::COUNT],
-        }
-    }
-
-    /// Charges the time since the previous boundary to `p`.
-    #[inline]
-    fn end(&mut self, p: Phase) {
-        if self.on {
-            let now = std::time::Instant::now();
-            self.acc[p as usize] += (now - self.last).as_secs_f64();
-            self.last = now;
-        }
-    }
-
-    fn report(&self, n: usize) {
-        if !self.on || n < 2 {
-            return;
-        }
-        let total: f64 = self.acc.iter().sum();
-        let parts: Vec<String> = Phase::NAMES
-            .iter()
-            .zip(&self.acc)
-            .map(|(name, t)| format!("{name} {:.2}", t * 1e3))
-            .collect();
-        eprintln!(
-            "profile: {n} tokens, {:.2} ms: {} (ms)",
-            total * 1e3,
-            parts.join(", ")
-        );
-    }
-}
 
 /// A linear layer `y = x · W^T` with `W: [out, in]`.
 pub struct Linear {
@@ -370,7 +294,7 @@ impl Llama {
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
         let pool = self.pool;
         let inter = c.intermediate_size;
-        let mut timer = PhaseTimer::new();
+        let timer = ForwardTimer::start(n);
         let Scratch {
             x,
             xn,
@@ -436,7 +360,9 @@ impl Llama {
             };
             let m = &layer.mlp;
             if done {
-                timer.end(Phase::GateUp);
+                // The override charges its own phases (the sparse MLP's scorer,
+                // threshold, ...); what it spent outside them lands here.
+                timer.end(Phase::MlpOther);
             } else if kernels::linear::swiglu_packed(
                 pool,
                 m.gate_proj.weight.view(),
@@ -467,7 +393,7 @@ impl Llama {
         cache.commit(n);
         let rows: std::ops::Range<usize> = match logits {
             Logits::None => {
-                timer.report(n);
+                timer.finish();
                 return Vec::new();
             }
             Logits::Last => n - 1..n,
@@ -495,7 +421,7 @@ impl Llama {
             &mut out,
         );
         timer.end(Phase::Head);
-        timer.report(n);
+        timer.finish();
         out
     }
 }

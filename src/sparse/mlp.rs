@@ -12,6 +12,7 @@ use crate::kernels::sparse::{
 };
 use crate::kernels::{ThreadPool, matvec_blocks, ops::silu};
 use crate::model::llama::{Llama, Mlp, MlpOverride};
+use crate::profile::{Phase, lap};
 use crate::quant::QK;
 use crate::sparse::predictor::{Predictor, PredictorScratch};
 use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
@@ -364,26 +365,32 @@ impl SparseMlp {
         let have_coefs = match self.scorer {
             Scorer::Exact | Scorer::SignedGate => {
                 exact_scores(pool, mlp, h, self.scorer, s);
+                lap(Phase::Scorer);
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
                 s.coefs.clear();
                 s.coefs.extend(self.mask.iter().map(|&i| s.g[i as usize]));
+                lap(Phase::Threshold);
                 true
             }
             Scorer::LowRank => {
                 let p = self.predictor.as_ref().expect("checked at construction");
                 p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
+                lap(Phase::Scorer);
                 self.config
                     .threshold
                     .select(&s.scores, st.cutoff, &mut s.select, &mut self.mask);
+                lap(Phase::Threshold);
                 false
             }
             Scorer::Cascade { superset } => {
                 let p = self.predictor.as_ref().expect("checked at construction");
                 p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
+                lap(Phase::Scorer);
                 let c = top_k_count(superset, inter);
                 select_top_k(&s.scores, c, &mut s.keys, &mut s.cand);
+                lap(Phase::Threshold);
                 s.g.resize(c, 0.0);
                 s.u.resize(c, 0.0);
                 gather_gate_up(
@@ -399,6 +406,7 @@ impl SparseMlp {
                 for k in 0..c {
                     s.scores[k] = (silu(s.g[k]) * s.u[k]).abs();
                 }
+                lap(Phase::Scorer);
                 // The threshold sees the candidates' exact scores; density:D still means
                 // ceil(D·inter) neurons of the layer (at most the candidates).
                 match self.config.threshold {
@@ -417,13 +425,18 @@ impl SparseMlp {
                         .iter()
                         .map(|&k| silu(s.g[k as usize]) * s.u[k as usize]),
                 );
+                lap(Phase::Threshold);
                 true
             }
         };
         // Items in mask order in both paths (and in batched calls), so the cached and
         // the gathered computation agree bit for bit.
-        if cached && st.cache.missing(&self.mask) as f64 <= self.max_churn * self.mask.len() as f64
-        {
+        let use_cache = cached
+            && st.cache.missing(&self.mask) as f64 <= self.max_churn * self.mask.len() as f64;
+        if cached {
+            lap(Phase::CacheUpdate);
+        }
+        if use_cache {
             let src = CacheSource {
                 gate: mlp.gate_proj.weight.view(),
                 up: mlp.up_proj.weight.view(),
@@ -432,6 +445,7 @@ impl SparseMlp {
             };
             st.cache.update(&src, &self.mask);
             st.cache.slots_of(&self.mask, &mut s.slots);
+            lap(Phase::CacheUpdate);
             let down = st.cache.down_rows();
             let items = Items::Gather(&s.slots);
             let act = if have_coefs {
@@ -450,6 +464,7 @@ impl SparseMlp {
             sparse_mlp(pool, items, act, down_t, h, out, &mut s.acc);
         }
         st.record_mask(&self.mask);
+        lap(Phase::SparseKernel);
     }
 
     /// One token in block mode: score neurons, keep whole 32-neuron groups by their summed
@@ -474,6 +489,7 @@ impl SparseMlp {
             let p = self.predictor.as_ref().expect("checked at construction");
             p.scores(pool, layer, h, &mut s.predictor, &mut s.scores);
         }
+        lap(Phase::Scorer);
         s.group_scores.clear();
         s.group_scores
             .extend(s.scores.chunks_exact(QK).map(|c| c.iter().sum::<f32>()));
@@ -491,6 +507,7 @@ impl SparseMlp {
                 .iter()
                 .flat_map(|&g| g * QK as u32..(g + 1) * QK as u32),
         );
+        lap(Phase::Threshold);
         let m = self.mask.len();
         s.acts.clear();
         if exact {
@@ -516,6 +533,7 @@ impl SparseMlp {
         let down = &mlp.down_proj.weight;
         matvec_blocks(pool, down.view(), hd, inter, &s.groups, &s.acts, out);
         st.record_mask(&self.mask);
+        lap(Phase::SparseKernel);
     }
 }
 
