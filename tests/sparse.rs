@@ -597,3 +597,31 @@ fn eval_with_sparsity_scores_what_decoding_produces() {
     );
     assert!(rep.kl_vs_dense.unwrap() > 0.0 && rep.top1_agreement.unwrap() <= 1.0);
 }
+
+#[test]
+fn cached_mode_fills_its_cache_and_copies_only_what_changes() {
+    let pool = ThreadPool::new(2);
+    let (hidden, inter) = (64, 96);
+    let mlp = random_mlp(hidden, inter, DType::F32, 7);
+    let cfg = config(Threshold::Density(0.5), Scorer::Exact, Mode::Cached);
+    let mut s = SparseMlp::for_layers(&[&mlp], cfg, None).unwrap();
+    let mut out = vec![0f32; hidden];
+    let (a, b) = (rand_vec(hidden, 1, 1.0), rand_vec(hidden, 2, 1.0));
+    // The first token fills the empty cache; the same token again copies nothing.
+    assert!(s.forward(&pool, &mlp, 0, &a, 1, &mut out));
+    assert_eq!(s.rows_copied(), 48);
+    assert!(s.forward(&pool, &mlp, 0, &a, 1, &mut out));
+    assert_eq!(s.rows_copied(), 48);
+    assert_eq!(s.churn(), Some(0.0));
+    // Another input moves the mask: the cache takes the new rows only if few changed.
+    let before = s.last_mask().to_vec();
+    assert!(s.forward(&pool, &mlp, 0, &b, 1, &mut out));
+    let added = s.last_mask().iter().filter(|i| !before.contains(i)).count() as u64;
+    let copied = s.rows_copied() - 48;
+    if added as f64 <= 0.25 * 48.0 {
+        assert_eq!(copied, added);
+    } else {
+        assert_eq!(copied, 0, "{added} of 48 changed: gathered, not cached");
+    }
+    assert_eq!(s.churn(), Some(added as f64 / 96.0));
+}

@@ -23,8 +23,11 @@ use crate::tensor::{DType, Matrix};
 /// `Mode::Cached` updates a layer's cache only when at most this fraction of the mask is
 /// missing from it; above, copying the new rows (read, write, read again) costs more than
 /// the contiguous reads save, and the token gathers from the full matrices instead (the
-/// cache keeps its older contents and later tokens update from there). Both ways compute
-/// the same items in the same order, so the choice never changes the result.
+/// cache keeps its older contents and later tokens update from there). A cache far from
+/// the mask is still refilled when the mask moved by at most this fraction since the
+/// previous token (and on the first token), so an empty or stale cache catches up once
+/// masks are stable. Both ways compute the same items in the same order, so the choice
+/// never changes the result.
 pub const DEFAULT_MAX_CHURN: f64 = 0.25;
 
 /// One layer's sparse state.
@@ -50,11 +53,7 @@ impl LayerState {
     /// Counts the neurons of `mask` absent from the previous token's mask (not on this
     /// layer's first token), then remembers `mask`.
     fn record_mask(&mut self, mask: &[u32]) {
-        if self.tokens > 0 {
-            let added = mask
-                .iter()
-                .filter(|&&i| self.prev_mask[i as usize / 64] >> (i % 64) & 1 == 0)
-                .count();
+        if let Some(added) = self.added_since_previous(mask) {
             self.churn_added += added as u64;
             self.churn_kept += mask.len() as u64;
         }
@@ -64,6 +63,15 @@ impl LayerState {
         }
         self.tokens += 1;
         self.active += mask.len() as u64;
+    }
+
+    /// Neurons of `mask` absent from the previous token's mask (None on the first token).
+    fn added_since_previous(&self, mask: &[u32]) -> Option<usize> {
+        (self.tokens > 0).then(|| {
+            mask.iter()
+                .filter(|&&i| self.prev_mask[i as usize / 64] >> (i % 64) & 1 == 0)
+                .count()
+        })
     }
 }
 
@@ -431,8 +439,17 @@ impl SparseMlp {
         };
         // Items in mask order in both paths (and in batched calls), so the cached and
         // the gathered computation agree bit for bit.
+        // Use (and update) the cache when it is close to this mask, or when the masks
+        // are stable from token to token (or this is the first token): then the cache
+        // may be far from the mask (empty at first, or stale after a burst of churn
+        // that sent tokens to the gather path) but refilling it pays off on the tokens
+        // that follow. With churn above the limit on every token, it is never used.
+        let limit = self.max_churn * self.mask.len() as f64;
         let use_cache = cached
-            && st.cache.missing(&self.mask) as f64 <= self.max_churn * self.mask.len() as f64;
+            && (st.cache.missing(&self.mask) as f64 <= limit
+                || st
+                    .added_since_previous(&self.mask)
+                    .is_none_or(|added| added as f64 <= limit));
         if cached {
             lap(Phase::CacheUpdate);
         }
