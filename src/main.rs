@@ -260,8 +260,8 @@ struct BenchArgs {
     /// interleaved, in this process; ms per token.
     #[arg(long)]
     components: bool,
-    /// With --components: only the kernels' micro-benchmarks (1) or only the model's
-    /// decode phases (2).
+    /// With --components: only the kernels' micro-benchmarks (`kernels`) or only the
+    /// model's decode step by phase (`model`).
     #[arg(long, value_name = "PART", value_parser = ["kernels", "model"], requires = "components")]
     components_only: Option<String>,
     /// Benchmarks only: score with a seeded RANDOM low-rank predictor of this rank (its
@@ -879,7 +879,7 @@ fn bench_components(a: BenchArgs) -> Result<()> {
     if only != Some("model") {
         let kernels = sparsellm::sparse::bench::components(pool, a.runs);
         if !a.json {
-            println!("{}", serde_json::to_string_pretty(&kernels)?);
+            println!("{}", kernels.markdown());
         }
         report["components"] = json!(kernels);
     }

@@ -368,6 +368,7 @@ pub fn sparse_mlp_table(
 pub struct PredictorRow {
     pub hidden: usize,
     pub intermediate: usize,
+    pub dtype: &'static str,
     pub rank: usize,
     /// One layer's scores (gate and up predictors), milliseconds.
     pub ms: f64,
@@ -404,6 +405,7 @@ pub fn predictor(
             PredictorRow {
                 hidden,
                 intermediate: inter,
+                dtype: dtype.name(),
                 rank,
                 ms,
                 bytes: per_layer,
@@ -437,6 +439,116 @@ pub fn components(pool: &ThreadPool, runs: usize) -> ComponentReport {
             .map(|&(density, churn)| cache_update(SMOLLM2_135M, DType::F32, density, churn, 64))
             .collect(),
         sparse_mlp: sparse,
-        predictor: predictor(pool, SMOLLM2_135M, DType::F32, &[64, 128, 256], runs),
+        predictor: [DType::F32, DType::BF16]
+            .into_iter()
+            .flat_map(|dtype| predictor(pool, SMOLLM2_135M, dtype, &[64, 128, 256], runs))
+            .collect(),
+    }
+}
+
+impl ComponentReport {
+    /// The report as markdown tables (what `bench --components` prints without --json).
+    pub fn markdown(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "Threshold, one layer's scores (µs):\n\n| neurons | sigma:1 (one pass) | density:0.25 (select_nth) | sort + quantile |\n|---|---|---|---|"
+        );
+        for r in &self.threshold {
+            let _ = writeln!(
+                s,
+                "| {} | {:.1} | {:.1} | {:.1} |",
+                r.n, r.sigma_us, r.density_us, r.sort_quantile_us
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nWeight cache update per token, {} (µs, rows copied):\n\n| density | churn | paired replacement | remove then append | full rebuild | rebuild / paired |\n|---|---|---|---|---|---|",
+            self.cache_update.first().map_or(String::new(), |r| format!(
+                "{}x{} {}",
+                r.hidden, r.intermediate, r.dtype
+            ))
+        );
+        for r in &self.cache_update {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.1} ({:.0}) | {:.1} ({:.0}) | {:.1} ({:.0}) | {:.2} |",
+                r.density,
+                r.churn,
+                r.paired_us,
+                r.paired_rows,
+                r.remove_then_append_us,
+                r.remove_then_append_rows,
+                r.rebuild_us,
+                r.rebuild_rows,
+                r.rebuild_us / r.paired_us
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nSparse MLP, one token, one layer (ms, GB/s of weights read):\n\n| shape | dtype | threads | density | cached | gather | dense | dense / cached |\n|---|---|---|---|---|---|---|---|"
+        );
+        for r in &self.sparse_mlp {
+            let _ = writeln!(
+                s,
+                "| {}x{} | {} | {} | {} | {:.3} ({:.1}) | {:.3} ({:.1}) | {:.3} ({:.1}) | {:.2} |",
+                r.hidden,
+                r.intermediate,
+                r.dtype,
+                r.threads,
+                r.density,
+                r.cached_ms,
+                r.cached_gb_s,
+                r.gather_ms,
+                r.gather_gb_s,
+                r.dense_ms,
+                r.dense_gb_s,
+                r.dense_ms / r.cached_ms
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\nLow-rank predictor (gate and up), one layer:\n\n| shape | dtype | rank | ms | bytes | of the MLP's bytes |\n|---|---|---|---|---|---|"
+        );
+        for r in &self.predictor {
+            let _ = writeln!(
+                s,
+                "| {}x{} | {} | {} | {:.3} | {} | {:.2} |",
+                r.hidden, r.intermediate, r.dtype, r.rank, r.ms, r.bytes, r.fraction_of_mlp
+            );
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_has_a_row_per_measurement() {
+        let pool = ThreadPool::new(1);
+        let report = ComponentReport {
+            threshold: vec![threshold(64, 1)],
+            cache_update: vec![cache_update((32, 64), DType::F32, 0.5, 0.25, 4)],
+            sparse_mlp: sparse_mlp_table(&pool, (32, 64), DType::F32, &[0.5], 1),
+            predictor: predictor(&pool, (32, 64), DType::BF16, &[8], 1),
+        };
+        let md = report.markdown();
+        for line in [
+            "| 64 | ",
+            "| 0.5 | 0.25 | ",
+            "| 32x64 | f32 | 1 | 0.5 | ",
+            "| 32x64 | bf16 | 8 | ",
+        ] {
+            assert!(md.contains(line), "{line:?} missing from\n{md}");
+        }
+        // The paired update copies at most the rows a rebuild copies.
+        let c = &report.cache_update[0];
+        assert!(
+            c.paired_rows <= c.rebuild_rows && c.rebuild_rows == 32.0,
+            "{c:?}"
+        );
     }
 }
