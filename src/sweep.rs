@@ -1,8 +1,9 @@
 //! `sparsellm eval --sweep`: quality and speed of a list of sparsity settings against the
 //! MLP bytes each reads per token. Each setting is evaluated over the same text as
 //! `sparsellm eval --sparsity` does it (perplexity, KL and top-1 agreement against dense,
-//! achieved density, [`mlp_bytes`](crate::eval::mlp_bytes)), then timed on a short greedy
-//! generation in this same process; the results go to `sweep.md` (a table), `sweep.json`
+//! achieved density, [`mlp_bytes`](crate::eval::mlp_bytes)); then every setting is timed
+//! on short greedy generations in this same process, in rounds of one generation per
+//! setting (so that drift hits all alike); the results go to `sweep.md` (a table), `sweep.json`
 //! and `sweep.png` (perplexity and decode tokens/s against MLP bytes per token).
 //!
 //! The settings are [`DEFAULT_SETTINGS`] (one place to change them) or a list given on the
@@ -278,6 +279,8 @@ pub fn run(
         .map(|s| format!("{s} (needs --predictor)"))
         .collect();
     let (mut windows, mut tokens) = (0, 0);
+    // Each evaluated setting's sparse MLP (None: dense), kept for the timing rounds.
+    let mut timed: Vec<Option<SparseMlp>> = Vec::with_capacity(run_list.len());
     for (i, setting) in run_list.iter().enumerate() {
         let name = setting.to_string();
         // A setting this sparse mode cannot run (cascade in block mode, block mode on
@@ -327,22 +330,6 @@ pub fn run(
             .as_ref()
             .map(SparseMlp::layer_density)
             .unwrap_or_default();
-        // Decode timing with the same sparse MLP, prefill dense as generation runs it.
-        if let Some(s) = sp.as_mut() {
-            s.set_prefill_dense(true);
-        }
-        let mut speeds = Vec::with_capacity(opts.runs);
-        for k in 0..opts.warmup + opts.runs {
-            let sample = bench::measure(
-                model,
-                prompt,
-                opts.gen_tokens,
-                sp.as_mut().map(|s| s as &mut dyn MlpOverride),
-            )?;
-            if k >= opts.warmup {
-                speeds.push(sample.decode_tok_s);
-            }
-        }
         rows.push(SweepRow {
             setting: name,
             sparsity: setting.config.threshold.to_string(),
@@ -357,10 +344,42 @@ pub fn run(
             ppl_ratio: None,
             kl_vs_dense: r.kl_vs_dense.unwrap_or(0.0),
             top1_agreement: r.top1_agreement.unwrap_or(1.0),
-            decode_tok_s: Stat::of(&speeds),
+            decode_tok_s: Stat::of(&[0.0]),
             decode_ratio: None,
             layer_density,
         });
+        // Decode timing with the same sparse MLP, prefill dense as generation runs it.
+        if let Some(s) = sp.as_mut() {
+            s.set_prefill_dense(true);
+        }
+        timed.push(sp);
+    }
+    // Timing after every evaluation, in rounds that run each setting once, so that a
+    // shared machine's drift over the minutes of a sweep hits every setting alike.
+    let mut speeds: Vec<Vec<f64>> = vec![Vec::with_capacity(opts.runs); timed.len()];
+    let settings = timed.len();
+    for round in 0..opts.warmup + opts.runs {
+        for (k, sp) in timed.iter_mut().enumerate() {
+            progress(Progress {
+                setting: k,
+                settings,
+                name: &rows[k].setting,
+                window: windows,
+                windows,
+            });
+            let sample = bench::measure(
+                model,
+                prompt,
+                opts.gen_tokens,
+                sp.as_mut().map(|s| s as &mut dyn MlpOverride),
+            )?;
+            if round >= opts.warmup {
+                speeds[k].push(sample.decode_tok_s);
+            }
+        }
+    }
+    for (row, s) in rows.iter_mut().zip(&speeds) {
+        row.decode_tok_s = Stat::of(s);
     }
     if let Some(d) = rows.iter().find(|r| r.sparsity == "off").cloned() {
         for r in &mut rows {
@@ -383,7 +402,7 @@ pub fn run(
         decode_gen_tokens: opts.gen_tokens,
         decode_runs: opts.runs,
         decode_note: format!(
-            "decode tok/s: median of {} greedy generations of {} tokens after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP, one setting after another",
+            "decode tok/s: median of {} greedy generations of {} tokens after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP, in rounds of one generation per setting",
             opts.runs, opts.gen_tokens, opts.prompt_tokens, opts.warmup
         ),
         rows,
@@ -597,19 +616,39 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
     let panels_spec: [(&str, &str, Pick, bool); 2] = [
         (
             "Perplexity (second half of each window)",
-            "perplexity (log scale)",
+            "perplexity (log scale; above 4x dense on the top edge)",
             |x| x.ppl_second_half,
             true,
         ),
         (
-            "Decode tokens/s (this process, one setting after another)",
+            "Decode tokens/s (this process, settings interleaved)",
             "decode tokens/s (median)",
             |x| x.decode_tok_s.median,
             false,
         ),
     ];
+    // Perplexity axis: up to 4x dense, so the settings worth choosing are not squashed
+    // under the ruinous ones; points above are drawn on the top edge, labelled with
+    // their perplexity ratio.
+    let dense_ppl = r
+        .rows
+        .iter()
+        .find(|x| x.sparsity == "off")
+        .map(|x| x.ppl_second_half);
     for (area, (caption, ydesc, pick, log)) in panels.iter().zip(panels_spec) {
-        let ys: Vec<f64> = r.rows.iter().map(pick).collect();
+        let cap = match (log, dense_ppl) {
+            (true, Some(d)) => 4.0 * d,
+            _ => f64::INFINITY,
+        };
+        let y_of = |x: &SweepRow| pick(x).min(cap);
+        let text_of = |x: &SweepRow| {
+            if pick(x) > cap {
+                format!("{} (x{:.0}, off scale)", label_of(x), pick(x) / (cap / 4.0))
+            } else {
+                label_of(x)
+            }
+        };
+        let ys: Vec<f64> = r.rows.iter().map(y_of).collect();
         let ymin = ys.iter().copied().fold(f64::INFINITY, f64::min);
         let ymax = ys.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let mut builder = ChartBuilder::on(area);
@@ -637,7 +676,7 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                         .rows
                         .iter()
                         .filter(|x| &family(x) == f)
-                        .map(|x| (x.mlp_bytes_ratio, pick(x)))
+                        .map(|x| (x.mlp_bytes_ratio, y_of(x)))
                         .collect();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     if pts.len() > 1 {
@@ -649,19 +688,19 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                     .rows
                     .iter()
                     .map(|x| {
-                        let p = $chart.backend_coord(&(x.mlp_bytes_ratio, pick(x)));
-                        (p, label_of(x).len())
+                        let p = $chart.backend_coord(&(x.mlp_bytes_ratio, y_of(x)));
+                        (p, text_of(x).len())
                     })
                     .collect();
                 let offsets = place_labels(&pixels);
                 $chart.draw_series(r.rows.iter().zip(offsets).map(|(x, off)| {
-                    EmptyElement::at((x.mlp_bytes_ratio, pick(x)))
-                        + Text::new(label_of(x), off, ("sans-serif", 13).into_font())
+                    EmptyElement::at((x.mlp_bytes_ratio, y_of(x)))
+                        + Text::new(text_of(x), off, ("sans-serif", 13).into_font())
                 }))?;
             }};
         }
         if log {
-            let range = (ymin / 1.3)..(ymax * 1.6);
+            let range = (ymin / 1.1)..(ymax * 1.25);
             let mut chart = builder.build_cartesian_2d(0f64..xmax, range.log_scale())?;
             body!(chart);
         } else {
