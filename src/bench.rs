@@ -10,7 +10,7 @@ use crate::model::{Llama, MlpOverride};
 use crate::profile::{self, DecodeProfile, Phase};
 
 /// Median, min and max of a set of measurements.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
 pub struct Stat {
     pub median: f64,
     pub min: f64,

@@ -175,7 +175,7 @@ pub struct SweepOptions {
 }
 
 /// One setting's results.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SweepRow {
     /// Human-readable name: `dense`, `density:0.5 exact`, ...
     pub setting: String,
@@ -204,8 +204,8 @@ pub struct SweepRow {
     pub layer_density: Vec<f64>,
 }
 
-/// The whole sweep.
-#[derive(Debug, Clone, Serialize)]
+/// The whole sweep (`sweep.json`; [`plot`] draws it again from that file).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct SweepReport {
     /// The model's file or directory name, and its identity (shape and weight fingerprint).
     pub model: String,
@@ -616,7 +616,7 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
     let panels_spec: [(&str, &str, Pick, bool); 2] = [
         (
             "Perplexity (second half of each window)",
-            "perplexity (log scale; above 4x dense on the top edge)",
+            "perplexity (above 4x dense: on the top edge)",
             |x| x.ppl_second_half,
             true,
         ),
@@ -699,7 +699,13 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                 }))?;
             }};
         }
-        if log {
+        if log && cap.is_finite() {
+            // Capped at 4x dense: a narrow range, where a log axis would have no labelled
+            // tick (plotters labels powers of ten), so a linear one.
+            let range = (ymin * 0.95)..(ymax * 1.05);
+            let mut chart = builder.build_cartesian_2d(0f64..xmax, range)?;
+            body!(chart);
+        } else if log {
             let range = (ymin / 1.1)..(ymax * 1.25);
             let mut chart = builder.build_cartesian_2d(0f64..xmax, range.log_scale())?;
             body!(chart);

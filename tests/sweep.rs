@@ -179,6 +179,18 @@ fn sweep_writes_table_json_and_plot() {
     assert!(b > 0.5 && b < 1.5, "{b}");
     assert_eq!(num(sparse, "predictor_bytes_ratio"), 0.0);
     assert!(num(sparse, "kl_vs_dense") > 0.0, "{sparse}");
+    // sweep.json reads back into the report, and the plot can be drawn again from it.
+    let report: sparsellm::sweep::SweepReport =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap())
+            .expect("sweep.json reads back");
+    assert_eq!(report.rows.len(), 2);
+    let again = out.join("again.png");
+    sparsellm::sweep::plot(&report, &again).unwrap();
+    assert!(
+        std::fs::read(&again)
+            .unwrap()
+            .starts_with(b"\x89PNG\r\n\x1a\n")
+    );
 }
 
 #[test]
