@@ -2,65 +2,18 @@
 //! problem and exit code 1 or 2 (never a panic, never partial stdout); the JSON output
 //! of every command holds the fields DESIGN.md's CLI contract names; `--help` lists flags.
 
+#[macro_use]
 mod common;
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
+
+use common::{Out, run};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------
 // Running the binary.
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-fn run<I, S>(args: I) -> Out
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let out = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
-        .args(args)
-        // Never fetch from the network in these tests: every command gets --model.
-        .env("SPARSELLM_MODELS_DIR", models_dir())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run sparsellm");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Builds an argument list from string-likes and paths.
-macro_rules! args {
-    ($($a:expr),* $(,)?) => {{
-        let v: Vec<OsString> = vec![$(OsString::from($a)),*];
-        v
-    }};
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SPARSELLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
 
 fn model() -> PathBuf {
     common::model_path()

@@ -1,11 +1,13 @@
 //! `sparsellm eval --sweep` and the sparse-setting fields of `eval --json`
 //! (`mlp_bytes_ratio`, `layer_density`), end to end through the binary on a short text.
 
+#[macro_use]
 mod common;
 
 use std::ffi::OsString;
+
+use common::{Out, run};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde_json::Value;
 
@@ -22,49 +24,6 @@ of stories and drew pictures of dragons on the backs of old catalogue cards. Whe
 began to fade, the librarian collected the cards, put the books back in their places and \
 locked the door. On the way home she often thought about which books to put on the table the \
 next morning, and whether anyone would stop to read them.";
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("SPARSELLM_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-struct Out {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-fn run(args: &[OsString]) -> Out {
-    let out = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
-        .args(args)
-        .env("SPARSELLM_MODELS_DIR", models_dir())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run sparsellm");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-macro_rules! args {
-    ($($a:expr),* $(,)?) => {{
-        let v: Vec<OsString> = vec![$(OsString::from($a)),*];
-        v
-    }};
-}
 
 fn text_file(dir: &Path) -> PathBuf {
     let p = dir.join("short.txt");

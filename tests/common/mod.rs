@@ -1,6 +1,7 @@
 //! Shared helpers of the integration tests: where the model and the reference fixtures are.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -83,4 +84,57 @@ pub fn hf_checkpoint(dtype: &str) -> PathBuf {
         );
     }
     out
+}
+
+/// What a run of the `sparsellm` binary left: exit code, stdout, stderr.
+pub struct Out {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Debug for Out {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs the `sparsellm` binary with `args`.
+pub fn run<I, S>(args: I) -> Out
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
+        .args(args)
+        // Never fetch from the network in these tests: every command gets --model.
+        .env("SPARSELLM_MODELS_DIR", models_dir())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run sparsellm");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `$SPARSELLM_MODELS_DIR`, default ./models under the crate root.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("SPARSELLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
+/// Builds an argument list (`Vec<OsString>`) from string-likes and paths.
+#[allow(unused_macros)]
+macro_rules! args {
+    ($($a:expr),* $(,)?) => {{
+        let v: Vec<std::ffi::OsString> = vec![$(std::ffi::OsString::from($a)),*];
+        v
+    }};
 }
