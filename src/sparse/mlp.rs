@@ -56,10 +56,11 @@ struct LayerState {
 }
 
 impl LayerState {
-    /// Counts the neurons of `mask` absent from the previous token's mask (not on this
-    /// layer's first token), then remembers `mask`.
-    fn record_mask(&mut self, mask: &[u32]) {
-        if let Some(added) = self.added_since_previous(mask) {
+    /// Counts `added`, the neurons of `mask` absent from the previous token's mask
+    /// ([`added_since_previous`](Self::added_since_previous), None on this layer's first
+    /// token), then remembers `mask`.
+    fn record_mask(&mut self, mask: &[u32], added: Option<usize>) {
+        if let Some(added) = added {
             self.churn_added += added as u64;
             self.churn_kept += mask.len() as u64;
         }
@@ -451,11 +452,10 @@ impl SparseMlp {
         // gather path) but refilling it pays off on the tokens that follow. With churn
         // above the limit on every token, it is never filled.
         let limit = self.max_churn * self.mask.len() as f64;
+        let added = st.added_since_previous(&self.mask);
         let use_cache = cached
             && (st.cache.missing(&self.mask) as f64 <= limit
-                || st
-                    .added_since_previous(&self.mask)
-                    .is_some_and(|added| added as f64 <= limit));
+                || added.is_some_and(|added| added as f64 <= limit));
         if cached {
             lap(Phase::CacheUpdate);
         }
@@ -486,7 +486,7 @@ impl SparseMlp {
             };
             sparse_mlp(pool, items, act, down_t, h, out, &mut s.acc);
         }
-        st.record_mask(&self.mask);
+        st.record_mask(&self.mask, added);
         lap(Phase::SparseKernel);
     }
 
@@ -555,7 +555,8 @@ impl SparseMlp {
         }
         let down = &mlp.down_proj.weight;
         matvec_blocks(pool, down.view(), hd, inter, &s.groups, &s.acts, out);
-        st.record_mask(&self.mask);
+        let added = st.added_since_previous(&self.mask);
+        st.record_mask(&self.mask, added);
         lap(Phase::SparseKernel);
     }
 }
