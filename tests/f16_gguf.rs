@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use sparsellm::kernels::pool;
@@ -54,18 +53,8 @@ fn f16_model() -> PathBuf {
     }
     std::fs::create_dir_all(&data).expect("create target/test-data");
     let tmp = data.join(format!("model-f16.gguf.tmp-{}", std::process::id()));
-    let o = Command::new("python3")
-        .arg("-c")
-        .arg(TO_F16)
-        .arg(common::model_path())
-        .arg(&tmp)
-        .output()
-        .expect("run python3 (needs the gguf and numpy packages)");
-    assert!(
-        o.status.success(),
-        "python gguf failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    // Needs the gguf and numpy packages.
+    common::python(TO_F16, [common::model_path().as_os_str(), tmp.as_os_str()]);
     if std::fs::rename(&tmp, &out).is_err() {
         let _ = std::fs::remove_file(&tmp);
         assert!(out.is_file(), "could not place {}", out.display());

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 use safetensors::tensor::{Dtype, TensorView};
 use sparsellm::loader::hf::{HfModel, parse_config};
@@ -107,23 +106,14 @@ fn smollm2_f32_checkpoint() {
     // Values: numpy (through the Python safetensors package) reads the same floats.
     let name = "model.layers.0.mlp.gate_proj.weight";
     let ours = f32s(m.tensor(name).unwrap().bytes());
-    let py = Command::new("python3")
-        .arg("-c")
-        .arg(format!(
-            "from safetensors.numpy import safe_open\n\
-             f = safe_open({:?}, 'numpy')\n\
-             t = f.get_tensor({name:?})\n\
-             print(t.shape, ' '.join(repr(float(x)) for x in list(t.reshape(-1)[:8]) + list(t.reshape(-1)[-8:])))",
-            dir.join("model.safetensors").to_str().unwrap()
-        ))
-        .output()
-        .expect("python3");
-    assert!(
-        py.status.success(),
-        "{}",
-        String::from_utf8_lossy(&py.stderr)
+    let script = format!(
+        "from safetensors.numpy import safe_open\n\
+         f = safe_open({:?}, 'numpy')\n\
+         t = f.get_tensor({name:?})\n\
+         print(t.shape, ' '.join(repr(float(x)) for x in list(t.reshape(-1)[:8]) + list(t.reshape(-1)[-8:])))",
+        dir.join("model.safetensors").to_str().unwrap()
     );
-    let out = String::from_utf8(py.stdout).unwrap();
+    let out = common::python(&script, std::iter::empty::<&str>());
     let (shape, vals) = out.trim().split_once(") ").unwrap();
     assert_eq!(shape, "(1536, 576");
     let vals: Vec<f32> = vals.split(' ').map(|s| s.parse().unwrap()).collect();

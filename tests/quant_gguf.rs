@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use sparsellm::kernels::pool;
 use sparsellm::loader::gguf::GgufFile;
 use sparsellm::model::{Llama, Logits};
@@ -40,20 +38,11 @@ for t in r.tensors:
         d.tofile(sys.argv[2] + "/" + t.name + ".f32")
         print(t.name, t.tensor_type.name, d.size)
 "#;
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&path)
-        .arg(&dir)
-        .args(TENSORS)
-        .output()
-        .expect("run python3 (needs the gguf and numpy packages)");
-    assert!(
-        out.status.success(),
-        "python gguf failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let listing = String::from_utf8_lossy(&out.stdout);
+    // Needs the gguf and numpy packages.
+    let args = [path.as_os_str(), dir.as_os_str()]
+        .into_iter()
+        .chain(TENSORS.iter().map(std::ffi::OsStr::new));
+    let listing = common::python(script, args);
     let file = GgufFile::open(&path).unwrap();
     let mut types = std::collections::BTreeSet::new();
     for name in TENSORS {

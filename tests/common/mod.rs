@@ -138,3 +138,24 @@ macro_rules! args {
         v
     }};
 }
+
+/// Runs `python3 -c script args...` (the tests that need it say which packages) and
+/// returns its stdout; a failure fails the test with python's stderr.
+pub fn python<I, S>(script: &str, args: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "python3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
