@@ -60,7 +60,24 @@ pub fn perplexity(
     model: &Llama,
     ids: &[u32],
     window: usize,
+    mlp: Option<&mut (dyn MlpOverride + '_)>,
+    progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
+    perplexity_with(model, ids, window, mlp, false, progress)
+}
+
+/// As [`perplexity`]; with `dense_prefix`, each window's first half is run as one dense
+/// forward call (a prompt's prefill: the override must run forward calls of several
+/// tokens dense) and only its second half token by token through the override, as
+/// generation decodes after a prompt. The KL and top-1 agreement are then measured on
+/// the second half (the first is dense in both), and `ppl_second_half` scores exactly
+/// the positions that ran sparse.
+pub fn perplexity_with(
+    model: &Llama,
+    ids: &[u32],
+    window: usize,
     mut mlp: Option<&mut (dyn MlpOverride + '_)>,
+    dense_prefix: bool,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<EvalReport> {
     if window < 4 {
@@ -97,7 +114,16 @@ pub fn perplexity(
         let logits = match mlp.as_deref_mut() {
             Some(m) => {
                 let mut all = Vec::with_capacity(window * vocab);
-                for &t in chunk {
+                let prefix = if dense_prefix { first } else { 0 };
+                if prefix > 0 {
+                    all.extend(model.forward(
+                        &chunk[..prefix],
+                        &mut cache,
+                        Logits::All,
+                        Some(&mut *m),
+                    )?);
+                }
+                for &t in &chunk[prefix..] {
                     all.extend(model.forward(&[t], &mut cache, Logits::Last, Some(&mut *m))?);
                 }
                 all
@@ -119,7 +145,8 @@ pub fn perplexity(
                 nll_half -= lp;
                 n_half += 1;
             }
-            if let Some(d) = &dense {
+            let compared = !dense_prefix || i >= first;
+            if let (Some(d), true) = (&dense, compared) {
                 let drow = &d[i * vocab..(i + 1) * vocab];
                 kl_sum += kl(drow, row);
                 agree += (crate::generate::argmax(drow) == crate::generate::argmax(row)) as usize;
@@ -128,13 +155,14 @@ pub fn perplexity(
     }
     progress(windows, windows);
     let sparse = mlp.is_some();
+    let compared = if dense_prefix { n_half } else { n_all };
     Ok(EvalReport {
         tokens: windows * window,
         windows,
         ppl_all: (nll_all / n_all as f64).exp(),
         ppl_second_half: (nll_half / n_half as f64).exp(),
-        kl_vs_dense: sparse.then(|| kl_sum / n_all as f64),
-        top1_agreement: sparse.then(|| agree as f64 / n_all as f64),
+        kl_vs_dense: sparse.then(|| kl_sum / compared as f64),
+        top1_agreement: sparse.then(|| agree as f64 / compared as f64),
     })
 }
 

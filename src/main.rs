@@ -14,8 +14,10 @@ use sparsellm::eval;
 use sparsellm::generate::{self, GenerateOptions, SamplingOptions};
 use sparsellm::kernels::pool;
 use sparsellm::loader::{self, fetch};
-use sparsellm::model::{Llama, MlpOverride};
-use sparsellm::sparse::{Predictor, Scorer, SparseMlp, SparsityConfig};
+use sparsellm::model::{Llama, MlpOverride, WeightLayout};
+use sparsellm::sparse::{
+    InputSparsity, InputSpec, Predictor, Scorer, SparseMlp, Sparsity, SparsityConfig,
+};
 use sparsellm::sweep;
 use sparsellm::synth::SynthShape;
 use sparsellm::tensor::{DType, LoadDType};
@@ -79,6 +81,18 @@ struct CalibrateArgs {
     /// The scorer the calibrated thresholds are for: lowrank or cascade[:F].
     #[arg(long, default_value = "lowrank", value_parser = parse_scorer)]
     scorer: String,
+    /// Fit only the input-sparsity tables (teal:S, wina:S, teal:calibrated), no low-rank
+    /// predictors.
+    #[arg(long, conflicts_with = "no_input")]
+    input_only: bool,
+    /// Fit no input-sparsity tables.
+    #[arg(long)]
+    no_input: bool,
+    /// Quality budget of `--sparsity teal:calibrated`: allowed perplexity increase over
+    /// dense on held-out calibration windows decoded after a dense prompt (a margin below
+    /// the +5% it should hold on text it never saw).
+    #[arg(long, default_value_t = 0.03)]
+    input_budget: f64,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -305,6 +319,12 @@ fn parse_positive(s: &str) -> std::result::Result<usize, String> {
 }
 
 fn parse_sparsity(s: &str) -> std::result::Result<String, String> {
+    if InputSpec::is_input_spec(s) {
+        return s
+            .parse::<InputSpec>()
+            .map(|_| s.to_owned())
+            .map_err(|e| e.to_string());
+    }
     s.parse::<SparsityConfig>()
         .map(|_| s.to_owned())
         .map_err(|e| e.to_string())
@@ -334,12 +354,22 @@ struct Loaded {
 }
 
 fn load(run: &RunArgs) -> Result<Loaded> {
+    // Input sparsity reads weights by input: every projection is held input-major.
+    let layout = if InputSpec::is_input_spec(&run.sparsity) {
+        WeightLayout::InputMajor
+    } else {
+        WeightLayout::RowMajor
+    };
+    load_as(run, layout)
+}
+
+fn load_as(run: &RunArgs, layout: WeightLayout) -> Result<Loaded> {
     let path = model_path(&run.model)?;
     let pool = pool::init_global(run.threads.unwrap_or_else(pool::default_threads));
     let start = Instant::now();
     let source = loader::open(&path)?;
     let tokenizer = Tokenizer::load(&source.tokenizer_source()?)?;
-    let model = Llama::load(source.as_ref(), run.dtype, pool)?;
+    let model = Llama::load_with_layout(source.as_ref(), run.dtype, pool, layout)?;
     eprintln!(
         "sparsellm: {} ({} layers, {}, {} threads) loaded in {:.2} s",
         path.display(),
@@ -356,13 +386,16 @@ fn load(run: &RunArgs) -> Result<Loaded> {
     })
 }
 
-/// The sparse MLP the flags ask for, or None when `--sparsity off`.
-fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<SparseMlp>> {
+/// The sparse mode the flags ask for, or None when `--sparsity off`.
+fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<Sparsity>> {
     if run.sparsity == "off" {
         if run.predictor.is_some() || run.scorer.is_some() {
             bail!("--predictor and --scorer need a --sparsity setting other than off");
         }
         return Ok(None);
+    }
+    if InputSpec::is_input_spec(&run.sparsity) {
+        return input_sparsity(run, model).map(|s| Some(Sparsity::Input(s)));
     }
     let sp = SparseMlp::from_spec(
         model,
@@ -371,11 +404,37 @@ fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<SparseMlp>> {
         run.predictor.as_deref(),
         run.sparse_mode.parse()?,
     )?;
-    Ok(Some(sp))
+    Ok(Some(Sparsity::Mlp(sp)))
 }
 
-fn as_override(sp: &mut Option<SparseMlp>) -> Option<&mut (dyn MlpOverride + '_)> {
-    sp.as_mut().map(|s| s as &mut dyn MlpOverride)
+/// The input-sparsity hook of a `teal:`/`wina:` SPEC (thresholds from --predictor).
+fn input_sparsity(run: &RunArgs, model: &Llama) -> Result<InputSparsity> {
+    if run.scorer.is_some() {
+        bail!(
+            "--scorer applies to MLP-neuron sparsity, not to {}",
+            run.sparsity
+        );
+    }
+    let spec: InputSpec = run.sparsity.parse()?;
+    let predictor = run
+        .predictor
+        .as_deref()
+        .map(|p| Predictor::load(p, model))
+        .transpose()?;
+    let tables = match &predictor {
+        Some(p) => Some(p.input.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the predictor file has no input-sparsity tables (calibrate it again)",
+                run.predictor.as_ref().expect("loaded").display()
+            )
+        })?),
+        None => None,
+    };
+    Ok(InputSparsity::new(model, spec, tables)?)
+}
+
+fn as_override(sp: &mut Option<Sparsity>) -> Option<&mut (dyn MlpOverride + '_)> {
+    sp.as_mut().map(|s| s.as_override())
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -509,6 +568,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         .as_deref()
         .map(|p| sweep::load_predictor(p, &l.model))
         .transpose()?;
+    if InputSpec::is_input_spec(&a.run.sparsity) {
+        return eval_input(&a, &l, &ids);
+    }
     let mode = a.run.sparse_mode.parse()?;
     if a.sweep {
         return eval_sweep(&a, &l, &ids, predictor.as_ref(), mode);
@@ -525,7 +587,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         &l.model,
         &ids,
         a.window,
-        as_override(&mut sparse),
+        sparse.as_mut().map(|s| s as &mut dyn MlpOverride),
         |done, total| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);
@@ -601,6 +663,74 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 }
 
 /// `eval --sweep`: every setting over the text, then the table, JSON and plot.
+/// `eval` of an input-sparsity SPEC: each window's first half is the dense prompt, its
+/// second half decoded sparse token by token (as generation runs it); the KL, agreement
+/// and `ppl_second_half` measure the sparse positions.
+fn eval_input(a: &EvalArgs, l: &Loaded, ids: &[u32]) -> Result<()> {
+    let mut sp = input_sparsity(&a.run, &l.model)?;
+    let pb = progress_bar(0, "eval");
+    let r = eval::perplexity_with(
+        &l.model,
+        ids,
+        a.window,
+        Some(&mut sp),
+        true,
+        |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    let groups = sp.group_density();
+    let group_json: serde_json::Map<String, serde_json::Value> = sparsellm::model::InputGroup::ALL
+        .iter()
+        .map(|g| (g.name().to_string(), json!(groups[*g as usize])))
+        .collect();
+    if a.json {
+        let mut v = json!({
+            "tokens": r.tokens,
+            "windows": r.windows,
+            "window": a.window,
+            "ppl_all": r.ppl_all,
+            "ppl_second_half": r.ppl_second_half,
+            "dtype": a.run.dtype.name(),
+            "kl_vs_dense": r.kl_vs_dense,
+            "top1_agreement": r.top1_agreement,
+            "sparsity": a.run.sparsity,
+            "input_density": sp.density(),
+            "group_density": group_json,
+            "weight_bytes_ratio": sp.weight_bytes_ratio(),
+            "dense_prefix": true,
+        });
+        if a.verbose {
+            v["layer_group_density"] = json!(sp.layer_group_density());
+        }
+        println!("{v}");
+    } else {
+        println!(
+            "{} tokens in {} windows of {}: ppl {:.4} (second half, decoded sparse: {:.4}); KL vs dense {:.4}, top-1 agreement {:.3}; inputs kept {:.3}, weight bytes per token {:.3} of dense",
+            r.tokens,
+            r.windows,
+            a.window,
+            r.ppl_all,
+            r.ppl_second_half,
+            r.kl_vs_dense.unwrap_or(0.0),
+            r.top1_agreement.unwrap_or(1.0),
+            sp.density().unwrap_or(1.0),
+            sp.weight_bytes_ratio().unwrap_or(1.0),
+        );
+        if a.verbose {
+            for (l, d) in sp.layer_group_density().iter().enumerate() {
+                println!(
+                    "layer {l:2}: qkv {:.3}  o {:.3}  gate_up {:.3}  down {:.3}",
+                    d[0], d[1], d[2], d[3]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn eval_sweep(
     a: &EvalArgs,
     l: &Loaded,
@@ -966,7 +1096,7 @@ fn decode_components(
 
 /// The sparse MLP of a benchmark: as --sparsity and friends ask, or scored by a seeded
 /// random predictor (--random-predictor).
-fn bench_sparse_mlp(a: &BenchArgs, model: &Llama) -> Result<Option<SparseMlp>> {
+fn bench_sparse_mlp(a: &BenchArgs, model: &Llama) -> Result<Option<Sparsity>> {
     match a.random_predictor {
         None => sparse_mlp(&a.run, model),
         Some(_) if a.run.sparsity == "off" => Ok(None),
@@ -975,7 +1105,11 @@ fn bench_sparse_mlp(a: &BenchArgs, model: &Llama) -> Result<Option<SparseMlp>> {
             config.scorer = a.run.scorer.as_deref().map(str::parse).transpose()?;
             config.mode = a.run.sparse_mode.parse()?;
             let predictor = Predictor::random(&model.config, rank, 1);
-            Ok(Some(SparseMlp::new(model, config, Some(predictor))?))
+            Ok(Some(Sparsity::Mlp(SparseMlp::new(
+                model,
+                config,
+                Some(predictor),
+            )?)))
         }
     }
 }
@@ -1049,7 +1183,11 @@ fn print_decode_components(
 
 /// One mode in this process: load, warm up, measure, print {"header", "sample"}.
 fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
-    let l = load(&a.run)?;
+    // The dense runs use the dense layout, whatever the sparse mode's layout is.
+    let l = match mode {
+        "sparse" => load(&a.run)?,
+        _ => load_as(&a.run, WeightLayout::RowMajor)?,
+    };
     let prompt = &bench_prompt(&a, &l)?;
     let mut sparse = match mode {
         "sparse" => bench_sparse_mlp(&a, &l.model)?,
@@ -1088,6 +1226,19 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         predictor: None,
         sparse_mode: "cached".into(),
     };
+    if !(a.input_budget > 0.0 && a.input_budget.is_finite()) {
+        bail!(
+            "--input-budget {} must be a positive number",
+            a.input_budget
+        );
+    }
+    if a.input_only {
+        let (l, tables) = calibrate_input_tables(&a, &run, &text)?;
+        let p = Predictor::input_only(&l.model, tables);
+        p.save(&a.out)?;
+        println!("wrote {}", a.out.display());
+        return Ok(());
+    }
     let l = load(&run)?;
     let ids = l.tokenizer.encode(&text)?;
     let opts = CalibrationOptions {
@@ -1105,6 +1256,13 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         pb.set_position(done as u64);
     })?;
     pb.finish_and_clear();
+    let mut predictor = predictor;
+    if !a.no_input {
+        drop(l);
+        let (_, tables) = calibrate_input_tables(&a, &run, &text)?;
+        predictor.input = Some(tables);
+    }
+    let _ = ids;
     predictor.save(&a.out)?;
     if a.json {
         println!("{}", json!(report));
@@ -1146,6 +1304,64 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     );
     println!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// The input-sparsity tables of `calibrate`: the model loaded input-major (in bf16 when
+/// the requested dtype is quantized: activations' quantiles barely depend on it), the
+/// quantiles and the `teal:calibrated` allocation; prints the allocation's figures.
+fn calibrate_input_tables(
+    a: &CalibrateArgs,
+    run: &RunArgs,
+    text: &str,
+) -> Result<(Loaded, sparsellm::sparse::input::InputTables)> {
+    use sparsellm::sparse::input::{InputCalibrationOptions, calibrate_input};
+    let mut run = run.clone();
+    if run.dtype == LoadDType::Native {
+        // Native weights may be quantized blocks, which are not held input-major.
+        run.dtype = LoadDType::To(DType::BF16);
+    }
+    let l = load_as(&run, WeightLayout::InputMajor)?;
+    let ids = l.tokenizer.encode(text)?;
+    let opts = InputCalibrationOptions {
+        budget: a.input_budget,
+        ..InputCalibrationOptions::default()
+    };
+    let pb = progress_bar(0, "calibrate input");
+    let (tables, reports) = calibrate_input(&l.model, &ids, &opts, |stage, done, total| {
+        pb.set_message(format!("calibrate input: {stage}"));
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    if !a.json {
+        println!("| qkv | o | gate_up | down | ppl x (held out) | KL | weight bytes x |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in &reports {
+            println!(
+                "| {:.2} | {:.2} | {:.2} | {:.2} | {:.4} | {:.4} | {:.3} |",
+                r.sparsity[0],
+                r.sparsity[1],
+                r.sparsity[2],
+                r.sparsity[3],
+                r.ppl_ratio,
+                r.kl,
+                r.weight_bytes_ratio
+            );
+        }
+        if let Some(last) = reports.last() {
+            println!(
+                "teal:calibrated: sparsity qkv {:.2}, o {:.2}, gate_up {:.2} (layer 0 dense), down {:.2}: held-out ppl x{:.4} (budget x{:.3}), weight bytes per token x{:.3}",
+                last.sparsity[0],
+                last.sparsity[1],
+                last.sparsity[2],
+                last.sparsity[3],
+                last.ppl_ratio,
+                1.0 + a.input_budget,
+                last.weight_bytes_ratio
+            );
+        }
+    }
+    Ok((l, tables))
 }
 
 fn cmd_synth(a: SynthArgs) -> Result<()> {

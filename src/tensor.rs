@@ -305,8 +305,20 @@ fn convert_into(raw: &RawTensor, dtype: DType, out: &mut [u8]) {
 /// SmolLM2 matrices are under 2 MiB, too small for a huge page of their own).
 #[derive(Default)]
 pub struct WeightPlan {
-    items: Vec<(RawTensor, usize, usize, DType, Option<usize>)>,
+    items: Vec<PlanItem>,
     arena_len: usize,
+}
+
+/// One tensor of a [`WeightPlan`]: the source, its `[rows, cols]` shape in the file, the
+/// dtype it is held in, its arena offset (None: used in place), and whether it is held
+/// transposed (`[cols, rows]`, input-major: see [`WeightPlan::add_transposed`]).
+struct PlanItem {
+    raw: RawTensor,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    offset: Option<usize>,
+    transposed: bool,
 }
 
 impl WeightPlan {
@@ -316,12 +328,55 @@ impl WeightPlan {
         let offset = if can_map(&raw, dtype) {
             None
         } else {
-            let off = self.arena_len.next_multiple_of(64);
-            self.arena_len = off + dtype.bytes_for(rows * cols);
-            Some(off)
+            Some(self.reserve(dtype.bytes_for(rows * cols)))
         };
-        self.items.push((raw, rows, cols, dtype, offset));
+        self.items.push(PlanItem {
+            raw,
+            rows,
+            cols,
+            dtype,
+            offset,
+            transposed: false,
+        });
         Ok(self.items.len() - 1)
+    }
+
+    /// Adds `raw`, a `[rows, cols]` matrix in the file, to be held transposed as a
+    /// `[cols, rows]` matrix in the float `dtype` (input-major: row `i` holds input `i`'s
+    /// weights for every output, which is what a column-sparse matvec reads). Always
+    /// converted into the arena (a transpose cannot be used in place); values move through
+    /// f32, so a float dtype that the file already holds is moved bit for bit.
+    pub fn add_transposed(
+        &mut self,
+        raw: RawTensor,
+        rows: usize,
+        cols: usize,
+        dtype: DType,
+    ) -> Result<usize> {
+        check_shape(&raw, rows, cols, dtype)?;
+        if dtype.qformat().is_some() {
+            return Err(raw.error(format!(
+                "an input-major layout needs a float dtype (f32, bf16 or f16), not {}",
+                dtype.name()
+            )));
+        }
+        let offset = Some(self.reserve(dtype.bytes_for(rows * cols)));
+        self.items.push(PlanItem {
+            raw,
+            rows,
+            cols,
+            dtype,
+            offset,
+            transposed: true,
+        });
+        Ok(self.items.len() - 1)
+    }
+
+    /// Reserves `len` bytes of the arena, 64-byte aligned; returns their offset.
+    fn reserve(&mut self, len: usize) -> usize {
+        let off = self.arena_len.next_multiple_of(64);
+        self.arena_len = off + len;
+        off
     }
 
     /// Converts what needs converting (split over the pool) and returns the matrices in
@@ -339,11 +394,16 @@ impl WeightPlan {
             let items = &self.items;
             let base = crate::kernels::SharedBytes::new(&mut map);
             pool.run(&|t, threads| {
-                for (i, (raw, rows, cols, dtype, off)) in items.iter().enumerate() {
-                    if let (Some(off), true) = (off, i % threads == t) {
+                for (i, it) in items.iter().enumerate() {
+                    if let (Some(off), true) = (it.offset, i % threads == t) {
+                        let raw = &it.raw;
                         // Each item owns a disjoint range of the arena.
-                        let out = base.range(*off, dtype.bytes_for(rows * cols));
-                        convert_into(raw, *dtype, out);
+                        let out = base.range(off, it.dtype.bytes_for(it.rows * it.cols));
+                        if it.transposed {
+                            convert_transposed_into(raw, it.rows, it.cols, it.dtype, out);
+                        } else {
+                            convert_into(raw, it.dtype, out);
+                        }
                         // The source is not read again: drop its pages from the RSS.
                         crate::kernels::release_pages(&raw.map, raw.offset, raw.len);
                     }
@@ -359,7 +419,20 @@ impl WeightPlan {
         Ok(self
             .items
             .into_iter()
-            .map(|(raw, rows, cols, dtype, off)| {
+            .map(|it| {
+                let PlanItem {
+                    raw,
+                    rows,
+                    cols,
+                    dtype,
+                    offset: off,
+                    transposed,
+                } = it;
+                let (rows, cols) = if transposed {
+                    (cols, rows)
+                } else {
+                    (rows, cols)
+                };
                 let storage = match (off, &arena) {
                     (Some(off), Some(a)) => Storage::Mapped {
                         map: Arc::clone(a),
@@ -380,6 +453,43 @@ impl WeightPlan {
                 }
             })
             .collect())
+    }
+}
+
+/// Converts `raw` (`[rows, cols]`) into `out` as its transpose (`[cols, rows]`) in the
+/// float `dtype`, through f32, in 64 x 64 tiles.
+fn convert_transposed_into(
+    raw: &RawTensor,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    out: &mut [u8],
+) {
+    let n = rows * cols;
+    let mut f = vec![0f32; n];
+    quant::dequantize(raw.dtype, raw.bytes(), &mut f);
+    let mut t = vec![0f32; n];
+    transpose_into(&f, rows, cols, &mut t);
+    drop(f);
+    encode_f32(&t, dtype, out);
+}
+
+/// `dst = src^T`: `src` is `[rows, cols]` row-major, `dst` `[cols, rows]`; in 64 x 64
+/// tiles so both sides stay in cache.
+pub fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const B: usize = 64;
+    assert!(src.len() == rows * cols && dst.len() == rows * cols);
+    for r0 in (0..rows).step_by(B) {
+        let r1 = (r0 + B).min(rows);
+        for c0 in (0..cols).step_by(B) {
+            let c1 = (c0 + B).min(cols);
+            for r in r0..r1 {
+                let row = &src[r * cols + c0..r * cols + c1];
+                for (c, &v) in (c0..c1).zip(row) {
+                    dst[c * rows + r] = v;
+                }
+            }
+        }
     }
 }
 

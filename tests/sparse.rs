@@ -38,6 +38,7 @@ fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
 fn random_mlp(hidden: usize, inter: usize, dtype: DType, seed: u64) -> Mlp {
     let m = |r, c, s| Linear {
         weight: Matrix::from_f32(&rand_vec(r * c, s, (3.0 / c as f32).sqrt()), r, c, dtype),
+        input_major: false,
     };
     Mlp {
         gate_proj: m(inter, hidden, seed),

@@ -55,6 +55,7 @@ pub mod attention;
 pub mod dot;
 pub mod f16;
 pub mod gemm_avx512;
+pub mod input_major;
 pub mod linear;
 pub mod ops;
 pub mod pool;

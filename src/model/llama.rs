@@ -5,6 +5,7 @@
 //! matrix-matrix kernels). Weight names mirror the HuggingFace checkpoint's.
 
 use crate::error::{Error, Result};
+use crate::kernels::input_major::{InputMajorScratch, matmul_input_major, matvec_input_major};
 use crate::kernels::ops::{self, RopeTable};
 use crate::kernels::{self, ThreadPool};
 use crate::loader::WeightSource;
@@ -13,23 +14,137 @@ use crate::model::kv_cache::KvCache;
 use crate::profile::{ForwardTimer, Phase};
 use crate::tensor::{DType, LoadDType, Matrix, WeightPlan};
 
-/// A linear layer `y = x · W^T` with `W: [out, in]`.
+/// How a layer's projection matrices are held: chosen at load by the sparsity strategy,
+/// one copy per matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightLayout {
+    /// `[out, in]` as the checkpoint stores it: a row per output (dense decode, and the
+    /// MLP-neuron sparsity, which selects rows of gate/up).
+    #[default]
+    RowMajor,
+    /// `[in, out]`: a row per input, so that input sparsity (TEAL/WINA) reads only the
+    /// rows of the inputs it keeps. Float dtypes only.
+    InputMajor,
+}
+
+/// A linear layer `y = x · W^T` with `W: [out, in]`, held as `W` (`weight` is `[out, in]`)
+/// or input-major (`weight` is `W^T`, `[in, out]`; see [`WeightLayout`]).
 pub struct Linear {
     pub weight: Matrix,
+    pub input_major: bool,
 }
 
 impl Linear {
     pub fn out_features(&self) -> usize {
-        self.weight.rows
+        if self.input_major {
+            self.weight.cols
+        } else {
+            self.weight.rows
+        }
     }
     pub fn in_features(&self) -> usize {
-        self.weight.cols
+        if self.input_major {
+            self.weight.rows
+        } else {
+            self.weight.cols
+        }
     }
 
     /// x: [n, in] -> out: [n, out].
     pub fn forward(&self, pool: &ThreadPool, x: &[f32], n: usize, out: &mut [f32]) {
         let w = &self.weight;
-        kernels::matmul(pool, w.view(), w.rows, w.cols, x, n, out);
+        if self.input_major {
+            matmul_input_major(pool, w.view(), w.rows, w.cols, x, n, out);
+        } else {
+            kernels::matmul(pool, w.view(), w.rows, w.cols, x, n, out);
+        }
+    }
+
+    /// Row `r` of `W` (output r's weights, `[in]`) widened to f32, whatever the layout.
+    pub fn output_row_to_f32(&self, r: usize, out: &mut [f32]) {
+        if self.input_major {
+            let mut row = vec![0f32; self.weight.cols];
+            for (i, o) in out.iter_mut().enumerate().take(self.weight.rows) {
+                self.weight.row_to_f32(i, &mut row);
+                *o = row[r];
+            }
+        } else {
+            self.weight.row_to_f32(r, out);
+        }
+    }
+
+    /// As [`forward`](Self::forward), over the inputs `kept` only (ascending indices; one
+    /// token, input-major weights) when given.
+    pub fn project(
+        &self,
+        pool: &ThreadPool,
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+        kept: Option<&[u32]>,
+        scratch: &mut InputMajorScratch,
+    ) {
+        let w = &self.weight;
+        match kept {
+            Some(kept) => {
+                assert!(
+                    self.input_major && n == 1,
+                    "input sparsity needs one token and input-major weights"
+                );
+                matvec_input_major(pool, w.view(), w.rows, w.cols, x, Some(kept), out, scratch);
+            }
+            None if self.input_major && n == 1 => {
+                matvec_input_major(pool, w.view(), w.rows, w.cols, x, None, out, scratch)
+            }
+            None => self.forward(pool, x, n, out),
+        }
+    }
+}
+
+/// The groups of projections that share an input, the unit of input sparsity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputGroup {
+    /// q, k and v: the attention norm's output.
+    Qkv = 0,
+    /// o: the attention's output.
+    O = 1,
+    /// gate and up: the MLP norm's output.
+    GateUp = 2,
+    /// down: `silu(g)·u`.
+    Down = 3,
+}
+
+impl InputGroup {
+    pub const ALL: [InputGroup; 4] = [
+        InputGroup::Qkv,
+        InputGroup::O,
+        InputGroup::GateUp,
+        InputGroup::Down,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            InputGroup::Qkv => "qkv",
+            InputGroup::O => "o",
+            InputGroup::GateUp => "gate_up",
+            InputGroup::Down => "down",
+        }
+    }
+}
+
+/// Which inputs of a projection group to use (see [`MlpOverride::input_mask`]).
+pub enum InputMask<'a> {
+    /// Every input (or, for several tokens, the input as the hook left it).
+    Dense,
+    /// One token: only these inputs (ascending).
+    Kept(&'a [u32]),
+}
+
+impl InputMask<'_> {
+    fn kept(&self) -> Option<&[u32]> {
+        match self {
+            InputMask::Dense => None,
+            InputMask::Kept(k) => Some(k),
+        }
     }
 }
 
@@ -85,7 +200,9 @@ pub enum Logits {
     None,
 }
 
-/// A hook that replaces the dense MLP of a layer during a forward pass (the sparse MLP).
+/// The hooks of a sparse mode into the forward pass: replacing a layer's dense MLP (the
+/// neuron-sparse MLP), or choosing the inputs of each projection group (input sparsity,
+/// which needs input-major weights).
 pub trait MlpOverride {
     /// Computes layer `layer`'s MLP for `h` ([n, hidden]) into `out`; returns false to
     /// fall back to the dense MLP.
@@ -97,6 +214,27 @@ pub trait MlpOverride {
         n: usize,
         out: &mut [f32],
     ) -> bool;
+
+    /// Input sparsity: the inputs of projection group `group` of `layer` to use, given
+    /// that group's input `x` ([n, width]). For one token it may return the kept inputs;
+    /// for several it may zero the dropped entries of each row in place (the masked
+    /// product, which equals the kept-input product up to summation order). Called only
+    /// for input-major models.
+    fn input_mask(
+        &mut self,
+        _layer: usize,
+        _group: InputGroup,
+        _x: &mut [f32],
+        _n: usize,
+    ) -> InputMask<'_> {
+        InputMask::Dense
+    }
+
+    /// Whether [`input_mask`](Self::input_mask) may change inputs (then the forward pass
+    /// gives it every group's input, and does not fuse what would hide one).
+    fn masks_inputs(&self) -> bool {
+        false
+    }
 }
 
 pub struct Llama {
@@ -119,20 +257,44 @@ impl Llama {
         dtype: impl Into<LoadDType>,
         pool: &'static ThreadPool,
     ) -> Result<Llama> {
+        Llama::load_with_layout(src, dtype, pool, WeightLayout::RowMajor)
+    }
+
+    /// As [`load`](Self::load), with the layers' projections held in `layout` (the
+    /// embedding and the output head stay row-major).
+    pub fn load_with_layout(
+        src: &dyn WeightSource,
+        dtype: impl Into<LoadDType>,
+        pool: &'static ThreadPool,
+        layout: WeightLayout,
+    ) -> Result<Llama> {
         let dtype = dtype.into();
         let c = src.config().clone();
         c.validate()?;
+        let input_major = layout == WeightLayout::InputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut plan = WeightPlan::default();
-        let mut add = |name: &str, rows: usize, cols: usize| -> Result<usize> {
+        let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<usize> {
             let raw = src.tensor(name)?;
             if raw.shape != [rows, cols] {
                 return Err(raw.error(format!("shape {:?}, expected [{rows}, {cols}]", raw.shape)));
             }
             let held = dtype.resolve(raw.dtype);
-            plan.add(raw, rows, cols, held)
+            if transpose {
+                if held.qformat().is_some() {
+                    return Err(Error::Input(format!(
+                        "input sparsity needs float weights, but {name} would be held as {} \
+                         (--dtype {}): use --dtype bf16, f32 or f16",
+                        held.name(),
+                        dtype.name()
+                    )));
+                }
+                plan.add_transposed(raw, rows, cols, held)
+            } else {
+                plan.add(raw, rows, cols, held)
+            }
         };
-        add("model.embed_tokens.weight", c.vocab_size, h)?;
+        add("model.embed_tokens.weight", c.vocab_size, h, false)?;
         const PARTS: [&str; 7] = [
             "self_attn.q_proj",
             "self_attn.k_proj",
@@ -145,12 +307,17 @@ impl Llama {
         let dims = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
         for l in 0..c.num_layers {
             for (part, (rows, cols)) in PARTS.iter().zip(dims) {
-                add(&format!("model.layers.{l}.{part}.weight"), rows, cols)?;
+                add(
+                    &format!("model.layers.{l}.{part}.weight"),
+                    rows,
+                    cols,
+                    input_major,
+                )?;
             }
         }
         let untied_head = src.has_tensor("lm_head.weight");
         if untied_head {
-            add("lm_head.weight", c.vocab_size, h)?;
+            add("lm_head.weight", c.vocab_size, h, false)?;
         } else if !c.tie_word_embeddings {
             return Err(Error::tensor(
                 src.path(),
@@ -159,10 +326,12 @@ impl Llama {
             ));
         }
         let mut mats = plan.finish(pool)?.into_iter();
-        let mut next = || Linear {
+        let mut next_as = |input_major: bool| Linear {
             weight: mats.next().expect("one matrix per planned tensor"),
+            input_major,
         };
-        let embed_tokens = next().weight;
+        let embed_tokens = next_as(false).weight;
+        let mut next = || next_as(input_major);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}.weight");
@@ -184,7 +353,7 @@ impl Llama {
                 mlp,
             });
         }
-        let lm_head = untied_head.then(&mut next);
+        let lm_head = untied_head.then(|| next_as(false));
         Ok(Llama {
             inv_freq: c.rope_inv_freq(),
             norm: load_norm(src, "model.norm.weight", h)?,
@@ -195,6 +364,14 @@ impl Llama {
             lm_head,
             pool,
         })
+    }
+
+    /// How the layers' projections are held.
+    pub fn layout(&self) -> WeightLayout {
+        match self.layers.first() {
+            Some(l) if l.self_attn.q_proj.input_major => WeightLayout::InputMajor,
+            _ => WeightLayout::RowMajor,
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -295,6 +472,7 @@ impl Llama {
         let pool = self.pool;
         let inter = c.intermediate_size;
         let timer = ForwardTimer::start(n);
+        let masks = mlp.as_deref().is_some_and(|o| o.masks_inputs());
         let Scratch {
             x,
             xn,
@@ -305,6 +483,7 @@ impl Llama {
             u,
             hp,
             rope,
+            im,
         } = s;
         let x = grow(x, n * h);
         let xn = grow(xn, n * h);
@@ -331,8 +510,19 @@ impl Llama {
             // Keys and values go straight into the cache's new rows; the three
             // projections share their input (one pool job for bf16 weights).
             let (k, v) = cache.append_rows(li, n);
-            let ws = [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
-            kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
+            if a.q_proj.input_major {
+                let mask = input_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
+                timer.end(Phase::Threshold);
+                let kept = mask.kept();
+                a.q_proj.project(pool, xn, n, q, kept, im);
+                a.k_proj.project(pool, xn, n, k, kept, im);
+                a.v_proj.project(pool, xn, n, v, kept, im);
+            } else {
+                row_major_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
+                let ws =
+                    [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
+                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
+            }
             timer.end(Phase::Qkv);
             ops::rope_rows(pool, rope, q, k, n);
             timer.end(Phase::Rope);
@@ -350,7 +540,14 @@ impl Llama {
                 att,
             );
             timer.end(Phase::Attention);
-            a.o_proj.forward(pool, att, n, tmp);
+            if a.o_proj.input_major {
+                let mask = input_mask(&mut mlp, li, InputGroup::O, att, n);
+                timer.end(Phase::Threshold);
+                a.o_proj.project(pool, att, n, tmp, mask.kept(), im);
+            } else {
+                row_major_mask(&mut mlp, li, InputGroup::O, att, n);
+                a.o_proj.forward(pool, att, n, tmp);
+            }
             timer.end(Phase::OProj);
             ops::add_rmsnorm_rows(pool, x, tmp, &layer.post_attention_layernorm, eps, xn);
             timer.end(Phase::Norm);
@@ -363,16 +560,31 @@ impl Llama {
                 // The override charges its own phases (the sparse MLP's scorer,
                 // threshold, ...); what it spent outside them lands here.
                 timer.end(Phase::MlpOther);
-            } else if kernels::linear::swiglu_packed(
-                pool,
-                m.gate_proj.weight.view(),
-                m.up_proj.weight.view(),
-                inter,
-                h,
-                xn,
-                n,
-                hp,
-            ) {
+            } else if m.gate_proj.input_major {
+                let (g, u) = (grow(g, n * inter), grow(u, n * inter));
+                let mask = input_mask(&mut mlp, li, InputGroup::GateUp, xn, n);
+                timer.end(Phase::Threshold);
+                m.gate_proj.project(pool, xn, n, g, mask.kept(), im);
+                m.up_proj.project(pool, xn, n, u, mask.kept(), im);
+                timer.end(Phase::GateUp);
+                ops::silu_mul_par(pool, g, u);
+                timer.end(Phase::SiluMul);
+                let mask = input_mask(&mut mlp, li, InputGroup::Down, g, n);
+                timer.end(Phase::Threshold);
+                m.down_proj.project(pool, g, n, tmp, mask.kept(), im);
+                timer.end(Phase::Down);
+            } else if !masks
+                && kernels::linear::swiglu_packed(
+                    pool,
+                    m.gate_proj.weight.view(),
+                    m.up_proj.weight.view(),
+                    inter,
+                    h,
+                    xn,
+                    n,
+                    hp,
+                )
+            {
                 // bf16: SwiGLU's element-wise part is fused into gate/up, whose output is
                 // packed for down (see `swiglu_packed`).
                 timer.end(Phase::GateUp);
@@ -381,11 +593,13 @@ impl Llama {
             } else {
                 // `Mlp::forward`, with the cache's buffers and a timer.
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
+                row_major_mask(&mut mlp, li, InputGroup::GateUp, xn, n);
                 let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
                 kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
                 ops::silu_mul_par(pool, g, u);
                 timer.end(Phase::SiluMul);
+                row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
                 m.down_proj.forward(pool, g, n, tmp);
                 timer.end(Phase::Down);
             }
@@ -441,6 +655,41 @@ pub struct Scratch {
     /// The MLP's hidden activations packed as bf16 (see `kernels::linear::swiglu_packed`).
     hp: kernels::gemm_avx512::PackedBf16,
     rope: RopeTable,
+    /// The input-major decode kernel's buffers.
+    im: InputMajorScratch,
+}
+
+/// Row-major weights: the hook may mask inputs in place (several tokens), not skip them.
+fn row_major_mask(
+    hook: &mut Option<&mut (dyn MlpOverride + '_)>,
+    layer: usize,
+    group: InputGroup,
+    x: &mut [f32],
+    n: usize,
+) {
+    if let Some(o) = hook.as_deref_mut()
+        && o.masks_inputs()
+    {
+        let mask = o.input_mask(layer, group, x, n);
+        assert!(
+            mask.kept().is_none(),
+            "input sparsity at decode needs input-major weights"
+        );
+    }
+}
+
+/// The hook's choice of inputs for `group` (dense without a hook).
+fn input_mask<'a>(
+    hook: &'a mut Option<&mut (dyn MlpOverride + '_)>,
+    layer: usize,
+    group: InputGroup,
+    x: &mut [f32],
+    n: usize,
+) -> InputMask<'a> {
+    match hook.as_deref_mut() {
+        Some(o) => o.input_mask(layer, group, x, n),
+        None => InputMask::Dense,
+    }
 }
 
 /// The first `len` elements of `buf`, grown (never shrunk) to hold them; the contents are

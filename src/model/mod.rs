@@ -6,4 +6,4 @@ pub mod llama;
 
 pub use config::ModelConfig;
 pub use kv_cache::KvCache;
-pub use llama::{Llama, Logits, MlpOverride};
+pub use llama::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};

@@ -983,6 +983,7 @@ pub fn calibrate(
         up_rank: opts.up_rank,
         layers,
         thresholds: None,
+        input: None,
         metadata,
     };
     let held_ids: Vec<u32> = held_w.concat();

@@ -18,6 +18,7 @@ use crate::sparse::predictor::{Predictor, PredictorScratch};
 use crate::sparse::threshold::{SelectScratch, Threshold, select_top_k, top_k_count};
 use crate::sparse::weight_cache::{CacheSource, HugeMatrix, WeightCache, down_t_dtype};
 use crate::sparse::{Mode, Scorer, SparsityConfig};
+use crate::tensor::transpose_into;
 use crate::tensor::{DType, Matrix};
 
 /// `Mode::Cached` updates a layer's cache only when at most this fraction of the mask is
@@ -181,7 +182,17 @@ impl SparseMlp {
                 ));
             }
         }
+        if first.gate_proj.input_major {
+            return Err(Error::Input(
+                "MLP-neuron sparsity needs the weights row-major (this model was loaded input-major for teal/wina)".into(),
+            ));
+        }
         let needs_predictor = !matches!(scorer, Scorer::Exact | Scorer::SignedGate);
+        if needs_predictor && predictor.as_ref().is_some_and(|p| p.rank == 0) {
+            return Err(Error::Input(format!(
+                "scorer {scorer} needs low-rank factors, but the predictor file holds only input-sparsity tables"
+            )));
+        }
         if needs_predictor && predictor.is_none() && !config.is_off() {
             return Err(Error::Input(format!(
                 "scorer {scorer} needs a predictor file (--predictor)"
@@ -621,21 +632,4 @@ pub fn transpose_matrix(w: &Matrix, dtype: DType) -> HugeMatrix {
         }
     }
     t
-}
-
-fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
-    const B: usize = 64;
-    assert!(src.len() == rows * cols && dst.len() == rows * cols);
-    for r0 in (0..rows).step_by(B) {
-        let r1 = (r0 + B).min(rows);
-        for c0 in (0..cols).step_by(B) {
-            let c1 = (c0 + B).min(cols);
-            for r in r0..r1 {
-                let row = &src[r * cols + c0..r * cols + c1];
-                for (c, &v) in (c0..c1).zip(row) {
-                    dst[c * rows + r] = v;
-                }
-            }
-        }
-    }
 }

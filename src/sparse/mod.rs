@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod input;
 pub mod mlp;
 pub mod predictor;
 pub mod threshold;
@@ -18,6 +19,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 
+pub use input::{InputSparsity, InputSpec};
 pub use mlp::SparseMlp;
 pub use predictor::{Predictor, model_identity};
 pub use threshold::Threshold;
@@ -138,6 +140,54 @@ impl FromStr for SparsityConfig {
     /// Parses a SPEC: `off`, `sigma:K`, `density:D` or `calibrated`.
     fn from_str(s: &str) -> Result<SparsityConfig> {
         Ok(SparsityConfig::new(s.parse()?))
+    }
+}
+
+/// A sparse mode at decode: MLP neurons ([`SparseMlp`]) or the inputs of every
+/// projection ([`InputSparsity`]). The common surface of both for the commands.
+pub enum Sparsity {
+    Mlp(SparseMlp),
+    Input(InputSparsity),
+}
+
+impl Sparsity {
+    /// The forward pass's hook.
+    pub fn as_override(&mut self) -> &mut (dyn crate::model::MlpOverride + '_) {
+        match self {
+            Sparsity::Mlp(s) => s,
+            Sparsity::Input(s) => s,
+        }
+    }
+    pub fn as_mlp(&self) -> Option<&SparseMlp> {
+        match self {
+            Sparsity::Mlp(s) => Some(s),
+            Sparsity::Input(_) => None,
+        }
+    }
+    pub fn as_input(&self) -> Option<&InputSparsity> {
+        match self {
+            Sparsity::Input(s) => Some(s),
+            Sparsity::Mlp(_) => None,
+        }
+    }
+    /// The fraction of neurons (MLP) or of projection inputs (input sparsity) kept.
+    pub fn density(&self) -> Option<f64> {
+        match self {
+            Sparsity::Mlp(s) => s.density(),
+            Sparsity::Input(s) => s.density(),
+        }
+    }
+    pub fn set_prefill_dense(&mut self, dense: bool) {
+        match self {
+            Sparsity::Mlp(s) => s.set_prefill_dense(dense),
+            Sparsity::Input(s) => s.set_prefill_dense(dense),
+        }
+    }
+    pub fn reset_stats(&mut self) {
+        match self {
+            Sparsity::Mlp(s) => s.reset_stats(),
+            Sparsity::Input(s) => s.reset_stats(),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::kernels::sparse::{LowRankView, lowrank_scores};
 use crate::kernels::{ThreadPool, WeightView};
 use crate::loader::safetensors::SafetensorsFile;
 use crate::model::{Llama, ModelConfig};
+use crate::sparse::input::{InputTables, LEVELS};
 use crate::tensor::{DType, Matrix};
 
 /// The predictor file format this code writes and reads.
@@ -39,12 +40,13 @@ pub fn model_identity(model: &Llama) -> String {
     let mut row = vec![0f32; c.hidden_size.max(c.intermediate_size)];
     let last = model.layers.len() - 1;
     for m in [
-        &model.layers[0].mlp.gate_proj.weight,
-        &model.layers[last].mlp.down_proj.weight,
+        &model.layers[0].mlp.gate_proj,
+        &model.layers[last].mlp.down_proj,
     ] {
-        for r in 0..m.rows.min(4) {
-            m.row_to_f32(r, &mut row[..m.cols]);
-            for &v in &row[..m.cols.min(64)] {
+        let cols = m.in_features();
+        for r in 0..m.out_features().min(4) {
+            m.output_row_to_f32(r, &mut row[..cols]);
+            for &v in &row[..cols.min(64)] {
                 let b = crate::kernels::dot::f32_to_bf16(v);
                 for byte in b.to_le_bytes() {
                     hash = (hash ^ byte as u64).wrapping_mul(0x100000001b3);
@@ -187,6 +189,9 @@ pub struct Predictor {
     pub layers: Vec<LayerPredictor>,
     /// Per-layer cut-offs for `calibrated`, when the file holds them.
     pub thresholds: Option<Vec<f32>>,
+    /// Input-sparsity tables (TEAL/WINA quantiles, `teal:calibrated`), when the file
+    /// holds them. A file may hold only these (`rank` 0, no layers).
+    pub input: Option<InputTables>,
     /// Further file metadata (provenance: calibration text hash, budget, ...), saved and
     /// loaded as is; the keys the format itself uses (see [`RESERVED_METADATA`]) are not
     /// allowed here and are skipped on save.
@@ -252,6 +257,22 @@ impl Predictor {
             up_rank: rank,
             layers,
             thresholds: None,
+            input: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// A predictor file holding only input-sparsity tables (no low-rank factors).
+    pub fn input_only(model: &Llama, input: InputTables) -> Predictor {
+        Predictor {
+            model: model_identity(model),
+            hidden: model.config.hidden_size,
+            intermediate: model.config.intermediate_size,
+            rank: 0,
+            up_rank: 0,
+            layers: Vec::new(),
+            thresholds: None,
+            input: Some(input),
             metadata: BTreeMap::new(),
         }
     }
@@ -350,6 +371,19 @@ impl Predictor {
         if let Some(t) = &self.thresholds {
             tensors.push(("thresholds".into(), vec![t.len()], f32_bytes(t)));
         }
+        if let Some(t) = &self.input {
+            let shape = vec![t.layers, 4, LEVELS];
+            tensors.push(("input.teal".into(), shape.clone(), f32_bytes(&t.teal)));
+            tensors.push(("input.wina".into(), shape, f32_bytes(&t.wina)));
+            if let (Some(c), Some(s)) = (&t.calibrated, &t.calibrated_sparsity) {
+                tensors.push(("input.calibrated".into(), vec![t.layers, 4], f32_bytes(c)));
+                tensors.push((
+                    "input.calibrated_sparsity".into(),
+                    vec![t.layers, 4],
+                    f32_bytes(s),
+                ));
+            }
+        }
         let views = tensors
             .iter()
             .map(|(name, shape, data)| {
@@ -417,11 +451,15 @@ impl Predictor {
                 ))),
             }
         };
-        let rank = rank_of("rank", 1)?;
+        let rank = rank_of("rank", 0)?;
         let up_rank = rank_of("up_rank", 0)?;
         let read = |name: &str, rows: usize, cols: usize| -> Result<Vec<f32>> {
             let raw = file.tensor(name).map_err(|e| perr(e.to_string()))?;
-            if raw.shape != [rows, cols] && !(rows == 1 && raw.shape == [cols]) {
+            // 2-D [rows, cols], a vector for one row, or [layers, 4, levels] tables read
+            // as [layers * 4, levels].
+            let table =
+                raw.shape.len() == 3 && raw.shape[0] * raw.shape[1] == rows && raw.shape[2] == cols;
+            if raw.shape != [rows, cols] && !(rows == 1 && raw.shape == [cols]) && !table {
                 return Err(perr(format!(
                     "tensor '{name}' has shape {:?}, expected [{rows}, {cols}]",
                     raw.shape
@@ -438,7 +476,7 @@ impl Predictor {
             Ok(v)
         };
         let mut layers = Vec::with_capacity(config.num_layers);
-        for l in 0..config.num_layers {
+        for l in 0..config.num_layers * (rank > 0) as usize {
             let a = read(&format!("layers.{l}.a_gate"), h, rank)?;
             let b = read(&format!("layers.{l}.b_gate"), rank, i)?;
             let gate = LowRank::from_ab(&a, &b, h, rank, i);
@@ -462,6 +500,31 @@ impl Predictor {
         } else {
             None
         };
+        let nl = config.num_layers;
+        let input = if file.has_tensor("input.teal") {
+            let calibrated = if file.has_tensor("input.calibrated") {
+                Some((
+                    read("input.calibrated", nl, 4)?,
+                    read("input.calibrated_sparsity", nl, 4)?,
+                ))
+            } else {
+                None
+            };
+            Some(InputTables {
+                layers: nl,
+                teal: read("input.teal", nl * 4, LEVELS)?,
+                wina: read("input.wina", nl * 4, LEVELS)?,
+                calibrated_sparsity: calibrated.as_ref().map(|c| c.1.clone()),
+                calibrated: calibrated.map(|c| c.0),
+            })
+        } else {
+            None
+        };
+        if rank == 0 && input.is_none() {
+            return Err(perr(
+                "rank 0 and no input tables: the file holds nothing".into(),
+            ));
+        }
         let metadata = meta
             .iter()
             .filter(|(k, _)| !RESERVED_METADATA.contains(&k.as_str()))
@@ -475,6 +538,7 @@ impl Predictor {
             up_rank,
             layers,
             thresholds,
+            input,
             metadata,
         })
     }

@@ -1,0 +1,768 @@
+//! Input sparsity (TEAL, WINA): per token and per projection group (q/k/v, o, gate/up,
+//! down), skip the inputs whose score is small and read only the kept inputs' rows of the
+//! input-major weights. No predictor: the input itself says which weights matter.
+//!
+//! Owns the SPECs `teal:S`, `wina:S` and `teal:calibrated`, the per-token selection (exact
+//! top-k without a table; a threshold per layer and group with one), the tables a
+//! calibration writes into the predictor file ([`InputTables`]), the calibration itself
+//! ([`calibrate_input`]) and the statistics (`weight_bytes_ratio`).
+//!
+//! Scores: TEAL uses `|x_i|`; WINA uses `|x_i|·‖W[:, i]‖` (the column norm of the group's
+//! matrices stacked, so q/k/v share one mask, as do gate/up).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+use crate::model::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
+use crate::sparse::threshold::top_k_count;
+
+/// Quantile levels of an [`InputTables`] table: sparsity `j / LEVELS` for j < LEVELS.
+pub const LEVELS: usize = 40;
+
+/// An input-sparsity SPEC.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InputSpec {
+    /// `teal:S`: skip the fraction S of each group's inputs with the smallest `|x_i|`.
+    Teal(f64),
+    /// `wina:S`: the same with `|x_i|·‖W[:, i]‖`.
+    Wina(f64),
+    /// `teal:calibrated`: per layer and group thresholds from the predictor file.
+    TealCalibrated,
+}
+
+impl InputSpec {
+    /// Whether a SPEC string names input sparsity (`teal:...`, `wina:...`).
+    pub fn is_input_spec(s: &str) -> bool {
+        let s = s.trim();
+        s.starts_with("teal:") || s.starts_with("wina:")
+    }
+    fn wina(self) -> bool {
+        matches!(self, InputSpec::Wina(_))
+    }
+}
+
+impl FromStr for InputSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<InputSpec> {
+        let bad = |why: &str| {
+            Error::Input(format!(
+                "bad sparsity spec '{s}': {why}expected teal:S, wina:S (S in [0, 1)) or teal:calibrated"
+            ))
+        };
+        let frac = |v: &str| match v.trim().parse::<f64>() {
+            Ok(f) if (0.0..1.0).contains(&f) => Ok(f),
+            _ => Err(bad(&format!("S '{v}' is not a number in [0, 1); "))),
+        };
+        match s.trim().split_once(':') {
+            Some(("teal", "calibrated")) => Ok(InputSpec::TealCalibrated),
+            Some(("teal", v)) => Ok(InputSpec::Teal(frac(v)?)),
+            Some(("wina", v)) => Ok(InputSpec::Wina(frac(v)?)),
+            _ => Err(bad("")),
+        }
+    }
+}
+
+impl fmt::Display for InputSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InputSpec::Teal(s) => write!(f, "teal:{s}"),
+            InputSpec::Wina(s) => write!(f, "wina:{s}"),
+            InputSpec::TealCalibrated => f.write_str("teal:calibrated"),
+        }
+    }
+}
+
+/// What a calibration stores for input sparsity: for every layer and group, the score
+/// thresholds at sparsities `j / LEVELS` (quantiles of calibration activations), for TEAL
+/// and WINA scores, and optionally the calibrated allocation's thresholds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputTables {
+    pub layers: usize,
+    /// `[layer][group][level]`, flattened.
+    pub teal: Vec<f32>,
+    pub wina: Vec<f32>,
+    /// `[layer][group]`: the thresholds of `teal:calibrated` (TEAL scores).
+    pub calibrated: Option<Vec<f32>>,
+    /// `[layer][group]`: the sparsity each calibrated threshold stands for.
+    pub calibrated_sparsity: Option<Vec<f32>>,
+}
+
+impl InputTables {
+    fn at(&self, table: &[f32], layer: usize, g: usize, s: f64) -> f32 {
+        let row = &table[(layer * 4 + g) * LEVELS..(layer * 4 + g + 1) * LEVELS];
+        let pos = (s * LEVELS as f64).clamp(0.0, (LEVELS - 1) as f64);
+        let j = pos.floor() as usize;
+        if j + 1 >= LEVELS {
+            return row[LEVELS - 1];
+        }
+        let w = (pos - j as f64) as f32;
+        row[j] * (1.0 - w) + row[j + 1] * w
+    }
+    /// Thresholds `[layer][group]` for `spec`.
+    pub fn thresholds(&self, spec: InputSpec) -> Result<Vec<[f32; 4]>> {
+        let per = |table: &[f32], s: f64| {
+            (0..self.layers)
+                .map(|l| std::array::from_fn(|g| self.at(table, l, g, s)))
+                .collect()
+        };
+        Ok(match spec {
+            InputSpec::Teal(s) => per(&self.teal, s),
+            InputSpec::Wina(s) => per(&self.wina, s),
+            InputSpec::TealCalibrated => {
+                let c = self.calibrated.as_ref().ok_or_else(|| {
+                    Error::Input(
+                        "the predictor file has no teal:calibrated thresholds (calibrate wrote none)"
+                            .into(),
+                    )
+                })?;
+                (0..self.layers)
+                    .map(|l| std::array::from_fn(|g| c[l * 4 + g]))
+                    .collect()
+            }
+        })
+    }
+}
+
+/// The input-sparsity hook of the forward pass: selection per token and group, and the
+/// statistics of what it kept.
+pub struct InputSparsity {
+    spec: InputSpec,
+    /// Per layer and group, the score threshold; None: exact top-k per token.
+    thresholds: Option<Vec<[f32; 4]>>,
+    /// WINA: per layer and group, the column norms of the group's matrices.
+    col_norms: Option<Vec<[Vec<f32>; 4]>>,
+    /// Forward calls of more than one token run dense (generation's prefill); evaluation
+    /// sets this false to mask every row as decoding would.
+    prefill_dense: bool,
+    /// Bytes of each layer's groups (all the group's matrices).
+    group_bytes: Vec<[f64; 4]>,
+    /// Bytes a dense token reads (every projection and the head).
+    dense_bytes: f64,
+    /// Kept and total inputs per layer and group since the last reset.
+    kept_count: Vec<[u64; 4]>,
+    seen_count: Vec<[u64; 4]>,
+    kept: Vec<u32>,
+    scores: Vec<f32>,
+    sel: Vec<f32>,
+}
+
+impl InputSparsity {
+    /// The hook for `spec` on `model` (which must hold input-major weights), with
+    /// thresholds from `tables` when given (required for `teal:calibrated`).
+    pub fn new(model: &Llama, spec: InputSpec, tables: Option<&InputTables>) -> Result<Self> {
+        if model.layout() != WeightLayout::InputMajor {
+            return Err(Error::Input(
+                "input sparsity needs the model loaded input-major (Llama::load_with_layout)"
+                    .into(),
+            ));
+        }
+        let thresholds = match (spec, tables) {
+            (InputSpec::TealCalibrated, None) => {
+                return Err(Error::Input(
+                    "--sparsity teal:calibrated needs a predictor file with input thresholds (--predictor FILE, written by `sparsellm calibrate`)".into(),
+                ));
+            }
+            (_, Some(t)) => {
+                if t.layers != model.layers.len() {
+                    return Err(Error::Input(format!(
+                        "the predictor's input tables have {} layers, the model {}",
+                        t.layers,
+                        model.layers.len()
+                    )));
+                }
+                Some(t.thresholds(spec)?)
+            }
+            (_, None) => None,
+        };
+        let col_norms = spec.wina().then(|| column_norms(model));
+        let group_bytes = model
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                let bytes = |ls: &[&crate::model::llama::Linear]| {
+                    ls.iter().map(|x| x.weight.byte_len() as f64).sum::<f64>()
+                };
+                [
+                    bytes(&[&a.q_proj, &a.k_proj, &a.v_proj]),
+                    bytes(&[&a.o_proj]),
+                    bytes(&[&m.gate_proj, &m.up_proj]),
+                    bytes(&[&m.down_proj]),
+                ]
+            })
+            .collect();
+        let nl = model.layers.len();
+        Ok(InputSparsity {
+            spec,
+            thresholds,
+            col_norms,
+            prefill_dense: true,
+            group_bytes,
+            dense_bytes: model.weight_bytes_per_token() as f64,
+            kept_count: vec![[0; 4]; nl],
+            seen_count: vec![[0; 4]; nl],
+            kept: Vec::new(),
+            scores: Vec::new(),
+            sel: Vec::new(),
+        })
+    }
+
+    pub fn spec(&self) -> InputSpec {
+        self.spec
+    }
+    pub fn set_prefill_dense(&mut self, dense: bool) {
+        self.prefill_dense = dense;
+    }
+    pub fn reset_stats(&mut self) {
+        self.kept_count.iter_mut().for_each(|c| *c = [0; 4]);
+        self.seen_count.iter_mut().for_each(|c| *c = [0; 4]);
+    }
+
+    /// Fraction of inputs kept, over every layer and group, since the last reset.
+    pub fn density(&self) -> Option<f64> {
+        let (k, n) = self
+            .kept_count
+            .iter()
+            .zip(&self.seen_count)
+            .fold((0u64, 0u64), |(k, n), (a, b)| {
+                (k + a.iter().sum::<u64>(), n + b.iter().sum::<u64>())
+            });
+        (n > 0).then(|| k as f64 / n as f64)
+    }
+
+    /// Fraction of inputs kept per group (summed over layers), since the last reset.
+    pub fn group_density(&self) -> [Option<f64>; 4] {
+        std::array::from_fn(|g| {
+            let k: u64 = self.kept_count.iter().map(|c| c[g]).sum();
+            let n: u64 = self.seen_count.iter().map(|c| c[g]).sum();
+            (n > 0).then(|| k as f64 / n as f64)
+        })
+    }
+
+    /// Fraction kept per layer and group, since the last reset.
+    pub fn layer_group_density(&self) -> Vec<[f64; 4]> {
+        self.kept_count
+            .iter()
+            .zip(&self.seen_count)
+            .map(|(k, n)| std::array::from_fn(|g| k[g] as f64 / n[g].max(1) as f64))
+            .collect()
+    }
+
+    /// Weight bytes one sparse token reads relative to a dense token (the output head,
+    /// read whole, included), since the last reset.
+    pub fn weight_bytes_ratio(&self) -> Option<f64> {
+        let mut skipped = 0.0;
+        let mut any = false;
+        for ((k, n), gb) in self
+            .kept_count
+            .iter()
+            .zip(&self.seen_count)
+            .zip(&self.group_bytes)
+        {
+            for g in 0..4 {
+                if n[g] > 0 {
+                    any = true;
+                    // The fraction of the group's rows dropped, averaged over tokens.
+                    skipped += (n[g] - k[g]) as f64 / n[g] as f64 * gb[g];
+                }
+            }
+        }
+        any.then(|| 1.0 - skipped / self.dense_bytes)
+    }
+
+    /// Selects the kept inputs of one token's `x` for (layer, group) into `self.kept`.
+    fn select(&mut self, layer: usize, g: usize, x: &[f32]) {
+        let n = x.len();
+        self.scores.clear();
+        match &self.col_norms {
+            Some(norms) => {
+                let w = &norms[layer][g];
+                self.scores
+                    .extend(x.iter().zip(w).map(|(&v, &c)| v.abs() * c));
+            }
+            None => self.scores.extend(x.iter().map(|v| v.abs())),
+        }
+        self.kept.clear();
+        match &self.thresholds {
+            Some(t) => {
+                let t = t[layer][g];
+                self.kept.extend(
+                    self.scores
+                        .iter()
+                        .enumerate()
+                        .filter(|&(_, &s)| s > t)
+                        .map(|(i, _)| i as u32),
+                );
+            }
+            None => {
+                let s = match self.spec {
+                    InputSpec::Teal(s) | InputSpec::Wina(s) => s,
+                    InputSpec::TealCalibrated => unreachable!("has thresholds"),
+                };
+                let k = top_k_count(1.0 - s, n);
+                top_k_ascending(&self.scores, k, &mut self.sel, &mut self.kept);
+            }
+        }
+        self.kept_count[layer][g] += self.kept.len() as u64;
+        self.seen_count[layer][g] += n as u64;
+    }
+}
+
+/// The indices of the `k` largest `scores` in ascending index order (ties at the cut
+/// broken by lower index), by selection (no sort): O(n).
+pub fn top_k_ascending(scores: &[f32], k: usize, sel: &mut Vec<f32>, out: &mut Vec<u32>) {
+    out.clear();
+    let n = scores.len();
+    if k == 0 {
+        return;
+    }
+    if k >= n {
+        out.extend(0..n as u32);
+        return;
+    }
+    sel.clear();
+    sel.extend_from_slice(scores);
+    let (_, cut, _) = sel.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
+    let cut = *cut;
+    let above = scores
+        .iter()
+        .filter(|&&s| s.total_cmp(&cut).is_gt())
+        .count();
+    let mut ties = k - above;
+    for (i, &s) in scores.iter().enumerate() {
+        match s.total_cmp(&cut) {
+            std::cmp::Ordering::Greater => out.push(i as u32),
+            std::cmp::Ordering::Equal if ties > 0 => {
+                ties -= 1;
+                out.push(i as u32);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl MlpOverride for InputSparsity {
+    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
+        false
+    }
+
+    fn masks_inputs(&self) -> bool {
+        true
+    }
+
+    fn input_mask(
+        &mut self,
+        layer: usize,
+        group: InputGroup,
+        x: &mut [f32],
+        n: usize,
+    ) -> InputMask<'_> {
+        let g = group as usize;
+        if n == 1 {
+            self.select(layer, g, x);
+            return InputMask::Kept(&self.kept);
+        }
+        if !self.prefill_dense {
+            // Evaluation of many positions: each row masked as its token's decode would.
+            let width = x.len() / n;
+            let mut row = vec![0f32; width];
+            for t in 0..n {
+                let r = &mut x[t * width..(t + 1) * width];
+                row.copy_from_slice(r);
+                self.select(layer, g, &row);
+                r.fill(0.0);
+                for &i in &self.kept {
+                    r[i as usize] = row[i as usize];
+                }
+            }
+        }
+        InputMask::Dense
+    }
+}
+
+/// WINA's column norms: for every layer and group, `‖W[:, i]‖` over the group's matrices
+/// stacked (q/k/v; o; gate/up; down), from the input-major rows.
+fn column_norms(model: &Llama) -> Vec<[Vec<f32>; 4]> {
+    model
+        .layers
+        .iter()
+        .map(|l| {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            let norms = |ls: &[&crate::model::llama::Linear]| {
+                let n = ls[0].in_features();
+                let mut acc = vec![0f64; n];
+                for lin in ls {
+                    let mut row = vec![0f32; lin.out_features()];
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        // Input-major: row i of the held matrix is input i's weights.
+                        lin.weight.row_to_f32(i, &mut row);
+                        *a += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+                    }
+                }
+                acc.into_iter().map(|v| v.sqrt() as f32).collect()
+            };
+            [
+                norms(&[&a.q_proj, &a.k_proj, &a.v_proj]),
+                norms(&[&a.o_proj]),
+                norms(&[&m.gate_proj, &m.up_proj]),
+                norms(&[&m.down_proj]),
+            ]
+        })
+        .collect()
+}
+
+/// Records a sample of every group's input during dense forward passes (every
+/// `stride`-th token of each call), for the quantile tables.
+struct InputRecorder {
+    stride: usize,
+    /// `[layer][group]`: sampled TEAL scores `|x_i|`.
+    teal: Vec<[Vec<f32>; 4]>,
+    /// `[layer][group]`: sampled WINA scores.
+    wina: Vec<[Vec<f32>; 4]>,
+    norms: Vec<[Vec<f32>; 4]>,
+}
+
+impl MlpOverride for InputRecorder {
+    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
+        false
+    }
+    fn masks_inputs(&self) -> bool {
+        true
+    }
+    fn input_mask(
+        &mut self,
+        layer: usize,
+        group: InputGroup,
+        x: &mut [f32],
+        n: usize,
+    ) -> InputMask<'_> {
+        let g = group as usize;
+        let width = x.len() / n;
+        let norms = &self.norms[layer][g];
+        for t in (0..n).step_by(self.stride) {
+            let row = &x[t * width..(t + 1) * width];
+            self.teal[layer][g].extend(row.iter().map(|v| v.abs()));
+            self.wina[layer][g].extend(row.iter().zip(norms).map(|(v, c)| v.abs() * c));
+        }
+        InputMask::Dense
+    }
+}
+
+/// The thresholds at sparsities `j / LEVELS` of `values` (sorted in place): level 0 keeps
+/// everything (-1 is below every score).
+fn quantile_row(values: &mut [f32]) -> [f32; LEVELS] {
+    values.sort_unstable_by(|a, b| a.total_cmp(b));
+    std::array::from_fn(|j| {
+        if j == 0 || values.is_empty() {
+            -1.0
+        } else {
+            // Dropping the fraction j / LEVELS: the threshold is the largest dropped score.
+            let k = (j * values.len() / LEVELS).max(1);
+            values[k - 1]
+        }
+    })
+}
+
+/// What [`calibrate_input`] does.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputCalibrationOptions {
+    /// Tokens per window (a fresh KV cache each; also the held-out evaluation window).
+    pub window: usize,
+    /// Windows recorded for the quantile tables.
+    pub record_windows: usize,
+    /// Held-out windows the allocation is judged on (after the recorded ones).
+    pub heldout_windows: usize,
+    /// Every `stride`-th token's inputs are kept for the quantiles.
+    pub stride: usize,
+    /// Allowed perplexity increase over dense on the held-out windows, each window's first
+    /// half dense (the prompt) and its second half sparse (decoding), scored on the second
+    /// half. Smaller than the +5% the setting should hold on other text: the margin.
+    pub budget: f64,
+    /// Candidate sparsity levels per projection group (the allocation picks one each).
+    pub levels: Vec<f64>,
+}
+
+impl Default for InputCalibrationOptions {
+    fn default() -> Self {
+        InputCalibrationOptions {
+            window: 512,
+            record_windows: 6,
+            heldout_windows: 3,
+            stride: 8,
+            budget: 0.03,
+            levels: vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+        }
+    }
+}
+
+/// One allocation's figures on the held-out windows.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AllocationReport {
+    /// Sparsity per group (qkv, o, gate_up, down); layer 0's gate/up stays dense.
+    pub sparsity: [f64; 4],
+    pub ppl_ratio: f64,
+    /// Mean KL divergence from dense over the scored predictions.
+    pub kl: f64,
+    /// Weight bytes per token relative to dense (head included).
+    pub weight_bytes_ratio: f64,
+}
+
+/// Fits the input-sparsity tables of `model` on `ids`: quantiles of every group's input
+/// scores (TEAL and WINA), then `teal:calibrated`: a sparsity per projection group (the
+/// same in every layer, except layer 0's gate/up, the most sensitive input of all, which
+/// stays dense), chosen to skip the most bytes within the budget. Each group type's cost is
+/// measured alone at each level on held-out windows; the combination that skips the most
+/// bytes with the summed log-perplexity costs within budget is then verified together,
+/// and stepped down while the measured total exceeds the budget.
+///
+/// `progress(stage, done, total)`.
+pub fn calibrate_input(
+    model: &Llama,
+    ids: &[u32],
+    opts: &InputCalibrationOptions,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<(InputTables, Vec<AllocationReport>)> {
+    if model.layout() != WeightLayout::InputMajor {
+        return Err(Error::Input(
+            "input calibration needs the model loaded input-major".into(),
+        ));
+    }
+    let w = opts.window;
+    if w < 8 || w > model.config.max_position_embeddings {
+        return Err(Error::Input(format!(
+            "calibration window {w} is not in 8..=context"
+        )));
+    }
+    let windows: Vec<&[u32]> = ids.chunks_exact(w).collect();
+    let need = opts.record_windows + opts.heldout_windows;
+    if windows.len() < need || opts.heldout_windows == 0 || opts.record_windows == 0 {
+        return Err(Error::Input(format!(
+            "input calibration needs {need} windows of {w} tokens; the text has {} tokens",
+            ids.len()
+        )));
+    }
+    let nl = model.layers.len();
+    // 1. Record.
+    let mut rec = InputRecorder {
+        stride: opts.stride.max(1),
+        teal: (0..nl).map(|_| Default::default()).collect(),
+        wina: (0..nl).map(|_| Default::default()).collect(),
+        norms: column_norms(model),
+    };
+    for (k, win) in windows[..opts.record_windows].iter().enumerate() {
+        progress("record", k, opts.record_windows);
+        let mut cache = model.new_cache();
+        model.forward(win, &mut cache, Logits::None, Some(&mut rec))?;
+    }
+    let mut teal = Vec::with_capacity(nl * 4 * LEVELS);
+    let mut wina = Vec::with_capacity(nl * 4 * LEVELS);
+    for l in 0..nl {
+        for g in 0..4 {
+            teal.extend(quantile_row(&mut rec.teal[l][g]));
+            wina.extend(quantile_row(&mut rec.wina[l][g]));
+        }
+    }
+    drop(rec);
+    let mut tables = InputTables {
+        layers: nl,
+        teal,
+        wina,
+        calibrated: None,
+        calibrated_sparsity: None,
+    };
+    // 2. Allocation, judged on held-out windows.
+    let held = &windows[opts.record_windows..need];
+    let group_bytes = |g: usize, skip_layer0: bool| -> f64 {
+        model
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|&(l, _)| !(skip_layer0 && l == 0))
+            .map(|(_, l)| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                let ls: Vec<&crate::model::llama::Linear> = match g {
+                    0 => vec![&a.q_proj, &a.k_proj, &a.v_proj],
+                    1 => vec![&a.o_proj],
+                    2 => vec![&m.gate_proj, &m.up_proj],
+                    _ => vec![&m.down_proj],
+                };
+                ls.iter().map(|x| x.weight.byte_len() as f64).sum::<f64>()
+            })
+            .sum()
+    };
+    let total = model.weight_bytes_per_token() as f64;
+    let bytes_ratio =
+        |s: &[f64; 4]| 1.0 - (0..4).map(|g| s[g] * group_bytes(g, g == 2)).sum::<f64>() / total;
+    let levels = &opts.levels;
+    let evals = 1 + 4 * levels.iter().filter(|&&s| s > 0.0).count();
+    let mut done = 0;
+    let heldout = Heldout::new(model, held)?;
+    let mut eval = |tables: &mut InputTables, s: [f64; 4]| -> Result<(f64, f64)> {
+        progress("search", done, evals);
+        done += 1;
+        set_allocation(tables, s);
+        heldout.score(model, tables)
+    };
+    let (dense, _) = eval(&mut tables, [0.0; 4])?;
+    // cost[g][j]: the KL from dense with group g alone at levels[j]. KL, not the
+    // perplexity change: on a few held-out windows the latter is noise-dominated at small
+    // sparsities (it can even fall), while KL measures every prediction's change.
+    let mut cost = vec![vec![0f64; levels.len()]; 4];
+    let mut reports = Vec::new();
+    for g in 0..4 {
+        for (j, &lv) in levels.iter().enumerate() {
+            if lv > 0.0 {
+                let mut s = [0.0; 4];
+                s[g] = lv;
+                let (nll, kl) = eval(&mut tables, s)?;
+                cost[g][j] = kl;
+                reports.push(AllocationReport {
+                    sparsity: s,
+                    ppl_ratio: (nll - dense).exp(),
+                    kl,
+                    weight_bytes_ratio: bytes_ratio(&s),
+                });
+            }
+        }
+    }
+    // For each KL allowance (summed over groups), the combination that skips the most
+    // bytes; the largest allowance whose combination meets the perplexity budget when
+    // measured together wins (allowances halve from the largest single-group KL).
+    let limit = (1.0 + opts.budget).ln();
+    let n = levels.len();
+    let best_within = |allow: f64| {
+        let mut best = ([0usize; 4], f64::INFINITY);
+        for code in 0..n.pow(4) {
+            let j: [usize; 4] = std::array::from_fn(|g| code / n.pow(g as u32) % n);
+            let c: f64 = (0..4).map(|g| cost[g][j[g]]).sum();
+            if c > allow {
+                continue;
+            }
+            let s: [f64; 4] = std::array::from_fn(|g| levels[j[g]]);
+            let r = bytes_ratio(&s);
+            if r < best.1 {
+                best = (j, r);
+            }
+        }
+        best.0
+    };
+    let mut allow = cost.iter().flatten().fold(0f64, |m, &c| m.max(c));
+    let mut tried = Vec::new();
+    let chosen = loop {
+        let j = best_within(allow);
+        let s: [f64; 4] = std::array::from_fn(|g| levels[j[g]]);
+        if tried.contains(&j) {
+            allow /= 2.0;
+            continue;
+        }
+        tried.push(j);
+        let (nll, kl) = eval(&mut tables, s)?;
+        reports.push(AllocationReport {
+            sparsity: s,
+            ppl_ratio: (nll - dense).exp(),
+            kl,
+            weight_bytes_ratio: bytes_ratio(&s),
+        });
+        if nll - dense <= limit || j.iter().all(|&x| x == 0) {
+            break s;
+        }
+        allow /= 2.0;
+    };
+    set_allocation(&mut tables, chosen);
+    progress("search", evals, evals);
+    Ok((tables, reports))
+}
+
+/// Sets `tables`' calibrated thresholds to sparsity `s[g]` for group g in every layer
+/// (layer 0's gate/up dense).
+fn set_allocation(tables: &mut InputTables, s: [f64; 4]) {
+    let mut th = Vec::with_capacity(tables.layers * 4);
+    let mut sp = Vec::with_capacity(tables.layers * 4);
+    for l in 0..tables.layers {
+        for (g, &sg) in s.iter().enumerate() {
+            let sg = if l == 0 && g == InputGroup::GateUp as usize {
+                0.0
+            } else {
+                sg
+            };
+            th.push(if sg > 0.0 {
+                tables.at(&tables.teal, l, g, sg)
+            } else {
+                -1.0
+            });
+            sp.push(sg as f32);
+        }
+    }
+    tables.calibrated = Some(th);
+    tables.calibrated_sparsity = Some(sp);
+}
+
+/// Held-out windows and their dense logits: each window's first half is run dense (a
+/// prompt), its second half with the thresholds under test on every row (as decoding
+/// would select, computed batched).
+struct Heldout<'a> {
+    windows: Vec<&'a [u32]>,
+    /// Per window, the dense model's logits of the predictions scored (see `score`).
+    dense: Vec<Vec<f32>>,
+}
+
+impl<'a> Heldout<'a> {
+    fn new(model: &Llama, windows: &[&'a [u32]]) -> Result<Heldout<'a>> {
+        let mut dense = Vec::with_capacity(windows.len());
+        for win in windows {
+            let mut cache = model.new_cache();
+            let all = model.forward(win, &mut cache, Logits::All, None)?;
+            let vocab = model.config.vocab_size;
+            let half = win.len() / 2;
+            // Predictions of tokens half..len come from positions half-1..len-1.
+            dense.push(all[(half - 1) * vocab..(win.len() - 1) * vocab].to_vec());
+        }
+        Ok(Heldout {
+            windows: windows.to_vec(),
+            dense,
+        })
+    }
+
+    /// (mean NLL, mean KL from dense) over the second halves, with `tables`' calibrated
+    /// thresholds.
+    fn score(&self, model: &Llama, tables: &InputTables) -> Result<(f64, f64)> {
+        let mut hook = InputSparsity::new(model, InputSpec::TealCalibrated, Some(tables))?;
+        let vocab = model.config.vocab_size;
+        let (mut nll, mut kl, mut count) = (0f64, 0f64, 0usize);
+        for (win, dense) in self.windows.iter().zip(&self.dense) {
+            let half = win.len() / 2;
+            let mut cache = model.new_cache();
+            hook.set_prefill_dense(true);
+            let first = model.forward(&win[..half], &mut cache, Logits::Last, Some(&mut hook))?;
+            hook.set_prefill_dense(false);
+            let rest = model.forward(&win[half..], &mut cache, Logits::All, Some(&mut hook))?;
+            let rows = std::iter::once(&first[..])
+                .chain(rest.chunks_exact(vocab).take(win.len() - half - 1));
+            for ((row, &target), d) in rows.zip(&win[half..]).zip(dense.chunks_exact(vocab)) {
+                let lse = crate::kernels::ops::logsumexp(row) as f64;
+                nll += lse - row[target as usize] as f64;
+                kl += kl_div(d, row);
+                count += 1;
+            }
+        }
+        let c = count.max(1) as f64;
+        Ok((nll / c, kl / c))
+    }
+}
+
+/// KL(p || q) of two logit rows, in f64.
+fn kl_div(p: &[f32], q: &[f32]) -> f64 {
+    let lp = crate::kernels::ops::logsumexp(p) as f64;
+    let lq = crate::kernels::ops::logsumexp(q) as f64;
+    p.iter()
+        .zip(q)
+        .map(|(&a, &b)| {
+            let la = a as f64 - lp;
+            la.exp() * (la - (b as f64 - lq))
+        })
+        .sum()
+}

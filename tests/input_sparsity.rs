@@ -1,0 +1,339 @@
+//! Input sparsity (TEAL/WINA) on the real model: the input-major layout computes what the
+//! row-major one does, zero sparsity is dense exactly, a sparse token equals the masked
+//! reference, batched evaluation equals token-by-token decoding, the SPEC grammar, the
+//! calibration tables and their file round trip, and clear refusals.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use sparsellm::kernels::pool;
+use sparsellm::model::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
+use sparsellm::sparse::input::{
+    InputCalibrationOptions, InputSparsity, InputSpec, calibrate_input, top_k_ascending,
+};
+use sparsellm::sparse::predictor::Predictor;
+use sparsellm::tensor::{DType, LoadDType};
+
+fn load(dtype: DType, layout: WeightLayout) -> Llama {
+    let src = sparsellm::loader::open(&common::model_path()).expect("open model");
+    Llama::load_with_layout(src.as_ref(), dtype, pool::global(), layout).expect("load model")
+}
+
+fn row_major() -> &'static Llama {
+    static M: OnceLock<Llama> = OnceLock::new();
+    M.get_or_init(|| load(DType::F32, WeightLayout::RowMajor))
+}
+
+fn input_major() -> &'static Llama {
+    static M: OnceLock<Llama> = OnceLock::new();
+    M.get_or_init(|| load(DType::F32, WeightLayout::InputMajor))
+}
+
+/// GPL-3's first tokens (the evaluation text of the README's tables).
+fn tokens(n: usize) -> Vec<u32> {
+    let r = common::reference();
+    common::ids(&r["perplexity"]["ids"])[..n].to_vec()
+}
+
+/// Token-by-token logits of `ids` (decode), through `hook` when given.
+fn decode(model: &Llama, ids: &[u32], mut hook: Option<&mut dyn MlpOverride>) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache();
+    ids.iter()
+        .map(|&t| {
+            model
+                .forward(&[t], &mut cache, Logits::Last, hook.as_deref_mut())
+                .expect("forward")
+        })
+        .collect()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    sparsellm::generate::argmax(v)
+}
+
+#[test]
+fn input_major_layout_computes_the_row_major_model() {
+    let ids = tokens(24);
+    let (a, b) = (row_major(), input_major());
+    assert_eq!(b.layout(), WeightLayout::InputMajor);
+    assert_eq!(a.weight_bytes_per_token(), b.weight_bytes_per_token());
+    // Decode (matvec over input-major rows) and prefill (transposed tiles).
+    let (da, db) = (decode(a, &ids, None), decode(b, &ids, None));
+    for (t, (x, y)) in da.iter().zip(&db).enumerate() {
+        assert!(
+            rel_err(y, x) < 1e-4,
+            "decode position {t}: {}",
+            rel_err(y, x)
+        );
+        assert_eq!(argmax(x), argmax(y), "decode position {t}");
+    }
+    let pa = a
+        .forward(&ids, &mut a.new_cache(), Logits::All, None)
+        .unwrap();
+    let pb = b
+        .forward(&ids, &mut b.new_cache(), Logits::All, None)
+        .unwrap();
+    assert!(rel_err(&pb, &pa) < 1e-4, "prefill: {}", rel_err(&pb, &pa));
+    // The model identity (predictor files) does not depend on the layout.
+    assert_eq!(
+        sparsellm::sparse::model_identity(a),
+        sparsellm::sparse::model_identity(b)
+    );
+}
+
+#[test]
+fn zero_sparsity_is_dense_exactly() {
+    let ids = tokens(12);
+    let m = input_major();
+    let dense = decode(m, &ids, None);
+    for spec in ["teal:0", "wina:0"] {
+        let mut hook = InputSparsity::new(m, spec.parse().unwrap(), None).unwrap();
+        let sparse = decode(m, &ids, Some(&mut hook));
+        assert_eq!(sparse, dense, "{spec}");
+        assert_eq!(hook.density(), Some(1.0));
+        assert!((hook.weight_bytes_ratio().unwrap() - 1.0).abs() < 1e-12);
+    }
+}
+
+/// Wraps `InputSparsity` and logs every kept set it chooses, in call order.
+struct Logged(InputSparsity, Vec<Vec<u32>>);
+
+impl MlpOverride for Logged {
+    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
+        false
+    }
+    fn masks_inputs(&self) -> bool {
+        true
+    }
+    fn input_mask(&mut self, l: usize, g: InputGroup, x: &mut [f32], n: usize) -> InputMask<'_> {
+        match self.0.input_mask(l, g, x, n) {
+            InputMask::Kept(k) => {
+                self.1.push(k.to_vec());
+                InputMask::Kept(k)
+            }
+            InputMask::Dense => panic!("one token: the hook selects"),
+        }
+    }
+}
+
+/// Replays logged kept sets by zeroing every other input, then lets the dense path run:
+/// the masked reference of each token's projections (the same selections, so a
+/// last-bit difference at a selection's cut cannot make the two disagree).
+struct Replay(std::collections::VecDeque<Vec<u32>>);
+
+impl MlpOverride for Replay {
+    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
+        false
+    }
+    fn masks_inputs(&self) -> bool {
+        true
+    }
+    fn input_mask(&mut self, _: usize, _: InputGroup, x: &mut [f32], n: usize) -> InputMask<'_> {
+        assert_eq!(n, 1);
+        let kept = self.0.pop_front().expect("one logged set per call");
+        let mut keep = vec![false; x.len()];
+        kept.iter().for_each(|&i| keep[i as usize] = true);
+        x.iter_mut()
+            .zip(keep)
+            .filter(|(_, k)| !k)
+            .for_each(|(v, _)| *v = 0.0);
+        InputMask::Dense
+    }
+}
+
+#[test]
+fn sparse_decode_equals_the_masked_reference() {
+    let ids = tokens(16);
+    let m = input_major();
+    for spec in ["teal:0.4", "wina:0.5"] {
+        let spec: InputSpec = spec.parse().unwrap();
+        let mut hook = Logged(InputSparsity::new(m, spec, None).unwrap(), Vec::new());
+        let sparse = decode(m, &ids, Some(&mut hook));
+        // On the row-major model: the same selections, as zeroed inputs of dense kernels.
+        let mut reference = Replay(hook.1.drain(..).collect());
+        let masked = decode(row_major(), &ids, Some(&mut reference));
+        assert!(reference.0.is_empty());
+        for (t, (s, r)) in sparse.iter().zip(&masked).enumerate() {
+            assert!(
+                rel_err(s, r) < 1e-4,
+                "{spec} position {t}: {}",
+                rel_err(s, r)
+            );
+        }
+        let d = hook.0.density().unwrap();
+        assert!(
+            (d - (1.0 - spec_s(spec))).abs() < 0.01,
+            "{spec}: density {d}"
+        );
+        let dense = decode(m, &ids, None);
+        assert_ne!(sparse, dense, "{spec} changes the output");
+    }
+}
+
+fn spec_s(spec: InputSpec) -> f64 {
+    match spec {
+        InputSpec::Teal(s) | InputSpec::Wina(s) => s,
+        InputSpec::TealCalibrated => unreachable!(),
+    }
+}
+
+#[test]
+fn batched_evaluation_equals_token_by_token_decoding() {
+    let ids = tokens(20);
+    let m = input_major();
+    let spec: InputSpec = "teal:0.3".parse().unwrap();
+    let mut hook = InputSparsity::new(m, spec, None).unwrap();
+    let one_by_one = decode(m, &ids, Some(&mut hook));
+    hook.set_prefill_dense(false);
+    let batched = m
+        .forward(&ids, &mut m.new_cache(), Logits::All, Some(&mut hook))
+        .unwrap();
+    let vocab = m.config.vocab_size;
+    for (t, row) in one_by_one.iter().enumerate() {
+        let b = &batched[t * vocab..(t + 1) * vocab];
+        assert!(rel_err(b, row) < 1e-3, "position {t}: {}", rel_err(b, row));
+        assert_eq!(argmax(b), argmax(row), "position {t}");
+    }
+    // With prefill dense (generation), a prompt ignores the hook.
+    hook.set_prefill_dense(true);
+    let dense = m
+        .forward(&ids, &mut m.new_cache(), Logits::All, None)
+        .unwrap();
+    let prompt = m
+        .forward(&ids, &mut m.new_cache(), Logits::All, Some(&mut hook))
+        .unwrap();
+    assert_eq!(prompt, dense);
+}
+
+#[test]
+fn spec_grammar() {
+    assert_eq!(
+        "teal:0.4".parse::<InputSpec>().unwrap(),
+        InputSpec::Teal(0.4)
+    );
+    assert_eq!("wina:0".parse::<InputSpec>().unwrap(), InputSpec::Wina(0.0));
+    assert_eq!(
+        "teal:calibrated".parse::<InputSpec>().unwrap(),
+        InputSpec::TealCalibrated
+    );
+    for bad in [
+        "teal:1",
+        "teal:-0.1",
+        "teal:x",
+        "wina:calibrated",
+        "teal",
+        "tea:0.1",
+    ] {
+        let e = bad.parse::<InputSpec>().unwrap_err().to_string();
+        assert!(e.contains(bad) && e.contains("teal:S"), "{bad}: {e}");
+    }
+    assert!(InputSpec::is_input_spec("teal:0.2") && !InputSpec::is_input_spec("density:0.5"));
+}
+
+#[test]
+fn top_k_selection_matches_a_sort() {
+    let mut seed = 7u64;
+    let mut next = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Few distinct values: many ties at the cut.
+        (seed % 17) as f32
+    };
+    let (mut sel, mut out) = (Vec::new(), Vec::new());
+    for n in [0usize, 1, 5, 64, 577] {
+        let scores: Vec<f32> = (0..n).map(|_| next()).collect();
+        for k in [0, 1.min(n), n / 3, n / 2, n.saturating_sub(1), n] {
+            top_k_ascending(&scores, k, &mut sel, &mut out);
+            let mut order: Vec<u32> = (0..n as u32).collect();
+            // Highest score first, lower index first among equals.
+            order.sort_by(|&a, &b| {
+                scores[b as usize]
+                    .total_cmp(&scores[a as usize])
+                    .then(a.cmp(&b))
+            });
+            let mut want = order[..k].to_vec();
+            want.sort();
+            assert_eq!(out, want, "n {n} k {k}");
+        }
+    }
+}
+
+#[test]
+fn quantized_weights_are_refused_input_major() {
+    let src = sparsellm::loader::open(&common::model_path()).unwrap();
+    let e = Llama::load_with_layout(
+        src.as_ref(),
+        LoadDType::Native,
+        pool::global(),
+        WeightLayout::InputMajor,
+    )
+    .err()
+    .expect("Q4_1 cannot be held input-major")
+    .to_string();
+    assert!(e.contains("--dtype bf16"), "{e}");
+    // And the hook refuses a row-major model.
+    let e = InputSparsity::new(row_major(), InputSpec::Teal(0.3), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("input-major"), "{e}");
+    // teal:calibrated without tables names the flag.
+    let e = InputSparsity::new(input_major(), InputSpec::TealCalibrated, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--predictor"), "{e}");
+}
+
+#[test]
+fn calibration_tables_round_trip_and_drive_the_thresholds() {
+    let m = input_major();
+    let r = common::reference();
+    let ids = common::ids(&r["perplexity"]["ids"]);
+    let opts = InputCalibrationOptions {
+        window: 64,
+        record_windows: 2,
+        heldout_windows: 1,
+        stride: 4,
+        budget: 0.05,
+        levels: vec![0.0, 0.3, 0.6],
+    };
+    let (tables, reports) = calibrate_input(m, &ids, &opts, |_, _, _| {}).unwrap();
+    assert_eq!(tables.layers, m.layers.len());
+    // Quantile rows rise with the sparsity level; level 0 keeps every input.
+    for row in tables.teal.chunks_exact(sparsellm::sparse::input::LEVELS) {
+        assert_eq!(row[0], -1.0);
+        assert!(row.windows(2).all(|w| w[0] <= w[1]), "{row:?}");
+    }
+    // Every single-group level was measured, plus at least one combination.
+    assert!(reports.len() > 4 * 2, "{}", reports.len());
+    let chosen = reports.last().unwrap();
+    assert!(chosen.ppl_ratio <= 1.05 || chosen.sparsity == [0.0; 4]);
+    let calibrated = tables.calibrated.as_ref().unwrap();
+    // Layer 0's gate/up is kept dense.
+    assert_eq!(calibrated[InputGroup::GateUp as usize], -1.0);
+    // teal:S from the tables keeps about 1 - S of the inputs on text like the
+    // calibration's.
+    let mut hook = InputSparsity::new(m, InputSpec::Teal(0.5), Some(&tables)).unwrap();
+    decode(m, &ids[1000..1032], Some(&mut hook));
+    let d = hook.density().unwrap();
+    assert!((0.3..0.7).contains(&d), "teal:0.5 from the tables kept {d}");
+    // The file round trip.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.safetensors");
+    Predictor::input_only(m, tables.clone())
+        .save(&path)
+        .unwrap();
+    let back = Predictor::load(&path, m).unwrap();
+    assert_eq!(back.input.as_ref(), Some(&tables));
+    assert_eq!(back.rank, 0);
+    // A row-major load of the same weights accepts the file (same identity).
+    assert!(Predictor::load(&path, row_major()).is_ok());
+}
