@@ -115,6 +115,11 @@ pub fn matmul_input_major(
     if matches!(wt, WeightView::Quant(..)) {
         panic!("matmul_input_major: input-major weights are float (f32, bf16, f16)");
     }
+    if let WeightView::Bf16(w) = wt
+        && super::linear::matmul_input_major_bf16(pool, &[(w, out_dim)], in_dim, x, n, &mut [out])
+    {
+        return;
+    }
     // bf16 with AVX-512 BF16: x rounded to bf16 once, as the row-major prefill does.
     #[cfg(target_arch = "x86_64")]
     let xb: Option<Vec<u16>> =
@@ -134,7 +139,6 @@ pub fn matmul_input_major(
             let m = o1 - o0;
             #[cfg(target_arch = "x86_64")]
             if let (WeightView::Bf16(w), Some(xb)) = (wt, xb.as_deref()) {
-                tile_bf16.resize(m * in_dim, 0);
                 transpose_cols(w, out_dim, in_dim, o0, o1, &mut tile_bf16);
                 // SAFETY: has_bf16() checked the CPU; this thread writes columns o0..o1 of
                 // `out` ([n, out_dim], row stride out_dim) only, disjoint from other
@@ -153,12 +157,12 @@ pub fn matmul_input_major(
                 o0 = o1;
                 continue;
             }
-            tile_f32.resize(m * in_dim, 0.0);
             match wt {
                 WeightView::F32(w) => transpose_cols(w, out_dim, in_dim, o0, o1, &mut tile_f32),
                 WeightView::Bf16(w) | WeightView::F16(w) => {
-                    let mut t16 = vec![0u16; m * in_dim];
+                    let mut t16 = Vec::new();
                     transpose_cols(w, out_dim, in_dim, o0, o1, &mut t16);
+                    tile_f32.resize(m * in_dim, 0.0);
                     if matches!(wt, WeightView::Bf16(_)) {
                         for (o, &b) in tile_f32.iter_mut().zip(&t16) {
                             *o = super::dot::bf16_to_f32(b);
@@ -178,11 +182,19 @@ pub fn matmul_input_major(
     });
 }
 
-/// Columns `o0..o1` of `w` ([rows, cols] row-major) transposed into `dst`
-/// ([o1 - o0, rows] row-major).
-fn transpose_cols<T: Copy>(w: &[T], cols: usize, rows: usize, o0: usize, o1: usize, dst: &mut [T]) {
+/// Columns `o0..o1` of `w` ([rows, cols] row-major) transposed into `dst` (resized to
+/// [o1 - o0, rows] row-major).
+pub fn transpose_cols<T: Copy + Default>(
+    w: &[T],
+    cols: usize,
+    rows: usize,
+    o0: usize,
+    o1: usize,
+    dst: &mut Vec<T>,
+) {
     let m = o1 - o0;
-    debug_assert!(dst.len() == m * rows && w.len() == rows * cols);
+    dst.resize(m * rows, T::default());
+    debug_assert!(w.len() == rows * cols);
     for (i, row) in w.chunks_exact(cols).enumerate() {
         for (j, &v) in row[o0..o1].iter().enumerate() {
             dst[j * rows + i] = v;

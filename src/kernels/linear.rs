@@ -348,6 +348,96 @@ thread_local! {
     static PACKED: std::cell::RefCell<gemm_avx512::PackedBf16> = Default::default();
 }
 
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Row-major tiles of input-major weights for [`packed_job`]'s `GemmT`/`SwiGluT`.
+    static TILES: std::cell::RefCell<(Vec<u16>, Vec<u16>)> = Default::default();
+}
+
+/// `outs[i] = x · ws[i]` for input-major bf16 matrices `ws[i]`: ([cols, rows_i]) sharing
+/// their input x: [n, cols], with the packed kernel in one pool job. Returns false
+/// (doing nothing) unless the packed kernel applies (AVX-512 BF16, n >= 16).
+pub fn matmul_input_major_bf16(
+    pool: &ThreadPool,
+    ws: &[(&[u16], usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if use_packed_bf16(n) {
+        let parts: Vec<Part<'_>> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&(w, rows), out)| {
+                assert_eq!(w.len(), rows * cols, "matmul_input_major_bf16: weight size");
+                assert_eq!(out.len(), n * rows, "matmul_input_major_bf16: output size");
+                Part::GemmT(w, rows, SharedMut(out.as_mut_ptr()))
+            })
+            .collect();
+        PACKED.with_borrow_mut(|xp| packed_job(pool, Some(x), xp, n, cols, &parts));
+        return true;
+    }
+    let _ = (pool, ws, cols, x, n, outs);
+    false
+}
+
+/// [`swiglu_packed`] for input-major bf16 `gate` and `up` ([cols, inter] each).
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_packed_input_major(
+    pool: &ThreadPool,
+    gate: &[u16],
+    up: &[u16],
+    inter: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    h: &mut super::gemm_avx512::PackedBf16,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if use_packed_bf16(n) {
+        assert!(
+            gate.len() == inter * cols && up.len() == inter * cols,
+            "swiglu: weight size"
+        );
+        h.reset(n, inter);
+        let hv = h.view();
+        PACKED.with_borrow_mut(|xp| {
+            packed_job(
+                pool,
+                Some(x),
+                xp,
+                n,
+                cols,
+                &[Part::SwiGluT(gate, up, inter, hv)],
+            )
+        });
+        return true;
+    }
+    let _ = (pool, gate, up, inter, cols, x, n, h);
+    false
+}
+
+/// [`matmul_packed`] for an input-major bf16 `wt` ([cols, rows]).
+pub fn matmul_packed_input_major(
+    pool: &ThreadPool,
+    wt: &[u16],
+    rows: usize,
+    h: &mut super::gemm_avx512::PackedBf16,
+    out: &mut [f32],
+) {
+    let (n, cols) = (h.n(), h.k());
+    assert_eq!(wt.len(), rows * cols, "matmul_packed: weight size");
+    assert_eq!(out.len(), n * rows, "matmul_packed: output size");
+    #[cfg(target_arch = "x86_64")]
+    if use_packed_bf16(n) {
+        let dst = SharedMut(out.as_mut_ptr());
+        return packed_job(pool, None, h, n, cols, &[Part::GemmT(wt, rows, dst)]);
+    }
+    panic!("matmul_packed: the input was packed by swiglu_packed, which needs bf16 weights");
+}
+
 /// What one matrix of a [`packed_job`] computes.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -356,13 +446,21 @@ enum Part<'a> {
     Gemm(&'a [u16], usize, SharedMut),
     /// SwiGLU of `gate` and `up` ([rows, cols] each) into the packed `h` ([n, rows]).
     SwiGlu(&'a [u16], &'a [u16], usize, gemm_avx512::PackedView),
+    /// As `Gemm` for an input-major `w` ([cols, rows]): each chunk's rows are transposed
+    /// back to row-major first (see `kernels::input_major`).
+    GemmT(&'a [u16], usize, SharedMut),
+    /// As `SwiGlu` for input-major `gate` and `up` ([cols, rows] each).
+    SwiGluT(&'a [u16], &'a [u16], usize, gemm_avx512::PackedView),
 }
 
 #[cfg(target_arch = "x86_64")]
 impl Part<'_> {
     fn rows(&self) -> usize {
         match *self {
-            Part::Gemm(_, rows, _) | Part::SwiGlu(_, _, rows, _) => rows,
+            Part::Gemm(_, rows, _)
+            | Part::SwiGlu(_, _, rows, _)
+            | Part::GemmT(_, rows, _)
+            | Part::SwiGluT(_, _, rows, _) => rows,
         }
     }
 }
@@ -452,6 +550,15 @@ fn packed_job(
                         h,
                         r0,
                     ),
+                    Part::GemmT(wt, rows, out) => TILES.with_borrow_mut(|(t, _)| {
+                        super::input_major::transpose_cols(wt, rows, cols, r0, r1, t);
+                        gemm_avx512::gemm_bf16_packed(view, r1 - r0, t, out.get().add(r0), rows)
+                    }),
+                    Part::SwiGluT(gate, up, rows, h) => TILES.with_borrow_mut(|(tg, tu)| {
+                        super::input_major::transpose_cols(gate, rows, cols, r0, r1, tg);
+                        super::input_major::transpose_cols(up, rows, cols, r0, r1, tu);
+                        gemm_avx512::swiglu_bf16_packed(view, r1 - r0, tg, tu, h, r0)
+                    }),
                 }
             };
         }

@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::kernels::input_major::{InputMajorScratch, matmul_input_major, matvec_input_major};
 use crate::kernels::ops::{self, RopeTable};
-use crate::kernels::{self, ThreadPool};
+use crate::kernels::{self, ThreadPool, WeightView};
 use crate::loader::WeightSource;
 use crate::model::config::{ModelConfig, RopeStyle};
 use crate::model::kv_cache::KvCache;
@@ -514,9 +514,30 @@ impl Llama {
                 let mask = input_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 timer.end(Phase::Threshold);
                 let kept = mask.kept();
-                a.q_proj.project(pool, xn, n, q, kept, im);
-                a.k_proj.project(pool, xn, n, k, kept, im);
-                a.v_proj.project(pool, xn, n, v, kept, im);
+                // Several tokens of bf16: one packed job for the three (as row-major).
+                let packed = match [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| l.weight.view()) {
+                    [
+                        WeightView::Bf16(wq),
+                        WeightView::Bf16(wk),
+                        WeightView::Bf16(wv),
+                    ] if n > 1 => {
+                        let ws = [(wq, q.len() / n), (wk, k.len() / n), (wv, v.len() / n)];
+                        kernels::linear::matmul_input_major_bf16(
+                            pool,
+                            &ws,
+                            h,
+                            xn,
+                            n,
+                            &mut [&mut *q, &mut *k, &mut *v],
+                        )
+                    }
+                    _ => false,
+                };
+                if !packed {
+                    a.q_proj.project(pool, xn, n, q, kept, im);
+                    a.k_proj.project(pool, xn, n, k, kept, im);
+                    a.v_proj.project(pool, xn, n, v, kept, im);
+                }
             } else {
                 row_major_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 let ws =
@@ -560,6 +581,25 @@ impl Llama {
                 // The override charges its own phases (the sparse MLP's scorer,
                 // threshold, ...); what it spent outside them lands here.
                 timer.end(Phase::MlpOther);
+            } else if let (
+                true,
+                false,
+                WeightView::Bf16(wg),
+                WeightView::Bf16(wu),
+                WeightView::Bf16(wd),
+            ) = (
+                m.gate_proj.input_major && n > 1,
+                masks,
+                m.gate_proj.weight.view(),
+                m.up_proj.weight.view(),
+                m.down_proj.weight.view(),
+            ) && kernels::linear::swiglu_packed_input_major(
+                pool, wg, wu, inter, h, xn, n, hp,
+            ) {
+                // As the row-major bf16 prefill below, on input-major weights.
+                timer.end(Phase::GateUp);
+                kernels::linear::matmul_packed_input_major(pool, wd, h, hp, tmp);
+                timer.end(Phase::Down);
             } else if m.gate_proj.input_major {
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
                 let mask = input_mask(&mut mlp, li, InputGroup::GateUp, xn, n);
