@@ -2,10 +2,12 @@
 //! a text), a fixed generation length (no EOS stop), greedy, KV cache on; a warm-up, then
 //! repeated runs reported as median, min and max.
 
+use std::ops::ControlFlow;
+
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::generate::{GenerateOptions, SamplingOptions, generate};
+use crate::generate::{GenerateOptions, generate};
 use crate::model::{Llama, MlpOverride};
 use crate::profile::{self, DecodeProfile, Phase};
 
@@ -55,12 +57,10 @@ pub fn measure(
     gen_tokens: usize,
     mlp: Option<&mut (dyn MlpOverride + '_)>,
 ) -> Result<Sample> {
-    let opts = GenerateOptions {
-        max_tokens: gen_tokens,
-        sampling: SamplingOptions::default(),
-        stop_at_eos: false,
-    };
-    let g = generate(model, None, prompt, &opts, mlp, |_| {})?;
+    let opts = GenerateOptions::fixed_greedy(gen_tokens);
+    let g = generate(model, None, prompt, &opts, mlp, |_| {
+        ControlFlow::Continue(())
+    })?;
     Ok(Sample {
         ttft_ms: g.ttft_ms,
         prefill_tok_s: g.prefill_tok_s,
@@ -87,14 +87,12 @@ pub fn measure_decode_phases(
     gen_tokens: usize,
     mlp: Option<&mut (dyn MlpOverride + '_)>,
 ) -> Result<DecodeRun> {
-    let opts = GenerateOptions {
-        max_tokens: gen_tokens,
-        sampling: SamplingOptions::default(),
-        stop_at_eos: false,
-    };
+    let opts = GenerateOptions::fixed_greedy(gen_tokens);
     profile::take_decode();
     profile::record_decode(true);
-    let g = generate(model, None, prompt, &opts, mlp, |_| {});
+    let g = generate(model, None, prompt, &opts, mlp, |_| {
+        ControlFlow::Continue(())
+    });
     profile::record_decode(false);
     let profile = profile::take_decode();
     let g = g?;

@@ -14,6 +14,8 @@ pub struct EvalReport {
     /// Tokens scored over (whole windows only).
     pub tokens: usize,
     pub windows: usize,
+    /// Tokens of the text after the last whole window: not scored.
+    pub tokens_unscored: usize,
     /// exp(mean NLL) over every prediction in each window (positions 0..w-1 predicting 1..w).
     pub ppl_all: f64,
     /// llama.cpp's method: only predictions from the second half of each window.
@@ -94,8 +96,8 @@ pub fn perplexity_with(
     let windows = ids.len() / window;
     if windows == 0 {
         return Err(Error::Input(format!(
-            "the text has {} tokens, fewer than one window of {window}",
-            ids.len()
+            "the text has {}, fewer than one window of {window}",
+            crate::progress::count(ids.len(), "token")
         )));
     }
     let vocab = model.config.vocab_size;
@@ -159,6 +161,7 @@ pub fn perplexity_with(
     Ok(EvalReport {
         tokens: windows * window,
         windows,
+        tokens_unscored: ids.len() - windows * window,
         ppl_all: (nll_all / n_all as f64).exp(),
         ppl_second_half: (nll_half / n_half as f64).exp(),
         kl_vs_dense: sparse.then(|| kl_sum / compared as f64),

@@ -1,7 +1,10 @@
-//! Text generation: sampling (greedy, temperature, top-k, top-p with a seeded RNG), stop
-//! conditions (EOS, a token budget, the context limit), streaming of decoded text, and
-//! the timings a user or benchmark wants (time to first token, decode tokens/s).
+//! Text generation: sampling (greedy, temperature, top-k, top-p, min-p with a seeded RNG;
+//! a repetition penalty), stop conditions (EOS, stop strings, a token budget, the context
+//! limit), streaming of decoded text, and the timings a user or benchmark wants (time to
+//! first token, decode tokens/s).
 
+use std::borrow::Cow;
+use std::ops::ControlFlow;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
@@ -17,6 +20,16 @@ pub struct SamplingOptions {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1.0: no limit).
     pub top_p: f32,
+    /// Keep only tokens whose probability is at least `min_p` times the most likely
+    /// token's (0: no limit). Probabilities at the sampling temperature, as for top_p.
+    pub min_p: f32,
+    /// llama.cpp's repetition penalty: the logit of every token seen among the last
+    /// `repeat_last_n` tokens (prompt included) is divided by this when positive and
+    /// multiplied by it when negative, once per distinct token, before any other rule
+    /// (greedy decoding included). 1.0: off.
+    pub repeat_penalty: f32,
+    /// How many of the most recent tokens the repetition penalty looks at (0: none).
+    pub repeat_last_n: usize,
     pub seed: u64,
 }
 
@@ -26,6 +39,9 @@ impl Default for SamplingOptions {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
             seed: 0,
         }
     }
@@ -43,6 +59,18 @@ impl SamplingOptions {
             return Err(Error::Input(format!(
                 "--top-p {} must be in (0, 1]",
                 self.top_p
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::Input(format!(
+                "--min-p {} must be in [0, 1]",
+                self.min_p
+            )));
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return Err(Error::Input(format!(
+                "--repeat-penalty {} must be a finite number > 0",
+                self.repeat_penalty
             )));
         }
         Ok(())
@@ -83,6 +111,27 @@ pub fn argmax(x: &[f32]) -> u32 {
     best as u32
 }
 
+/// llama.cpp's repetition penalty, in place: each distinct token of `recent` (ids past
+/// the end of `logits` ignored) has its logit divided by `penalty` when positive and
+/// multiplied by it otherwise, once however often it occurs.
+pub fn apply_repeat_penalty(logits: &mut [f32], recent: &[u32], penalty: f32) {
+    let mut seen: Vec<u32> = recent
+        .iter()
+        .copied()
+        .filter(|&t| (t as usize) < logits.len())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    for t in seen {
+        let l = &mut logits[t as usize];
+        if *l > 0.0 {
+            *l /= penalty;
+        } else {
+            *l *= penalty;
+        }
+    }
+}
+
 impl Sampler {
     pub fn new(opts: SamplingOptions) -> Sampler {
         Sampler {
@@ -91,10 +140,25 @@ impl Sampler {
         }
     }
 
+    /// The next token given the logits alone (no repetition penalty: no history).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.sample_after(logits, &[])
+    }
+
+    /// The next token after the tokens `history` (prompt and output so far, oldest
+    /// first): the repetition penalty looks at its last `repeat_last_n`.
+    pub fn sample_after(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let o = self.opts;
+        let n = o.repeat_last_n.min(history.len());
+        let logits: Cow<[f32]> = if o.repeat_penalty != 1.0 && n > 0 {
+            let mut l = logits.to_vec();
+            apply_repeat_penalty(&mut l, &history[history.len() - n..], o.repeat_penalty);
+            Cow::Owned(l)
+        } else {
+            Cow::Borrowed(logits)
+        };
         if o.temperature == 0.0 {
-            return argmax(logits);
+            return argmax(&logits);
         }
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
@@ -125,6 +189,12 @@ impl Sampler {
                 .map_or(probs.len(), |i| i + 1);
             probs.truncate(keep);
         }
+        if o.min_p > 0.0 {
+            // Sorted descending: the most likely token is first and always kept.
+            let floor = probs[0] * o.min_p as f64;
+            let keep = probs.iter().position(|&p| p < floor).unwrap_or(probs.len());
+            probs.truncate(keep.max(1));
+        }
         let total: f64 = probs.iter().sum();
         let mut r = self.rng.next_f64() * total;
         for (i, &p) in probs.iter().enumerate() {
@@ -144,6 +214,10 @@ pub enum StopReason {
     MaxTokens,
     /// The model's context is full.
     ContextFull,
+    /// The decoded text reached one of [`GenerateOptions::stop`].
+    Stop,
+    /// `on_text` asked to stop (e.g. its output was closed).
+    Cancelled,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +226,77 @@ pub struct GenerateOptions {
     pub sampling: SamplingOptions,
     /// Stop at an end-of-sequence token (benchmarks turn this off for a fixed length).
     pub stop_at_eos: bool,
+    /// Stop strings: generation ends as soon as the decoded text contains one; neither it
+    /// nor anything after it is passed to `on_text` or kept in [`Generation::text`]. Text
+    /// that could be the start of a stop string is held back until it is known not to
+    /// be. Needs a tokenizer (without one there is no text to match).
+    pub stop: Vec<String>,
+}
+
+impl GenerateOptions {
+    /// `max_tokens` greedy tokens, no stop at EOS, no stop strings: a benchmark's run.
+    pub fn fixed_greedy(max_tokens: usize) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens,
+            sampling: SamplingOptions::default(),
+            stop_at_eos: false,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Streams text past a set of stop strings: [`push`](Self::push) returns what may be
+/// shown now, holding back any tail that could begin a stop string.
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Empty stop strings are ignored (they would match before any text).
+    pub fn new(stops: &[String]) -> StopMatcher {
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Adds `piece`; returns the text that can be shown now and whether a stop string was
+    /// reached (then the text is everything before its first occurrence).
+    pub fn push(&mut self, piece: &str) -> (String, bool) {
+        self.held.push_str(piece);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            self.held.truncate(at);
+            return (std::mem::take(&mut self.held), true);
+        }
+        // The longest tail of the held text that is a proper prefix of a stop string (it
+        // starts at a character boundary: it equals the start of a valid string).
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|p| self.held.ends_with(p))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let rest = self.held.split_off(self.held.len() - keep);
+        (std::mem::replace(&mut self.held, rest), false)
+    }
+
+    /// The held-back text, once no more will come.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -167,14 +312,15 @@ pub struct Generation {
     pub total_ms: f64,
 }
 
-/// Generates from `prompt_ids`, calling `on_text` with each newly completed piece of text.
+/// Generates from `prompt_ids`, calling `on_text` with each newly completed piece of text;
+/// `on_text` returning `Break` ends the generation ([`StopReason::Cancelled`]).
 pub fn generate(
     model: &Llama,
     tokenizer: Option<&Tokenizer>,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
     mut mlp: Option<&mut (dyn MlpOverride + '_)>,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation> {
     opts.sampling.validate()?;
     if prompt_ids.is_empty() {
@@ -195,6 +341,9 @@ pub fn generate(
     });
     let mut sampler = Sampler::new(opts.sampling);
     let mut stream = tokenizer.map(|t| t.stream_decoder());
+    let mut matcher = StopMatcher::new(&opts.stop);
+    // Prompt and output so far: the repetition penalty's window.
+    let mut history: Vec<u32> = prompt_ids.to_vec();
     let mut text = String::new();
     let mut cache = model.new_cache();
     let start = Instant::now();
@@ -207,7 +356,7 @@ pub fn generate(
         let mut logits = model.forward(prompt_ids, &mut cache, Logits::Last, mlp.as_deref_mut())?;
         prefill_s = start.elapsed().as_secs_f64();
         loop {
-            let next = sampler.sample(&logits[..vocab]);
+            let next = sampler.sample_after(&logits[..vocab], &history);
             if output.is_empty() {
                 first_at = Instant::now();
                 ttft = (first_at - start).as_secs_f64() * 1e3;
@@ -217,11 +366,23 @@ pub fn generate(
                 break;
             }
             output.push(next);
+            history.push(next);
             if let Some(s) = stream.as_mut() {
                 let piece = s.push(next)?;
                 if !piece.is_empty() {
-                    on_text(&piece);
-                    text.push_str(&piece);
+                    let (shown, stopped) = matcher.push(&piece);
+                    if stopped {
+                        stop = StopReason::Stop;
+                    }
+                    if !shown.is_empty() {
+                        text.push_str(&shown);
+                        if on_text(&shown).is_break() && !stopped {
+                            stop = StopReason::Cancelled;
+                        }
+                    }
+                    if matches!(stop, StopReason::Stop | StopReason::Cancelled) {
+                        break;
+                    }
                 }
             }
             if output.len() >= opts.max_tokens {
@@ -234,11 +395,19 @@ pub fn generate(
             logits = model.forward(&[next], &mut cache, Logits::Last, mlp.as_deref_mut())?;
         }
     }
-    if let Some(s) = stream.as_mut() {
-        let rest = s.finish()?;
+    if let Some(s) = stream.as_mut()
+        && !matches!(stop, StopReason::Stop | StopReason::Cancelled)
+    {
+        let (mut rest, stopped) = matcher.push(&s.finish()?);
+        if stopped {
+            stop = StopReason::Stop;
+        } else {
+            rest.push_str(&matcher.finish());
+        }
         if !rest.is_empty() {
-            on_text(&rest);
             text.push_str(&rest);
+            // The last piece: stopping now changes nothing.
+            let _ = on_text(&rest);
         }
     }
     let end = Instant::now();
@@ -277,6 +446,7 @@ mod tests {
             top_k: 20,
             top_p: 0.9,
             seed: 42,
+            ..SamplingOptions::default()
         };
         let a: Vec<u32> = {
             let mut s = Sampler::new(o);
@@ -305,9 +475,136 @@ mod tests {
             top_k: 0,
             top_p: 1e-6,
             seed: 3,
+            ..SamplingOptions::default()
         });
         for _ in 0..20 {
             assert_eq!(s.sample(&logits), 1);
         }
+    }
+
+    #[test]
+    fn repeat_penalty_divides_positive_and_multiplies_negative_logits_once() {
+        let mut l = [2.0, -1.0, 0.0, 3.0, -0.5];
+        // Token 0 twice, token 1 once, token 3 never, an id past the vocabulary ignored.
+        apply_repeat_penalty(&mut l, &[0, 1, 0, 2, 99], 2.0);
+        assert_eq!(l, [1.0, -2.0, 0.0, 3.0, -0.5]);
+        // Penalty 1 changes nothing.
+        let mut m = [2.0, -1.0];
+        apply_repeat_penalty(&mut m, &[0, 1], 1.0);
+        assert_eq!(m, [2.0, -1.0]);
+    }
+
+    #[test]
+    fn repeat_penalty_steers_greedy_within_the_last_n_tokens() {
+        // Token 0 leads token 1 by a little: penalized, it loses (3.0 / 1.5 = 2.0 < 2.5).
+        let logits = [3.0, 2.5, 1.0];
+        let opts = |penalty, last_n| SamplingOptions {
+            repeat_penalty: penalty,
+            repeat_last_n: last_n,
+            ..SamplingOptions::default()
+        };
+        let mut s = Sampler::new(opts(1.5, 64));
+        assert_eq!(s.sample_after(&logits, &[2, 0]), 1);
+        // Without history, or off, or with token 0 outside the last N: token 0.
+        assert_eq!(s.sample_after(&logits, &[]), 0);
+        assert_eq!(s.sample(&logits), 0);
+        assert_eq!(Sampler::new(opts(1.0, 64)).sample_after(&logits, &[0]), 0);
+        assert_eq!(Sampler::new(opts(1.5, 1)).sample_after(&logits, &[0, 2]), 0);
+        assert_eq!(Sampler::new(opts(1.5, 0)).sample_after(&logits, &[0]), 0);
+        // The penalty applies before sampling too: at a tiny top-p only the (penalized)
+        // most likely token remains.
+        let mut t = Sampler::new(SamplingOptions {
+            temperature: 1.0,
+            top_p: 1e-6,
+            ..opts(1.5, 64)
+        });
+        for _ in 0..10 {
+            assert_eq!(t.sample_after(&logits, &[0]), 1);
+        }
+    }
+
+    #[test]
+    fn min_p_keeps_tokens_at_least_p_times_the_most_likely() {
+        // Probabilities at temperature 1 proportional to 8, 4, 2, 1 (logits ln of those).
+        let logits: Vec<f32> = [8f32, 4.0, 2.0, 1.0].iter().map(|p| p.ln()).collect();
+        let drawn = |min_p: f32| {
+            let mut s = Sampler::new(SamplingOptions {
+                temperature: 1.0,
+                min_p,
+                seed: 11,
+                ..SamplingOptions::default()
+            });
+            let mut seen = [false; 4];
+            for _ in 0..2000 {
+                seen[s.sample(&logits) as usize] = true;
+            }
+            seen
+        };
+        // min_p 0.45: p >= 0.45·p_max keeps 8 and 4 only; 0.2 keeps 2 too (2 >= 0.2·8).
+        assert_eq!(drawn(0.45), [true, true, false, false]);
+        assert_eq!(drawn(0.2), [true, true, true, false]);
+        assert_eq!(drawn(0.0), [true, true, true, true]);
+        assert_eq!(drawn(1.0), [true, false, false, false]);
+    }
+
+    #[test]
+    fn sampling_options_are_validated() {
+        let ok = SamplingOptions::default();
+        assert!(ok.validate().is_ok());
+        for bad in [
+            SamplingOptions { min_p: 1.5, ..ok },
+            SamplingOptions { min_p: -0.1, ..ok },
+            SamplingOptions {
+                repeat_penalty: 0.0,
+                ..ok
+            },
+            SamplingOptions {
+                repeat_penalty: f32::NAN,
+                ..ok
+            },
+            SamplingOptions {
+                temperature: f32::NAN,
+                ..ok
+            },
+            SamplingOptions { top_p: 0.0, ..ok },
+        ] {
+            assert!(matches!(bad.validate(), Err(Error::Input(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn stop_strings_end_the_text_and_are_never_shown() {
+        let stops = vec!["</end>".to_string(), "\n\n".to_string()];
+        let mut m = StopMatcher::new(&stops);
+        let mut shown = String::new();
+        let mut stopped = false;
+        for piece in ["Hello", " wor", "ld<", "/e", "nd> and more"] {
+            let (s, stop) = m.push(piece);
+            shown.push_str(&s);
+            if stop {
+                stopped = true;
+                break;
+            }
+            // Nothing that could begin a stop string is shown early.
+            assert!(
+                !shown.ends_with('<') && !shown.ends_with("</e"),
+                "{shown:?}"
+            );
+        }
+        assert!(stopped);
+        assert_eq!(shown, "Hello world");
+        // A false start is released once it cannot be a stop string any more.
+        let mut m = StopMatcher::new(&stops);
+        assert_eq!(m.push("a</e"), ("a".to_string(), false));
+        assert_eq!(m.push("x"), ("</ex".to_string(), false));
+        assert_eq!(m.push("<"), (String::new(), false));
+        assert_eq!(m.finish(), "<");
+        // The earliest of several stop strings wins; multi-byte text stays whole.
+        let mut m = StopMatcher::new(&["é!".to_string(), "b".to_string()]);
+        assert_eq!(m.push("ça é"), ("ça ".to_string(), false));
+        assert_eq!(m.push("!b"), (String::new(), true));
+        // No stop strings (or only empty ones): everything passes through.
+        let mut m = StopMatcher::new(&[String::new()]);
+        assert_eq!(m.push("abc"), ("abc".to_string(), false));
     }
 }

@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod loader;
 pub mod model;
 pub mod profile;
+pub mod progress;
 pub mod quant;
 pub mod sparse;
 pub mod sweep;

@@ -1,12 +1,13 @@
 //! The `sparsellm` command line: fetch, tokenize, generate, eval, bench.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 use serde_json::json;
 
 use sparsellm::bench;
@@ -15,6 +16,7 @@ use sparsellm::generate::{self, GenerateOptions, SamplingOptions};
 use sparsellm::kernels::pool;
 use sparsellm::loader::{self, fetch};
 use sparsellm::model::{Llama, MlpOverride, WeightLayout};
+use sparsellm::progress::{Progress, Unit, count};
 use sparsellm::sparse::{
     InputSparsity, InputSpec, Predictor, Scorer, SparseMlp, Sparsity, SparsityConfig,
 };
@@ -22,6 +24,53 @@ use sparsellm::sweep;
 use sparsellm::synth::SynthShape;
 use sparsellm::tensor::{DType, LoadDType};
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
+
+/// The reader of stdout went away (`sparsellm ... | head`): the command ends quietly with
+/// exit code 0, no message.
+#[derive(Debug)]
+struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("stdout was closed")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// A failed write to stdout: [`StdoutClosed`] for a closed pipe, else the error.
+fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("writing to stdout")
+    }
+}
+
+/// Writes to stdout and flushes (println! would panic on a closed pipe).
+fn write_stdout(args: std::fmt::Arguments<'_>) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(args)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
+}
+
+/// `println!` that returns [`StdoutClosed`] (via `?`) instead of panicking.
+macro_rules! outln {
+    () => {
+        write_stdout(format_args!("\n"))?
+    };
+    ($($arg:tt)*) => {
+        write_stdout(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+
+/// `print!` that returns [`StdoutClosed`] (via `?`) instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_stdout(format_args!($($arg)*))?
+    };
+}
 
 /// Run LLaMA-family models on the CPU, computing only the MLP neurons each token needs.
 #[derive(Parser)]
@@ -37,6 +86,7 @@ enum Command {
     Fetch,
     /// Print the token ids of a text.
     Tokenize {
+        /// The text to tokenize (as is: no BOS token, no chat template).
         text: String,
         #[command(flatten)]
         model: ModelArgs,
@@ -45,15 +95,20 @@ enum Command {
         json: bool,
     },
     /// Generate text from a prompt.
+    #[command(allow_negative_numbers = true)]
     Generate(GenerateArgs),
     /// Perplexity of a text (and, with --sparsity, the cost of sparsity against dense).
+    #[command(allow_negative_numbers = true)]
     Eval(EvalArgs),
     /// Time to first token, prefill and decode speed, memory: repeated runs, medians.
+    #[command(allow_negative_numbers = true)]
     Bench(BenchArgs),
     /// Fit low-rank neuron-score predictors (and calibrated per-layer thresholds) on a text.
+    #[command(allow_negative_numbers = true)]
     Calibrate(CalibrateArgs),
     /// Write a HuggingFace directory with seeded random weights of a real model's shape
     /// (for benchmarks at realistic sizes; the tokenizer is the default model's).
+    #[command(allow_negative_numbers = true)]
     Synth(SynthArgs),
 }
 
@@ -62,21 +117,21 @@ struct CalibrateArgs {
     /// Calibration text (UTF-8). Never evaluate on the text you calibrate on.
     #[arg(long)]
     text: PathBuf,
-    /// Output predictor file (safetensors; written atomically).
+    /// Output predictor file (safetensors; written atomically; its directory must exist).
     #[arg(long)]
     out: PathBuf,
     /// Rank of the gate predictors.
     #[arg(long, default_value_t = 128, value_parser = parse_positive)]
     rank: usize,
     /// Rank of the up predictors (0: none; scores are then |silu(g)|).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = parse_count)]
     up_rank: usize,
     /// At most this many tokens of the text are used (fit and held-out together).
     #[arg(long, default_value_t = 8192, value_parser = parse_positive)]
     max_tokens: usize,
     /// Quality budget of `--sparsity calibrated`: allowed relative perplexity increase
     /// over dense on held-out calibration text.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = 0.05, value_parser = parse_budget)]
     budget: f64,
     /// The scorer the calibrated thresholds are for: lowrank or cascade[:F].
     #[arg(long, default_value = "lowrank", value_parser = parse_scorer)]
@@ -119,7 +174,8 @@ struct SynthArgs {
     /// Output directory (must not exist).
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 0)]
+    /// Seed of the random weights (same seed, same checkpoint).
+    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
     seed: u64,
 }
 
@@ -151,8 +207,10 @@ struct RunArgs {
     /// the top D fraction), calibrated (per-layer thresholds from --predictor).
     #[arg(long, default_value = "off", value_parser = parse_sparsity)]
     sparsity: String,
-    /// How neurons are scored: exact, lowrank, cascade[:F] (default: lowrank with a
-    /// --predictor, exact without).
+    /// How neurons are scored: exact (|silu(g)·u| from the full gate and up), lowrank
+    /// (a --predictor's low-rank estimate), cascade[:F] (lowrank picks the top F, default
+    /// 0.7, exact inside it) or signed-gate (the original SparseLLM's signed g; for
+    /// comparison only). Default: lowrank with a --predictor, exact without.
     #[arg(long, value_parser = parse_scorer)]
     scorer: Option<String>,
     /// Predictor file written by `sparsellm calibrate` (low-rank scorers, thresholds).
@@ -166,27 +224,47 @@ struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("prompt_source").required(true).args(["prompt", "prompt_file"])))]
 struct GenerateArgs {
-    /// The prompt text.
-    #[arg(long)]
-    prompt: String,
+    /// The prompt text; `-` reads it from stdin (as is, up to end of input).
+    #[arg(long, value_name = "TEXT")]
+    prompt: Option<String>,
+    /// Read the prompt from a UTF-8 file (as is).
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<PathBuf>,
     /// Wrap the prompt in the model's chat template as a user message.
     #[arg(long)]
     chat: bool,
     /// Maximum tokens to generate.
     #[arg(long, default_value_t = 128, value_parser = parse_positive)]
     max_tokens: usize,
-    /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    /// Sampling temperature, >= 0; 0 is greedy.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_temperature)]
     temperature: f32,
     /// Sample among the k most likely tokens only (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_count)]
     top_k: usize,
-    /// Nucleus sampling: the smallest set of tokens with probability >= p.
-    #[arg(long, default_value_t = 1.0)]
+    /// Nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1].
+    #[arg(long, value_name = "P", default_value_t = 1.0, value_parser = parse_top_p)]
     top_p: f32,
+    /// Keep only tokens with probability >= P times the most likely one's, in [0, 1]
+    /// (0: off).
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_min_p)]
+    min_p: f32,
+    /// Repetition penalty (llama.cpp's): the logit of each token among the last
+    /// --repeat-last-n tokens (prompt included) is divided by F when positive, multiplied
+    /// by F when negative; applies to greedy decoding too. 1.0: off; 1.1 is typical.
+    #[arg(long, value_name = "F", default_value_t = 1.0, value_parser = parse_penalty)]
+    repeat_penalty: f32,
+    /// How many recent tokens --repeat-penalty looks at.
+    #[arg(long, value_name = "N", default_value_t = 64, value_parser = parse_count)]
+    repeat_last_n: usize,
+    /// End the generation when the output contains STRING (repeatable); the stop string
+    /// itself is not printed.
+    #[arg(long, value_name = "STRING", value_parser = parse_stop)]
+    stop: Vec<String>,
     /// Random seed for sampling (same seed, same text).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = parse_seed)]
     seed: u64,
     /// Keep generating past end-of-sequence tokens (up to --max-tokens or the context).
     #[arg(long)]
@@ -203,8 +281,9 @@ struct EvalArgs {
     /// UTF-8 text file to score.
     #[arg(long)]
     text: PathBuf,
-    /// Window length in tokens; windows do not overlap and each is scored alone.
-    #[arg(long, default_value_t = 512)]
+    /// Window length in tokens (at least 4); windows do not overlap and each is scored
+    /// alone; tokens after the last whole window are not scored (the count is reported).
+    #[arg(long, default_value_t = 512, value_parser = parse_window)]
     window: usize,
     /// Print one JSON object.
     #[arg(long)]
@@ -257,7 +336,7 @@ struct BenchArgs {
     #[arg(long, default_value_t = 5, value_parser = parse_positive)]
     runs: usize,
     /// Unmeasured warm-up runs per mode.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_count)]
     warmup: usize,
     /// Text the prompt is taken from.
     #[arg(long, default_value = "/usr/share/common-licenses/GPL-3")]
@@ -280,7 +359,7 @@ struct BenchArgs {
     components_only: Option<String>,
     /// Benchmarks only: score with a seeded RANDOM low-rank predictor of this rank (its
     /// cost is real, its choices are not; for synthetic models, whose weights are random).
-    #[arg(long, value_name = "RANK")]
+    #[arg(long, value_name = "RANK", value_parser = parse_positive)]
     random_predictor: Option<usize>,
     /// Internal: run one mode in this process and print its samples as JSON (the parent
     /// runs each mode in its own child so that peak memory is measured per mode).
@@ -318,6 +397,62 @@ fn parse_positive(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
+fn parse_count(s: &str) -> std::result::Result<usize, String> {
+    s.parse::<usize>()
+        .map_err(|_| format!("'{s}' is not an integer >= 0"))
+}
+
+fn parse_seed(s: &str) -> std::result::Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|_| format!("'{s}' is not a seed: an integer from 0 to {}", u64::MAX))
+}
+
+fn parse_window(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 4 => Ok(n),
+        Ok(n) => Err(format!("{n} is too small: at least 4 tokens")),
+        Err(_) => Err(format!("'{s}' is not an integer >= 4")),
+    }
+}
+
+/// A finite number satisfying `ok`, else `range` says what is allowed.
+fn parse_float(s: &str, ok: impl Fn(f64) -> bool, range: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(x) if x.is_finite() && ok(x) => Ok(x),
+        Ok(x) if x.is_finite() => Err(format!("{s} is out of range: must be {range}")),
+        Ok(_) => Err(format!("'{s}' is not a finite number (must be {range})")),
+        Err(_) => Err(format!("'{s}' is not a number (must be {range})")),
+    }
+}
+
+fn parse_temperature(s: &str) -> std::result::Result<f32, String> {
+    parse_float(s, |t| t >= 0.0, ">= 0 (0 is greedy)").map(|x| x as f32)
+}
+
+fn parse_top_p(s: &str) -> std::result::Result<f32, String> {
+    parse_float(s, |p| p > 0.0 && p <= 1.0, "in (0, 1]").map(|x| x as f32)
+}
+
+fn parse_min_p(s: &str) -> std::result::Result<f32, String> {
+    parse_float(s, |p| (0.0..=1.0).contains(&p), "in [0, 1]").map(|x| x as f32)
+}
+
+fn parse_penalty(s: &str) -> std::result::Result<f32, String> {
+    parse_float(s, |f| f > 0.0, "> 0 (1 is off)").map(|x| x as f32)
+}
+
+fn parse_budget(s: &str) -> std::result::Result<f64, String> {
+    parse_float(s, |b| b > 0.0, "> 0 (0.05 allows +5% perplexity)")
+}
+
+fn parse_stop(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() {
+        Err("a stop string must not be empty".into())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
 fn parse_sparsity(s: &str) -> std::result::Result<String, String> {
     if InputSpec::is_input_spec(s) {
         return s
@@ -334,6 +469,121 @@ fn parse_scorer(s: &str) -> std::result::Result<String, String> {
     s.parse::<Scorer>()
         .map(|_| s.to_owned())
         .map_err(|e| e.to_string())
+}
+
+/// The sparsity flags that can be checked without the model: before it loads, so a
+/// mistake costs no loading time. `random_predictor`: bench's `--random-predictor`
+/// stands in for a predictor file.
+fn check_sparse_flags(run: &RunArgs, random_predictor: bool) -> Result<()> {
+    if run.sparsity == "off" {
+        if run.predictor.is_some() || run.scorer.is_some() {
+            bail!("--predictor and --scorer need a --sparsity setting other than off");
+        }
+        return Ok(());
+    }
+    if let Some(p) = &run.predictor {
+        std::fs::metadata(p).with_context(|| format!("--predictor {}", p.display()))?;
+    }
+    if InputSpec::is_input_spec(&run.sparsity) {
+        if run.scorer.is_some() || random_predictor {
+            bail!(
+                "--scorer and --random-predictor apply to MLP-neuron sparsity, not to {}",
+                run.sparsity
+            );
+        }
+        if run.sparsity.trim() == "teal:calibrated" && run.predictor.is_none() {
+            bail!(
+                "--sparsity teal:calibrated needs --predictor FILE (input thresholds from `sparsellm calibrate`)"
+            );
+        }
+        return Ok(());
+    }
+    if run.predictor.is_some() || random_predictor {
+        return Ok(());
+    }
+    if run.sparsity == "calibrated" {
+        bail!(
+            "--sparsity calibrated needs --predictor FILE (per-layer thresholds from `sparsellm calibrate`)"
+        );
+    }
+    if let Some(scorer) = &run.scorer {
+        let needs_file = matches!(
+            scorer.parse::<Scorer>()?,
+            Scorer::LowRank | Scorer::Cascade { .. }
+        );
+        if needs_file {
+            bail!(
+                "--scorer {scorer} needs --predictor FILE (low-rank predictors from `sparsellm calibrate`)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The directory a new file `path` goes into (`.` for a bare name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Whether files can be created in the existing directory `dir`: creates and removes a
+/// probe file (permissions, read-only mounts and full quotas all show).
+fn check_writable_dir(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".sparsellm-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// Checks, before any work, that an output file can be written at `path` (`flag` names
+/// it in the message): not a directory, its directory exists and is writable.
+fn check_output_file(flag: &str, path: &Path) -> Result<()> {
+    let shown = path.display();
+    if path.is_dir() {
+        bail!("{flag} {shown} is a directory; give a file name");
+    }
+    let dir = parent_dir(path);
+    if dir.exists() && !dir.is_dir() {
+        bail!("{flag} {shown}: {} is not a directory", dir.display());
+    }
+    if !dir.is_dir() {
+        bail!(
+            "{flag} {shown}: the directory {} does not exist",
+            dir.display()
+        );
+    }
+    check_writable_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{flag} {shown}: cannot write in {}: {e}", dir.display()))
+}
+
+/// Checks, before any work, that an output directory can be made at `path` (missing
+/// directories are created later): `path` is a writable directory, or (when
+/// `must_be_new` or it is missing) its nearest existing ancestor is one.
+fn check_output_dir(flag: &str, path: &Path, must_be_new: bool) -> Result<()> {
+    let shown = path.display();
+    if path.exists() {
+        if must_be_new {
+            bail!("{flag} {shown} already exists; choose a new directory");
+        }
+        if !path.is_dir() {
+            bail!("{flag} {shown} exists and is not a directory");
+        }
+        return check_writable_dir(path)
+            .map_err(|e| anyhow::anyhow!("{flag} {shown}: cannot write in it: {e}"));
+    }
+    let mut dir = parent_dir(path);
+    while !dir.exists() {
+        dir = parent_dir(dir);
+    }
+    if !dir.is_dir() {
+        bail!("{flag} {shown}: {} is not a directory", dir.display());
+    }
+    check_writable_dir(dir)
+        .map_err(|e| anyhow::anyhow!("{flag} {shown}: cannot write in {}: {e}", dir.display()))
 }
 
 fn model_path(args: &ModelArgs) -> Result<PathBuf> {
@@ -371,11 +621,11 @@ fn load_as(run: &RunArgs, layout: WeightLayout) -> Result<Loaded> {
     let tokenizer = Tokenizer::load(&source.tokenizer_source()?)?;
     let model = Llama::load_with_layout(source.as_ref(), run.dtype, pool, layout)?;
     eprintln!(
-        "sparsellm: {} ({} layers, {}, {} threads) loaded in {:.2} s",
+        "sparsellm: {} ({}, {}, {}) loaded in {:.2} s",
         path.display(),
-        model.config.num_layers,
+        count(model.config.num_layers, "layer"),
         run.dtype.name(),
-        pool.threads(),
+        count(pool.threads(), "thread"),
         start.elapsed().as_secs_f64()
     );
     Ok(Loaded {
@@ -388,10 +638,8 @@ fn load_as(run: &RunArgs, layout: WeightLayout) -> Result<Loaded> {
 
 /// The sparse mode the flags ask for, or None when `--sparsity off`.
 fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<Sparsity>> {
+    check_sparse_flags(run, false)?;
     if run.sparsity == "off" {
-        if run.predictor.is_some() || run.scorer.is_some() {
-            bail!("--predictor and --scorer need a --sparsity setting other than off");
-        }
         return Ok(None);
     }
     if InputSpec::is_input_spec(&run.sparsity) {
@@ -439,19 +687,48 @@ fn as_override(sp: &mut Option<Sparsity>) -> Option<&mut (dyn MlpOverride + '_)>
 
 fn read_text(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    utf8(bytes, &path.display().to_string())
+}
+
+/// `bytes` as text, or an error naming `what` and the first invalid byte.
+fn utf8(bytes: Vec<u8>, what: &str) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| {
         anyhow::anyhow!(
-            "{}: not UTF-8 text (invalid byte at offset {})",
-            path.display(),
+            "{what}: not UTF-8 text (invalid byte at offset {})",
             e.utf8_error().valid_up_to()
         )
     })
 }
 
-fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    if a.prompt.is_empty() {
-        bail!("the prompt is empty");
+/// The prompt: --prompt TEXT, --prompt - (stdin) or --prompt-file FILE, as is.
+fn read_prompt(a: &GenerateArgs) -> Result<String> {
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) if p == "-" => {
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut bytes)
+                .context("--prompt -: reading stdin")?;
+            utf8(bytes, "--prompt - (stdin)")?
+        }
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => read_text(f)?,
+        // clap's group requires exactly one of them.
+        (None, None) => bail!("give --prompt TEXT, --prompt - (stdin) or --prompt-file FILE"),
+    };
+    if prompt.is_empty() {
+        let from = match (&a.prompt, &a.prompt_file) {
+            (Some(p), _) if p == "-" => " (stdin gave no text)".to_owned(),
+            (None, Some(f)) => format!(" ({} is empty)", f.display()),
+            _ => String::new(),
+        };
+        bail!("the prompt is empty{from}");
     }
+    Ok(prompt)
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let user_prompt = read_prompt(&a)?;
+    check_sparse_flags(&a.run, false)?;
     let l = load(&a.run)?;
     let prompt = if a.chat {
         let tpl = l.chat_template.clone();
@@ -464,9 +741,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             &tok(l.tokenizer.bos_token_id()),
             &tok(l.tokenizer.eos_token_id()),
         )?;
-        t.render(&[("user", &a.prompt)], true)?
+        t.render(&[("user", &user_prompt)], true)?
     } else {
-        a.prompt.clone()
+        user_prompt
     };
     let ids = l.tokenizer.encode(&prompt)?;
     let opts = GenerateOptions {
@@ -475,12 +752,18 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             temperature: a.temperature,
             top_k: a.top_k,
             top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            repeat_last_n: a.repeat_last_n,
             seed: a.seed,
         },
         stop_at_eos: !a.ignore_eos,
+        stop: a.stop.clone(),
     };
     let mut sparse = sparse_mlp(&a.run, &l.model)?;
-    let stdout = std::io::stdout();
+    // A failed write to stdout ends the generation; a closed pipe then ends the command
+    // quietly.
+    let mut write_error: Option<std::io::Error> = None;
     let g = generate::generate(
         &l.model,
         Some(&l.tokenizer),
@@ -488,15 +771,24 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         &opts,
         as_override(&mut sparse),
         |piece| {
-            if !a.json {
-                let mut o = stdout.lock();
-                let _ = o.write_all(piece.as_bytes());
-                let _ = o.flush();
+            if a.json {
+                return ControlFlow::Continue(());
+            }
+            let mut o = std::io::stdout().lock();
+            match o.write_all(piece.as_bytes()).and_then(|()| o.flush()) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
             }
         },
     )?;
+    if let Some(e) = write_error {
+        return Err(stdout_error(e));
+    }
     if a.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "prompt_ids": ids,
@@ -509,7 +801,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             })
         );
     } else {
-        println!();
+        outln!();
         if g.stop == generate::StopReason::ContextFull {
             eprintln!(
                 "sparsellm: stopped: the model's context ({} tokens) is full",
@@ -518,9 +810,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         }
         let density = sparse.as_ref().and_then(|s| s.density());
         eprintln!(
-            "sparsellm: {} prompt tokens, {} generated; time to first token {:.1} ms, decode {:.1} tok/s{}",
-            ids.len(),
+            "sparsellm: {}, {} generated{}; time to first token {:.1} ms, decode {:.1} tok/s{}",
+            count(ids.len(), "prompt token"),
             g.output_ids.len(),
+            if g.stop == generate::StopReason::Stop {
+                " (stopped at a --stop string)"
+            } else {
+                ""
+            },
             g.ttft_ms,
             g.decode_tok_s,
             density
@@ -531,17 +828,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let pb = indicatif::ProgressBar::new(len);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_owned());
-    pb
+/// Progress of long work on stderr: a bar on a terminal, a plain line every few seconds
+/// otherwise; `unit` names what is counted (plural).
+fn progress_bar(len: u64, what: &str, unit: &'static str) -> Progress {
+    Progress::new(what, Some(len), Unit::Items(unit))
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
@@ -549,17 +839,28 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if text.is_empty() {
         bail!("{}: the text is empty", a.text.display());
     }
-    if a.sweep && (a.run.sparsity != "off" || a.run.scorer.is_some()) {
-        bail!(
-            "--sweep runs its own settings: give them with --sweep-settings, not --sparsity or --scorer"
-        );
+    if a.sweep {
+        if a.run.sparsity != "off" || a.run.scorer.is_some() {
+            bail!(
+                "--sweep runs its own settings: give them with --sweep-settings, not --sparsity or --scorer"
+            );
+        }
+        if let Some(p) = &a.run.predictor {
+            std::fs::metadata(p).with_context(|| format!("--predictor {}", p.display()))?;
+        } else if let Some(list) = &a.sweep_settings
+            && let Some(s) = sweep::parse_settings(list)?
+                .iter()
+                .find(|s| s.needs_predictor())
+        {
+            bail!("sweep setting '{s}' needs a predictor file (--predictor)");
+        }
+        let out = a.out.as_deref().context("--sweep needs --out DIR")?;
+        check_output_dir("--out", out, false)?;
+    } else {
+        check_sparse_flags(&a.run, false)?;
     }
     let l = load(&a.run)?;
     let ids = l.tokenizer.encode(&text)?;
-    if !a.sweep && a.run.sparsity == "off" && (a.run.predictor.is_some() || a.run.scorer.is_some())
-    {
-        bail!("--predictor and --scorer need a --sparsity setting other than off");
-    }
     // Loaded once, its factors in the dtype the sparse MLP reads them in (so that its
     // bytes per token are counted as decoding reads them).
     let predictor = a
@@ -582,7 +883,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         // Every position uses its own mask, as decoding would.
         sp.set_prefill_dense(false);
     }
-    let pb = progress_bar(0, "eval");
+    let mut pb = progress_bar(0, "eval", "windows");
     let r = eval::perplexity(
         &l.model,
         &ids,
@@ -593,7 +894,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             pb.set_position(done as u64);
         },
     )?;
-    pb.finish_and_clear();
+    pb.finish();
+    note_unscored(r.tokens_unscored, a.window);
     let bytes = sparse
         .as_ref()
         .and_then(|sp| eval::mlp_bytes(&l.model, sp, predictor.as_ref()));
@@ -601,6 +903,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if a.json {
         let mut v = json!({
             "tokens": r.tokens,
+            "tokens_unscored": r.tokens_unscored,
             "windows": r.windows,
             "window": a.window,
             "ppl_all": r.ppl_all,
@@ -620,15 +923,19 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 v["layer_density"] = json!(layer_density);
             }
         }
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
-            "{} tokens in {} windows of {}: perplexity {:.4} (all predictions), {:.4} (second half of each window)",
-            r.tokens, r.windows, a.window, r.ppl_all, r.ppl_second_half
+        outln!(
+            "{} in {} of {}: perplexity {:.4} (all predictions), {:.4} (second half of each window)",
+            count(r.tokens, "token"),
+            count(r.windows, "window"),
+            a.window,
+            r.ppl_all,
+            r.ppl_second_half
         );
         if let (Some(kl), Some(top1), Some(sp)) = (r.kl_vs_dense, r.top1_agreement, sparse.as_ref())
         {
-            println!(
+            outln!(
                 "sparsity {} (scorer {}): MLP density {:.3} (mask churn {:.3} per token), KL(dense || sparse) {:.4} nats/token, top-1 agreement {:.3}",
                 a.run.sparsity,
                 sp.scorer(),
@@ -638,7 +945,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 top1
             );
             if let Some(b) = bytes {
-                println!(
+                outln!(
                     "MLP bytes read per token: {:.3} of dense ({:.2} of {:.2} MB{})",
                     b.ratio(),
                     b.sparse / 1e6,
@@ -651,15 +958,26 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 );
             }
             if a.verbose {
-                println!("| layer | MLP density |");
-                println!("|---|---|");
+                outln!("| layer | MLP density |");
+                outln!("|---|---|");
                 for (i, d) in layer_density.iter().flatten().enumerate() {
-                    println!("| {i} | {d:.3} |");
+                    outln!("| {i} | {d:.3} |");
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Says on stderr how many tokens after the last whole window were not scored.
+fn note_unscored(unscored: usize, window: usize) {
+    if unscored > 0 {
+        eprintln!(
+            "sparsellm: the last {} of the text (less than a window of {window}) {} not scored",
+            count(unscored, "token"),
+            if unscored == 1 { "was" } else { "were" }
+        );
+    }
 }
 
 /// `eval --sweep`: every setting over the text, then the table, JSON and plot.
@@ -668,7 +986,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 /// and `ppl_second_half` measure the sparse positions.
 fn eval_input(a: &EvalArgs, l: &Loaded, ids: &[u32]) -> Result<()> {
     let mut sp = input_sparsity(&a.run, &l.model)?;
-    let pb = progress_bar(0, "eval");
+    let mut pb = progress_bar(0, "eval", "windows");
     let r = eval::perplexity_with(
         &l.model,
         ids,
@@ -680,7 +998,7 @@ fn eval_input(a: &EvalArgs, l: &Loaded, ids: &[u32]) -> Result<()> {
             pb.set_position(done as u64);
         },
     )?;
-    pb.finish_and_clear();
+    pb.finish();
     let groups = sp.group_density();
     let group_json: serde_json::Map<String, serde_json::Value> = sparsellm::model::InputGroup::ALL
         .iter()
@@ -705,9 +1023,9 @@ fn eval_input(a: &EvalArgs, l: &Loaded, ids: &[u32]) -> Result<()> {
         if a.verbose {
             v["layer_group_density"] = json!(sp.layer_group_density());
         }
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
+        outln!(
             "{} tokens in {} windows of {}: ppl {:.4} (second half, decoded sparse: {:.4}); KL vs dense {:.4}, top-1 agreement {:.3}; inputs kept {:.3}, weight bytes per token {:.3} of dense",
             r.tokens,
             r.windows,
@@ -721,9 +1039,12 @@ fn eval_input(a: &EvalArgs, l: &Loaded, ids: &[u32]) -> Result<()> {
         );
         if a.verbose {
             for (l, d) in sp.layer_group_density().iter().enumerate() {
-                println!(
+                outln!(
                     "layer {l:2}: qkv {:.3}  o {:.3}  gate_up {:.3}  down {:.3}",
-                    d[0], d[1], d[2], d[3]
+                    d[0],
+                    d[1],
+                    d[2],
+                    d[3]
                 );
             }
         }
@@ -739,16 +1060,9 @@ fn eval_sweep(
     mode: sparsellm::sparse::Mode,
 ) -> Result<()> {
     let out = a.out.as_deref().context("--sweep needs --out DIR")?;
+    // Settings needing a predictor without one were refused before loading.
     let settings = match &a.sweep_settings {
-        Some(list) => {
-            let v = sweep::parse_settings(list)?;
-            if predictor.is_none()
-                && let Some(s) = v.iter().find(|s| s.needs_predictor())
-            {
-                bail!("sweep setting '{s}' needs a predictor file (--predictor)");
-            }
-            v
-        }
+        Some(list) => sweep::parse_settings(list)?,
         None => sweep::default_settings(),
     };
     let opts = sweep::SweepOptions {
@@ -759,22 +1073,18 @@ fn eval_sweep(
         warmup: 1,
         mode,
     };
-    let pb = progress_bar(settings.len() as u64, "sweep");
+    let mut pb = progress_bar(settings.len() as u64, "sweep", "settings");
     let mut report = sweep::run(&l.model, ids, &settings, predictor, &opts, |p| {
         pb.set_length(p.settings as u64);
-        pb.set_position(p.setting as u64);
         if p.window < p.windows {
-            pb.set_message(format!(
-                "{} (window {}/{})",
-                p.name,
-                p.window + 1,
-                p.windows
-            ));
+            pb.set_message(format!("{}, window {}/{}", p.name, p.window + 1, p.windows));
         } else {
-            pb.set_message(format!("{} (decode timing)", p.name));
+            pb.set_message(format!("{}, decode timing", p.name));
         }
+        pb.set_position(p.setting as u64);
     })?;
-    pb.finish_and_clear();
+    pb.finish();
+    note_unscored(ids.len() - report.tokens, a.window);
     let path = model_path(&a.run.model)?;
     report.model = path.file_name().map_or_else(
         || path.display().to_string(),
@@ -787,28 +1097,28 @@ fn eval_sweep(
     report.predictor = a.run.predictor.as_ref().map(|p| p.display().to_string());
     sweep::write_outputs(&report, out)?;
     if a.json {
-        println!("{}", json!(report));
+        outln!("{}", json!(report));
     } else {
-        print!("{}", sweep::markdown(&report));
+        out!("{}", sweep::markdown(&report));
         let sparse: Vec<&sweep::SweepRow> = report
             .rows
             .iter()
             .filter(|r| !r.layer_density.is_empty())
             .collect();
         if a.verbose && !sparse.is_empty() {
-            println!("\nMLP density per layer:\n");
+            outln!("\nMLP density per layer:\n");
             let names: Vec<&str> = sparse.iter().map(|r| r.setting.as_str()).collect();
-            println!("| layer | {} |", names.join(" | "));
-            println!("|---|{}", "---|".repeat(names.len()));
+            outln!("| layer | {} |", names.join(" | "));
+            outln!("|---|{}", "---|".repeat(names.len()));
             for layer in 0..l.model.config.num_layers {
                 let cells: Vec<String> = sparse
                     .iter()
                     .map(|r| format!("{:.3}", r.layer_density[layer]))
                     .collect();
-                println!("| {layer} | {} |", cells.join(" | "));
+                outln!("| {layer} | {} |", cells.join(" | "));
             }
         }
-        println!(
+        outln!(
             "\nwrote {}, {} and {}",
             out.join("sweep.md").display(),
             out.join("sweep.json").display(),
@@ -825,6 +1135,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
     if let Some(mode) = a.child_mode.clone() {
         return bench_child(a, &mode);
     }
+    check_sparse_flags(&a.run, a.random_predictor.is_some())?;
     if a.components {
         return bench_components(a);
     }
@@ -839,10 +1150,11 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         &["dense", "sparse"]
     };
     let exe = std::env::current_exe().context("locating the sparsellm executable")?;
-    let pb = progress_bar((a.runs * modes.len()) as u64, "bench");
-    if a.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let mut pb = if a.json {
+        Progress::hidden()
+    } else {
+        progress_bar((a.runs * modes.len()) as u64, "bench", "runs")
+    };
     let mut samples: Vec<Vec<bench::Sample>> = vec![Vec::new(); modes.len()];
     let mut header = serde_json::Value::Null;
     for run in 0..a.runs {
@@ -904,7 +1216,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
             pb.inc(1);
         }
     }
-    pb.finish_and_clear();
+    pb.finish();
     let reports: Vec<bench::ModeReport> = samples
         .iter()
         .map(|s| bench::ModeReport::from_samples(s))
@@ -933,28 +1245,30 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         "total": ratio(|r| r.total_tok_s.median),
     });
     if a.json {
-        println!("{report}");
+        outln!("{report}");
         return Ok(());
     }
-    println!(
-        "model {} | {} | {} threads | {} | sparsity {}",
+    outln!(
+        "model {} | {} | {} | {} | sparsity {}",
         header["model"].as_str().unwrap_or(""),
         a.run.dtype.name(),
-        header["threads"],
+        count(header["threads"].as_u64().unwrap_or(0) as usize, "thread"),
         header["cpu"].as_str().unwrap_or(""),
         a.run.sparsity
     );
-    println!(
-        "prompt {} tokens, {} generated, {} runs interleaved (median [min, max])",
-        a.prompt_tokens, a.gen_tokens, a.runs
+    outln!(
+        "prompt {}, {} generated, {} interleaved (median [min, max])",
+        count(a.prompt_tokens, "token"),
+        a.gen_tokens,
+        count(a.runs, "run")
     );
-    println!(
+    outln!(
         "| mode | TTFT ms | prefill tok/s | decode tok/s | total tok/s | decode GB/s | peak RSS MB | MLP density |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    outln!("|---|---|---|---|---|---|---|---|");
     let s = |x: &bench::Stat| format!("{:.1} [{:.1}, {:.1}]", x.median, x.min, x.max);
     for (mode, r) in modes.iter().zip(&reports) {
-        println!(
+        outln!(
             "| {mode} | {} | {} | {} | {} | {:.1} | {:.0} | {:.3} |",
             s(&r.ttft_ms),
             s(&r.prefill_tok_s),
@@ -966,7 +1280,7 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         );
     }
     if reports.len() == 2 {
-        println!(
+        outln!(
             "sparse/dense: decode x{:.3}, TTFT x{:.3}, total x{:.3}",
             report["ratios"]["decode"].as_f64().unwrap_or(0.0),
             report["ratios"]["ttft"].as_f64().unwrap_or(0.0),
@@ -983,9 +1297,9 @@ fn bench_prompt(a: &BenchArgs, l: &Loaded) -> Result<Vec<u32>> {
     let mut ids = l.tokenizer.encode(&text)?;
     if ids.len() < a.prompt_tokens {
         bail!(
-            "{} has {} tokens, fewer than --prompt-tokens {}",
+            "{} has {}, fewer than --prompt-tokens {}",
             a.text.display(),
-            ids.len(),
+            count(ids.len(), "token"),
             a.prompt_tokens
         );
     }
@@ -1009,7 +1323,7 @@ fn bench_components(a: BenchArgs) -> Result<()> {
     if only != Some("model") {
         let kernels = sparsellm::sparse::bench::components(pool, a.runs);
         if !a.json {
-            println!("{}", kernels.markdown());
+            outln!("{}", kernels.markdown());
         }
         report["components"] = json!(kernels);
     }
@@ -1028,11 +1342,11 @@ fn bench_components(a: BenchArgs) -> Result<()> {
             }
             report["decode_components"] = serde_json::Value::Object(m);
         } else {
-            print_decode_components(&a, &header, &modes);
+            print_decode_components(&a, &header, &modes)?;
         }
     }
     if a.json {
-        println!("{report}");
+        outln!("{report}");
     }
     Ok(())
 }
@@ -1053,10 +1367,15 @@ fn decode_components(
     } else {
         &["dense"]
     };
-    let pb = progress_bar(((a.warmup + a.runs) * modes.len()) as u64, "components");
-    if a.json {
-        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
+    let mut pb = if a.json {
+        Progress::hidden()
+    } else {
+        progress_bar(
+            ((a.warmup + a.runs) * modes.len()) as u64,
+            "components",
+            "runs",
+        )
+    };
     let mut runs: Vec<Vec<bench::DecodeRun>> = vec![Vec::new(); modes.len()];
     for run in 0..a.warmup + a.runs {
         if run == a.warmup
@@ -1078,7 +1397,7 @@ fn decode_components(
             pb.inc(1);
         }
     }
-    pb.finish_and_clear();
+    pb.finish();
     let out = modes
         .iter()
         .zip(&runs)
@@ -1120,16 +1439,16 @@ fn print_decode_components(
     a: &BenchArgs,
     header: &serde_json::Value,
     modes: &[(&str, bench::DecodeComponents)],
-) {
-    println!(
-        "model {} | {} | {} threads | sparsity {} | prompt {} tokens, {} generated, {} runs",
+) -> Result<()> {
+    outln!(
+        "model {} | {} | {} | sparsity {} | prompt {}, {} generated, {}",
         header["model"].as_str().unwrap_or(""),
         a.run.dtype.name(),
-        pool::global().threads(),
+        count(pool::global().threads(), "thread"),
         a.run.sparsity,
-        a.prompt_tokens,
+        count(a.prompt_tokens, "token"),
         a.gen_tokens,
-        a.runs
+        count(a.runs, "run")
     );
     let mut phases: Vec<sparsellm::profile::Phase> = Vec::new();
     for p in sparsellm::profile::Phase::ALL {
@@ -1144,8 +1463,8 @@ fn print_decode_components(
         .iter()
         .map(|(m, _)| format!("{m} ms/token | {m} share"))
         .collect();
-    println!("| phase | {} |", head.join(" | "));
-    println!("|---|{}", "---|---|".repeat(modes.len()));
+    outln!("| phase | {} |", head.join(" | "));
+    outln!("|---|{}", "---|---|".repeat(modes.len()));
     let cell = |c: &bench::DecodeComponents, ms: Option<f64>| match ms {
         Some(ms) => format!("{ms:.3} | {:.1}%", 100.0 * ms / c.step_ms),
         None => " | ".to_owned(),
@@ -1158,27 +1477,29 @@ fn print_decode_components(
                 cell(c, ms)
             })
             .collect();
-        println!("| {} | {} |", p.name(), cells.join(" | "));
+        outln!("| {} | {} |", p.name(), cells.join(" | "));
     }
-    let row = |name: &str, f: &dyn Fn(&bench::DecodeComponents) -> f64| {
+    let row = |name: &str, f: &dyn Fn(&bench::DecodeComponents) -> f64| -> Result<()> {
         let cells: Vec<String> = modes.iter().map(|(_, c)| cell(c, Some(f(c)))).collect();
-        println!("| {name} | {} |", cells.join(" | "));
+        outln!("| {name} | {} |", cells.join(" | "));
+        Ok(())
     };
-    row("**sum of phases**", &|c| c.phases_ms);
-    row("unaccounted", &|c| c.unaccounted_ms);
-    row("**decode step**", &|c| c.step_ms);
+    row("**sum of phases**", &|c| c.phases_ms)?;
+    row("unaccounted", &|c| c.unaccounted_ms)?;
+    row("**decode step**", &|c| c.step_ms)?;
     let extra: Vec<String> = modes
         .iter()
         .map(|(m, c)| {
             format!(
-                "{m}: {:.1} tok/s, MLP density {:.3}, {} steps",
+                "{m}: {:.1} tok/s, MLP density {:.3}, {}",
                 1e3 / c.step_ms,
                 c.mlp_density,
-                c.tokens
+                count(c.tokens as usize, "step")
             )
         })
         .collect();
-    println!("{}", extra.join("; "));
+    outln!("{}", extra.join("; "));
+    Ok(())
 }
 
 /// One mode in this process: load, warm up, measure, print {"header", "sample"}.
@@ -1210,12 +1531,13 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
         "cpu": bench::cpu_name(),
         "isa": format!("{:?}", sparsellm::kernels::dot::isa()),
     });
-    println!("{}", json!({ "header": header, "sample": sample }));
+    outln!("{}", json!({ "header": header, "sample": sample }));
     Ok(())
 }
 
 fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
-    use sparsellm::sparse::calibrate::{CalibrationOptions, calibrate};
+    use sparsellm::sparse::calibrate::{CalibrationOptions, Stage, calibrate};
+    check_output_file("--out", &a.out)?;
     let text = read_text(&a.text)?;
     let run = RunArgs {
         model: a.model.clone(),
@@ -1236,7 +1558,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         let (l, tables) = calibrate_input_tables(&a, &run, &text)?;
         let p = Predictor::input_only(&l.model, tables);
         p.save(&a.out)?;
-        println!("wrote {}", a.out.display());
+        outln!("wrote {}", a.out.display());
         return Ok(());
     }
     let l = load(&run)?;
@@ -1249,13 +1571,19 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         scorer: a.scorer.parse()?,
         ..CalibrationOptions::default()
     };
-    let pb = progress_bar(0, "calibrate");
+    let mut pb = progress_bar(0, "calibrate", "windows");
     let (predictor, report) = calibrate(&l.model, &ids, &opts, |stage, done, total| {
         pb.set_message(format!("calibrate: {stage}"));
+        pb.set_unit(Unit::Items(match stage {
+            Stage::Record => "windows",
+            Stage::Fit | Stage::Report | Stage::Sensitivity => "layers",
+            Stage::Search => "evaluations",
+            Stage::Verify => "checks",
+        }));
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
-    pb.finish_and_clear();
+    pb.finish();
     let mut predictor = predictor;
     if !a.no_input {
         drop(l);
@@ -1265,16 +1593,16 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let _ = ids;
     predictor.save(&a.out)?;
     if a.json {
-        println!("{}", json!(report));
+        outln!("{}", json!(report));
         return Ok(());
     }
-    println!(
+    outln!(
         "| layer | rel. err g | rel. err u | recall@{:.2} | calibrated density | recall there |",
         opts.report_density
     );
-    println!("|---|---|---|---|---|---|");
+    outln!("|---|---|---|---|---|---|");
     for r in &report.layers {
-        println!(
+        outln!(
             "| {} | {:.3} | {} | {:.3} | {:.3} | {:.3} |",
             r.layer,
             r.gate_rel_err,
@@ -1286,7 +1614,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
             r.recall_calibrated
         );
     }
-    println!(
+    outln!(
         "fit on {} tokens, held out {}: dense ppl {:.3}, calibrated ppl {:.3} (x{:.3}, budget x{:.3}{}), KL {:.4}, mean MLP density {:.3}",
         report.fit_tokens,
         report.heldout_tokens,
@@ -1302,7 +1630,7 @@ fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         report.heldout_kl,
         report.mean_density
     );
-    println!("wrote {}", a.out.display());
+    outln!("wrote {}", a.out.display());
     Ok(())
 }
 
@@ -1326,18 +1654,18 @@ fn calibrate_input_tables(
         budget: a.input_budget,
         ..InputCalibrationOptions::default()
     };
-    let pb = progress_bar(0, "calibrate input");
+    let mut pb = progress_bar(0, "calibrate input", "evaluations");
     let (tables, reports) = calibrate_input(&l.model, &ids, &opts, |stage, done, total| {
         pb.set_message(format!("calibrate input: {stage}"));
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
-    pb.finish_and_clear();
+    pb.finish();
     if !a.json {
-        println!("| qkv | o | gate_up | down | ppl x (held out) | KL | weight bytes x |");
-        println!("|---|---|---|---|---|---|---|");
+        outln!("| qkv | o | gate_up | down | ppl x (held out) | KL | weight bytes x |");
+        outln!("|---|---|---|---|---|---|---|");
         for r in &reports {
-            println!(
+            outln!(
                 "| {:.2} | {:.2} | {:.2} | {:.2} | {:.4} | {:.4} | {:.3} |",
                 r.sparsity[0],
                 r.sparsity[1],
@@ -1349,7 +1677,7 @@ fn calibrate_input_tables(
             );
         }
         if let Some(last) = reports.last() {
-            println!(
+            outln!(
                 "teal:calibrated: sparsity qkv {:.2}, o {:.2}, gate_up {:.2} (layer 0 dense), down {:.2}: held-out ppl x{:.4} (budget x{:.3}), weight bytes per token x{:.3}",
                 last.sparsity[0],
                 last.sparsity[1],
@@ -1365,6 +1693,7 @@ fn calibrate_input_tables(
 }
 
 fn cmd_synth(a: SynthArgs) -> Result<()> {
+    check_output_dir("--out", &a.out, true)?;
     // The tokenizer of the default model: real text tokenizes to ids below its 49152.
     let source = loader::open(&fetch::default_model_path()?)?;
     let tokenizer = Tokenizer::load(&source.tokenizer_source()?)?;
@@ -1374,13 +1703,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         .iter()
         .map(|(_, [r, c])| a.dtype.bytes_for(r * c) as u64)
         .sum();
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "synth {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
-        .expect("valid template"),
-    );
+    let mut pb = Progress::new("synth", Some(total), Unit::Bytes);
     sparsellm::synth::write_checkpoint(
         &a.shape,
         a.dtype,
@@ -1389,8 +1712,8 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         a.seed,
         |done, _| pb.set_position(done),
     )?;
-    pb.finish_and_clear();
-    println!("{}", a.out.display());
+    pb.finish();
+    outln!("{}", a.out.display());
     Ok(())
 }
 
@@ -1400,9 +1723,9 @@ fn cmd_tokenize(text: String, model: ModelArgs, as_json: bool) -> Result<()> {
     let tokenizer = Tokenizer::load(&source.tokenizer_source()?)?;
     let ids = tokenizer.encode(&text)?;
     if as_json {
-        println!("{}", json!({ "ids": ids }));
+        outln!("{}", json!({ "ids": ids }));
     } else {
-        println!(
+        outln!(
             "{}",
             ids.iter()
                 .map(|i| i.to_string())
@@ -1418,7 +1741,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Fetch => {
             let path =
                 fetch::fetch_verified(&fetch::DEFAULT_MODEL, &fetch::FetchOptions::from_env())?;
-            println!("{}", path.display());
+            outln!("{}", path.display());
             Ok(())
         }
         Command::Tokenize { text, model, json } => cmd_tokenize(text, model, json),
@@ -1434,6 +1757,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // `sparsellm ... | head`: the reader has what it wanted.
+        Err(e) if e.chain().any(|c| c.is::<StdoutClosed>()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE

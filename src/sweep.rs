@@ -18,6 +18,7 @@ use crate::bench::{self, Stat};
 use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport, MlpBytes};
 use crate::model::{Llama, MlpOverride};
+use crate::progress::count;
 use crate::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig, Threshold};
 
 /// The settings a sweep runs unless told otherwise, in order: dense; the oracle (exact
@@ -257,8 +258,8 @@ pub fn run(
     }
     if ids.len() < opts.prompt_tokens {
         return Err(Error::Input(format!(
-            "the text has {} tokens, fewer than the decode prompt's {}",
-            ids.len(),
+            "the text has {}, fewer than the decode prompt's {}",
+            count(ids.len(), "token"),
             opts.prompt_tokens
         )));
     }
@@ -402,8 +403,11 @@ pub fn run(
         decode_gen_tokens: opts.gen_tokens,
         decode_runs: opts.runs,
         decode_note: format!(
-            "decode tok/s: median of {} greedy generations of {} tokens after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP, in rounds of one generation per setting",
-            opts.runs, opts.gen_tokens, opts.prompt_tokens, opts.warmup
+            "decode tok/s: median of {} of {} after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP, in rounds of one generation per setting",
+            count(opts.runs, "greedy generation"),
+            count(opts.gen_tokens, "token"),
+            opts.prompt_tokens,
+            opts.warmup
         ),
         rows,
         skipped,
@@ -415,19 +419,19 @@ pub fn markdown(r: &SweepReport) -> String {
     let mut s = String::new();
     s.push_str("# Sparsity sweep\n\n");
     s.push_str(&format!(
-        "model `{}` (`{}`), {}, {} threads, sparse mode {}{}; text `{}`: {} tokens in {} windows of {}.\n\n",
+        "model `{}` (`{}`), {}, {}, sparse mode {}{}; text `{}`: {} in {} of {}.\n\n",
         r.model,
         r.model_identity,
         r.dtype,
-        r.threads,
+        count(r.threads, "thread"),
         r.sparse_mode,
         r.predictor
             .as_ref()
             .map(|p| format!(", predictor `{p}`"))
             .unwrap_or_default(),
         r.text,
-        r.tokens,
-        r.windows,
+        count(r.tokens, "token"),
+        count(r.windows, "window"),
         r.window
     ));
     s.push_str(
@@ -567,19 +571,48 @@ fn place_labels(points: &[((i32, i32), usize)]) -> Vec<(i32, i32)> {
         .collect()
 }
 
+/// The y axes' most labelled ticks.
+const Y_LABELS: usize = 10;
+
+/// The fewest decimals (at most 6) that write every tick exactly and consecutive ticks
+/// differently (a perplexity axis from 25.6 to 27.4 has ticks 0.2 apart: "26, 26, 26,
+/// 27" with none; ticks 0.25 apart need two, not "26.2" for 26.25).
+fn tick_decimals(ticks: &[f64]) -> usize {
+    let exact = |d: usize| {
+        let scale = 10f64.powi(d as i32);
+        ticks.iter().all(|&v| {
+            let x = v * scale;
+            (x - x.round()).abs() <= 1e-6 * x.abs().max(1.0)
+        })
+    };
+    let distinct = |d: usize| {
+        ticks
+            .windows(2)
+            .all(|w| format!("{:.d$}", w[0]) != format!("{:.d$}", w[1]))
+    };
+    (0..=6).find(|&d| exact(d) && distinct(d)).unwrap_or(6)
+}
+
+/// [`tick_decimals`] of the labelled ticks plotters draws on a linear axis over `range`.
+fn linear_tick_decimals(range: std::ops::Range<f64>) -> usize {
+    use plotters::coord::ranged1d::Ranged;
+    use plotters::coord::types::RangedCoordf64;
+    tick_decimals(&RangedCoordf64::from(range).key_points(Y_LABELS))
+}
+
 fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let root = BitMapBackend::new(path, (1600, 820)).into_drawing_area();
     root.fill(&WHITE)?;
     let title = format!(
-        "{} ({}): {} tokens, windows of {}; decode {} tokens after {}, median of {} run(s)",
+        "{} ({}): {}, windows of {}; decode {} after {}, median of {}",
         r.model,
         r.dtype,
-        r.tokens,
+        count(r.tokens, "token"),
         r.window,
-        r.decode_gen_tokens,
+        count(r.decode_gen_tokens, "token"),
         r.decode_prompt_tokens,
-        r.decode_runs
+        count(r.decode_runs, "run")
     );
     let root = root.titled(&title, ("sans-serif", 20))?;
     let (body, legend) = root.split_vertically(root.dim_in_pixel().1 - 50);
@@ -657,9 +690,11 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
             .margin(20)
             .x_label_area_size(50)
             .y_label_area_size(80);
-        // The same drawing for both kinds of y axis (log for perplexity).
+        // The same drawing for both kinds of y axis (log for perplexity). `$decimals`:
+        // the y labels' decimals, enough that consecutive ticks read differently.
         macro_rules! body {
-            ($chart:ident) => {{
+            ($chart:ident, $decimals:expr) => {{
+                let decimals: usize = $decimals;
                 $chart
                     .configure_mesh()
                     .x_desc("MLP bytes read per token, relative to dense (predictor included)")
@@ -668,7 +703,8 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                     .axis_desc_style(("sans-serif", 16))
                     .light_line_style(RGBColor(235, 235, 235))
                     .x_label_formatter(&|v| format!("{v:.1}"))
-                    .y_label_formatter(&|v| format!("{v:.0}"))
+                    .y_labels(Y_LABELS)
+                    .y_label_formatter(&|v| format!("{v:.decimals$}"))
                     .draw()?;
                 for f in &families {
                     let c = color_of(f);
@@ -703,15 +739,20 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
             // Capped at 4x dense: a narrow range, where a log axis would have no labelled
             // tick (plotters labels powers of ten), so a linear one.
             let range = (ymin * 0.95)..(ymax * 1.05);
+            let d = linear_tick_decimals(range.clone());
             let mut chart = builder.build_cartesian_2d(0f64..xmax, range)?;
-            body!(chart);
+            body!(chart, d);
         } else if log {
             let range = (ymin / 1.1)..(ymax * 1.25);
+            let coord: LogCoord<f64> = range.clone().log_scale().into();
+            let d = tick_decimals(&coord.key_points(Y_LABELS));
             let mut chart = builder.build_cartesian_2d(0f64..xmax, range.log_scale())?;
-            body!(chart);
+            body!(chart, d);
         } else {
-            let mut chart = builder.build_cartesian_2d(0f64..xmax, 0f64..(ymax * 1.15).max(1.0))?;
-            body!(chart);
+            let range = 0f64..(ymax * 1.15).max(1.0);
+            let d = linear_tick_decimals(range.clone());
+            let mut chart = builder.build_cartesian_2d(0f64..xmax, range)?;
+            body!(chart, d);
         }
     }
     // One legend for both panels, below them: a marker and the family's name each.
@@ -748,6 +789,44 @@ mod tests {
         assert!(parse_settings("off@exact").is_err());
         assert!(parse_settings("density:2").is_err());
         assert!(parse_settings(" , ").is_err());
+    }
+
+    #[test]
+    fn perplexity_tick_labels_differ_from_one_to_the_next() {
+        // The issue's axis: perplexities 26-27 capped at 4x dense, ticks 0.2 apart.
+        let labels = |range: std::ops::Range<f64>| {
+            use plotters::coord::ranged1d::Ranged;
+            use plotters::coord::types::RangedCoordf64;
+            let ticks = RangedCoordf64::from(range.clone()).key_points(Y_LABELS);
+            let d = linear_tick_decimals(range);
+            ticks.iter().map(|v| format!("{v:.d$}")).collect::<Vec<_>>()
+        };
+        for range in [
+            (25.6 * 0.95)..(27.4 * 1.05),
+            18.2..18.6,
+            18.29..18.31,
+            0.0..160.0,
+            10.0..1000.0,
+        ] {
+            let l = labels(range.clone());
+            assert!(l.len() >= 3, "{range:?}: {l:?}");
+            for w in l.windows(2) {
+                assert_ne!(w[0], w[1], "{range:?}: {l:?}");
+            }
+        }
+        assert_eq!(labels(24.32..28.77)[0], "24.5");
+        // Whole numbers where they suffice.
+        assert_eq!(linear_tick_decimals(0.0..160.0), 0);
+        assert_eq!(tick_decimals(&[26.0, 26.2, 26.4]), 1);
+        assert_eq!(tick_decimals(&[26.0, 26.25, 26.5]), 2);
+        // The log axis too.
+        use plotters::coord::ranged1d::Ranged;
+        use plotters::prelude::{IntoLogRange, LogCoord};
+        let coord: LogCoord<f64> = (18.0..80.0).log_scale().into();
+        let ticks = coord.key_points(Y_LABELS);
+        let d = tick_decimals(&ticks);
+        let l: Vec<String> = ticks.iter().map(|v| format!("{v:.d$}")).collect();
+        assert!(l.windows(2).all(|w| w[0] != w[1]), "{l:?}");
     }
 
     fn row(sparsity: &str, scorer: Option<&str>, bytes: f64, ppl: f64, tok_s: f64) -> SweepRow {

