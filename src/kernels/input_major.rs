@@ -48,6 +48,12 @@ pub fn matvec_input_major(
     );
     assert_eq!(x.len(), in_dim, "matvec_input_major: input size");
     assert_eq!(out.len(), out_dim, "matvec_input_major: output size");
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Bf16(w) = wt
+        && super::dot::has_avx512_bf16()
+    {
+        return pairs_bf16(pool, w, in_dim, out_dim, x, kept, out, scratch);
+    }
     let down = Strided::matrix(wt, out_dim);
     match kept {
         None => sparse_mlp(
@@ -79,6 +85,174 @@ pub fn matvec_input_major(
                 out,
                 &mut scratch.acc,
             )
+        }
+    }
+}
+
+/// Outputs per chunk of the paired bf16 kernel (one 64-byte line of bf16 per row).
+const PAIR_CHUNK: usize = 32;
+
+/// [`matvec_input_major`] for bf16 weights on AVX-512 BF16: the inputs are taken in pairs
+/// (a, b), rows a and b interleaved element by element (`vpunpck{l,h}wd`) and multiplied
+/// with the pair (x_a, x_b) rounded to bf16 by one `vdpbf16ps` per 16 outputs: half the
+/// instructions per weight of widening to f32, which is what lets the kernel keep up with
+/// memory (the row-major decode rounds x to bf16 the same way). The kept inputs are split
+/// into contiguous ranges over the threads, each accumulating all outputs in the
+/// interleave's lane order; the threads' sums are added in thread order and put back in
+/// output order.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn pairs_bf16(
+    pool: &ThreadPool,
+    w: &[u16],
+    in_dim: usize,
+    out_dim: usize,
+    x: &[f32],
+    kept: Option<&[u32]>,
+    out: &mut [f32],
+    scratch: &mut InputMajorScratch,
+) {
+    let n = kept.map_or(in_dim, |k| k.len());
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let stride = out_dim.next_multiple_of(PAIR_CHUNK);
+    let threads = pool.threads().min(n.div_ceil(16)).max(1);
+    // The kept inputs' values as bf16, packed two per f32 slot (items 2p, 2p + 1), the
+    // last odd item paired with 0.
+    scratch.values.clear();
+    let value = |j: usize| {
+        let i = kept.map_or(j, |k| k[j] as usize);
+        super::dot::f32_to_bf16(x[i]) as u32
+    };
+    for p in 0..n.div_ceil(2) {
+        let lo = value(2 * p);
+        let hi = if 2 * p + 1 < n { value(2 * p + 1) } else { 0 };
+        scratch.values.push(f32::from_bits(lo | (hi << 16)));
+    }
+    scratch.acc.clear();
+    scratch.acc.resize(threads * stride, 0.0);
+    let acc = SharedMut(scratch.acc.as_mut_ptr());
+    let xv = &scratch.values[..];
+    pool.run(&|t, nt| {
+        if t >= threads {
+            return;
+        }
+        // Even range boundaries: each thread takes whole pairs.
+        let r = super::pool::split_range(n, 2, t, threads.min(nt));
+        // SAFETY: thread t writes only acc[t * stride..(t + 1) * stride] (resized above).
+        let acc = unsafe { std::slice::from_raw_parts_mut(acc.get().add(t * stride), stride) };
+        // SAFETY: has_avx512_bf16() checked the CPU; every item's row (kept indices are
+        // < in_dim, asserted by the caller) has out_dim elements in `w`; pairs r.start / 2
+        // .. r.end.div_ceil(2) are in `xv`.
+        unsafe { accumulate_pairs(w, out_dim, kept, r, xv, acc) };
+    });
+    let (first, rest) = scratch.acc.split_at_mut(stride);
+    for t in 1..threads {
+        for (a, &b) in first.iter_mut().zip(&rest[(t - 1) * stride..t * stride]) {
+            *a += b;
+        }
+    }
+    // Lane order back to output order: in chunk c, slot 16 h + 4 k + e holds output
+    // 32 c + 8 k + 4 h + e (k: 128-bit lane, h: low/high interleave).
+    for (o, y) in out.iter_mut().enumerate() {
+        let (c, r) = (o / PAIR_CHUNK, o % PAIR_CHUNK);
+        let (k, h, e) = (r / 8, (r / 4) % 2, r % 4);
+        *y = first[c * PAIR_CHUNK + 16 * h + 4 * k + e];
+    }
+}
+
+/// acc (lane order, see [`pairs_bf16`]) += the products of items `range` (rows `kept[j]`,
+/// or j) with their bf16 values, two items per `vdpbf16ps`.
+///
+/// # Safety
+/// AVX-512F/BW/BF16; rows of the items have `out_dim` elements in `w`; `xv` holds the
+/// value pairs of every pair the range touches; acc has out_dim rounded up to 32 slots;
+/// `range.start` is even.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn accumulate_pairs(
+    w: &[u16],
+    out_dim: usize,
+    kept: Option<&[u32]>,
+    range: std::ops::Range<usize>,
+    xv: &[f32],
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let row = |j: usize| kept.map_or(j, |k| k[j] as usize);
+    let chunks = out_dim.div_ceil(PAIR_CHUNK);
+    let tail = out_dim - (chunks - 1) * PAIR_CHUNK;
+    let tail_mask: __mmask32 = if tail == PAIR_CHUNK {
+        u32::MAX
+    } else {
+        (1u32 << tail) - 1
+    };
+    let base = w.as_ptr();
+    let pa = acc.as_mut_ptr();
+    let mut j = range.start;
+    // SAFETY: (for the whole loop) row pointers are row * out_dim into `w`, and each load
+    // reads 32 elements at c * 32 < out_dim, masked to the tail's elements in the last
+    // chunk; accumulator slots c * 32 .. c * 32 + 32 < acc.len(); prefetches never fault.
+    unsafe {
+        while j < range.end {
+            // Up to four items: pairs (j, j + 1) and (j + 2, j + 3); a missing item's row
+            // is its partner's, with value 0 (the pair's packed value has 0 there).
+            let m = (range.end - j).min(4);
+            let items: [usize; 4] = std::array::from_fn(|q| row(j + q.min(m - 1)));
+            let rows = items.map(|r| base.add(r * out_dim));
+            let ahead: [*const u16; 4] = std::array::from_fn(|q| {
+                let a = j + 4 + q;
+                if a < range.end {
+                    base.add(row(a) * out_dim)
+                } else {
+                    rows[q]
+                }
+            });
+            let x01 = _mm512_castps_si512(_mm512_set1_ps(xv[j / 2]));
+            let x23 = if m > 2 {
+                _mm512_castps_si512(_mm512_set1_ps(xv[j / 2 + 1]))
+            } else {
+                _mm512_setzero_si512()
+            };
+            for c in 0..chunks {
+                let mask = if c + 1 == chunks { tail_mask } else { u32::MAX };
+                let off = c * PAIR_CHUNK;
+                let ld = |p: *const u16| _mm512_maskz_loadu_epi16(mask, p.add(off) as *const i16);
+                for p in ahead {
+                    _mm_prefetch::<_MM_HINT_T1>(p.add(off) as *const i8);
+                }
+                let (a0, a1) = (ld(rows[0]), ld(rows[1]));
+                let mut lo = _mm512_loadu_ps(pa.add(off));
+                let mut hi = _mm512_loadu_ps(pa.add(off + 16));
+                lo = _mm512_dpbf16_ps(
+                    lo,
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi16(a0, a1)),
+                    std::mem::transmute::<__m512i, __m512bh>(x01),
+                );
+                hi = _mm512_dpbf16_ps(
+                    hi,
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi16(a0, a1)),
+                    std::mem::transmute::<__m512i, __m512bh>(x01),
+                );
+                if m > 2 {
+                    let (a2, a3) = (ld(rows[2]), ld(rows[3]));
+                    lo = _mm512_dpbf16_ps(
+                        lo,
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi16(a2, a3)),
+                        std::mem::transmute::<__m512i, __m512bh>(x23),
+                    );
+                    hi = _mm512_dpbf16_ps(
+                        hi,
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi16(a2, a3)),
+                        std::mem::transmute::<__m512i, __m512bh>(x23),
+                    );
+                }
+                _mm512_storeu_ps(pa.add(off), lo);
+                _mm512_storeu_ps(pa.add(off + 16), hi);
+            }
+            j += m;
         }
     }
 }
@@ -139,7 +313,7 @@ pub fn matmul_input_major(
             let m = o1 - o0;
             #[cfg(target_arch = "x86_64")]
             if let (WeightView::Bf16(w), Some(xb)) = (wt, xb.as_deref()) {
-                transpose_cols(w, out_dim, in_dim, o0, o1, &mut tile_bf16);
+                transpose_cols_u16(w, out_dim, in_dim, o0, o1, &mut tile_bf16);
                 // SAFETY: has_bf16() checked the CPU; this thread writes columns o0..o1 of
                 // `out` ([n, out_dim], row stride out_dim) only, disjoint from other
                 // threads' ranges; `out` outlives the call (asserted sizes above).
@@ -161,7 +335,7 @@ pub fn matmul_input_major(
                 WeightView::F32(w) => transpose_cols(w, out_dim, in_dim, o0, o1, &mut tile_f32),
                 WeightView::Bf16(w) | WeightView::F16(w) => {
                     let mut t16 = Vec::new();
-                    transpose_cols(w, out_dim, in_dim, o0, o1, &mut t16);
+                    transpose_cols_u16(w, out_dim, in_dim, o0, o1, &mut t16);
                     tile_f32.resize(m * in_dim, 0.0);
                     if matches!(wt, WeightView::Bf16(_)) {
                         for (o, &b) in tile_f32.iter_mut().zip(&t16) {
@@ -194,10 +368,101 @@ pub fn transpose_cols<T: Copy + Default>(
 ) {
     let m = o1 - o0;
     dst.resize(m * rows, T::default());
-    debug_assert!(w.len() == rows * cols);
+    assert!(w.len() == rows * cols && o0 <= o1 && o1 <= cols);
     for (i, row) in w.chunks_exact(cols).enumerate() {
         for (j, &v) in row[o0..o1].iter().enumerate() {
             dst[j * rows + i] = v;
+        }
+    }
+}
+
+/// [`transpose_cols`] for 16-bit elements (bf16, f16), in 8 x 8 blocks with SSE2
+/// unpacks where the CPU has them (every x86_64): the prefill of an input-major model
+/// transposes every weight once per forward call, so this is on its critical path.
+pub fn transpose_cols_u16(
+    w: &[u16],
+    cols: usize,
+    rows: usize,
+    o0: usize,
+    o1: usize,
+    dst: &mut Vec<u16>,
+) {
+    let m = o1 - o0;
+    dst.resize(m * rows, 0);
+    assert!(w.len() == rows * cols && o0 <= o1 && o1 <= cols);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let (rb, mb) = (rows / 8 * 8, m / 8 * 8);
+        for i0 in (0..rb).step_by(8) {
+            for j0 in (0..mb).step_by(8) {
+                // SAFETY: rows i0..i0 + 8 < rows and columns o0 + j0..o0 + j0 + 8 <= o1 <=
+                // cols are inside `w` (asserted); dst rows j0..j0 + 8 < m, columns
+                // i0..i0 + 8 < rows are inside `dst` (resized to m * rows).
+                unsafe {
+                    transpose8x8(
+                        w.as_ptr().add(i0 * cols + o0 + j0),
+                        cols,
+                        dst.as_mut_ptr().add(j0 * rows + i0),
+                        rows,
+                    )
+                };
+            }
+        }
+        // The edges: columns past the last whole block of 8, rows likewise.
+        for i in 0..rows {
+            let row = &w[i * cols + o0..i * cols + o1];
+            let js = if i < rb { mb..m } else { 0..m };
+            for j in js {
+                dst[j * rows + i] = row[j];
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    transpose_cols(w, cols, rows, o0, o1, dst);
+}
+
+/// dst[j * ld_dst + i] = src[i * ld_src + j] for i, j < 8.
+///
+/// # Safety
+/// 8 rows of 8 u16 at `src` (stride `ld_src`) readable, 8 rows of 8 at `dst` (stride
+/// `ld_dst`) writable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn transpose8x8(src: *const u16, ld_src: usize, dst: *mut u16, ld_dst: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract; SSE2 is part of x86_64.
+    unsafe {
+        let r: [__m128i; 8] =
+            std::array::from_fn(|i| _mm_loadu_si128(src.add(i * ld_src) as *const __m128i));
+        // 16-bit, then 32-bit, then 64-bit interleaves.
+        let a0 = _mm_unpacklo_epi16(r[0], r[1]);
+        let a1 = _mm_unpackhi_epi16(r[0], r[1]);
+        let a2 = _mm_unpacklo_epi16(r[2], r[3]);
+        let a3 = _mm_unpackhi_epi16(r[2], r[3]);
+        let a4 = _mm_unpacklo_epi16(r[4], r[5]);
+        let a5 = _mm_unpackhi_epi16(r[4], r[5]);
+        let a6 = _mm_unpacklo_epi16(r[6], r[7]);
+        let a7 = _mm_unpackhi_epi16(r[6], r[7]);
+        let b0 = _mm_unpacklo_epi32(a0, a2);
+        let b1 = _mm_unpackhi_epi32(a0, a2);
+        let b2 = _mm_unpacklo_epi32(a1, a3);
+        let b3 = _mm_unpackhi_epi32(a1, a3);
+        let b4 = _mm_unpacklo_epi32(a4, a6);
+        let b5 = _mm_unpackhi_epi32(a4, a6);
+        let b6 = _mm_unpacklo_epi32(a5, a7);
+        let b7 = _mm_unpackhi_epi32(a5, a7);
+        let out = [
+            _mm_unpacklo_epi64(b0, b4),
+            _mm_unpackhi_epi64(b0, b4),
+            _mm_unpacklo_epi64(b1, b5),
+            _mm_unpackhi_epi64(b1, b5),
+            _mm_unpacklo_epi64(b2, b6),
+            _mm_unpackhi_epi64(b2, b6),
+            _mm_unpacklo_epi64(b3, b7),
+            _mm_unpackhi_epi64(b3, b7),
+        ];
+        for (j, v) in out.iter().enumerate() {
+            _mm_storeu_si128(dst.add(j * ld_dst) as *mut __m128i, *v);
         }
     }
 }
@@ -257,6 +522,17 @@ mod tests {
                 let pool = ThreadPool::new(threads);
                 let mut s = InputMajorScratch::default();
                 for (view, widened, name) in cases {
+                    // bf16 on AVX-512 BF16 multiplies x rounded to bf16 (as the row-major
+                    // decode does).
+                    let round = name == "bf16" && crate::kernels::dot::has_avx512_bf16();
+                    let masked: Vec<f32> = if round {
+                        masked
+                            .iter()
+                            .map(|&v| bf16_to_f32(f32_to_bf16(v)))
+                            .collect()
+                    } else {
+                        masked.clone()
+                    };
                     let want = reference(widened, in_dim, out_dim, &masked);
                     let mut got = vec![f32::NAN; out_dim];
                     matvec_input_major(
@@ -294,6 +570,19 @@ mod tests {
                     matvec_input_major(&pool, view, in_dim, out_dim, &x, None, &mut b, &mut s);
                     assert_eq!(a, b, "{what}: all kept == dense");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn u16_transpose_matches_scalar_on_odd_sizes() {
+        for (rows, cols) in [(1, 1), (7, 9), (8, 8), (17, 33), (64, 130), (129, 71)] {
+            let w: Vec<u16> = (0..rows * cols).map(|v| (v * 7 + 3) as u16).collect();
+            for (o0, o1) in [(0, cols), (cols / 3, cols), (1.min(cols), cols / 2 + 1)] {
+                let (mut a, mut b) = (vec![9u16; 5], Vec::new());
+                transpose_cols_u16(&w, cols, rows, o0, o1, &mut a);
+                transpose_cols(&w, cols, rows, o0, o1, &mut b);
+                assert_eq!(a, b, "{rows}x{cols} cols {o0}..{o1}");
             }
         }
     }

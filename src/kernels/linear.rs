@@ -551,12 +551,12 @@ fn packed_job(
                         r0,
                     ),
                     Part::GemmT(wt, rows, out) => TILES.with_borrow_mut(|(t, _)| {
-                        super::input_major::transpose_cols(wt, rows, cols, r0, r1, t);
+                        super::input_major::transpose_cols_u16(wt, rows, cols, r0, r1, t);
                         gemm_avx512::gemm_bf16_packed(view, r1 - r0, t, out.get().add(r0), rows)
                     }),
                     Part::SwiGluT(gate, up, rows, h) => TILES.with_borrow_mut(|(tg, tu)| {
-                        super::input_major::transpose_cols(gate, rows, cols, r0, r1, tg);
-                        super::input_major::transpose_cols(up, rows, cols, r0, r1, tu);
+                        super::input_major::transpose_cols_u16(gate, rows, cols, r0, r1, tg);
+                        super::input_major::transpose_cols_u16(up, rows, cols, r0, r1, tu);
                         gemm_avx512::swiglu_bf16_packed(view, r1 - r0, tg, tu, h, r0)
                     }),
                 }
