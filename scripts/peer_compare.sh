@@ -2,17 +2,17 @@
 # Side-by-side decode/prefill of sparsellm and llama.cpp (llama-cpp-python) on the same
 # weights, dtype and threads, interleaved (these machines drift 2x between minutes).
 #
-#   python3 -m venv /tmp/peer && /tmp/peer/bin/pip install llama-cpp-python==0.3.36
+#   build the peer once as docs/peer.md says (llama-cpp-python in the venv /tmp/peer), then
 #   scripts/peer_compare.sh [ROUNDS]        # prints one markdown row per configuration
 #   DTYPES="native" scripts/peer_compare.sh # only some dtypes (native = the Q4_1 file)
 #
 # llama.cpp's prefill figure from llamacpp_peer.py includes Python overhead (about half
-# of llama-bench's pp128, per ../shared/peer/README.md); decode figures are comparable.
+# of llama-bench's pp128, per docs/peer.md); decode figures are comparable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-2}
 PY=${PEER_PYTHON:-/tmp/peer/bin/python}
-PEER=../shared/peer/llamacpp_peer.py
+PEER=scripts/llamacpp_peer.py
 BIN=target/release/sparsellm
 cargo build --release --quiet
 MODEL=$($BIN fetch)

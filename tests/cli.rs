@@ -290,11 +290,7 @@ fn tiny_hf(dir: &Path) {
         safetensors::tensor::serialize(views, None).unwrap(),
     )
     .unwrap();
-    std::fs::copy(
-        common::reference_dir().join("smollm2-135m-instruct/tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
+    std::fs::copy(common::tokenizer_json(), dir.join("tokenizer.json")).unwrap();
 }
 
 fn tempdir() -> tempfile::TempDir {

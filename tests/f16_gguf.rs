@@ -4,11 +4,11 @@
 //! the logits of the same weights widened to f32 (`--dtype f32`), in decode and prefill,
 //! dense and sparse.
 //!
-//! Needs python3 with the `gguf` and `numpy` packages (as tests/quant_gguf.rs).
+//! Needs Python with the `gguf` and `numpy` packages (`scripts/test` installs them).
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use sparsellm::kernels::pool;
@@ -44,17 +44,17 @@ w.close()
 fn f16_model() -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let data = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("test-data");
+    let data = common::test_data_dir();
     let out = data.join("model-f16.gguf");
     if out.is_file() {
         return out;
     }
-    std::fs::create_dir_all(&data).expect("create target/test-data");
     let tmp = data.join(format!("model-f16.gguf.tmp-{}", std::process::id()));
-    // Needs the gguf and numpy packages.
-    common::python(TO_F16, [common::model_path().as_os_str(), tmp.as_os_str()]);
+    common::python(
+        TO_F16,
+        [common::model_path().as_os_str(), tmp.as_os_str()],
+        &["gguf", "numpy"],
+    );
     if std::fs::rename(&tmp, &out).is_err() {
         let _ = std::fs::remove_file(&tmp);
         assert!(out.is_file(), "could not place {}", out.display());

@@ -1,6 +1,6 @@
-//! The HuggingFace checkpoint loader: a real SmolLM2 checkpoint made from the GGUF by the
-//! shared reference script (f32 and bf16), a synthetic sharded checkpoint, config parsing,
-//! and hostile files that must give errors, never panics.
+//! The HuggingFace checkpoint loader: a real SmolLM2 checkpoint made from the GGUF by
+//! scripts/make_hf_checkpoint.py (f32 and bf16), a synthetic sharded checkpoint, config
+//! parsing, and hostile files that must give errors, never panics.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -113,7 +113,11 @@ fn smollm2_f32_checkpoint() {
          print(t.shape, ' '.join(repr(float(x)) for x in list(t.reshape(-1)[:8]) + list(t.reshape(-1)[-8:])))",
         dir.join("model.safetensors").to_str().unwrap()
     );
-    let out = common::python(&script, std::iter::empty::<&str>());
+    let out = common::python(
+        &script,
+        std::iter::empty::<&str>(),
+        &["safetensors", "numpy"],
+    );
     let (shape, vals) = out.trim().split_once(") ").unwrap();
     assert_eq!(shape, "(1536, 576");
     let vals: Vec<f32> = vals.split(' ').map(|s| s.parse().unwrap()).collect();

@@ -2,7 +2,7 @@
 //! port) on the default model: every Q8_0 and Q4_1 value of the tensors checked must be
 //! identical, and the native (quantized) forward pass must stay close to the f32 one.
 //!
-//! Needs python3 with the `gguf` and `numpy` packages (CI installs them).
+//! Needs Python with the `gguf` and `numpy` packages (`scripts/test` installs them).
 
 mod common;
 
@@ -38,11 +38,10 @@ for t in r.tensors:
         d.tofile(sys.argv[2] + "/" + t.name + ".f32")
         print(t.name, t.tensor_type.name, d.size)
 "#;
-    // Needs the gguf and numpy packages.
     let args = [path.as_os_str(), dir.as_os_str()]
         .into_iter()
         .chain(TENSORS.iter().map(std::ffi::OsStr::new));
-    let listing = common::python(script, args);
+    let listing = common::python(script, args, &["gguf", "numpy"]);
     let file = GgufFile::open(&path).unwrap();
     let mut types = std::collections::BTreeSet::new();
     for name in TENSORS {
@@ -112,7 +111,7 @@ fn native_weights_are_quantized_mapped_and_decode_like_transformers() {
 }
 
 /// llama.cpp's perplexity of the default Q4_1 file (GPL-3, windows of 512, second half of
-/// each window), from ../shared/peer/README.md.
+/// each window), from docs/peer.md.
 const LLAMA_CPP_Q4_1_PPL: f64 = 18.3914;
 
 #[test]

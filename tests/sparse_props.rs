@@ -2,6 +2,7 @@
 //! the threshold rules keep what their definitions say.
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use sparsellm::kernels::WeightView;
 use sparsellm::sparse::threshold::{SelectScratch, Threshold, top_k_count};
 use sparsellm::sparse::weight_cache::{CacheSource, UpdateStrategy, WeightCache, down_t_dtype};
@@ -83,7 +84,14 @@ fn density() -> impl Strategy<Value = f64> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    // A failing case is kept under target/, not as tests/*.proptest-regressions in the tree.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/proptest-regressions/sparse_props.txt"
+        )))),
+        ..ProptestConfig::with_cases(200)
+    })]
 
     #[test]
     fn cache_always_holds_exactly_the_mask(

@@ -1,6 +1,6 @@
-//! Tokenizer against the shared reference (HuggingFace's ids for SmolLM2), from both sources:
-//! the shared tokenizer.json and the GGUF file's metadata; stream decoding, chat templates and
-//! bad vocabularies.
+//! Tokenizer against the reference fixtures (HuggingFace's ids for SmolLM2, tests/fixtures),
+//! from both sources: the committed tokenizer.json and the GGUF file's metadata; stream
+//! decoding, chat templates and bad vocabularies.
 
 mod common;
 
@@ -8,11 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 use sha2::{Digest, Sha256};
 use sparsellm::loader::{GgufVocab, TokenizerSource};
 use sparsellm::tokenizer::{CHATML_TEMPLATE, ChatTemplate, Tokenizer};
-
-const SHARED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference");
 
 /// The default model file: `$SPARSELLM_MODELS_DIR` (default `models/` in the crate root).
 fn model_path() -> PathBuf {
@@ -21,18 +20,14 @@ fn model_path() -> PathBuf {
 
 fn reference() -> &'static serde_json::Value {
     static R: OnceLock<serde_json::Value> = OnceLock::new();
-    R.get_or_init(|| {
-        let path = Path::new(SHARED).join("smollm2-135m-instruct-q4_1.json");
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_slice(&bytes).expect("reference JSON")
-    })
+    R.get_or_init(common::reference)
 }
 
 fn json_tokenizer() -> &'static Tokenizer {
     static T: OnceLock<Tokenizer> = OnceLock::new();
     T.get_or_init(|| {
-        let path = Path::new(SHARED).join("smollm2-135m-instruct/tokenizer.json");
-        Tokenizer::load(&TokenizerSource::Json(path)).expect("load tokenizer.json")
+        Tokenizer::load(&TokenizerSource::Json(common::tokenizer_json()))
+            .expect("load tokenizer.json")
     })
 }
 
@@ -144,22 +139,19 @@ fn vocabulary_and_special_ids() {
         assert_eq!(tok.id_to_token(260).as_deref(), Some("Ġthe"), "{source}");
         assert_eq!(tok.id_to_token(49152), None, "{source}");
     }
-    // GGUF metadata names them; the bare shared tokenizer.json has no config next to it.
+    // GGUF metadata names them; the bare committed tokenizer.json has no config next to it.
     assert_eq!(gguf_tokenizer().bos_token_id(), Some(1));
     assert_eq!(gguf_tokenizer().eos_token_id(), Some(2));
     assert_eq!(json_tokenizer().bos_token_id(), None);
     assert_eq!(json_tokenizer().eos_token_id(), None);
 }
 
-/// A copy of the shared tokenizer.json in a temporary directory, with `extra` files next to it.
+/// A copy of the committed tokenizer.json in a temporary directory, with `extra` files next
+/// to it.
 fn json_with_neighbours(extra: &[(&str, &str)]) -> Tokenizer {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
-    std::fs::copy(
-        Path::new(SHARED).join("smollm2-135m-instruct/tokenizer.json"),
-        &path,
-    )
-    .unwrap();
+    std::fs::copy(common::tokenizer_json(), &path).unwrap();
     for (name, content) in extra {
         std::fs::write(dir.path().join(name), content).unwrap();
     }
@@ -192,11 +184,7 @@ fn json_special_ids_from_neighbouring_configs() {
 fn json_special_ids_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
-    std::fs::copy(
-        Path::new(SHARED).join("smollm2-135m-instruct/tokenizer.json"),
-        &path,
-    )
-    .unwrap();
+    std::fs::copy(common::tokenizer_json(), &path).unwrap();
     std::fs::write(
         dir.path().join("tokenizer_config.json"),
         r#"{"eos_token": "<nope>"}"#,
@@ -334,7 +322,14 @@ fn stream_decoder_finish_flushes_an_incomplete_character() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    // A failing case is kept under target/, not as tests/*.proptest-regressions in the tree.
+    #![proptest_config(ProptestConfig {
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/target/proptest-regressions/tokenizer.txt"
+        )))),
+        ..ProptestConfig::with_cases(64)
+    })]
 
     #[test]
     fn round_trip_any_text(text in "\\PC{0,40}") {

@@ -22,9 +22,29 @@ pub const LAYER_TENSORS: [&str; 9] = [
     "post_attention_layernorm",
 ];
 
-/// The shared reference directory (../shared/reference from the crate root).
+/// The committed reference fixtures (tests/fixtures; tests/fixtures/README.md says how each
+/// was made).
 pub fn reference_dir() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+/// SmolLM2's tokenizer.json (with the Digits pre-tokenizer; see tests/fixtures/README.md).
+pub fn tokenizer_json() -> PathBuf {
+    reference_dir()
+        .join("smollm2-135m-instruct")
+        .join("tokenizer.json")
+}
+
+/// Where tests put what they generate (HF checkpoints, the F16 GGUF): target/test-data,
+/// never the source tree.
+pub fn test_data_dir() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("test-data");
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
+    d
 }
 
 /// The reference fixture JSON.
@@ -48,7 +68,7 @@ pub fn ids(v: &Value) -> Vec<u32> {
 }
 
 /// A HuggingFace checkpoint of SmolLM2-135M-Instruct at `dtype` ("f32", "f16", "bf16"),
-/// made once by `../shared/reference/make_hf_checkpoint.py` from the default GGUF and
+/// made once by `scripts/make_hf_checkpoint.py` from the default GGUF and
 /// cached in `target/test-data/hf-<dtype>`. The script writes to a temporary directory
 /// that is renamed into place only when it succeeded, so a half-written checkpoint is
 /// never reused.
@@ -56,24 +76,27 @@ pub fn hf_checkpoint(dtype: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let data = root.join("target").join("test-data");
+    let data = test_data_dir();
     let out = data.join(format!("hf-{dtype}"));
     if out.join("config.json").is_file() {
         return out;
     }
     let gguf = model_path();
-    let script = root.join("../shared/reference/make_hf_checkpoint.py");
-    std::fs::create_dir_all(&data).expect("create target/test-data");
+    let script = root.join("scripts").join("make_hf_checkpoint.py");
     let tmp = data.join(format!("hf-{dtype}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let status = Command::new("python3")
-        .arg(&script)
-        .arg(&gguf)
-        .arg(&tmp)
-        .args(["--dtype", dtype])
-        .status()
-        .expect("run python3 (needs the gguf, safetensors and numpy packages)");
-    assert!(status.success(), "{} failed: {status}", script.display());
+    python_file(
+        &script,
+        [
+            gguf.as_os_str(),
+            tmp.as_os_str(),
+            OsStr::new("--dtype"),
+            OsStr::new(dtype),
+            OsStr::new("--tokenizer"),
+            tokenizer_json().as_os_str(),
+        ],
+        &["gguf", "safetensors", "numpy"],
+    );
     if std::fs::rename(&tmp, &out).is_err() {
         // Another test process finished first; use its copy.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -139,22 +162,105 @@ macro_rules! args {
     }};
 }
 
-/// Runs `python3 -c script args...` (the tests that need it say which packages) and
+/// The Python interpreter the tests run: `$SPARSELLM_PYTHON`, default `python3` (first on
+/// PATH; `scripts/test` puts a venv with the packages the tests need there).
+pub fn python_exe() -> std::ffi::OsString {
+    std::env::var_os("SPARSELLM_PYTHON")
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into())
+}
+
+/// Fails the test, naming what is missing and how to get it, unless the test's Python
+/// interpreter can import every module in `packages`.
+pub fn require_python(packages: &[&str]) {
+    static CHECKED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    let wanted: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !checked.iter().any(|c| c == p))
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let exe = python_exe();
+    let probe = "import importlib.util, sys\n\
+                 print(', '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))";
+    let out = match Command::new(&exe)
+        .arg("-c")
+        .arg(probe)
+        .args(&wanted)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) => panic!(
+            "this test needs Python ({} could not be run: {e}) with the packages {}: \
+             run the tests with scripts/test, which installs them in a venv under target/py, \
+             or set SPARSELLM_PYTHON to an interpreter that has them",
+            exe.to_string_lossy(),
+            wanted.join(", ")
+        ),
+    };
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        exe.to_string_lossy(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let missing = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        missing.is_empty(),
+        "this test needs the Python package(s) {missing}, missing from {}: run the tests with \
+         scripts/test (it installs gguf, safetensors and numpy in a venv under target/py), \
+         or set SPARSELLM_PYTHON to an interpreter that has them",
+        exe.to_string_lossy()
+    );
+    checked.extend(wanted.iter().map(|p| p.to_string()));
+}
+
+/// Runs `python3 -c script args...` after checking that `packages` are importable, and
 /// returns its stdout; a failure fails the test with python's stderr.
-pub fn python<I, S>(script: &str, args: I) -> String
+pub fn python<I, S>(script: &str, args: I, packages: &[&str]) -> String
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
-    let out = Command::new("python3")
-        .arg("-c")
-        .arg(script)
+    run_python(Some(script), None, args, packages)
+}
+
+/// Runs the Python script file `path` with `args`, as [`python`].
+pub fn python_file<I, S>(path: &Path, args: I, packages: &[&str]) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_python(None, Some(path), args, packages)
+}
+
+fn run_python<I, S>(code: Option<&str>, file: Option<&Path>, args: I, packages: &[&str]) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    require_python(packages);
+    let exe = python_exe();
+    let mut cmd = Command::new(&exe);
+    if let Some(code) = code {
+        cmd.arg("-c").arg(code);
+    }
+    if let Some(file) = file {
+        cmd.arg(file);
+    }
+    let out = cmd
         .args(args)
         .output()
-        .expect("run python3");
+        .unwrap_or_else(|e| panic!("run {}: {e}", exe.to_string_lossy()));
     assert!(
         out.status.success(),
-        "python3 failed: {}",
+        "{} {} failed ({}): {}",
+        exe.to_string_lossy(),
+        file.map_or("-c".into(), |f| f.display().to_string()),
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
