@@ -48,6 +48,16 @@ pub struct Sample {
     pub peak_rss_mb: f64,
     pub mlp_density: f64,
     pub weight_bytes_per_token: usize,
+    /// Input sparsity: the fraction of projection inputs kept, and the weight bytes a
+    /// token reads relative to dense (1 otherwise).
+    #[serde(default = "one")]
+    pub input_density: f64,
+    #[serde(default = "one")]
+    pub weight_bytes_ratio: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Generates `gen_tokens` greedy tokens from `prompt` (no EOS stop) and times it.
@@ -66,6 +76,8 @@ pub fn measure(
         prefill_tok_s: g.prefill_tok_s,
         decode_tok_s: g.decode_tok_s,
         total_tok_s: (prompt.len() + g.output_ids.len()) as f64 / (g.total_ms / 1e3),
+        input_density: 1.0,
+        weight_bytes_ratio: 1.0,
         ..Sample::default()
     })
 }
@@ -182,6 +194,9 @@ pub struct ModeReport {
     /// on the effective rate, not bytes actually read).
     pub weight_bytes_per_token: usize,
     pub decode_gb_s: f64,
+    /// Input sparsity's kept fraction and weight bytes per token relative to dense.
+    pub input_density: f64,
+    pub weight_bytes_ratio: f64,
 }
 
 impl ModeReport {
@@ -198,6 +213,8 @@ impl ModeReport {
             peak_rss_mb: s.iter().map(|x| x.peak_rss_mb).fold(0.0, f64::max),
             mlp_density: Stat::of(&s.iter().map(|x| x.mlp_density).collect::<Vec<_>>()).median,
             weight_bytes_per_token: bytes,
+            input_density: col(|x| x.input_density).median,
+            weight_bytes_ratio: col(|x| x.weight_bytes_ratio).median,
         }
     }
 }

@@ -1263,20 +1263,22 @@ fn cmd_bench(a: BenchArgs) -> Result<()> {
         count(a.runs, "run")
     );
     outln!(
-        "| mode | TTFT ms | prefill tok/s | decode tok/s | total tok/s | decode GB/s | peak RSS MB | MLP density |"
+        "| mode | TTFT ms | prefill tok/s | decode tok/s | total tok/s | decode GB/s | peak RSS MB | MLP density | inputs kept | weight bytes x |"
     );
-    outln!("|---|---|---|---|---|---|---|---|");
+    outln!("|---|---|---|---|---|---|---|---|---|---|");
     let s = |x: &bench::Stat| format!("{:.1} [{:.1}, {:.1}]", x.median, x.min, x.max);
     for (mode, r) in modes.iter().zip(&reports) {
         outln!(
-            "| {mode} | {} | {} | {} | {} | {:.1} | {:.0} | {:.3} |",
+            "| {mode} | {} | {} | {} | {} | {:.1} | {:.0} | {:.3} | {:.3} | {:.3} |",
             s(&r.ttft_ms),
             s(&r.prefill_tok_s),
             s(&r.decode_tok_s),
             s(&r.total_tok_s),
             r.decode_gb_s,
             r.peak_rss_mb,
-            r.mlp_density
+            r.mlp_density,
+            r.input_density,
+            r.weight_bytes_ratio
         );
     }
     if reports.len() == 2 {
@@ -1521,7 +1523,15 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
         sp.reset_stats();
     }
     let mut sample = bench::measure(&l.model, prompt, a.gen_tokens, as_override(&mut sparse))?;
-    sample.mlp_density = sparse.as_ref().and_then(|s| s.density()).unwrap_or(1.0);
+    match sparse.as_ref() {
+        Some(Sparsity::Input(s)) => {
+            sample.mlp_density = 1.0;
+            sample.input_density = s.density().unwrap_or(1.0);
+            sample.weight_bytes_ratio = s.weight_bytes_ratio().unwrap_or(1.0);
+        }
+        Some(s) => sample.mlp_density = s.density().unwrap_or(1.0),
+        None => {}
+    }
     sample.peak_rss_mb = bench::peak_rss_mb();
     sample.weight_bytes_per_token = l.model.weight_bytes_per_token();
     let header = json!({

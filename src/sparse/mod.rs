@@ -145,6 +145,8 @@ impl FromStr for SparsityConfig {
 
 /// A sparse mode at decode: MLP neurons ([`SparseMlp`]) or the inputs of every
 /// projection ([`InputSparsity`]). The common surface of both for the commands.
+// One per process: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Sparsity {
     Mlp(SparseMlp),
     Input(InputSparsity),
