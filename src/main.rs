@@ -1530,7 +1530,7 @@ fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
             sample.weight_bytes_ratio = s.weight_bytes_ratio().unwrap_or(1.0);
         }
         Some(s) => sample.mlp_density = s.density().unwrap_or(1.0),
-        None => {}
+        None => sample.mlp_density = 1.0,
     }
     sample.peak_rss_mb = bench::peak_rss_mb();
     sample.weight_bytes_per_token = l.model.weight_bytes_per_token();

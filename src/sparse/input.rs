@@ -631,7 +631,8 @@ pub fn calibrate_input(
     }
     // For each KL allowance (summed over groups), the combination that skips the most
     // bytes; the largest allowance whose combination meets the perplexity budget when
-    // measured together wins (allowances halve from the largest single-group KL).
+    // measured together wins (allowances shrink by a quarter from the largest
+    // single-group KL).
     let limit = (1.0 + opts.budget).ln();
     let n = levels.len();
     let best_within = |allow: f64| {
@@ -656,7 +657,7 @@ pub fn calibrate_input(
         let j = best_within(allow);
         let s: [f64; 4] = std::array::from_fn(|g| levels[j[g]]);
         if tried.contains(&j) {
-            allow /= 2.0;
+            allow *= 0.75;
             continue;
         }
         tried.push(j);
@@ -670,7 +671,7 @@ pub fn calibrate_input(
         if nll - dense <= limit || j.iter().all(|&x| x == 0) {
             break s;
         }
-        allow /= 2.0;
+        allow *= 0.75;
     };
     set_allocation(&mut tables, chosen);
     progress("search", evals, evals);
