@@ -1667,6 +1667,11 @@ fn calibrate_input_tables(
     let mut pb = progress_bar(0, "calibrate input", "evaluations");
     let (tables, reports) = calibrate_input(&l.model, &ids, &opts, |stage, done, total| {
         pb.set_message(format!("calibrate input: {stage}"));
+        pb.set_unit(Unit::Items(if stage == "record" {
+            "windows"
+        } else {
+            "evaluations"
+        }));
         pb.set_length(total as u64);
         pb.set_position(done as u64);
     })?;
