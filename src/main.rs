@@ -787,6 +787,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if let Some(e) = write_error {
         return Err(stdout_error(e));
     }
+    let input = sparse.as_ref().and_then(Sparsity::as_input);
     if a.json {
         outln!(
             "{}",
@@ -796,7 +797,9 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
                 "text": g.text,
                 "ttft_ms": g.ttft_ms,
                 "decode_tok_s": g.decode_tok_s,
-                "mlp_density": sparse.as_ref().and_then(|s| s.density()).unwrap_or(1.0),
+                "mlp_density": sparse.as_ref().and_then(Sparsity::as_mlp).and_then(|s| s.density()).unwrap_or(1.0),
+                "input_density": input.and_then(|s| s.density()).unwrap_or(1.0),
+                "weight_bytes_ratio": input.and_then(|s| s.weight_bytes_ratio()).unwrap_or(1.0),
                 "stop": format!("{:?}", g.stop).to_lowercase(),
             })
         );
@@ -820,9 +823,14 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             },
             g.ttft_ms,
             g.decode_tok_s,
-            density
-                .map(|d| format!(", MLP density {d:.3}"))
-                .unwrap_or_default()
+            match (density, input) {
+                (Some(d), Some(i)) => format!(
+                    ", inputs kept {d:.3}, weight bytes per token x{:.3}",
+                    i.weight_bytes_ratio().unwrap_or(1.0)
+                ),
+                (Some(d), None) => format!(", MLP density {d:.3}"),
+                _ => String::new(),
+            }
         );
     }
     Ok(())

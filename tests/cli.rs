@@ -1748,3 +1748,61 @@ fn repeat_penalty_and_min_p_reach_the_sampler() {
         greedy
     );
 }
+
+#[test]
+fn input_sparsity_through_the_binary() {
+    // Decodes with teal on bf16 weights and reports what it kept.
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--dtype",
+        "bf16",
+        "--sparsity",
+        "teal:0.3",
+        "--json"
+    ]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("json");
+    assert_eq!(v["output_ids"].as_array().map(Vec::len), Some(8), "{o:?}");
+    let d = v["input_density"].as_f64().unwrap();
+    assert!((d - 0.7).abs() < 0.01, "inputs kept {d}");
+    assert_eq!(v["mlp_density"].as_f64(), Some(1.0));
+    let w = v["weight_bytes_ratio"].as_f64().unwrap();
+    assert!(w > 0.6 && w < 0.9, "weight bytes x{w}");
+    // Quantized weights cannot be held input-major: one line naming the fix.
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "hi",
+        "--sparsity",
+        "teal:0.3"
+    ]);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stderr.contains("--dtype bf16"), "{o:?}");
+    assert_no_panic(&o);
+    // Bad specs and teal:calibrated without a file are refused before loading.
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "hi",
+        "--sparsity",
+        "teal:1.5",
+        "--model",
+        "/no/such/model.gguf"
+    ]);
+    assert_clap_rejects(&o, "--sparsity", "teal:S");
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "hi",
+        "--sparsity",
+        "teal:calibrated",
+        "--model",
+        "/no/such/model.gguf"
+    ]);
+    assert_eq!(o.code, Some(1), "{o:?}");
+    assert!(o.stderr.contains("--predictor"), "{o:?}");
+}
