@@ -10,9 +10,10 @@ use std::sync::OnceLock;
 use sparsellm::kernels::pool;
 use sparsellm::model::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
 use sparsellm::sparse::input::{
-    InputCalibrationOptions, InputSparsity, InputSpec, calibrate_input, top_k_ascending,
+    InputCalibrationOptions, InputSparsity, InputSpec, calibrate_input,
 };
 use sparsellm::sparse::predictor::Predictor;
+use sparsellm::sparse::threshold::select_top_k;
 use sparsellm::tensor::{DType, LoadDType};
 
 fn load(dtype: DType, layout: WeightLayout) -> Llama {
@@ -105,9 +106,6 @@ fn zero_sparsity_is_dense_exactly() {
 struct Logged(InputSparsity, Vec<Vec<u32>>);
 
 impl MlpOverride for Logged {
-    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
-        false
-    }
     fn masks_inputs(&self) -> bool {
         true
     }
@@ -128,9 +126,6 @@ impl MlpOverride for Logged {
 struct Replay(std::collections::VecDeque<Vec<u32>>);
 
 impl MlpOverride for Replay {
-    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
-        false
-    }
     fn masks_inputs(&self) -> bool {
         true
     }
@@ -246,11 +241,11 @@ fn top_k_selection_matches_a_sort() {
         // Few distinct values: many ties at the cut.
         (seed % 17) as f32
     };
-    let (mut sel, mut out) = (Vec::new(), Vec::new());
+    let (mut keys, mut out) = (Vec::new(), Vec::new());
     for n in [0usize, 1, 5, 64, 577] {
         let scores: Vec<f32> = (0..n).map(|_| next()).collect();
         for k in [0, 1.min(n), n / 3, n / 2, n.saturating_sub(1), n] {
-            top_k_ascending(&scores, k, &mut sel, &mut out);
+            select_top_k(&scores, k, &mut keys, &mut out);
             let mut order: Vec<u32> = (0..n as u32).collect();
             // Highest score first, lower index first among equals.
             order.sort_by(|&a, &b| {

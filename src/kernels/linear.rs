@@ -383,61 +383,6 @@ pub fn matmul_input_major_bf16(
     false
 }
 
-/// [`swiglu_packed`] for input-major bf16 `gate` and `up` ([cols, inter] each).
-#[allow(clippy::too_many_arguments)]
-pub fn swiglu_packed_input_major(
-    pool: &ThreadPool,
-    gate: &[u16],
-    up: &[u16],
-    inter: usize,
-    cols: usize,
-    x: &[f32],
-    n: usize,
-    h: &mut super::gemm_avx512::PackedBf16,
-) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if use_packed_bf16(n) {
-        assert!(
-            gate.len() == inter * cols && up.len() == inter * cols,
-            "swiglu: weight size"
-        );
-        h.reset(n, inter);
-        let hv = h.view();
-        PACKED.with_borrow_mut(|xp| {
-            packed_job(
-                pool,
-                Some(x),
-                xp,
-                n,
-                cols,
-                &[Part::SwiGluT(gate, up, inter, hv)],
-            )
-        });
-        return true;
-    }
-    let _ = (pool, gate, up, inter, cols, x, n, h);
-    false
-}
-
-/// [`matmul_packed`] for an input-major bf16 `wt` ([cols, rows]).
-pub fn matmul_packed_input_major(
-    pool: &ThreadPool,
-    wt: &[u16],
-    rows: usize,
-    h: &mut super::gemm_avx512::PackedBf16,
-    out: &mut [f32],
-) {
-    let (n, cols) = (h.n(), h.k());
-    assert_eq!(wt.len(), rows * cols, "matmul_packed: weight size");
-    assert_eq!(out.len(), n * rows, "matmul_packed: output size");
-    #[cfg(target_arch = "x86_64")]
-    if use_packed_bf16(n) {
-        let dst = SharedMut(out.as_mut_ptr());
-        return packed_job(pool, None, h, n, cols, &[Part::GemmT(wt, rows, dst)]);
-    }
-    panic!("matmul_packed: the input was packed by swiglu_packed, which needs bf16 weights");
-}
-
 /// What one matrix of a [`packed_job`] computes.
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
@@ -580,6 +525,7 @@ pub fn swiglu_packed(
     x: &[f32],
     n: usize,
     h: &mut super::gemm_avx512::PackedBf16,
+    input_major: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let (WeightView::Bf16(g), WeightView::Bf16(u)) = (gate, up)
@@ -591,12 +537,15 @@ pub fn swiglu_packed(
         );
         h.reset(n, inter);
         let hv = h.view();
-        PACKED.with_borrow_mut(|xp| {
-            packed_job(pool, Some(x), xp, n, cols, &[Part::SwiGlu(g, u, inter, hv)])
-        });
+        let part = if input_major {
+            Part::SwiGluT(g, u, inter, hv)
+        } else {
+            Part::SwiGlu(g, u, inter, hv)
+        };
+        PACKED.with_borrow_mut(|xp| packed_job(pool, Some(x), xp, n, cols, &[part]));
         return true;
     }
-    let _ = (pool, gate, up, inter, cols, x, n, h);
+    let _ = (pool, gate, up, inter, cols, x, n, h, input_major);
     false
 }
 
@@ -608,6 +557,7 @@ pub fn matmul_packed(
     rows: usize,
     h: &mut super::gemm_avx512::PackedBf16,
     out: &mut [f32],
+    input_major: bool,
 ) {
     let (n, cols) = (h.n(), h.k());
     assert_eq!(w.len(), rows * cols, "matmul_packed: weight size");
@@ -617,8 +567,14 @@ pub fn matmul_packed(
         && use_packed_bf16(n)
     {
         let dst = SharedMut(out.as_mut_ptr());
-        return packed_job(pool, None, h, n, cols, &[Part::Gemm(wb, rows, dst)]);
+        let part = if input_major {
+            Part::GemmT(wb, rows, dst)
+        } else {
+            Part::Gemm(wb, rows, dst)
+        };
+        return packed_job(pool, None, h, n, cols, &[part]);
     }
+    let _ = input_major;
     panic!("matmul_packed: the input was packed by swiglu_packed, which needs bf16 weights");
 }
 
@@ -877,11 +833,11 @@ mod tests {
                 for n in [16, 17, 50, 130] {
                     let x = data(n * hidden, 4);
                     let mut hp = PackedBf16::default();
-                    if !swiglu_packed(&pool, gw, uw, inter, hidden, &x, n, &mut hp) {
+                    if !swiglu_packed(&pool, gw, uw, inter, hidden, &x, n, &mut hp, false) {
                         return;
                     }
                     let mut got = vec![0f32; n * hidden];
-                    matmul_packed(&pool, dw, hidden, &mut hp, &mut got);
+                    matmul_packed(&pool, dw, hidden, &mut hp, &mut got, false);
                     let (mut a, mut b) = (vec![0f32; n * inter], vec![0f32; n * inter]);
                     matmul(&pool, gw, inter, hidden, &x, n, &mut a);
                     matmul(&pool, uw, inter, hidden, &x, n, &mut b);

@@ -205,15 +205,17 @@ pub enum Logits {
 /// which needs input-major weights).
 pub trait MlpOverride {
     /// Computes layer `layer`'s MLP for `h` ([n, hidden]) into `out`; returns false to
-    /// fall back to the dense MLP.
+    /// fall back to the dense MLP (the default: a hook that only chooses inputs).
     fn forward(
         &mut self,
-        model: &Llama,
-        layer: usize,
-        h: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> bool;
+        _model: &Llama,
+        _layer: usize,
+        _h: &[f32],
+        _n: usize,
+        _out: &mut [f32],
+    ) -> bool {
+        false
+    }
 
     /// Input sparsity: the inputs of projection group `group` of `layer` to use, given
     /// that group's input `x` ([n, width]). For one token it may return the kept inputs;
@@ -581,24 +583,30 @@ impl Llama {
                 // The override charges its own phases (the sparse MLP's scorer,
                 // threshold, ...); what it spent outside them lands here.
                 timer.end(Phase::MlpOther);
-            } else if let (
-                true,
-                false,
-                WeightView::Bf16(wg),
-                WeightView::Bf16(wu),
-                WeightView::Bf16(wd),
-            ) = (
-                m.gate_proj.input_major && n > 1,
-                masks,
-                m.gate_proj.weight.view(),
-                m.up_proj.weight.view(),
-                m.down_proj.weight.view(),
-            ) && kernels::linear::swiglu_packed_input_major(
-                pool, wg, wu, inter, h, xn, n, hp,
-            ) {
-                // As the row-major bf16 prefill below, on input-major weights.
+            } else if !masks
+                && kernels::linear::swiglu_packed(
+                    pool,
+                    m.gate_proj.weight.view(),
+                    m.up_proj.weight.view(),
+                    inter,
+                    h,
+                    xn,
+                    n,
+                    hp,
+                    m.gate_proj.input_major,
+                )
+            {
+                // bf16: SwiGLU's element-wise part is fused into gate/up, whose output is
+                // packed for down (see `swiglu_packed`); either layout.
                 timer.end(Phase::GateUp);
-                kernels::linear::matmul_packed_input_major(pool, wd, h, hp, tmp);
+                kernels::linear::matmul_packed(
+                    pool,
+                    m.down_proj.weight.view(),
+                    h,
+                    hp,
+                    tmp,
+                    m.down_proj.input_major,
+                );
                 timer.end(Phase::Down);
             } else if m.gate_proj.input_major {
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
@@ -612,23 +620,6 @@ impl Llama {
                 let mask = input_mask(&mut mlp, li, InputGroup::Down, g, n);
                 timer.end(Phase::Threshold);
                 m.down_proj.project(pool, g, n, tmp, mask.kept(), im);
-                timer.end(Phase::Down);
-            } else if !masks
-                && kernels::linear::swiglu_packed(
-                    pool,
-                    m.gate_proj.weight.view(),
-                    m.up_proj.weight.view(),
-                    inter,
-                    h,
-                    xn,
-                    n,
-                    hp,
-                )
-            {
-                // bf16: SwiGLU's element-wise part is fused into gate/up, whose output is
-                // packed for down (see `swiglu_packed`).
-                timer.end(Phase::GateUp);
-                kernels::linear::matmul_packed(pool, m.down_proj.weight.view(), h, hp, tmp);
                 timer.end(Phase::Down);
             } else {
                 // `Mlp::forward`, with the cache's buffers and a timer.

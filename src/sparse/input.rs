@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use crate::error::{Error, Result};
 use crate::model::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
-use crate::sparse::threshold::top_k_count;
+use crate::sparse::threshold::{select_top_k, top_k_count};
 
 /// Quantile levels of an [`InputTables`] table: sparsity `j / LEVELS` for j < LEVELS.
 pub const LEVELS: usize = 40;
@@ -144,7 +144,8 @@ pub struct InputSparsity {
     seen_count: Vec<[u64; 4]>,
     kept: Vec<u32>,
     scores: Vec<f32>,
-    sel: Vec<f32>,
+    /// Selection keys of `select_top_k`.
+    keys: Vec<u64>,
 }
 
 impl InputSparsity {
@@ -205,7 +206,7 @@ impl InputSparsity {
             seen_count: vec![[0; 4]; nl],
             kept: Vec::new(),
             scores: Vec::new(),
-            sel: Vec::new(),
+            keys: Vec::new(),
         })
     }
 
@@ -302,7 +303,7 @@ impl InputSparsity {
                     InputSpec::TealCalibrated => unreachable!("has thresholds"),
                 };
                 let k = top_k_count(1.0 - s, n);
-                top_k_ascending(&self.scores, k, &mut self.sel, &mut self.kept);
+                select_top_k(&self.scores, k, &mut self.keys, &mut self.kept);
             }
         }
         self.kept_count[layer][g] += self.kept.len() as u64;
@@ -310,44 +311,7 @@ impl InputSparsity {
     }
 }
 
-/// The indices of the `k` largest `scores` in ascending index order (ties at the cut
-/// broken by lower index), by selection (no sort): O(n).
-pub fn top_k_ascending(scores: &[f32], k: usize, sel: &mut Vec<f32>, out: &mut Vec<u32>) {
-    out.clear();
-    let n = scores.len();
-    if k == 0 {
-        return;
-    }
-    if k >= n {
-        out.extend(0..n as u32);
-        return;
-    }
-    sel.clear();
-    sel.extend_from_slice(scores);
-    let (_, cut, _) = sel.select_nth_unstable_by(n - k, |a, b| a.total_cmp(b));
-    let cut = *cut;
-    let above = scores
-        .iter()
-        .filter(|&&s| s.total_cmp(&cut).is_gt())
-        .count();
-    let mut ties = k - above;
-    for (i, &s) in scores.iter().enumerate() {
-        match s.total_cmp(&cut) {
-            std::cmp::Ordering::Greater => out.push(i as u32),
-            std::cmp::Ordering::Equal if ties > 0 => {
-                ties -= 1;
-                out.push(i as u32);
-            }
-            _ => {}
-        }
-    }
-}
-
 impl MlpOverride for InputSparsity {
-    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
-        false
-    }
-
     fn masks_inputs(&self) -> bool {
         true
     }
@@ -426,9 +390,6 @@ struct InputRecorder {
 }
 
 impl MlpOverride for InputRecorder {
-    fn forward(&mut self, _: &Llama, _: usize, _: &[f32], _: usize, _: &mut [f32]) -> bool {
-        false
-    }
     fn masks_inputs(&self) -> bool {
         true
     }
