@@ -229,13 +229,15 @@ struct CpuTicks {
 impl Others {
     const PERIOD: Duration = Duration::from_millis(200);
 
+    /// Takes the first sample: the first decision comes PERIOD after the pool's creation
+    /// (typically while the model loads).
     fn new(threads: usize) -> Others {
         let cpus = std::fs::read_to_string("/proc/stat")
             .map(|s| count_cpus(&s))
             .unwrap_or(0);
         Others {
             cpus,
-            last: None,
+            last: read_ticks().map(|t| (Instant::now(), t)),
             usable: threads,
         }
     }
@@ -480,10 +482,6 @@ impl ThreadPool {
     /// claims it first (the caller included), and returns when all have finished. Chunks
     /// are claimed in increasing order; a chunk's result must not depend on the thread.
     pub fn for_chunks(&self, chunks: usize, f: &(dyn Fn(usize, usize) + Sync)) {
-        let serial = |f: &(dyn Fn(usize, usize) + Sync)| (0..chunks).for_each(|c| f(c, chunks));
-        if chunks <= 1 || self.threads() == 1 {
-            return serial(f);
-        }
         if chunks > ticket::MAX_CHUNKS {
             // Group consecutive chunks: still each exactly once, in order within a group.
             let groups = ticket::MAX_CHUNKS;
@@ -491,6 +489,39 @@ impl ThreadPool {
                 let r = split_range(chunks, 1, g, groups);
                 r.for_each(|c| f(c, chunks));
             });
+        }
+        self.chunked(chunks, f, &|| (0..chunks).for_each(|c| f(c, chunks)));
+    }
+
+    /// Splits `0..len` into contiguous ranges, each a multiple of `align` (except the
+    /// last), about [`CHUNKS_PER_THREAD`] per thread, and runs `f(range)` on each (see
+    /// [`for_chunks`](Self::for_chunks)); or `f(0..len)` once when the job runs on the
+    /// caller alone. So `f` must compute the same for an index whatever range holds it.
+    pub fn for_ranges(
+        &self,
+        len: usize,
+        align: usize,
+        f: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) {
+        if len == 0 {
+            return;
+        }
+        let chunks = len
+            .div_ceil(align.max(1))
+            .min(self.threads() * CHUNKS_PER_THREAD)
+            .min(ticket::MAX_CHUNKS);
+        self.chunked(
+            chunks,
+            &|c, chunks| f(split_range(len, align, c, chunks)),
+            &|| f(0..len),
+        );
+    }
+
+    /// A chunked job: `f(chunk, chunks)` for every chunk over the threads that take part,
+    /// or `alone()` (the same work) on the caller when only one does.
+    fn chunked(&self, chunks: usize, f: &(dyn Fn(usize, usize) + Sync), alone: &dyn Fn()) {
+        if chunks <= 1 || self.threads() == 1 {
+            return alone();
         }
         let mut state = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let adaptive = self.adaptive.load(Ordering::Relaxed);
@@ -505,7 +536,8 @@ impl ThreadPool {
         state.stats.chunked_jobs += 1;
         if active == 1 {
             state.stats.serial_jobs += 1;
-            return serial(f);
+            drop(state);
+            return alone();
         }
         // SAFETY: workers use the job only while holding a claimed chunk, and this function
         // returns (and `job` goes out of scope) only after `done` counts every chunk; so the
@@ -527,30 +559,6 @@ impl ThreadPool {
         if adaptive && state.lag.record(end, worked - start, end - worked) {
             state.stats.stalls += 1;
         }
-    }
-
-    /// Splits `0..len` into contiguous ranges, each a multiple of `align` (except the
-    /// last), about [`CHUNKS_PER_THREAD`] per thread, and runs `f(range)` on each (see
-    /// [`for_chunks`](Self::for_chunks)).
-    pub fn for_ranges(
-        &self,
-        len: usize,
-        align: usize,
-        f: &(dyn Fn(std::ops::Range<usize>) + Sync),
-    ) {
-        if len == 0 {
-            return;
-        }
-        let n = self.threads();
-        if n == 1 || len <= align {
-            f(0..len);
-            return;
-        }
-        let chunks = len
-            .div_ceil(align.max(1))
-            .min(n * CHUNKS_PER_THREAD)
-            .min(ticket::MAX_CHUNKS);
-        self.for_chunks(chunks, &|c, chunks| f(split_range(len, align, c, chunks)));
     }
 }
 
