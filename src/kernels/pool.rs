@@ -144,20 +144,29 @@ impl Shared {
     }
 }
 
-/// Stall detection for chunked jobs: when the caller, having run out of chunks to claim,
-/// waits for a worker's claimed chunk longer than [`Lag::STALL`] and longer than it worked
-/// on the job itself, the worker was descheduled mid-chunk. Chunked jobs then run on the
-/// caller alone for `backoff`; a stall within [`Lag::RECENT`] of the end of the previous
-/// serial period doubles it (up to [`Lag::MAX`]), a later one starts again at
-/// [`Lag::START`].
+/// Stall detection for chunked jobs. A stall: the caller, having run out of chunks to
+/// claim, waited for a worker's claimed chunk longer than [`Lag::STALL`] and longer than
+/// it worked on the job itself (the worker was descheduled mid-chunk). A stall now and
+/// then (an idle machine has a few per second, of about 1 ms) costs less than giving up
+/// the worker, which halves the speed; stalls that take a large share of the time (a
+/// competing process: one per time slice, milliseconds each) cost more. So stalls fill
+/// a leaky bucket (their waits in, [`Lag::LEAK`] of the time out); when it holds
+/// [`Lag::BUCKET`], chunked jobs run on the caller alone for a serial period, of
+/// [`Lag::START`], doubled (up to [`Lag::MAX`]) when it follows the previous one within
+/// [`Lag::RECENT`].
 #[derive(Debug, Clone)]
 pub struct Lag {
     serial_until: Option<Instant>,
     backoff: Duration,
+    debt: Duration,
+    last: Option<Instant>,
 }
 
 impl Lag {
     pub const STALL: Duration = Duration::from_micros(300);
+    /// The share of the time stalls may take in the long run (percent).
+    pub const LEAK: u32 = 30;
+    pub const BUCKET: Duration = Duration::from_millis(15);
     pub const START: Duration = Duration::from_millis(20);
     pub const MAX: Duration = Duration::from_secs(1);
     pub const RECENT: Duration = Duration::from_millis(200);
@@ -166,6 +175,8 @@ impl Lag {
         Lag {
             serial_until: None,
             backoff: Lag::START,
+            debt: Duration::ZERO,
+            last: None,
         }
     }
 
@@ -175,20 +186,30 @@ impl Lag {
     }
 
     /// Records a parallel job that ended at `now`: the caller worked `work`, then waited
-    /// `wait` for the workers' chunks. Returns whether it counted as a stall.
+    /// `wait` for the workers' chunks. Returns whether it was a stall.
     pub fn record(&mut self, now: Instant, work: Duration, wait: Duration) -> bool {
-        if wait <= Lag::STALL || wait <= work {
+        let elapsed = self
+            .last
+            .map_or(Duration::ZERO, |l| now.saturating_duration_since(l));
+        self.last = Some(now);
+        self.debt = self.debt.saturating_sub(elapsed * Lag::LEAK / 100);
+        let stall = wait > Lag::STALL && wait > work;
+        if !stall {
             return false;
         }
-        let recent = self
-            .serial_until
-            .is_some_and(|u| now.saturating_duration_since(u) < Lag::RECENT);
-        self.backoff = if recent {
-            (self.backoff * 2).min(Lag::MAX)
-        } else {
-            Lag::START
-        };
-        self.serial_until = Some(now + self.backoff);
+        self.debt += wait;
+        if self.debt >= Lag::BUCKET {
+            let recent = self
+                .serial_until
+                .is_some_and(|u| now.saturating_duration_since(u) < Lag::RECENT);
+            self.backoff = if recent {
+                (self.backoff * 2).min(Lag::MAX)
+            } else {
+                Lag::START
+            };
+            self.serial_until = Some(now + self.backoff);
+            self.debt = Duration::ZERO;
+        }
         true
     }
 
@@ -328,9 +349,11 @@ struct CallerState {
 pub struct PoolStats {
     /// Chunked jobs of more than one chunk, on a pool of more than one thread.
     pub chunked_jobs: u64,
-    /// Of those, jobs the caller ran alone: during a serial period after a stall, or while
-    /// other processes left no core for a worker.
-    pub serial_jobs: u64,
+    /// Of those, jobs the caller ran alone during a serial period after stalls ([`Lag`]).
+    pub serial_after_stalls: u64,
+    /// Of those, jobs run on fewer threads than the pool has because other processes
+    /// kept cores busy (on the caller alone, in a pool of 2).
+    pub fewer_for_load: u64,
     /// Stalls: parallel jobs that waited for a descheduled worker (see [`Lag`]).
     pub stalls: u64,
 }
@@ -526,16 +549,18 @@ impl ThreadPool {
         let mut state = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let adaptive = self.adaptive.load(Ordering::Relaxed);
         let start = Instant::now();
+        state.stats.chunked_jobs += 1;
         let active = if !adaptive {
             self.threads()
         } else if state.lag.serial(start) {
+            state.stats.serial_after_stalls += 1;
             1
         } else {
-            state.others.usable(start, self.threads())
+            let usable = state.others.usable(start, self.threads());
+            state.stats.fewer_for_load += (usable < self.threads()) as u64;
+            usable
         };
-        state.stats.chunked_jobs += 1;
         if active == 1 {
-            state.stats.serial_jobs += 1;
             drop(state);
             return alone();
         }
@@ -573,8 +598,10 @@ pub fn split_range(len: usize, align: usize, i: usize, n: usize) -> std::ops::Ra
 
 fn worker(shared: Arc<Shared>, index: usize, threads: usize) {
     let mut seen = 0u32;
+    // When this worker last took part in a job: it spins for SPIN after that, then parks
+    // (jobs it leaves alone do not keep it spinning).
+    let mut start = Instant::now();
     loop {
-        let start = Instant::now();
         let t = loop {
             if shared.shutdown.load(Ordering::Acquire) {
                 return;
@@ -601,16 +628,17 @@ fn worker(shared: Arc<Shared>, index: usize, threads: usize) {
                 shared.test_delay();
             }
             shared.work_chunks(t, false);
-            continue;
+        } else {
+            let job = shared.job.load(Ordering::Acquire);
+            // SAFETY: a `run` job waits for every worker (`pending`) before returning, so
+            // the job published with this ticket is still alive.
+            let f: &Job<'static> = unsafe { *job };
+            f(index, threads);
+            if shared.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                shared.unpark_caller();
+            }
         }
-        let job = shared.job.load(Ordering::Acquire);
-        // SAFETY: a `run` job waits for every worker (`pending`) before returning, so the
-        // job published with this ticket is still alive.
-        let f: &Job<'static> = unsafe { *job };
-        f(index, threads);
-        if shared.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            shared.unpark_caller();
-        }
+        start = Instant::now();
     }
 }
 
@@ -822,7 +850,7 @@ mod tests {
     }
 
     #[test]
-    fn lag_goes_serial_after_a_stall_and_backs_off() {
+    fn lag_goes_serial_when_stalls_take_a_large_share_and_backs_off() {
         let t0 = Instant::now();
         let us = Duration::from_micros;
         let ms = Duration::from_millis;
@@ -831,27 +859,45 @@ mod tests {
         // Normal waits: shorter than STALL, or shorter than the caller's own work.
         assert!(!lag.record(t0, us(50), us(40)));
         assert!(!lag.record(t0, ms(5), ms(2)));
-        assert!(!lag.serial(t0));
-        // A stall: serial for START.
-        assert!(lag.record(t0, us(20), ms(3)));
-        assert!(lag.serial(t0 + ms(1)));
-        assert!(lag.serial(t0 + Lag::START - us(1)));
-        assert!(!lag.serial(t0 + Lag::START));
-        // Another stall soon after: twice as long.
-        let t1 = t0 + Lag::START + ms(5);
-        assert!(lag.record(t1, us(20), ms(3)));
-        assert_eq!(lag.backoff(), Lag::START * 2);
-        assert!(lag.serial(t1 + Lag::START * 2 - us(1)));
-        // Repeated stalls cap at MAX.
-        let mut t = t1;
+        // Stalls of 5 ms once every 100 ms, for a second: never serial.
+        let mut t = t0;
+        for _ in 0..10 {
+            t += ms(100);
+            assert!(lag.record(t, us(50), ms(5)));
+            assert!(!lag.serial(t));
+        }
+        // Stalls of 3 ms every 4 ms (a competing process's time slices): serial within
+        // a few of them, for START.
+        let mut n = 0;
+        while !lag.serial(t) {
+            t += ms(4);
+            assert!(lag.record(t, us(80), ms(3)));
+            n += 1;
+            assert!(n < 20, "never went serial");
+        }
+        assert!(n > 3, "went serial after {n} stalls");
+        assert_eq!(lag.backoff(), Lag::START);
+        assert!(lag.serial(t + Lag::START - us(1)));
+        assert!(!lag.serial(t + Lag::START));
+        // The same again right after the serial period: twice as long; and so on, up
+        // to MAX.
+        let mut last = lag.backoff();
         for _ in 0..20 {
             t += lag.backoff() + ms(1);
-            lag.record(t, us(20), ms(3));
+            while !lag.serial(t) {
+                t += ms(4);
+                lag.record(t, us(80), ms(3));
+            }
+            assert_eq!(lag.backoff(), (last * 2).min(Lag::MAX));
+            last = lag.backoff();
         }
         assert_eq!(lag.backoff(), Lag::MAX);
-        // A stall long after the last serial period starts over.
-        let late = t + Lag::MAX + Lag::RECENT + ms(1);
-        assert!(lag.record(late, us(20), ms(3)));
+        // Long after the last serial period: back to START.
+        t += Lag::MAX + Lag::RECENT + ms(1);
+        while !lag.serial(t) {
+            t += ms(4);
+            lag.record(t, us(80), ms(3));
+        }
         assert_eq!(lag.backoff(), Lag::START);
     }
 }
