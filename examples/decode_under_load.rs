@@ -9,8 +9,9 @@
 //! that does not adapt (`ThreadPool::set_adaptive(false)`: every job offered to every
 //! thread however busy the machine is). Each measurement decodes TOKENS greedy tokens after
 //! a 16-token prompt (one model, one pool per entry). Prints the median, min and max decode
-//! tokens/s per (load, pool), the share of chunked jobs the caller ran alone, and the
-//! stalls (jobs that waited for a descheduled worker), summed over the repetitions.
+//! tokens/s per (load, pool), the shares of chunked jobs run on fewer threads because
+//! other processes kept cores busy and on the caller alone after stalls, and the stalls
+//! (jobs that waited for a descheduled worker), summed over the repetitions.
 
 use std::process::{Child, Command};
 
@@ -51,8 +52,8 @@ struct Entry {
     name: String,
     pool: &'static ThreadPool,
     tok_s: [Vec<f64>; 2],
-    /// (chunked jobs, serial jobs, stalls) per load.
-    stats: [(u64, u64, u64); 2],
+    /// (chunked jobs, serial after stalls, fewer threads for load, stalls) per load.
+    stats: [(u64, u64, u64, u64); 2],
 }
 
 fn main() {
@@ -81,7 +82,7 @@ fn main() {
                 name: format!("{threads}{}", if fixed { " (not adaptive)" } else { "" }),
                 pool,
                 tok_s: [Vec::new(), Vec::new()],
-                stats: [(0, 0, 0); 2],
+                stats: [(0, 0, 0, 0); 2],
             }
         })
         .collect();
@@ -97,8 +98,9 @@ fn main() {
                 let s1 = e.pool.stats();
                 let st = &mut e.stats[loaded];
                 st.0 += s1.chunked_jobs - s0.chunked_jobs;
-                st.1 += s1.serial_jobs - s0.serial_jobs;
-                st.2 += s1.stalls - s0.stalls;
+                st.1 += s1.serial_after_stalls - s0.serial_after_stalls;
+                st.2 += s1.fewer_for_load - s0.fewer_for_load;
+                st.3 += s1.stalls - s0.stalls;
                 let load = ["idle", "loaded"][loaded];
                 eprintln!("rep {rep} {load} {} threads: {tok_s:.1} tok/s", e.name);
                 e.tok_s[loaded].push(tok_s);
@@ -110,26 +112,30 @@ fn main() {
         }
     }
     println!(
-        "| load | threads | decode tok/s median | min | max | jobs on the caller alone | stalls |"
+        "| load | threads | decode tok/s median | min | max | jobs on fewer threads (load) | jobs alone after stalls | stalls |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for loaded in [0, 1] {
         for e in entries.iter_mut() {
             let v = &mut e.tok_s[loaded];
             v.sort_by(f64::total_cmp);
-            let (jobs, serial, stalls) = e.stats[loaded];
+            let (jobs, after_stalls, for_load, stalls) = e.stats[loaded];
+            let share = |n: u64| {
+                if jobs == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.0}%", 100.0 * n as f64 / jobs as f64)
+                }
+            };
             println!(
-                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
                 ["idle", "one core busy"][loaded],
                 e.name,
                 v[v.len() / 2],
                 v[0],
                 v[v.len() - 1],
-                if jobs == 0 {
-                    "-".to_string()
-                } else {
-                    format!("{:.0}%", 100.0 * serial as f64 / jobs as f64)
-                },
+                share(for_load),
+                share(after_stalls),
                 stalls
             );
         }

@@ -1,17 +1,19 @@
 //! Sparse MLP kernels: `out = sum over chosen neurons i of silu(g_i)·u_i · down_row_i`,
 //! with `g_i = gate_row_i·h`, `u_i = up_row_i·h`, over f32, bf16, f16 or quantized weight
-//! rows, split by neurons over the pool (each share of the split accumulates into a private
-//! `[hidden]` buffer; the caller sums them). Two ways to address rows: compact cached slots (contiguous, the
-//! hardware prefetcher suffices) or a gather by row index (the full matrices, or cache
-//! slots visited in mask order), with software prefetch of the rows a few neurons ahead.
+//! rows, split by neurons over the pool (each share of the split accumulates into a
+//! private `[hidden]` buffer; the caller sums them). Two ways to address rows: compact
+//! cached slots (contiguous, the hardware prefetcher suffices) or a gather by row index
+//! (the full matrices, or cache slots visited in mask order), with software prefetch of
+//! the rows a few neurons ahead.
 //! Scalar references for the tests.
 //!
 //! Arithmetic: with bf16 weights on AVX-512 BF16, `h` is rounded to bf16 once and the
 //! gate/up dots use `vdpbf16ps` (as the dense matvec does); the down rows are accumulated
 //! in f32 with one FMA per element and neuron, in item order. The result therefore
 //! depends on the item order and on the split (the pool's size; not on which thread runs
-//! a share, nor on how items are grouped inside a share): callers that must agree bit for bit (batched evaluation and
-//! token-by-token decoding) pass the same items in the same order (mask order).
+//! a share, nor on how items are grouped inside a share): callers that must agree bit for
+//! bit (batched evaluation and token-by-token decoding) pass the same items in the same
+//! order (mask order).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -272,11 +274,10 @@ fn kernel_threads(pool: &ThreadPool, n: usize) -> usize {
 /// per-share accumulators and `h` in bf16 (resized here; reuse it across calls).
 ///
 /// Items are split into contiguous ranges, one per thread of the pool; the ranges are
-/// chunks of a [`ThreadPool::for_chunks`] job (a thread that comes late leaves its range to
-/// another); each range is accumulated in item order in f32 and the per-range sums are
-/// added in range order. Same
-/// items in the same order on the same pool give bit-identical results whatever buffer
-/// the rows are read from (see the module documentation).
+/// chunks of a [`ThreadPool::for_chunks`] job (a thread that comes late leaves its range
+/// to another); each range is accumulated in item order in f32 and the per-range sums are
+/// added in range order. Same items in the same order on the same pool give bit-identical
+/// results whatever buffer the rows are read from (see the module documentation).
 pub fn sparse_mlp(
     pool: &ThreadPool,
     items: Items<'_>,
