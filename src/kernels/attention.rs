@@ -11,7 +11,7 @@ use super::dot::dot_f32;
 #[cfg(target_arch = "x86_64")]
 use super::ops::exp512;
 use super::ops::softmax;
-use super::pool::{ThreadPool, split_range};
+use super::pool::{CHUNKS_PER_THREAD, ThreadPool, split_range};
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
@@ -84,8 +84,8 @@ fn attend_path(
         // One item per (token, KV head): the `group` query heads sharing a KV head are
         // scored together, so each key and value row is loaded once for all of them.
         let items = n * kv_heads;
-        pool.run(&|i, threads| {
-            let range = split_range(items, 1, i, threads);
+        pool.for_chunks(chunks(pool, items), &|c, chunks| {
+            let range = split_range(items, 1, c, chunks);
             let mut scores = vec![0f32; group * (start + n)];
             for item in range {
                 let (t, kvh) = (item / kv_heads, item % kv_heads);
@@ -93,7 +93,7 @@ fn attend_path(
                 let first = t * heads + kvh * group;
                 // SAFETY: has_f32() checked the CPU. Item (t, kvh) owns the `group`
                 // output rows of heads kvh * group.. of token t ([first * d..][..group *
-                // d]); items are disjoint across threads (split_range) and `out`
+                // d]); items are disjoint across chunks (split_range) and `out`
                 // outlives the call. q, keys and values hold the rows read (asserted
                 // sizes above), and `scores` holds group * len floats.
                 unsafe {
@@ -115,8 +115,8 @@ fn attend_path(
         return;
     }
     let items = n * heads;
-    pool.run(&|i, threads| {
-        let range = split_range(items, 1, i, threads);
+    pool.for_chunks(chunks(pool, items), &|c, chunks| {
+        let range = split_range(items, 1, c, chunks);
         let mut scores = Vec::with_capacity(start + n);
         for item in range {
             let (t, h) = (item / heads, item % heads);
@@ -129,7 +129,7 @@ fn attend_path(
             }));
             softmax(&mut scores);
             // SAFETY: item (t, h) owns out[(t * heads + h) * d ..][..d]; items are
-            // disjoint across threads (split_range) and `out` outlives the call.
+            // disjoint across chunks (split_range) and `out` outlives the call.
             let o =
                 unsafe { std::slice::from_raw_parts_mut(dst.get().add((t * heads + h) * d), d) };
             o.fill(0.0);
@@ -141,6 +141,12 @@ fn attend_path(
             }
         }
     });
+}
+
+/// Chunks for `items` independent items on `pool` (each chunk a contiguous run of items,
+/// taken by whichever thread is free; see [`ThreadPool::for_chunks`]).
+fn chunks(pool: &ThreadPool, items: usize) -> usize {
+    items.min(pool.threads() * CHUNKS_PER_THREAD)
 }
 
 /// Query rows (tokens x the heads of a group) per item of the blocked path: three vectors
@@ -747,6 +753,33 @@ mod tests {
                             "heads {heads}/{kv_heads} d {d} n {n} start {start} [{i}]: {a} vs {b}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Decode attention (and the per-token items of short prefills) gives the same bits
+    /// on 1-3 threads and with late or slow workers.
+    #[test]
+    fn attend_is_bit_identical_across_threads_and_slow_workers() {
+        let pools = crate::kernels::pool::test_pools();
+        for (heads, kv_heads, d) in [(9, 3, 64), (5, 1, 16), (8, 4, 8)] {
+            for (n, start) in [(1, 0), (1, 300), (3, 20)] {
+                let q = data(n * heads * d, 1);
+                let k = data((start + n) * kv_heads * d, 2);
+                let v = data((start + n) * kv_heads * d, 3);
+                let run = |pool: &ThreadPool| {
+                    let mut out = vec![f32::NAN; n * heads * d];
+                    attend(pool, &q, &k, &v, n, start, heads, kv_heads, d, &mut out);
+                    out
+                };
+                let want = run(&pools[0].1);
+                for (name, pool) in &pools[1..] {
+                    let same = run(pool)
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{name}: heads {heads}/{kv_heads} n {n} start {start}");
                 }
             }
         }

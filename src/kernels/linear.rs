@@ -762,6 +762,49 @@ mod tests {
         }
     }
 
+    /// Decode's matvec gives the same bits whatever the threads and their timing: every
+    /// weight format, on 1-3 threads and with late or slow workers (dynamic chunks).
+    #[test]
+    fn matvec_is_bit_identical_across_threads_and_slow_workers() {
+        let pools = crate::kernels::pool::test_pools();
+        for (rows, cols) in [(1, 64), (17, 64), (192, 576), (1536, 576)] {
+            let wf = data(rows * cols, 11);
+            let wb: Vec<u16> = wf.iter().map(|&v| f32_to_bf16(v)).collect();
+            let wh: Vec<u16> = wf
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_bits())
+                .collect();
+            let quant = |f: QFormat| {
+                let mut q = vec![0u8; rows * cols / QK * f.block_bytes()];
+                crate::quant::quantize(f, &wf, &mut q);
+                q
+            };
+            let (q8, q4) = (quant(QFormat::Q8_0), quant(QFormat::Q4_1));
+            let x = data(cols, 12);
+            for w in [
+                WeightView::F32(&wf),
+                WeightView::Bf16(&wb),
+                WeightView::F16(&wh),
+                WeightView::Quant(QFormat::Q8_0, &q8),
+                WeightView::Quant(QFormat::Q4_1, &q4),
+            ] {
+                let mut want = vec![0f32; rows];
+                matvec(&pools[0].1, w, rows, cols, &x, &mut want);
+                for (name, pool) in &pools[1..] {
+                    for _ in 0..3 {
+                        let mut got = vec![f32::NAN; rows];
+                        matvec(pool, w, rows, cols, &x, &mut got);
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{name}, {rows}x{cols}: differs from 1 thread");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn matmul_many_and_packed_sizes_match_scalar() {
         for threads in [1, 2, 3] {

@@ -1,17 +1,19 @@
 //! Sparse MLP kernels: `out = sum over chosen neurons i of silu(g_i)·u_i · down_row_i`,
 //! with `g_i = gate_row_i·h`, `u_i = up_row_i·h`, over f32, bf16, f16 or quantized weight
-//! rows, split by neurons over the pool (each thread accumulates into a private `[hidden]`
-//! buffer; the caller sums them). Two ways to address rows: compact cached slots (contiguous, the
-//! hardware prefetcher suffices) or a gather by row index (the full matrices, or cache
-//! slots visited in mask order), with software prefetch of the rows a few neurons ahead.
+//! rows, split by neurons over the pool (each share of the split accumulates into a
+//! private `[hidden]` buffer; the caller sums them). Two ways to address rows: compact
+//! cached slots (contiguous, the hardware prefetcher suffices) or a gather by row index
+//! (the full matrices, or cache slots visited in mask order), with software prefetch of
+//! the rows a few neurons ahead.
 //! Scalar references for the tests.
 //!
 //! Arithmetic: with bf16 weights on AVX-512 BF16, `h` is rounded to bf16 once and the
 //! gate/up dots use `vdpbf16ps` (as the dense matvec does); the down rows are accumulated
 //! in f32 with one FMA per element and neuron, in item order. The result therefore
-//! depends on the item order and on the thread split (not on how items are grouped
-//! inside a thread): callers that must agree bit for bit (batched evaluation and
-//! token-by-token decoding) pass the same items in the same order (mask order).
+//! depends on the item order and on the split (the pool's size; not on which thread runs
+//! a share, nor on how items are grouped inside a share): callers that must agree bit for
+//! bit (batched evaluation and token-by-token decoding) pass the same items in the same
+//! order (mask order).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -263,18 +265,19 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// The number of threads [`sparse_mlp`] splits `n` items over on `pool`.
+/// The number of shares [`sparse_mlp`] splits `n` items into on `pool`: one per thread.
 fn kernel_threads(pool: &ThreadPool, n: usize) -> usize {
     pool.threads().min(n.div_ceil(8)).max(1)
 }
 
 /// `out = sum_j a_j · down[row_j]`. h: [hidden], out: [hidden]. `scratch` holds the
-/// per-thread accumulators and `h` in bf16 (resized here; reuse it across calls).
+/// per-share accumulators and `h` in bf16 (resized here; reuse it across calls).
 ///
-/// Items are split into contiguous ranges over the threads; each thread accumulates its
-/// range in item order in f32 and the per-thread sums are added in thread order. Same
-/// items in the same order on the same pool give bit-identical results whatever buffer
-/// the rows are read from (see the module documentation).
+/// Items are split into contiguous ranges, one per thread of the pool; the ranges are
+/// chunks of a [`ThreadPool::for_chunks`] job (a thread that comes late leaves its range
+/// to another); each range is accumulated in item order in f32 and the per-range sums are
+/// added in range order. Same items in the same order on the same pool give bit-identical
+/// results whatever buffer the rows are read from (see the module documentation).
 pub fn sparse_mlp(
     pool: &ThreadPool,
     items: Items<'_>,
@@ -316,13 +319,12 @@ pub fn sparse_mlp(
     };
     let acc = SharedMut(acc_buf.as_mut_ptr());
     let gather = matches!(items, Items::Gather(_));
-    pool.run(&|t, nt| {
-        if t >= threads {
-            return;
-        }
-        let range = split_range(n, 4, t, threads.min(nt));
-        // SAFETY: thread t writes only acc[t*stride..t*stride+hidden], which exists
-        // (resized to threads*stride) and outlives the run.
+    // One chunk per share of the split (the split, not the thread that happens to run a
+    // share, fixes the result): a late or descheduled thread leaves its share to another.
+    pool.for_chunks(threads, &|t, _| {
+        let range = split_range(n, 4, t, threads);
+        // SAFETY: chunk t writes only acc[t*stride..t*stride+hidden], which exists
+        // (resized to threads*stride) and outlives the run; each chunk runs once.
         let acc = unsafe { std::slice::from_raw_parts_mut(acc.ptr().add(t * stride), hidden) };
         // Rows are prefetched one group of four items ahead, spread over the current
         // group's work (see `dot_bf16_bf16_ahead`); the first group in a burst.
@@ -990,6 +992,61 @@ mod tests {
                         u.row_f32(r as usize, &mut row);
                         let want = dot_f32_scalar(&row, &hr);
                         assert!((uu[k] - want).abs() < 1e-5 * (1.0 + want.abs()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The split fixes the result, not the threads' timing: on pools of the same size,
+    /// late or slow workers give the same bits (bf16 and f32 rows, gathered and cached).
+    #[test]
+    fn sparse_mlp_is_bit_identical_with_slow_workers() {
+        let (hidden, inter) = (64, 600);
+        let gf = data(inter * hidden, 1);
+        let uf = data(inter * hidden, 2);
+        let df = data(inter * hidden, 3);
+        let bf = |v: &[f32]| v.iter().map(|&x| f32_to_bf16(x)).collect::<Vec<u16>>();
+        let (gb, ub, db) = (bf(&gf), bf(&uf), bf(&df));
+        let h = data(hidden, 4);
+        let idx: Vec<u32> = (0..inter as u32).filter(|i| i % 3 != 1).collect();
+        let pools = crate::kernels::pool::test_pools();
+        for (g, u, d) in [
+            (
+                WeightView::F32(&gf),
+                WeightView::F32(&uf),
+                WeightView::F32(&df),
+            ),
+            (
+                WeightView::Bf16(&gb),
+                WeightView::Bf16(&ub),
+                WeightView::Bf16(&db),
+            ),
+        ] {
+            let (g, u, d) = (
+                Strided::matrix(g, hidden),
+                Strided::matrix(u, hidden),
+                Strided::matrix(d, hidden),
+            );
+            for items in [Items::Gather(&idx), Items::Slots(inter), Items::Slots(5)] {
+                let act = Activation::Compute { gate: g, up: u };
+                let run = |pool: &ThreadPool| {
+                    let mut out = vec![f32::NAN; hidden];
+                    sparse_mlp(pool, items, act, d, &h, &mut out, &mut Vec::new());
+                    out
+                };
+                for threads in [2, 3] {
+                    let want = run(&pools[threads - 1].1);
+                    for (name, pool) in pools.iter().filter(|(_, p)| p.threads() == threads) {
+                        for _ in 0..3 {
+                            assert!(
+                                run(pool)
+                                    .iter()
+                                    .zip(&want)
+                                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{name}: differs from an unslowed pool of the same size"
+                            );
+                        }
                     }
                 }
             }
