@@ -97,7 +97,7 @@ const PAIR_CHUNK: usize = 32;
 /// with the pair (x_a, x_b) rounded to bf16 by one `vdpbf16ps` per 16 outputs: half the
 /// instructions per weight of widening to f32, which is what lets the kernel keep up with
 /// memory (the row-major decode rounds x to bf16 the same way). The kept inputs are split
-/// into contiguous ranges over the threads, each accumulating all outputs in the
+/// into contiguous ranges, one chunk per thread, each accumulating all outputs in the
 /// interleave's lane order; the threads' sums are added in thread order and put back in
 /// output order.
 #[cfg(target_arch = "x86_64")]
@@ -135,13 +135,12 @@ fn pairs_bf16(
     scratch.acc.resize(threads * stride, 0.0);
     let acc = SharedMut(scratch.acc.as_mut_ptr());
     let xv = &scratch.values[..];
-    pool.run(&|t, nt| {
-        if t >= threads {
-            return;
-        }
-        // Even range boundaries: each thread takes whole pairs.
-        let r = super::pool::split_range(n, 2, t, threads.min(nt));
-        // SAFETY: thread t writes only acc[t * stride..(t + 1) * stride] (resized above).
+    // A chunked job (one chunk per thread): under a competing load the caller runs the
+    // chunks a descheduled worker has not claimed, and the sums stay in chunk order.
+    pool.for_chunks(threads, &|t, nt| {
+        // Even range boundaries: each chunk takes whole pairs.
+        let r = super::pool::split_range(n, 2, t, nt);
+        // SAFETY: chunk t writes only acc[t * stride..(t + 1) * stride] (resized above).
         let acc = unsafe { std::slice::from_raw_parts_mut(acc.get().add(t * stride), stride) };
         // SAFETY: has_avx512_bf16() checked the CPU; every item's row (kept indices are
         // < in_dim, asserted by the caller) has out_dim elements in `w`; pairs r.start / 2
