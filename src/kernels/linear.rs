@@ -959,9 +959,10 @@ mod tests {
     fn quantized_matmul_equals_matvec_per_token_bit_for_bit() {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
-            for (rows, cols) in [(1, 32), (37, 96), (200, 576)] {
+            for (rows, cols) in [(1, 32), (37, 96), (200, 576), (19, 768)] {
                 let wf = data(rows * cols, 4);
-                for f in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+                let fits = |f: &QFormat| cols.is_multiple_of(f.block_elems());
+                for f in QFormat::ALL.into_iter().filter(fits) {
                     let mut wq = vec![0u8; rows * f.row_bytes(cols)];
                     crate::quant::quantize(f, &wf, &mut wq);
                     let w = WeightView::Quant(f, &wq);
