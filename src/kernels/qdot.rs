@@ -513,13 +513,13 @@ fn rows_chunks_impl<const GATHER: bool>(
                 // sizes and indices asserted above and in rows_q_impl.
                 unsafe {
                     match fmt {
-                        QFormat::Q5_0 => $kernel::<5, GATHER>(w, row_bytes, idx, x, out),
-                        QFormat::Q5_1 => $kernel::<6, GATHER>(w, row_bytes, idx, x, out),
-                        QFormat::Q2K => $kernel::<10, GATHER>(w, row_bytes, idx, x, out),
-                        QFormat::Q3K => $kernel::<11, GATHER>(w, row_bytes, idx, x, out),
-                        QFormat::Q4K => $kernel::<12, GATHER>(w, row_bytes, idx, x, out),
-                        QFormat::Q5K => $kernel::<13, GATHER>(w, row_bytes, idx, x, out),
-                        _ => $kernel::<14, GATHER>(w, row_bytes, idx, x, out),
+                        QFormat::Q5_0 => $kernel::<5, GATHER, 1>(w, row_bytes, idx, [x], out),
+                        QFormat::Q5_1 => $kernel::<6, GATHER, 1>(w, row_bytes, idx, [x], out),
+                        QFormat::Q2K => $kernel::<10, GATHER, 1>(w, row_bytes, idx, [x], out),
+                        QFormat::Q3K => $kernel::<11, GATHER, 1>(w, row_bytes, idx, [x], out),
+                        QFormat::Q4K => $kernel::<12, GATHER, 1>(w, row_bytes, idx, [x], out),
+                        QFormat::Q5K => $kernel::<13, GATHER, 1>(w, row_bytes, idx, [x], out),
+                        _ => $kernel::<14, GATHER, 1>(w, row_bytes, idx, [x], out),
                     }
                 }
                 return;
@@ -670,18 +670,21 @@ fn hsum256(acc: __m256) -> f32 {
 /// so the two kernels agree bit for bit.
 macro_rules! chunk_kernel {
     ($name:ident, $features:literal, $idot:ident) => {
-        /// Rows of `w` dotted with `x` by the chunk kernel (see `chunk_kernel!`).
+        /// Rows of `w` dotted with the `T` activation vectors `x` by the chunk kernel
+        /// (see `chunk_kernel!`): `out[r·T + t] = row r · x[t]`. Each chunk's quants and
+        /// scales are unpacked once for the `T` vectors (prefill), and the arithmetic of
+        /// each (row, vector) is the same whatever `T` is, so prefill equals decode.
         ///
         /// # Safety
         /// The CPU must have the enabled features; sizes and chunk indices as checked by
         /// [`rows_chunks_impl`].
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name<const F: u8, const GATHER: bool>(
+        unsafe fn $name<const F: u8, const GATHER: bool, const T: usize>(
             w: &[u8],
             row_bytes: usize,
             idx: &[u32],
-            x: &[QPair],
+            x: [&[QPair]; T],
             out: &mut [f32],
         ) {
             let fmt = chunk_format_of(F);
@@ -690,34 +693,38 @@ macro_rules! chunk_kernel {
             } else {
                 row_chunks(fmt, row_bytes)
             };
-            assert!(w.len() >= out.len() * row_bytes && x.len() * 2 >= chunks);
+            let rows = out.len() / T;
+            assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= chunks));
             assert!(
                 idx.iter()
                     .all(|&k| (k as usize) < row_chunks(fmt, row_bytes))
             );
-            for (r, o) in out.iter_mut().enumerate() {
+            for (r, o) in out.chunks_exact_mut(T).enumerate() {
                 let row = &w[r * row_bytes..(r + 1) * row_bytes];
-                let mut acc = _mm256_setzero_ps();
-                let mut cst = 0f32;
+                let mut acc = [_mm256_setzero_ps(); T];
+                let mut cst = [0f32; T];
                 for k in 0..chunks {
                     let ck = if GATHER { idx[k] as usize } else { k };
                     let (blk, c) = row_chunk(fmt, row, ck);
-                    let (dx, xs, q) = act_chunk(x, k);
                     let p = blocks::chunk_params(fmt, blk, c);
                     let b = p.offsets();
                     // SAFETY: `blk` is a whole block and `c` one of its chunks
-                    // (row_chunk); `q` holds 32 quants.
-                    unsafe {
-                        let u = unpack_chunk::<F>(blk.as_ptr(), c);
-                        let xq = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
+                    // (row_chunk).
+                    let u = unsafe { unpack_chunk::<F>(blk.as_ptr(), c) };
+                    for t in 0..T {
+                        let (dx, xs, q) = act_chunk(x[t], k);
+                        // SAFETY: `q` holds 32 quants.
+                        let xq = unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) };
                         let isum = $idot(u, xq);
                         let scale =
                             _mm256_set_m128(_mm_set1_ps(p.a[1] * dx), _mm_set1_ps(p.a[0] * dx));
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc);
+                        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
+                        cst[t] += b[0] * xs[0] + b[1] * xs[1];
                     }
-                    cst += b[0] * xs[0] + b[1] * xs[1];
                 }
-                *o = hsum256(acc) + cst;
+                for t in 0..T {
+                    o[t] = hsum256(acc[t]) + cst[t];
+                }
             }
         }
     };
@@ -752,6 +759,10 @@ pub fn rows_q_tokens(
         out.iter().all(|o| o.len() == rows),
         "rows_q_tokens: output sizes"
     );
+    #[cfg(target_arch = "x86_64")]
+    if !fmt.is_legacy() && has_avx2() {
+        return rows_chunks_tokens(fmt, w, row_bytes, x, out);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_vnni() && fmt.is_legacy() {
         assert!(
@@ -797,6 +808,72 @@ pub fn rows_q_tokens(
     }
     for (xt, o) in x.iter().zip(out.iter_mut()) {
         rows_q(fmt, w, row_bytes, xt, o);
+    }
+}
+
+/// [`rows_q_tokens`] for the chunk formats (the caller checked AVX2): the chunk kernel
+/// [`rows_chunks_impl`] picks for decode, on `x.len()` vectors at once.
+#[cfg(target_arch = "x86_64")]
+fn rows_chunks_tokens(
+    fmt: QFormat,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[&[QPair]],
+    out: &mut [&mut [f32]],
+) {
+    let (n, rows) = (x.len(), out[0].len());
+    assert!(
+        row_bytes.is_multiple_of(fmt.block_bytes()),
+        "row of {row_bytes} bytes"
+    );
+    assert!(w.len() >= rows * row_bytes, "rows_q_tokens: weight size");
+    let chunks = row_chunks(fmt, row_bytes);
+    assert!(
+        x.iter().all(|x| x.len() * 2 >= chunks),
+        "rows_q_tokens: activation size"
+    );
+    let mut buf = vec![0f32; rows * n];
+    macro_rules! go {
+        ($kernel:ident, $t:literal) => {{
+            let xs: [&[QPair]; $t] = std::array::from_fn(|t| x[t]);
+            // SAFETY: the caller checked AVX2 (and has_vnni() picked the VNNI kernel);
+            // sizes asserted above.
+            unsafe {
+                match fmt {
+                    QFormat::Q5_0 => $kernel::<5, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    QFormat::Q5_1 => $kernel::<6, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    QFormat::Q2K => $kernel::<10, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    QFormat::Q3K => $kernel::<11, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    QFormat::Q4K => $kernel::<12, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    QFormat::Q5K => $kernel::<13, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                    _ => $kernel::<14, false, $t>(w, row_bytes, &[], xs, &mut buf),
+                }
+            }
+        }};
+    }
+    macro_rules! by_n {
+        ($kernel:ident) => {
+            match n {
+                1 => go!($kernel, 1),
+                2 => go!($kernel, 2),
+                3 => go!($kernel, 3),
+                4 => go!($kernel, 4),
+                5 => go!($kernel, 5),
+                6 => go!($kernel, 6),
+                7 => go!($kernel, 7),
+                _ => go!($kernel, 8),
+            }
+        };
+    }
+    if has_vnni() {
+        by_n!(chunks_vnni);
+    } else {
+        by_n!(chunks_avx2);
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        for (r, v) in o.iter_mut().enumerate() {
+            *v = buf[r * n + t];
+        }
     }
 }
 
@@ -997,30 +1074,30 @@ mod tests {
                 let want_g: Vec<f32> = (0..rows)
                     .map(|r| dot_blocks_scalar(fmt, &w[r * rb..(r + 1) * rb], &idx, &gq))
                     .collect();
-                type Kernel = unsafe fn(&[u8], usize, &[u32], &[QPair], &mut [f32]);
+                type Kernel = unsafe fn(&[u8], usize, &[u32], [&[QPair]; 1], &mut [f32]);
                 let kernels: [(bool, [Kernel; 2]); 2] = [
                     (
                         has_avx2(),
                         match id {
-                            5 => [chunks_avx2::<5, false>, chunks_avx2::<5, true>],
-                            6 => [chunks_avx2::<6, false>, chunks_avx2::<6, true>],
-                            10 => [chunks_avx2::<10, false>, chunks_avx2::<10, true>],
-                            11 => [chunks_avx2::<11, false>, chunks_avx2::<11, true>],
-                            12 => [chunks_avx2::<12, false>, chunks_avx2::<12, true>],
-                            13 => [chunks_avx2::<13, false>, chunks_avx2::<13, true>],
-                            _ => [chunks_avx2::<14, false>, chunks_avx2::<14, true>],
+                            5 => [chunks_avx2::<5, false, 1>, chunks_avx2::<5, true, 1>],
+                            6 => [chunks_avx2::<6, false, 1>, chunks_avx2::<6, true, 1>],
+                            10 => [chunks_avx2::<10, false, 1>, chunks_avx2::<10, true, 1>],
+                            11 => [chunks_avx2::<11, false, 1>, chunks_avx2::<11, true, 1>],
+                            12 => [chunks_avx2::<12, false, 1>, chunks_avx2::<12, true, 1>],
+                            13 => [chunks_avx2::<13, false, 1>, chunks_avx2::<13, true, 1>],
+                            _ => [chunks_avx2::<14, false, 1>, chunks_avx2::<14, true, 1>],
                         },
                     ),
                     (
                         has_vnni(),
                         match id {
-                            5 => [chunks_vnni::<5, false>, chunks_vnni::<5, true>],
-                            6 => [chunks_vnni::<6, false>, chunks_vnni::<6, true>],
-                            10 => [chunks_vnni::<10, false>, chunks_vnni::<10, true>],
-                            11 => [chunks_vnni::<11, false>, chunks_vnni::<11, true>],
-                            12 => [chunks_vnni::<12, false>, chunks_vnni::<12, true>],
-                            13 => [chunks_vnni::<13, false>, chunks_vnni::<13, true>],
-                            _ => [chunks_vnni::<14, false>, chunks_vnni::<14, true>],
+                            5 => [chunks_vnni::<5, false, 1>, chunks_vnni::<5, true, 1>],
+                            6 => [chunks_vnni::<6, false, 1>, chunks_vnni::<6, true, 1>],
+                            10 => [chunks_vnni::<10, false, 1>, chunks_vnni::<10, true, 1>],
+                            11 => [chunks_vnni::<11, false, 1>, chunks_vnni::<11, true, 1>],
+                            12 => [chunks_vnni::<12, false, 1>, chunks_vnni::<12, true, 1>],
+                            13 => [chunks_vnni::<13, false, 1>, chunks_vnni::<13, true, 1>],
+                            _ => [chunks_vnni::<14, false, 1>, chunks_vnni::<14, true, 1>],
                         },
                     ),
                 ];
@@ -1034,8 +1111,8 @@ mod tests {
                     // SAFETY: the kernel's features were checked; sizes are whole rows
                     // of whole blocks, activations as long as the row / the index list.
                     unsafe {
-                        dense(&w, rb, &[], &xq, &mut got);
-                        gather(&w, rb, &idx, &gq, &mut got_g);
+                        dense(&w, rb, &[], [&xq], &mut got);
+                        gather(&w, rb, &idx, [&gq], &mut got_g);
                     }
                     for r in 0..rows {
                         let tol = |v: f32| 1e-4 * (1.0 + v.abs());
