@@ -319,8 +319,26 @@ pub fn generate(
     tokenizer: Option<&Tokenizer>,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
+    mlp: Option<&mut (dyn MlpOverride + '_)>,
+    on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    generate_interruptible(model, tokenizer, prompt_ids, opts, mlp, on_text, || {
+        ControlFlow::Continue(())
+    })
+}
+
+/// As [`generate`], with `between_tokens` called after each sampled token, before the
+/// next forward pass: `Break` ends the generation ([`StopReason::Cancelled`]) within one
+/// token, even while `on_text` is not called (text held back by the stream decoder or a
+/// stop string). A front end checks its cancel flag or pending signals (Ctrl-C) there.
+pub fn generate_interruptible(
+    model: &Llama,
+    tokenizer: Option<&Tokenizer>,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
     mut mlp: Option<&mut (dyn MlpOverride + '_)>,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    mut between_tokens: impl FnMut() -> ControlFlow<()>,
 ) -> Result<Generation> {
     opts.sampling.validate()?;
     if prompt_ids.is_empty() {
@@ -390,6 +408,10 @@ pub fn generate(
             }
             if cache.len() >= ctx {
                 stop = StopReason::ContextFull;
+                break;
+            }
+            if between_tokens().is_break() {
+                stop = StopReason::Cancelled;
                 break;
             }
             logits = model.forward(&[next], &mut cache, Logits::Last, mlp.as_deref_mut())?;
