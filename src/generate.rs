@@ -302,6 +302,9 @@ impl StopMatcher {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub output_ids: Vec<u32>,
+    /// The end-of-sequence token that ended the generation ([`StopReason::Eos`]): sampled,
+    /// but not in `output_ids` (a model may have several).
+    pub eos_id: Option<u32>,
     pub text: String,
     pub stop: StopReason,
     /// From the start of prefill to the first sampled token.
@@ -367,6 +370,7 @@ pub fn generate_interruptible(
     let start = Instant::now();
     let mut output = Vec::new();
     let mut stop = StopReason::MaxTokens;
+    let mut eos_id = None;
     let mut ttft = 0.0;
     let mut first_at = start;
     let mut prefill_s = 0.0;
@@ -381,6 +385,7 @@ pub fn generate_interruptible(
             }
             if opts.stop_at_eos && eos.contains(&next) {
                 stop = StopReason::Eos;
+                eos_id = Some(next);
                 break;
             }
             output.push(next);
@@ -437,6 +442,7 @@ pub fn generate_interruptible(
     let decoded = output.len().saturating_sub(1);
     Ok(Generation {
         output_ids: output,
+        eos_id,
         text,
         stop,
         ttft_ms: ttft,
