@@ -12,6 +12,10 @@ _Path = Union[str, os.PathLike[str]]
 _Ids = Sequence[int]
 _Messages = Sequence[Union[Mapping[str, str], Tuple[str, str]]]
 
+def default_model_path() -> pathlib.Path:
+    """The default model's file (in $SPARSELLM_MODELS_DIR, default ./models), downloaded
+    and checked first if it is not there."""
+
 class ModelError(Exception):
     """A model, tokenizer or predictor file that cannot be used (missing, truncated,
     malformed, unsupported); the message names the file and the problem."""

@@ -244,7 +244,9 @@ fn messages(list: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
             (field("role")?, field("content")?)
         } else {
             item.extract::<(String, String)>().map_err(|_| {
-                value_error("a chat message is a dict with 'role' and 'content', or a (role, content) pair")
+                value_error(
+                    "a chat message is a dict with 'role' and 'content', or a (role, content) pair",
+                )
             })?
         };
         out.push(pair);
@@ -323,8 +325,7 @@ impl Model {
         settings.check().map_err(to_py)?;
         let engine = py
             .detach(|| -> sparsellm::Result<Engine> {
-                let loaded =
-                    LoadedModel::load(path.as_deref(), dtype, threads, settings.layout())?;
+                let loaded = LoadedModel::load(path.as_deref(), dtype, threads, settings.layout())?;
                 let sparse = settings.build(&loaded.model)?;
                 Ok(Engine {
                     loaded,
@@ -564,7 +565,12 @@ impl Model {
                         let mut all = Vec::with_capacity(ids.len() * vocab);
                         let mut r = Ok(());
                         for &t in &ids {
-                            match model.forward(&[t], &mut cache, Logits::Last, Some(sp.as_override())) {
+                            match model.forward(
+                                &[t],
+                                &mut cache,
+                                Logits::Last,
+                                Some(sp.as_override()),
+                            ) {
                                 Ok(l) => all.extend(l),
                                 Err(err) => {
                                     r = Err(err);
@@ -979,11 +985,20 @@ impl Drop for TextStream {
     }
 }
 
+/// The default model's path (SmolLM2-135M-Instruct Q4_1 in $SPARSELLM_MODELS_DIR, default
+/// ./models), downloaded and checked first if it is not there, as `sparsellm fetch` does.
+#[pyfunction]
+fn default_model_path(py: Python<'_>) -> PyResult<PathBuf> {
+    py.detach(sparsellm::loader::fetch::default_model_path)
+        .map_err(to_py)
+}
+
 /// sparsellm's engine: Model, Tokenizer, TextStream and ModelError. Import `sparsellm`,
 /// not this module.
 #[pymodule]
 fn _sparsellm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Model>()?;
+    m.add_function(wrap_pyfunction!(default_model_path, m)?)?;
     m.add_class::<Tokenizer>()?;
     m.add_class::<TextStream>()?;
     m.add("ModelError", m.py().get_type::<ModelError>())?;
