@@ -34,7 +34,6 @@ fn tok_err(context: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// A tokenizer: a `tokenizers::Tokenizer` plus the BOS/EOS ids of its checkpoint.
-#[derive(Clone)]
 pub struct Tokenizer {
     inner: hf::Tokenizer,
     /// Number of ids (rows of the embedding the vocabulary indexes).

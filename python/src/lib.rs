@@ -777,10 +777,7 @@ impl Model {
     #[getter]
     fn tokenizer(&self) -> Tokenizer {
         Tokenizer {
-            inner: Arc::new(TokenizerInner {
-                tokenizer: self.engine.loaded.tokenizer.clone(),
-                chat_template: self.engine.loaded.chat_template.clone(),
-            }),
+            data: TokenizerData::Model(self.engine.clone()),
         }
     }
 
@@ -800,9 +797,13 @@ fn decode(t: &EngineTokenizer, ids: &[u32], skip_special_tokens: bool) -> PyResu
         .map_err(|e| value_error(e.to_string()))
 }
 
-struct TokenizerInner {
-    tokenizer: EngineTokenizer,
-    chat_template: Option<String>,
+/// A Tokenizer's data: loaded from a file alone, or a model's (shared, not copied).
+enum TokenizerData {
+    Alone {
+        tokenizer: EngineTokenizer,
+        chat_template: Option<String>,
+    },
+    Model(Arc<Engine>),
 }
 
 /// A model file's tokenizer alone (no weights loaded).
@@ -810,7 +811,22 @@ struct TokenizerInner {
 /// Tokenizer(path=None): path as Model's (None: the default model, fetched on first use).
 #[pyclass(frozen, module = "sparsellm._sparsellm")]
 struct Tokenizer {
-    inner: Arc<TokenizerInner>,
+    data: TokenizerData,
+}
+
+impl Tokenizer {
+    fn tok(&self) -> &EngineTokenizer {
+        match &self.data {
+            TokenizerData::Alone { tokenizer, .. } => tokenizer,
+            TokenizerData::Model(e) => &e.loaded.tokenizer,
+        }
+    }
+    fn template(&self) -> Option<&str> {
+        match &self.data {
+            TokenizerData::Alone { chat_template, .. } => chat_template.as_deref(),
+            TokenizerData::Model(e) => e.loaded.chat_template.as_deref(),
+        }
+    }
 }
 
 #[pymethods]
@@ -818,33 +834,31 @@ impl Tokenizer {
     #[new]
     #[pyo3(signature = (path=None))]
     fn new(py: Python<'_>, path: Option<PathBuf>) -> PyResult<Tokenizer> {
-        let inner = py
-            .detach(|| -> sparsellm::Result<TokenizerInner> {
+        let data = py
+            .detach(|| -> sparsellm::Result<TokenizerData> {
                 let path = match path {
                     Some(p) => p,
                     None => sparsellm::loader::fetch::default_model_path()?,
                 };
                 let source = loader::open(&path)?;
-                Ok(TokenizerInner {
+                Ok(TokenizerData::Alone {
                     tokenizer: EngineTokenizer::load(&source.tokenizer_source()?)?,
                     chat_template: source.chat_template(),
                 })
             })
             .map_err(to_py)?;
-        Ok(Tokenizer {
-            inner: Arc::new(inner),
-        })
+        Ok(Tokenizer { data })
     }
 
     /// The token ids of `text` (no BOS added; special tokens in the text map to their ids).
     fn encode(&self, text: &str) -> PyResult<Vec<u32>> {
-        self.inner.tokenizer.encode(text).map_err(to_py)
+        self.tok().encode(text).map_err(to_py)
     }
 
     /// The text of `ids` (special tokens included unless skip_special_tokens).
     #[pyo3(signature = (ids, skip_special_tokens=false))]
     fn decode(&self, ids: Vec<u32>, skip_special_tokens: bool) -> PyResult<String> {
-        decode(&self.inner.tokenizer, &ids, skip_special_tokens)
+        decode(self.tok(), &ids, skip_special_tokens)
     }
 
     /// `messages` rendered by the model's chat template (ChatML if the file has none).
@@ -854,39 +868,34 @@ impl Tokenizer {
         messages: &Bound<'_, PyAny>,
         add_generation_prompt: bool,
     ) -> PyResult<String> {
-        render(
-            &self.inner.tokenizer,
-            self.inner.chat_template.as_deref(),
-            messages,
-            add_generation_prompt,
-        )
+        render(self.tok(), self.template(), messages, add_generation_prompt)
     }
 
     /// The id of a token string as the vocabulary stores it, or None.
     fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.tokenizer.token_to_id(token)
+        self.tok().token_to_id(token)
     }
     /// The vocabulary's string for an id, or None.
     fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.tokenizer.id_to_token(id)
+        self.tok().id_to_token(id)
     }
     /// Number of token ids, added tokens included.
     #[getter]
     fn vocab_size(&self) -> usize {
-        self.inner.tokenizer.vocab_size()
+        self.tok().vocab_size()
     }
     #[getter]
     fn bos_token_id(&self) -> Option<u32> {
-        self.inner.tokenizer.bos_token_id()
+        self.tok().bos_token_id()
     }
     #[getter]
     fn eos_token_id(&self) -> Option<u32> {
-        self.inner.tokenizer.eos_token_id()
+        self.tok().eos_token_id()
     }
     /// The file's chat template (None: ChatML is used).
     #[getter]
     fn chat_template(&self) -> Option<String> {
-        self.inner.chat_template.clone()
+        self.template().map(str::to_owned)
     }
 }
 
