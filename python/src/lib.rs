@@ -800,7 +800,7 @@ fn decode(t: &EngineTokenizer, ids: &[u32], skip_special_tokens: bool) -> PyResu
 /// A Tokenizer's data: loaded from a file alone, or a model's (shared, not copied).
 enum TokenizerData {
     Alone {
-        tokenizer: EngineTokenizer,
+        tokenizer: Box<EngineTokenizer>,
         chat_template: Option<String>,
     },
     Model(Arc<Engine>),
@@ -842,7 +842,7 @@ impl Tokenizer {
                 };
                 let source = loader::open(&path)?;
                 Ok(TokenizerData::Alone {
-                    tokenizer: EngineTokenizer::load(&source.tokenizer_source()?)?,
+                    tokenizer: Box::new(EngineTokenizer::load(&source.tokenizer_source()?)?),
                     chat_template: source.chat_template(),
                 })
             })

@@ -209,6 +209,23 @@ def test_ctrl_c_stops_a_long_generation_within_a_token(model):
     assert model.generate(PROMPT, max_tokens=8) == model.generate(PROMPT, max_tokens=8)
 
 
+def test_ctrl_c_while_streaming_stops_the_generation(model):
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach the main thread only")
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    pieces = []
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for piece in model.stream(PROMPT, max_tokens=4000, ignore_eos=True):
+            pieces.append(piece)
+    timer.join()
+    assert pieces
+    # The abandoned stream's generation stopped: the model is free at once.
+    start = time.monotonic()
+    model.generate(PROMPT, max_tokens=2)
+    assert time.monotonic() - start < 30
+
+
 def test_closing_a_stream_stops_its_generation(model):
     s = model.stream(PROMPT, max_tokens=4000, ignore_eos=True)
     first = next(s)
