@@ -29,8 +29,12 @@ pub(crate) struct RunArgs {
     /// Worker threads (default: the number of physical cores).
     #[arg(long, value_parser = parse_threads)]
     pub(crate) threads: Option<usize>,
-    /// MLP sparsity at decode: off, sigma:K (keep scores > mean + K std), density:D (keep
-    /// the top D fraction), calibrated (per-layer thresholds from --predictor).
+    /// Sparsity at decode. Input sparsity (every projection skips the weight columns of
+    /// its smallest inputs): teal:S (skip the fraction S of inputs with the smallest
+    /// |x|), wina:S (smallest |x|·column norm), teal:calibrated (per-projection
+    /// thresholds from --predictor). MLP-neuron sparsity: sigma:K (keep scores > mean +
+    /// K std), density:D (keep the top D fraction), calibrated (per-layer thresholds from
+    /// --predictor). Or off.
     #[arg(long, default_value = "off", value_parser = parse_sparsity)]
     pub(crate) sparsity: String,
     /// How neurons are scored: exact (|silu(g)·u| from the full gate and up), lowrank

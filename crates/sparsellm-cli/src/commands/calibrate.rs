@@ -196,31 +196,45 @@ pub(crate) fn calibrate_input_tables(
     })?;
     pb.finish();
     if !a.json {
-        outln!("| qkv | o | gate_up | down | ppl x (held out) | KL | weight bytes x |");
-        outln!("|---|---|---|---|---|---|---|");
+        outln!(
+            "| qkv | o | gate_up | down | predicted KL | KL (held out) | ppl x (held out) | weight bytes x |"
+        );
+        outln!("|---|---|---|---|---|---|---|---|");
         for r in &reports {
             outln!(
-                "| {:.2} | {:.2} | {:.2} | {:.2} | {:.4} | {:.4} | {:.3} |",
+                "| {:.2} | {:.2} | {:.2} | {:.2} | {:.4} | {:.4} | {:.4} | {:.3} |",
                 r.sparsity[0],
                 r.sparsity[1],
                 r.sparsity[2],
                 r.sparsity[3],
-                r.ppl_ratio,
+                r.predicted_kl,
                 r.kl,
+                r.ppl_ratio,
                 r.weight_bytes_ratio
             );
         }
-        if let Some(last) = reports.last() {
-            outln!(
-                "teal:calibrated: sparsity qkv {:.2}, o {:.2}, gate_up {:.2} (layer 0 dense), down {:.2}: held-out ppl x{:.4} (budget x{:.3}), weight bytes per token x{:.3}",
-                last.sparsity[0],
-                last.sparsity[1],
-                last.sparsity[2],
-                last.sparsity[3],
-                last.ppl_ratio,
+        let sp = tables.calibrated_sparsity.as_deref().unwrap_or_default();
+        let best = reports
+            .iter()
+            .filter(|r| r.ppl_ratio <= 1.0 + a.input_budget)
+            .min_by(|x, y| x.weight_bytes_ratio.total_cmp(&y.weight_bytes_ratio));
+        match best {
+            Some(b) => outln!(
+                "teal:calibrated: mean sparsity (over layers, by bytes) qkv {:.2}, o {:.2}, gate_up {:.2}, down {:.2}; per layer from {:.2} to {:.2}: held-out ppl x{:.4} (budget x{:.3}), weight bytes per token x{:.3}",
+                b.sparsity[0],
+                b.sparsity[1],
+                b.sparsity[2],
+                b.sparsity[3],
+                sp.iter().copied().fold(f32::INFINITY, f32::min),
+                sp.iter().copied().fold(0f32, f32::max),
+                b.ppl_ratio,
                 1.0 + a.input_budget,
-                last.weight_bytes_ratio
-            );
+                b.weight_bytes_ratio
+            ),
+            None => outln!(
+                "teal:calibrated: no allocation met the budget x{:.3} on the held-out windows: the thresholds keep every input",
+                1.0 + a.input_budget
+            ),
         }
     }
     Ok((l, tables))
