@@ -503,7 +503,7 @@ pub struct GgufModel {
 pub const ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
 
 /// HuggingFace tensor name -> GGUF tensor name. `sandwich_norms`: Gemma's naming, where
-/// `post_attention_layernorm` is the attention output's norm (`attn_post_norm`) and the
+/// `post_attention_layernorm` is the attention output's norm (`post_attention_norm`) and the
 /// MLP's input norm is `pre_feedforward_layernorm` (`ffn_norm`).
 pub fn gguf_tensor_name(hf: &str, sandwich_norms: bool) -> Option<String> {
     match hf {
@@ -524,10 +524,10 @@ pub fn gguf_tensor_name(hf: &str, sandwich_norms: bool) -> Option<String> {
         "mlp.up_proj.weight" => "ffn_up",
         "mlp.down_proj.weight" => "ffn_down",
         "input_layernorm.weight" => "attn_norm",
-        "post_attention_layernorm.weight" if sandwich_norms => "attn_post_norm",
+        "post_attention_layernorm.weight" if sandwich_norms => "post_attention_norm",
         "post_attention_layernorm.weight" => "ffn_norm",
         "pre_feedforward_layernorm.weight" => "ffn_norm",
-        "post_feedforward_layernorm.weight" => "ffn_post_norm",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm",
         "self_attn.q_norm.weight" => "attn_q_norm",
         "self_attn.k_norm.weight" => "attn_k_norm",
         "self_attn.q_proj.bias" => return Some(format!("blk.{layer}.attn_q.bias")),
