@@ -1,5 +1,7 @@
-//! GGUF's quantized block formats (ggml's Q8_0, Q4_0, Q4_1) and their scalar
-//! dequantization: the reference every faster path is tested against.
+//! GGUF's quantized block formats and their scalar dequantization: the reference every
+//! faster path is tested against. ggml's 32-element formats Q8_0, Q4_0, Q4_1 live here;
+//! Q5_0, Q5_1 and the 256-element K-quants (Q2_K..Q6_K) in [`blocks`], which also splits
+//! each of their blocks into 32-element chunks for the kernels.
 //!
 //! Blocks are `#[repr(C)]` plain-old-data read with `bytemuck`; every field is a byte array
 //! so a block may sit at any address (GGUF only aligns tensors, and a 20-byte Q4_1 block
@@ -10,8 +12,13 @@ use half::{bf16, f16};
 
 use crate::loader::SourceDType;
 
-/// Elements per quantized block, for all of ggml's 32-wide formats.
+pub mod blocks;
+
+/// Elements per quantized block of ggml's 32-wide formats, and per chunk of the
+/// K-quants' 256-element blocks: the unit activations are quantized in.
 pub const QK: usize = 32;
+/// Elements per K-quant block.
+pub const QK_K: usize = 256;
 
 /// A quantized weight format: the block layout the kernels read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,16 +26,50 @@ pub enum QFormat {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl QFormat {
-    /// Bytes of one 32-element block.
+    /// Bytes of one block ([`block_elems`](Self::block_elems) elements).
     pub const fn block_bytes(self) -> usize {
         match self {
             QFormat::Q8_0 => 34,
             QFormat::Q4_0 => 18,
             QFormat::Q4_1 => 20,
+            QFormat::Q5_0 => 22,
+            QFormat::Q5_1 => 24,
+            QFormat::Q2K => 84,
+            QFormat::Q3K => 110,
+            QFormat::Q4K => 144,
+            QFormat::Q5K => 176,
+            QFormat::Q6K => 210,
         }
+    }
+    /// Elements of one block: 32, or 256 for the K-quants.
+    pub const fn block_elems(self) -> usize {
+        match self {
+            QFormat::Q2K | QFormat::Q3K | QFormat::Q4K | QFormat::Q5K | QFormat::Q6K => QK_K,
+            _ => QK,
+        }
+    }
+    /// 32-element chunks per block (1, or 8 for the K-quants).
+    pub const fn chunks_per_block(self) -> usize {
+        self.block_elems() / QK
+    }
+    /// Bytes of a row of `cols` elements (a multiple of [`block_elems`](Self::block_elems)).
+    pub const fn row_bytes(self, cols: usize) -> usize {
+        cols / self.block_elems() * self.block_bytes()
+    }
+    /// Whether the format runs on the original Q8_0/Q4_0/Q4_1 kernels (one scale per
+    /// 32-block); the others run on the chunk kernels of [`blocks`].
+    pub const fn is_legacy(self) -> bool {
+        matches!(self, QFormat::Q8_0 | QFormat::Q4_0 | QFormat::Q4_1)
     }
     /// Where the quants start inside a block (after the f16 scale, and Q4_1's f16 min).
     pub(crate) const fn qs_offset(self) -> usize {
@@ -43,6 +84,13 @@ impl QFormat {
             QFormat::Q8_0 => SourceDType::Q8_0,
             QFormat::Q4_0 => SourceDType::Q4_0,
             QFormat::Q4_1 => SourceDType::Q4_1,
+            QFormat::Q5_0 => SourceDType::Q5_0,
+            QFormat::Q5_1 => SourceDType::Q5_1,
+            QFormat::Q2K => SourceDType::Q2K,
+            QFormat::Q3K => SourceDType::Q3K,
+            QFormat::Q4K => SourceDType::Q4K,
+            QFormat::Q5K => SourceDType::Q5K,
+            QFormat::Q6K => SourceDType::Q6K,
         }
     }
     pub fn name(self) -> &'static str {
@@ -50,8 +98,28 @@ impl QFormat {
             QFormat::Q8_0 => "q8_0",
             QFormat::Q4_0 => "q4_0",
             QFormat::Q4_1 => "q4_1",
+            QFormat::Q5_0 => "q5_0",
+            QFormat::Q5_1 => "q5_1",
+            QFormat::Q2K => "q2_k",
+            QFormat::Q3K => "q3_k",
+            QFormat::Q4K => "q4_k",
+            QFormat::Q5K => "q5_k",
+            QFormat::Q6K => "q6_k",
         }
     }
+    /// Every format, for tests.
+    pub const ALL: [QFormat; 10] = [
+        QFormat::Q8_0,
+        QFormat::Q4_0,
+        QFormat::Q4_1,
+        QFormat::Q5_0,
+        QFormat::Q5_1,
+        QFormat::Q2K,
+        QFormat::Q3K,
+        QFormat::Q4K,
+        QFormat::Q5K,
+        QFormat::Q6K,
+    ];
 }
 
 /// `x = d * q`, q in -128..=127.
@@ -160,14 +228,35 @@ pub fn dequantize(dtype: SourceDType, bytes: &[u8], out: &mut [f32]) {
                 b.dequantize(o);
             }
         }
+        q => {
+            let f = q.qformat().expect("quantized");
+            for (b, o) in bytes
+                .chunks_exact(f.block_bytes())
+                .zip(out.chunks_exact_mut(f.block_elems()))
+            {
+                blocks::dequantize_block(f, b, o);
+            }
+        }
     }
 }
 
 /// Quantizes `values` (a whole number of blocks) into `out` in `fmt`, as ggml's reference
 /// quantizers do (`quantize_row_q8_0_ref`, `_q4_0_ref`, `_q4_1_ref`).
+///
+/// The other formats get simple round-to-nearest quantizers (see [`blocks::quantize_block`]):
+/// valid blocks for tests and synthetic models, not llama.cpp's search for the best scales.
 pub fn quantize(fmt: QFormat, values: &[f32], out: &mut [u8]) {
-    assert!(values.len().is_multiple_of(QK));
-    assert_eq!(out.len(), values.len() / QK * fmt.block_bytes());
+    assert!(values.len().is_multiple_of(fmt.block_elems()));
+    assert_eq!(out.len(), fmt.row_bytes(values.len()));
+    if !fmt.is_legacy() {
+        for (x, o) in values
+            .chunks_exact(fmt.block_elems())
+            .zip(out.chunks_exact_mut(fmt.block_bytes()))
+        {
+            blocks::quantize_block(fmt, x, o);
+        }
+        return;
+    }
     for (x, o) in values
         .chunks_exact(QK)
         .zip(out.chunks_exact_mut(fmt.block_bytes()))
@@ -210,6 +299,7 @@ pub fn quantize(fmt: QFormat, values: &[f32], out: &mut [u8]) {
                 };
                 o.copy_from_slice(bytemuck::bytes_of(&b));
             }
+            _ => unreachable!("legacy formats only"),
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::kernels::WeightView;
 use crate::kernels::dot::f32_to_bf16;
 use crate::kernels::f16::f32_to_f16;
 use crate::loader::{RawTensor, SourceDType};
-use crate::quant::{self, QFormat, QK};
+use crate::quant::{self, QFormat};
 
 /// The format a weight matrix is held in: a float dtype, or one of GGUF's quantized block
 /// formats (kept as the file stores them, `--dtype native`).
@@ -25,6 +25,13 @@ pub enum DType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl DType {
@@ -35,7 +42,7 @@ impl DType {
             DType::F16 => "f16",
             DType::Q8_0 => "q8_0",
             DType::Q4_0 => "q4_0",
-            DType::Q4_1 => "q4_1",
+            q => q.qformat().expect("quantized").name(),
         }
     }
     /// The quantized block format, if this is one.
@@ -44,7 +51,29 @@ impl DType {
             DType::Q8_0 => Some(QFormat::Q8_0),
             DType::Q4_0 => Some(QFormat::Q4_0),
             DType::Q4_1 => Some(QFormat::Q4_1),
+            DType::Q5_0 => Some(QFormat::Q5_0),
+            DType::Q5_1 => Some(QFormat::Q5_1),
+            DType::Q2K => Some(QFormat::Q2K),
+            DType::Q3K => Some(QFormat::Q3K),
+            DType::Q4K => Some(QFormat::Q4K),
+            DType::Q5K => Some(QFormat::Q5K),
+            DType::Q6K => Some(QFormat::Q6K),
             DType::F32 | DType::BF16 | DType::F16 => None,
+        }
+    }
+    /// The dtype holding blocks of `f`.
+    pub fn of_format(f: QFormat) -> DType {
+        match f {
+            QFormat::Q8_0 => DType::Q8_0,
+            QFormat::Q4_0 => DType::Q4_0,
+            QFormat::Q4_1 => DType::Q4_1,
+            QFormat::Q5_0 => DType::Q5_0,
+            QFormat::Q5_1 => DType::Q5_1,
+            QFormat::Q2K => DType::Q2K,
+            QFormat::Q3K => DType::Q3K,
+            QFormat::Q4K => DType::Q4K,
+            QFormat::Q5K => DType::Q5K,
+            QFormat::Q6K => DType::Q6K,
         }
     }
     /// Bytes of `n` elements (for quantized formats `n` is a multiple of 32).
@@ -52,15 +81,12 @@ impl DType {
         match self {
             DType::F32 => 4 * n,
             DType::BF16 | DType::F16 => 2 * n,
-            _ => {
-                let f = self.qformat().expect("quantized");
-                n / QK * f.block_bytes()
-            }
+            _ => self.qformat().expect("quantized").row_bytes(n),
         }
     }
     /// Elements that must be kept together (a row length is a multiple of this).
     pub fn block_elems(self) -> usize {
-        if self.qformat().is_some() { QK } else { 1 }
+        self.qformat().map_or(1, QFormat::block_elems)
     }
     /// The dtype a tensor stored as `src` is computed in under `--dtype native`: every
     /// source format has kernels, so each stays as it is (and memory-mapped).
@@ -69,9 +95,7 @@ impl DType {
             SourceDType::F32 => DType::F32,
             SourceDType::F16 => DType::F16,
             SourceDType::BF16 => DType::BF16,
-            SourceDType::Q8_0 => DType::Q8_0,
-            SourceDType::Q4_0 => DType::Q4_0,
-            SourceDType::Q4_1 => DType::Q4_1,
+            q => DType::of_format(q.qformat().expect("quantized")),
         }
     }
 }
@@ -280,7 +304,7 @@ fn convert(raw: &RawTensor, dtype: DType) -> AlignedBuf {
 fn convert_into(raw: &RawTensor, dtype: DType, out: &mut [u8]) {
     let n = raw.numel();
     let bytes = raw.bytes();
-    // A whole number of 32-element blocks, in the source and in `dtype`.
+    // A whole number of blocks (32 or 256 elements), in the source and in `dtype`.
     const STEP: usize = 8192;
     let mut tmp = vec![0f32; STEP];
     let mut done = 0;
@@ -499,9 +523,7 @@ fn can_map(raw: &RawTensor, dtype: DType) -> bool {
         (SourceDType::F32, DType::F32) => (true, 4),
         (SourceDType::BF16, DType::BF16) | (SourceDType::F16, DType::F16) => (true, 2),
         // Blocks are byte arrays: any address will do.
-        (SourceDType::Q8_0, DType::Q8_0)
-        | (SourceDType::Q4_0, DType::Q4_0)
-        | (SourceDType::Q4_1, DType::Q4_1) => (true, 1),
+        (s, d) if s.qformat().is_some() && s.qformat() == d.qformat() => (true, 1),
         _ => (false, 1),
     };
     let aligned = (raw.map.as_ptr() as usize + raw.offset).is_multiple_of(align);

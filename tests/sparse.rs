@@ -223,8 +223,26 @@ fn random_quantized_layers_match_masked_reference() {
     // does); the down projection is repacked neuron-major to Q8_0, so the output differs
     // from the reference (f64 over the original down weights) by that second rounding.
     let pool = ThreadPool::new(2);
-    for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0] {
-        for (hidden, inter) in [(64, 96), (96, 256)] {
+    let all = [
+        DType::Q4_1,
+        DType::Q4_0,
+        DType::Q8_0,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q2K,
+        DType::Q3K,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+    for dtype in all {
+        // K-quants need rows of whole 256-element blocks both ways.
+        let shapes: &[(usize, usize)] = if dtype.block_elems() == 256 {
+            &[(256, 512)]
+        } else {
+            &[(64, 96), (96, 256)]
+        };
+        for &(hidden, inter) in shapes {
             let a = random_mlp(hidden, inter, dtype, 10);
             let b = random_mlp(hidden, inter, dtype, 20);
             let tokens: Vec<Vec<f32>> = (0..3).map(|t| rand_vec(hidden, 100 + t, 1.0)).collect();
@@ -240,8 +258,14 @@ fn random_quantized_layers_match_masked_reference() {
 #[test]
 fn block_mode_keeps_whole_groups_and_matches_the_masked_reference() {
     let pool = ThreadPool::new(2);
-    let (hidden, inter) = (64, 320); // 10 groups of 32 neurons
-    for dtype in [DType::Q4_1, DType::Q8_0] {
+    for (dtype, hidden, inter) in [
+        (DType::Q4_1, 64, 320), // 10 groups of 32 neurons
+        (DType::Q8_0, 64, 320),
+        (DType::Q5_0, 64, 320),
+        (DType::Q4K, 256, 512), // groups of 32 neurons inside 256-element blocks
+        (DType::Q6K, 256, 512),
+    ] {
+        let ngroups = inter / 32;
         let mlps = [
             random_mlp(hidden, inter, dtype, 30),
             random_mlp(hidden, inter, dtype, 31),
@@ -255,8 +279,8 @@ fn block_mode_keeps_whole_groups_and_matches_the_masked_reference() {
             ),
         ] {
             for (threshold, groups) in [
-                (Threshold::Density(0.25), Some(3)),
-                (Threshold::Density(1.0), Some(10)),
+                (Threshold::Density(0.25), Some(ngroups.div_ceil(4))),
+                (Threshold::Density(1.0), Some(ngroups)),
                 (Threshold::Sigma(0.0), None),
             ] {
                 let mut s = SparseMlp::for_layers(
@@ -289,7 +313,7 @@ fn block_mode_keeps_whole_groups_and_matches_the_masked_reference() {
         }
     }
     // Float weights have no blocks to read in place.
-    let f = random_mlp(hidden, inter, DType::F32, 1);
+    let f = random_mlp(64, 320, DType::F32, 1);
     let e = SparseMlp::for_layers(
         &[&f],
         config(Threshold::Density(0.5), Scorer::Exact, Mode::Blocks),

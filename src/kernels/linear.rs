@@ -40,7 +40,7 @@ impl WeightView<'_> {
             WeightView::F32(w) => w.len(),
             WeightView::Bf16(w) => w.len(),
             WeightView::F16(w) => w.len(),
-            WeightView::Quant(f, w) => w.len() / f.block_bytes() * QK,
+            WeightView::Quant(f, w) => w.len() / f.block_bytes() * f.block_elems(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -81,7 +81,7 @@ impl WeightView<'_> {
             }
             WeightView::F16(w) => f16_to_f32_slice(&w[r * cols..(r + 1) * cols], out),
             WeightView::Quant(f, w) => {
-                let rb = cols / QK * f.block_bytes();
+                let rb = f.row_bytes(cols);
                 crate::quant::dequantize(f.source(), &w[r * rb..(r + 1) * rb], out)
             }
         }
@@ -120,7 +120,7 @@ pub fn matvec(
             WeightView::Bf16(w) => rows_bf16(&w[range.start * cols..range.end * cols], x, out),
             WeightView::F16(w) => rows_f16(&w[range.start * cols..range.end * cols], x, out),
             WeightView::Quant(f, w) => {
-                let rb = cols / QK * f.block_bytes();
+                let rb = f.row_bytes(cols);
                 rows_q(f, &w[range.start * rb..range.end * rb], rb, xq, out)
             }
         }
@@ -147,7 +147,7 @@ pub fn matvec_blocks(
     assert_eq!(out.len(), rows, "matvec_blocks: output size");
     let mut xq = Vec::new();
     quantize_activations(x, &mut xq);
-    let rb = cols / QK * f.block_bytes();
+    let rb = f.row_bytes(cols);
     let (xq, dst) = (&xq[..], SharedMut(out.as_mut_ptr()));
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
         // SAFETY: `for_ranges` hands each thread a disjoint sub-range of 0..rows, and
@@ -618,7 +618,7 @@ fn matmul_quant(
             q
         })
         .collect();
-    let rb = cols / QK * f.block_bytes();
+    let rb = f.row_bytes(cols);
     let dst = SharedMut(out.as_mut_ptr());
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
         let mut tmp = vec![vec![0f32; QUANT_TILE_ROWS]; TOKENS_PER_STEP];
@@ -775,7 +775,7 @@ mod tests {
                 .map(|&v| half::f16::from_f32(v).to_bits())
                 .collect();
             let quant = |f: QFormat| {
-                let mut q = vec![0u8; rows * cols / QK * f.block_bytes()];
+                let mut q = vec![0u8; rows * f.row_bytes(cols)];
                 crate::quant::quantize(f, &wf, &mut q);
                 q
             };
@@ -959,10 +959,11 @@ mod tests {
     fn quantized_matmul_equals_matvec_per_token_bit_for_bit() {
         for threads in [1, 2, 3] {
             let pool = ThreadPool::new(threads);
-            for (rows, cols) in [(1, 32), (37, 96), (200, 576)] {
+            for (rows, cols) in [(1, 32), (37, 96), (200, 576), (19, 768)] {
                 let wf = data(rows * cols, 4);
-                for f in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
-                    let mut wq = vec![0u8; rows * cols / QK * f.block_bytes()];
+                let fits = |f: &QFormat| cols.is_multiple_of(f.block_elems());
+                for f in QFormat::ALL.into_iter().filter(fits) {
+                    let mut wq = vec![0u8; rows * f.row_bytes(cols)];
                     crate::quant::quantize(f, &wf, &mut wq);
                     let w = WeightView::Quant(f, &wq);
                     for n in [2, 5, 9] {

@@ -27,7 +27,7 @@ use super::f16::{axpy_f16, dot_f16, f16_to_f32_slice, rows_f16};
 use super::ops::silu;
 use super::pool::{ThreadPool, split_range};
 use super::qdot::{QPair, axpy_q, dot_q, quantize_activations, rows_q};
-use crate::quant::{QFormat, QK};
+use crate::quant::QFormat;
 
 /// A set of rows inside a flat weight buffer: row `r` starts at `r * stride + offset`.
 #[derive(Clone, Copy)]
@@ -64,8 +64,9 @@ impl<'a> Strided<'a> {
     /// `len` are whole blocks).
     #[inline]
     fn qrow<'b>(&self, fmt: QFormat, w: &'b [u8], r: usize, len: usize) -> &'b [u8] {
-        let (s, bb) = (self.start(r), fmt.block_bytes());
-        &w[s / QK * bb..(s + len) / QK * bb]
+        let (s, be, bb) = (self.start(r), fmt.block_elems(), fmt.block_bytes());
+        debug_assert!(s.is_multiple_of(be) && len.is_multiple_of(be));
+        &w[s / be * bb..(s + len) / be * bb]
     }
     #[inline]
     fn dot(&self, r: usize, x: Input<'_>) -> f32 {
@@ -539,7 +540,7 @@ pub fn gate_up_activations(
                 WeightView::Bf16(w) => rows_bf16(&w[rows.clone()], h, out),
                 WeightView::F16(w) => rows_f16(&w[rows.clone()], h, out),
                 WeightView::Quant(f, w) => {
-                    let rb = hidden / QK * f.block_bytes();
+                    let rb = f.row_bytes(hidden);
                     rows_q(f, &w[range.start * rb..range.end * rb], rb, hq, out)
                 }
             }

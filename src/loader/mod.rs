@@ -23,6 +23,13 @@ pub enum SourceDType {
     Q8_0,
     Q4_0,
     Q4_1,
+    Q5_0,
+    Q5_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
 impl SourceDType {
@@ -31,10 +38,29 @@ impl SourceDType {
         match self {
             SourceDType::F32 => (1, 4),
             SourceDType::F16 | SourceDType::BF16 => (1, 2),
-            SourceDType::Q8_0 => (32, 34),
-            SourceDType::Q4_0 => (32, 18),
-            SourceDType::Q4_1 => (32, 20),
+            q => {
+                let f = q.qformat().expect("quantized");
+                (f.block_elems(), f.block_bytes())
+            }
         }
+    }
+
+    /// The quantized block format, if this is one.
+    pub fn qformat(self) -> Option<crate::quant::QFormat> {
+        use crate::quant::QFormat;
+        Some(match self {
+            SourceDType::F32 | SourceDType::F16 | SourceDType::BF16 => return None,
+            SourceDType::Q8_0 => QFormat::Q8_0,
+            SourceDType::Q4_0 => QFormat::Q4_0,
+            SourceDType::Q4_1 => QFormat::Q4_1,
+            SourceDType::Q5_0 => QFormat::Q5_0,
+            SourceDType::Q5_1 => QFormat::Q5_1,
+            SourceDType::Q2K => QFormat::Q2K,
+            SourceDType::Q3K => QFormat::Q3K,
+            SourceDType::Q4K => QFormat::Q4K,
+            SourceDType::Q5K => QFormat::Q5K,
+            SourceDType::Q6K => QFormat::Q6K,
+        })
     }
 
     /// Bytes taken by `n` elements, or None if `n` is not a whole number of blocks or the
@@ -55,6 +81,13 @@ impl SourceDType {
             SourceDType::Q8_0 => "Q8_0",
             SourceDType::Q4_0 => "Q4_0",
             SourceDType::Q4_1 => "Q4_1",
+            SourceDType::Q5_0 => "Q5_0",
+            SourceDType::Q5_1 => "Q5_1",
+            SourceDType::Q2K => "Q2_K",
+            SourceDType::Q3K => "Q3_K",
+            SourceDType::Q4K => "Q4_K",
+            SourceDType::Q5K => "Q5_K",
+            SourceDType::Q6K => "Q6_K",
         }
     }
 }
