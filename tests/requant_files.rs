@@ -1,0 +1,182 @@
+//! The default model re-quantized by llama.cpp's own `llama-quantize` into the formats
+//! people download (Q4_K_M, Q5_K_M, Q6_K, Q3_K_M, Q2_K, Q5_0, Q5_1; see scripts/requantize,
+//! which builds llama-quantize from the llama-cpp-python 0.3.36 sdist and writes
+//! target/requant/*.gguf). Each file loads natively and as f32, dequantizes bit for bit as
+//! the `gguf` package does, computes a prompt in one batch exactly as token by token, and
+//! scores GPL-3 within 0.5% of llama.cpp's perplexity on the same file.
+//!
+//! Building llama-quantize takes several minutes even on an idle 2-core machine (most of
+//! llama.cpp compiles), too much for every CI run, so these tests are `#[ignore]`d:
+//!
+//!     scripts/requantize && scripts/test --test requant_files -- --ignored
+
+mod common;
+
+use std::path::PathBuf;
+
+use sparsellm::kernels::pool;
+use sparsellm::loader::gguf::GgufFile;
+use sparsellm::model::{Llama, Logits};
+use sparsellm::quant;
+use sparsellm::tensor::{DType, LoadDType};
+
+/// Each file's type, the ggml types llama-quantize chose for its tensors (SmolLM2's 576
+/// columns are not whole 256-blocks, so most of a K-quant file falls back to Q5_0, Q5_1,
+/// Q4_0 or Q8_0), and llama.cpp's perplexity of GPL-3 on it (scripts/llamacpp_ppl.py,
+/// windows of 512 as `sparsellm eval`): (all predictions, second half of each window).
+const FILES: [(&str, &[&str], f64, f64); 7] = [
+    (
+        "Q4_K_M",
+        &["Q4_K", "Q5_0", "Q6_K", "Q8_0"],
+        24.5207,
+        19.0397,
+    ),
+    (
+        "Q5_K_M",
+        &["Q5_1", "Q5_K", "Q6_K", "Q8_0"],
+        f64::NAN,
+        f64::NAN,
+    ),
+    ("Q6_K", &["Q6_K", "Q8_0"], f64::NAN, f64::NAN),
+    (
+        "Q3_K_M",
+        &["Q3_K", "Q4_0", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0"],
+        f64::NAN,
+        f64::NAN,
+    ),
+    ("Q2_K", &["Q3_K", "Q4_0", "Q8_0"], f64::NAN, f64::NAN),
+    ("Q5_0", &["Q5_0", "Q8_0"], f64::NAN, f64::NAN),
+    ("Q5_1", &["Q5_1", "Q8_0"], f64::NAN, f64::NAN),
+];
+
+fn file(ty: &str) -> PathBuf {
+    let p = common::test_data_dir()
+        .parent()
+        .unwrap()
+        .join("requant")
+        .join(format!("SmolLM2-135M-Instruct.{ty}.gguf"));
+    assert!(
+        p.is_file(),
+        "{} is missing: run scripts/requantize first",
+        p.display()
+    );
+    p
+}
+
+/// Dumps gguf's dequantization of the first `per_type` tensors of each quantized type
+/// into argv[2]/<name>.f32 and prints "name type".
+const DUMP: &str = r#"
+import sys, gguf, numpy as np, collections
+r = gguf.GGUFReader(sys.argv[1])
+seen = collections.Counter()
+for t in r.tensors:
+    ty = t.tensor_type.name
+    if ty in ("F32", "F16") or seen[ty] >= int(sys.argv[3]):
+        continue
+    seen[ty] += 1
+    gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).tofile(sys.argv[2] + "/" + t.name + ".f32")
+    print(t.name, ty)
+"#;
+
+#[test]
+#[ignore = "needs scripts/requantize (builds llama.cpp's llama-quantize)"]
+fn requantized_files_dequantize_bit_for_bit_as_gguf() {
+    for (ty, types, _, _) in FILES {
+        let path = file(ty);
+        let dir = common::test_data_dir().join(format!("requant-dq-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let listing = common::python(
+            DUMP,
+            [path.as_os_str(), dir.as_os_str(), "3".as_ref()],
+            &["gguf", "numpy"],
+        );
+        let f = GgufFile::open(&path).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for line in listing.lines() {
+            let (name, gty) = line.split_once(' ').unwrap();
+            let raw = f.raw_tensor(name).unwrap();
+            assert_eq!(raw.dtype.name(), gty, "{ty} {name}");
+            let bytes = std::fs::read(dir.join(format!("{name}.f32"))).unwrap();
+            let mut got = vec![0f32; raw.numel()];
+            quant::dequantize(raw.dtype, raw.bytes(), &mut got);
+            assert_eq!(got.len() * 4, bytes.len(), "{ty} {name}");
+            let differ = got
+                .iter()
+                .zip(bytes.chunks_exact(4))
+                .filter(|(a, b)| a.to_le_bytes() != [b[0], b[1], b[2], b[3]])
+                .count();
+            assert_eq!(differ, 0, "{ty} {name} ({gty}): {differ} values differ");
+            seen.insert(gty.to_string());
+        }
+        assert_eq!(seen.iter().collect::<Vec<_>>(), types.to_vec(), "{ty}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+#[ignore = "needs scripts/requantize (builds llama.cpp's llama-quantize)"]
+fn requantized_files_load_and_prefill_equals_decode() {
+    let ids = common::ids(&common::reference()["perplexity"]["ids"]);
+    let ids = &ids[..24];
+    for (ty, _, _, _) in FILES {
+        let src = sparsellm::loader::open(&file(ty)).unwrap();
+        let native = Llama::load(src.as_ref(), LoadDType::Native, pool::global()).unwrap();
+        let vocab = native.config.vocab_size;
+        let batched = native
+            .forward(ids, &mut native.new_cache(), Logits::All, None)
+            .unwrap();
+        let mut cache = native.new_cache();
+        for (t, &id) in ids.iter().enumerate() {
+            let row = native
+                .forward(&[id], &mut cache, Logits::Last, None)
+                .unwrap();
+            assert_eq!(
+                &batched[t * vocab..(t + 1) * vocab],
+                &row[..],
+                "{ty}: position {t}"
+            );
+        }
+        // The same weights dequantized to f32 agree closely (8-bit activations apart).
+        let f32m = Llama::load(src.as_ref(), LoadDType::To(DType::F32), pool::global()).unwrap();
+        let wide = f32m
+            .forward(ids, &mut f32m.new_cache(), Logits::All, None)
+            .unwrap();
+        let agree = (0..ids.len())
+            .filter(|&t| {
+                let r = t * vocab..(t + 1) * vocab;
+                sparsellm::generate::argmax(&wide[r.clone()])
+                    == sparsellm::generate::argmax(&batched[r])
+            })
+            .count();
+        assert!(
+            agree * 10 >= ids.len() * 8,
+            "{ty}: top-1 {agree}/{}",
+            ids.len()
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs scripts/requantize (builds llama.cpp's llama-quantize); ~1 min a file"]
+fn requantized_perplexity_within_half_a_percent_of_llama_cpp() {
+    let text = std::fs::read_to_string("/usr/share/common-licenses/GPL-3").unwrap();
+    for (ty, _, want_all, want_half) in FILES {
+        let src = sparsellm::loader::open(&file(ty)).unwrap();
+        let model = Llama::load(src.as_ref(), LoadDType::Native, pool::global()).unwrap();
+        let tok = sparsellm::tokenizer::Tokenizer::load(&src.tokenizer_source().unwrap()).unwrap();
+        let ids = tok.encode(&text).unwrap();
+        let rep = sparsellm::eval::perplexity(&model, &ids, 512, None, |_, _| {}).unwrap();
+        let (ra, rh) = (
+            rep.ppl_all / want_all - 1.0,
+            rep.ppl_second_half / want_half - 1.0,
+        );
+        eprintln!(
+            "{ty}: ppl {:.4} / {:.4}, llama.cpp {want_all} / {want_half}: {:+.3}% / {:+.3}%",
+            rep.ppl_all,
+            rep.ppl_second_half,
+            100.0 * ra,
+            100.0 * rh
+        );
+        assert!(ra.abs() < 0.005 && rh.abs() < 0.005, "{ty}: {ra} {rh}");
+    }
+}
