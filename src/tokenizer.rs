@@ -669,6 +669,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn gemma_template_renders_turns_after_one_bos() {
+        let t = ChatTemplate::new(GEMMA_CHAT_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let s = t
+            .render(
+                &[
+                    ("system", "Be brief."),
+                    ("user", " Hi "),
+                    ("assistant", "Hello."),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            s,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let e = t
+            .render(&[("user", "a"), ("user", "b")], false)
+            .unwrap_err();
+        assert!(e.to_string().contains("alternate"), "{e}");
+    }
+
+    #[test]
     fn split_merge_cases() {
         assert_eq!(split_merge("Ġ t"), Some(("Ġ", "t")));
         assert_eq!(split_merge("  x"), Some((" ", "x")));

@@ -168,7 +168,7 @@ impl ModelConfig {
                 self.num_layers
             ));
         }
-        if self.layer_windows.iter().any(|w| *w == Some(0)) {
+        if self.layer_windows.contains(&Some(0)) {
             return bad("sliding_window = 0".into());
         }
         for (name, v) in [
