@@ -5,6 +5,11 @@ the same way `sparsellm bench` should time itself, so the two can run in one ses
     # build llama-cpp-python into /tmp/peer first: docs/peer.md gives the exact command
     /tmp/peer/bin/python scripts/llamacpp_peer.py MODEL.gguf --threads 2 --prompt-tokens 128 --gen-tokens 64 --runs 5
     /tmp/peer/bin/python scripts/llamacpp_peer.py MODEL.gguf --convert bf16 OUT.gguf            # or f32 / f16
+    /tmp/peer/bin/python scripts/llamacpp_peer.py MODEL.gguf --threads 2 --busy-core            # idle and loaded
+
+With --busy-core every repetition runs twice, idle and with a busy loop pinned to the last
+CPU (`taskset`, as examples/decode_under_load.rs does for sparsellm), and the figures are
+reported per load ("idle", "one core busy").
 
 Prints one JSON object: medians (and min/max) of time to first token, prefill tokens/s and
 decode tokens/s (greedy, fixed lengths, no early stop). Prompt tokens are a fixed slice of
@@ -22,6 +27,8 @@ ap.add_argument("--prompt-tokens", type=int, default=128)
 ap.add_argument("--gen-tokens", type=int, default=64)
 ap.add_argument("--runs", type=int, default=5)
 ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
+ap.add_argument("--busy-core", action="store_true",
+                help="also measure with a busy loop pinned to the last CPU, interleaved")
 a = ap.parse_args()
 
 if a.convert:
@@ -51,11 +58,33 @@ def one_run():
             "prefill_tok_s": len(prompt) / (t_first - t0),
             "decode_tok_s": (n - 1) / (t1 - t_first)}
 
+def hog():
+    import os, subprocess
+    last = os.cpu_count() - 1
+    return subprocess.Popen(["taskset", "-c", str(last), "sh", "-c", "while :; do :; done"])
+
+def summary(runs):
+    out = {}
+    for k in runs[0]:
+        v = [r[k] for r in runs]
+        out[k] = statistics.median(v); out[k + "_min"] = min(v); out[k + "_max"] = max(v)
+    return out
+
 one_run()  # warm-up
-runs = [one_run() for _ in range(a.runs)]
+loads = ["idle", "one core busy"] if a.busy_core else ["idle"]
+runs = {load: [] for load in loads}
+for _ in range(a.runs):
+    for load in loads:
+        h = hog() if load != "idle" else None
+        try:
+            runs[load].append(one_run())
+        finally:
+            if h:
+                h.kill(); h.wait()
 out = {"engine": "llama.cpp via llama-cpp-python " + llama_cpp.__version__, "model": a.model,
        "threads": a.threads, "prompt_tokens": len(prompt), "gen_tokens": a.gen_tokens, "runs": a.runs}
-for k in runs[0]:
-    v = [r[k] for r in runs]
-    out[k] = statistics.median(v); out[k + "_min"] = min(v); out[k + "_max"] = max(v)
+if a.busy_core:
+    out["loads"] = {load: summary(r) for load, r in runs.items()}
+else:
+    out.update(summary(runs["idle"]))
 print(json.dumps(out))

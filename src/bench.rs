@@ -10,6 +10,7 @@ use crate::error::Result;
 use crate::generate::{GenerateOptions, generate};
 use crate::model::{Llama, MlpOverride};
 use crate::profile::{self, DecodeProfile, Phase};
+use crate::sparse::Sparsity;
 
 /// Median, min and max of a set of measurements.
 #[derive(Debug, Clone, Copy, Serialize, serde::Deserialize, PartialEq)]
@@ -80,6 +81,59 @@ pub fn measure(
         weight_bytes_ratio: 1.0,
         ..Sample::default()
     })
+}
+
+/// Dense and sparse runs interleaved in this process, on one loaded model: `warmup`
+/// unmeasured generations per mode, then `runs` rounds of one measured generation per
+/// mode. Returns the dense report and, with `sparse`, the sparse one. (The CLI runs each
+/// generation in a child process so that peak RSS is per mode; here it is the process's.)
+pub fn interleaved(
+    model: &Llama,
+    prompt: &[u32],
+    gen_tokens: usize,
+    runs: usize,
+    warmup: usize,
+    mut sparse: Option<&mut Sparsity>,
+) -> Result<(ModeReport, Option<ModeReport>)> {
+    if runs == 0 {
+        return Err(crate::Error::Input("runs must be at least 1".into()));
+    }
+    let weight_bytes_per_token = model.weight_bytes_per_token();
+    let run = |sp: Option<&mut Sparsity>| -> Result<Sample> {
+        let mut s = measure(model, prompt, gen_tokens, sp.map(|s| s.as_override()))?;
+        s.weight_bytes_per_token = weight_bytes_per_token;
+        s.peak_rss_mb = peak_rss_mb();
+        s.mlp_density = 1.0;
+        Ok(s)
+    };
+    for _ in 0..warmup {
+        run(None)?;
+        if let Some(sp) = sparse.as_deref_mut() {
+            run(Some(sp))?;
+        }
+    }
+    if let Some(sp) = sparse.as_deref_mut() {
+        sp.reset_stats();
+    }
+    let (mut dense, mut sparse_samples) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        dense.push(run(None)?);
+        if let Some(sp) = sparse.as_deref_mut() {
+            let mut s = run(Some(&mut *sp))?;
+            match sp {
+                Sparsity::Input(i) => {
+                    s.input_density = i.density().unwrap_or(1.0);
+                    s.weight_bytes_ratio = i.weight_bytes_ratio().unwrap_or(1.0);
+                }
+                Sparsity::Mlp(m) => s.mlp_density = m.density().unwrap_or(1.0),
+            }
+            sparse_samples.push(s);
+        }
+    }
+    Ok((
+        ModeReport::from_samples(&dense),
+        sparse.map(|_| ModeReport::from_samples(&sparse_samples)),
+    ))
 }
 
 /// One generation's decode steps by phase, and the decode time the generation measured.

@@ -302,6 +302,9 @@ impl StopMatcher {
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub output_ids: Vec<u32>,
+    /// The end-of-sequence token that ended the generation ([`StopReason::Eos`]): sampled,
+    /// but not in `output_ids` (a model may have several).
+    pub eos_id: Option<u32>,
     pub text: String,
     pub stop: StopReason,
     /// From the start of prefill to the first sampled token.
@@ -319,8 +322,26 @@ pub fn generate(
     tokenizer: Option<&Tokenizer>,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
+    mlp: Option<&mut (dyn MlpOverride + '_)>,
+    on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    generate_interruptible(model, tokenizer, prompt_ids, opts, mlp, on_text, || {
+        ControlFlow::Continue(())
+    })
+}
+
+/// As [`generate`], with `between_tokens` called after each sampled token, before the
+/// next forward pass: `Break` ends the generation ([`StopReason::Cancelled`]) within one
+/// token, even while `on_text` is not called (text held back by the stream decoder or a
+/// stop string). A front end checks its cancel flag or pending signals (Ctrl-C) there.
+pub fn generate_interruptible(
+    model: &Llama,
+    tokenizer: Option<&Tokenizer>,
+    prompt_ids: &[u32],
+    opts: &GenerateOptions,
     mut mlp: Option<&mut (dyn MlpOverride + '_)>,
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    mut between_tokens: impl FnMut() -> ControlFlow<()>,
 ) -> Result<Generation> {
     opts.sampling.validate()?;
     if prompt_ids.is_empty() {
@@ -349,6 +370,7 @@ pub fn generate(
     let start = Instant::now();
     let mut output = Vec::new();
     let mut stop = StopReason::MaxTokens;
+    let mut eos_id = None;
     let mut ttft = 0.0;
     let mut first_at = start;
     let mut prefill_s = 0.0;
@@ -363,6 +385,7 @@ pub fn generate(
             }
             if opts.stop_at_eos && eos.contains(&next) {
                 stop = StopReason::Eos;
+                eos_id = Some(next);
                 break;
             }
             output.push(next);
@@ -392,6 +415,10 @@ pub fn generate(
                 stop = StopReason::ContextFull;
                 break;
             }
+            if between_tokens().is_break() {
+                stop = StopReason::Cancelled;
+                break;
+            }
             logits = model.forward(&[next], &mut cache, Logits::Last, mlp.as_deref_mut())?;
         }
     }
@@ -415,6 +442,7 @@ pub fn generate(
     let decoded = output.len().saturating_sub(1);
     Ok(Generation {
         output_ids: output,
+        eos_id,
         text,
         stop,
         ttft_ms: ttft,

@@ -11,6 +11,7 @@ pub mod model;
 pub mod profile;
 pub mod progress;
 pub mod quant;
+pub mod session;
 pub mod sparse;
 pub mod sweep;
 pub mod synth;

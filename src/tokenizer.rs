@@ -375,12 +375,20 @@ impl Tokenizer {
     /// Decodes ids to text, special tokens included (skip_special_tokens = false). Invalid UTF-8
     /// (a multi-byte character cut off) becomes U+FFFD. An id outside the vocabulary is an error.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.decode_with(ids, false)
+    }
+
+    /// As [`decode`](Self::decode); with `skip_special_tokens`, special tokens (EOS, the
+    /// chat markers) are left out, as HuggingFace's `decode(..., skip_special_tokens=True)`.
+    pub fn decode_with(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         for &id in ids {
             self.check_id(id, "token id")?;
         }
         match &self.inner {
-            Backend::Hf(t) => t.decode(ids, false).map_err(|e| tok_err("decoding ids", e)),
-            Backend::Spm(t) => t.decode(ids),
+            Backend::Hf(t) => t
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| tok_err("decoding ids", e)),
+            Backend::Spm(t) => t.decode(ids, skip_special_tokens),
         }
     }
 

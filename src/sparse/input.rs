@@ -14,7 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::model::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
+use crate::model::{InputGroup, InputMask, KvCache, Llama, Logits, MlpOverride, WeightLayout};
 use crate::sparse::threshold::{select_top_k, top_k_count};
 
 /// Quantile levels of an [`InputTables`] table: sparsity `j / LEVELS` for j < LEVELS.
@@ -177,23 +177,7 @@ impl InputSparsity {
             (_, None) => None,
         };
         let col_norms = spec.wina().then(|| column_norms(model));
-        let group_bytes = model
-            .layers
-            .iter()
-            .map(|l| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                let bytes = |ls: &[&crate::model::llama::Linear]| {
-                    ls.iter().map(|x| x.weight.byte_len() as f64).sum::<f64>()
-                };
-                [
-                    bytes(&[&a.q_proj, &a.k_proj, &a.v_proj]),
-                    bytes(&[&a.o_proj]),
-                    bytes(&[&m.gate_proj, &m.up_proj]),
-                    bytes(&[&m.down_proj]),
-                ]
-            })
-            .collect();
+        let group_bytes = group_bytes(model);
         let nl = model.layers.len();
         Ok(InputSparsity {
             spec,
@@ -434,7 +418,9 @@ pub struct InputCalibrationOptions {
     pub window: usize,
     /// Windows recorded for the quantile tables.
     pub record_windows: usize,
-    /// Held-out windows the allocation is judged on (after the recorded ones).
+    /// Held-out windows the allocation is judged on (after the recorded ones): at most
+    /// this many, as many as the text has. Three 512-token windows judged perplexity
+    /// changes of a few percent with about ±1.5% of noise.
     pub heldout_windows: usize,
     /// Every `stride`-th token's inputs are kept for the quantiles.
     pub stride: usize,
@@ -442,8 +428,12 @@ pub struct InputCalibrationOptions {
     /// half dense (the prompt) and its second half sparse (decoding), scored on the second
     /// half. Smaller than the +5% the setting should hold on other text: the margin.
     pub budget: f64,
-    /// Candidate sparsity levels per projection group (the allocation picks one each).
+    /// The sparsities each projection of each layer is probed at, alone.
     pub levels: Vec<f64>,
+    /// Probe windows (the first tokens of as many recorded windows) and their length:
+    /// the first half dense, the second half sparse.
+    pub probe_windows: usize,
+    pub probe_window: usize,
 }
 
 impl Default for InputCalibrationOptions {
@@ -451,10 +441,12 @@ impl Default for InputCalibrationOptions {
         InputCalibrationOptions {
             window: 512,
             record_windows: 6,
-            heldout_windows: 3,
+            heldout_windows: 8,
             stride: 8,
             budget: 0.03,
-            levels: vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
+            levels: vec![0.2, 0.4, 0.6, 0.8],
+            probe_windows: 2,
+            probe_window: 256,
         }
     }
 }
@@ -462,8 +454,11 @@ impl Default for InputCalibrationOptions {
 /// One allocation's figures on the held-out windows.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AllocationReport {
-    /// Sparsity per group (qkv, o, gate_up, down); layer 0's gate/up stays dense.
+    /// Sparsity per group type (qkv, o, gate_up, down): the mean over layers, weighted by
+    /// bytes.
     pub sparsity: [f64; 4],
+    /// The KL the probes predict for it (the sum of each projection's KL alone).
+    pub predicted_kl: f64,
     pub ppl_ratio: f64,
     /// Mean KL divergence from dense over the scored predictions.
     pub kl: f64,
@@ -472,12 +467,18 @@ pub struct AllocationReport {
 }
 
 /// Fits the input-sparsity tables of `model` on `ids`: quantiles of every group's input
-/// scores (TEAL and WINA), then `teal:calibrated`: a sparsity per projection group (the
-/// same in every layer, except layer 0's gate/up, the most sensitive input of all, which
-/// stays dense), chosen to skip the most bytes within the budget. Each group type's cost is
-/// measured alone at each level on held-out windows; the combination that skips the most
-/// bytes with the summed log-perplexity costs within budget is then verified together,
-/// and stepped down while the measured total exceeds the budget.
+/// scores (TEAL and WINA), then `teal:calibrated`, a sparsity for every projection group
+/// of every layer, allocated greedily:
+///
+/// 1. Probe: each (layer, group) alone at each of `levels`, its KL from dense measured on
+///    probe windows (first half dense, second half sparse, as decoding).
+/// 2. Allocate: taking each projection's KL curve at its lower convex hull, raise
+///    sparsity where it costs the least KL per skipped byte first (TEAL's greedy, with
+///    the model's output as the objective and the probes' costs added up). That orders
+///    every allocation by its predicted KL.
+/// 3. Verify: the allocation with the largest predicted KL whose measured perplexity on
+///    the held-out windows stays within the budget (a bracket on the predicted KL, then
+///    bisection).
 ///
 /// `progress(stage, done, total)`.
 pub fn calibrate_input(
@@ -498,11 +499,25 @@ pub fn calibrate_input(
         )));
     }
     let windows: Vec<&[u32]> = ids.chunks_exact(w).collect();
-    let need = opts.record_windows + opts.heldout_windows;
+    let need = opts.record_windows + 1;
     if windows.len() < need || opts.heldout_windows == 0 || opts.record_windows == 0 {
         return Err(Error::Input(format!(
-            "input calibration needs {need} windows of {w} tokens; the text has {} tokens",
+            "input calibration needs at least {need} windows of {w} tokens; the text has {} tokens",
             ids.len()
+        )));
+    }
+    let need = (opts.record_windows + opts.heldout_windows).min(windows.len());
+    let pw = opts.probe_window.clamp(4, w);
+    if opts.probe_windows == 0 || opts.probe_windows > opts.record_windows {
+        return Err(Error::Input(format!(
+            "input calibration probes 1..={} of the recorded windows, not {}",
+            opts.record_windows, opts.probe_windows
+        )));
+    }
+    if opts.levels.is_empty() || opts.levels.iter().any(|&l| !(l > 0.0 && l < 1.0)) {
+        return Err(Error::Input(format!(
+            "input calibration levels must be in (0, 1): {:?}",
+            opts.levels
         )));
     }
     let nl = model.layers.len();
@@ -534,130 +549,202 @@ pub fn calibrate_input(
         calibrated: None,
         calibrated_sparsity: None,
     };
-    // 2. Allocation, judged on held-out windows.
-    let held = &windows[opts.record_windows..need];
-    let group_bytes = |g: usize, skip_layer0: bool| -> f64 {
-        model
-            .layers
-            .iter()
-            .enumerate()
-            .filter(|&(l, _)| !(skip_layer0 && l == 0))
-            .map(|(_, l)| {
-                let a = &l.self_attn;
-                let m = &l.mlp;
-                let ls: Vec<&crate::model::llama::Linear> = match g {
-                    0 => vec![&a.q_proj, &a.k_proj, &a.v_proj],
-                    1 => vec![&a.o_proj],
-                    2 => vec![&m.gate_proj, &m.up_proj],
-                    _ => vec![&m.down_proj],
-                };
-                ls.iter().map(|x| x.weight.byte_len() as f64).sum::<f64>()
-            })
-            .sum()
-    };
+    // 2. Probe each (layer, group) alone.
+    let bytes: Vec<[f64; 4]> = group_bytes(model);
     let total = model.weight_bytes_per_token() as f64;
-    let bytes_ratio =
-        |s: &[f64; 4]| 1.0 - (0..4).map(|g| s[g] * group_bytes(g, g == 2)).sum::<f64>() / total;
-    let limit = (1.0 + opts.budget).ln();
-    let levels = &opts.levels;
-    // The single-group measurements, and about as many combinations as the search takes.
-    let evals = 1 + 4 * levels.iter().filter(|&&s| s > 0.0).count() + 6;
-    let mut done = 0;
-    let heldout = Heldout::new(model, held)?;
-    let mut eval = |tables: &mut InputTables, s: [f64; 4]| -> Result<(f64, f64)> {
-        progress("search", done.min(evals - 1), evals);
-        done += 1;
-        set_allocation(tables, s);
-        heldout.score(model, tables)
-    };
-    let (dense, _) = eval(&mut tables, [0.0; 4])?;
-    // cost[g][j]: the KL from dense with group g alone at levels[j]. KL, not the
-    // perplexity change: on a few held-out windows the latter is noise-dominated at small
-    // sparsities (it can even fall), while KL measures every prediction's change.
-    let mut cost = vec![vec![0f64; levels.len()]; 4];
-    let mut reports = Vec::new();
-    for g in 0..4 {
-        for (j, &lv) in levels.iter().enumerate() {
-            if lv > 0.0 {
-                let mut s = [0.0; 4];
-                s[g] = lv;
-                let (nll, kl) = eval(&mut tables, s)?;
-                cost[g][j] = kl;
-                reports.push(AllocationReport {
-                    sparsity: s,
-                    ppl_ratio: (nll - dense).exp(),
-                    kl,
-                    weight_bytes_ratio: bytes_ratio(&s),
-                });
-            }
-        }
-    }
-    // For each KL allowance (summed over groups), the combination that skips the most
-    // bytes; the largest allowance whose combination meets the perplexity budget when
-    // measured together wins (allowances shrink by a quarter from the largest
-    // single-group KL).
-    let n = levels.len();
-    let best_within = |allow: f64| {
-        let mut best = ([0usize; 4], f64::INFINITY);
-        for code in 0..n.pow(4) {
-            let j: [usize; 4] = std::array::from_fn(|g| code / n.pow(g as u32) % n);
-            let c: f64 = (0..4).map(|g| cost[g][j[g]]).sum();
-            if c > allow {
-                continue;
-            }
-            let s: [f64; 4] = std::array::from_fn(|g| levels[j[g]]);
-            let r = bytes_ratio(&s);
-            if r < best.1 {
-                best = (j, r);
-            }
-        }
-        best.0
-    };
-    // KL and the log-perplexity change are of one size on this kind of text (KL 0.08
-    // came with x1.054 on GPL-3), so the search starts at a few times the budget.
-    let mut allow = cost
+    let probe_ids: Vec<&[u32]> = windows[..opts.probe_windows]
         .iter()
-        .flatten()
-        .fold(0f64, |m, &c| m.max(c))
-        .min(3.0 * limit);
-    let mut tried = Vec::new();
-    let chosen = loop {
-        let j = best_within(allow);
-        let s: [f64; 4] = std::array::from_fn(|g| levels[j[g]]);
-        if tried.contains(&j) {
-            allow *= 0.75;
-            continue;
+        .map(|w| &w[..pw])
+        .collect();
+    let mut probe = Probe::new(model, &probe_ids)?;
+    let units = nl * 4;
+    let probes = units * opts.levels.len();
+    let mut curves = Vec::with_capacity(units);
+    for u in 0..units {
+        let mut points = vec![(0.0, 0.0)];
+        for (j, &lv) in opts.levels.iter().enumerate() {
+            progress("probe", u * opts.levels.len() + j, probes);
+            let mut s = vec![[0.0; 4]; nl];
+            s[u / 4][u % 4] = lv;
+            set_allocation(&mut tables, &s);
+            points.push((lv, probe.kl(model, &tables)?));
         }
-        tried.push(j);
-        let (nll, kl) = eval(&mut tables, s)?;
+        curves.push(points);
+    }
+    progress("probe", probes, probes);
+    let path = AllocationPath::new(&curves, &bytes);
+    // 3. Verify on held-out windows: the largest predicted KL within the budget.
+    let held = &windows[opts.record_windows..need];
+    let heldout = Heldout::new(model, held)?;
+    let limit = (1.0 + opts.budget).ln();
+    let bytes_ratio = |s: &[[f64; 4]]| {
+        1.0 - s
+            .iter()
+            .zip(&bytes)
+            .map(|(s, b)| (0..4).map(|g| s[g] * b[g]).sum::<f64>())
+            .sum::<f64>()
+            / total
+    };
+    let mean_sparsity = |s: &[[f64; 4]]| -> [f64; 4] {
+        std::array::from_fn(|g| {
+            let b: f64 = bytes.iter().map(|b| b[g]).sum();
+            s.iter().zip(&bytes).map(|(s, b)| s[g] * b[g]).sum::<f64>() / b
+        })
+    };
+    const SEARCH: usize = 7;
+    let mut reports = Vec::new();
+    let mut done = 0;
+    let mut verify = |tables: &mut InputTables, allow: f64| -> Result<(f64, f64, Vec<[f64; 4]>)> {
+        progress("verify", done.min(SEARCH), SEARCH + 1);
+        done += 1;
+        let s = path.at(allow, nl);
+        set_allocation(tables, &s);
+        let (nll, kl) = heldout.score(model, tables)?;
+        Ok((nll, kl, s))
+    };
+    let (dense, _, _) = verify(&mut tables, 0.0)?;
+    // KL and the log-perplexity change are of one size on this kind of text, so the
+    // bracket starts at twice the budget's log and moves by factors of 2.
+    let max_kl = path.total_kl();
+    let (mut lo, mut hi) = (0.0f64, f64::INFINITY);
+    let mut best = vec![[0.0; 4]; nl];
+    let mut allow = (2.0 * limit).min(max_kl);
+    for _ in 0..SEARCH {
+        let (nll, kl, s) = verify(&mut tables, allow)?;
         reports.push(AllocationReport {
-            sparsity: s,
+            sparsity: mean_sparsity(&s),
+            predicted_kl: path.kl_at(allow),
             ppl_ratio: (nll - dense).exp(),
             kl,
             weight_bytes_ratio: bytes_ratio(&s),
         });
-        if nll - dense <= limit || j.iter().all(|&x| x == 0) {
-            break s;
+        if nll - dense <= limit {
+            lo = allow;
+            best = s;
+        } else {
+            hi = allow;
         }
-        allow *= 0.75;
-    };
-    set_allocation(&mut tables, chosen);
-    progress("search", evals, evals);
+        allow = if hi.is_infinite() {
+            if lo >= max_kl {
+                break;
+            }
+            (2.0 * lo).min(max_kl)
+        } else {
+            0.5 * (lo + hi)
+        };
+    }
+    set_allocation(&mut tables, &best);
+    progress("verify", SEARCH + 1, SEARCH + 1);
     Ok((tables, reports))
 }
 
-/// Sets `tables`' calibrated thresholds to sparsity `s[g]` for group g in every layer
-/// (layer 0's gate/up dense).
-fn set_allocation(tables: &mut InputTables, s: [f64; 4]) {
+/// Bytes of each layer's projection groups (all the group's matrices).
+fn group_bytes(model: &Llama) -> Vec<[f64; 4]> {
+    model
+        .layers
+        .iter()
+        .map(|l| {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            let bytes = |ls: &[&crate::model::llama::Linear]| {
+                ls.iter().map(|x| x.weight.byte_len() as f64).sum::<f64>()
+            };
+            [
+                bytes(&[&a.q_proj, &a.k_proj, &a.v_proj]),
+                bytes(&[&a.o_proj]),
+                bytes(&[&m.gate_proj, &m.up_proj]),
+                bytes(&[&m.down_proj]),
+            ]
+        })
+        .collect()
+}
+
+/// Every allocation the greedy passes through, in order of predicted KL: the segments of
+/// each (layer, group)'s KL curve (lower convex hull over its probed sparsities, KL made
+/// non-decreasing), sorted by KL per skipped byte.
+struct AllocationPath {
+    /// (unit = layer * 4 + group, sparsity from, sparsity to, KL from, KL to), cheapest
+    /// per byte first.
+    segments: Vec<(usize, f64, f64, f64, f64)>,
+}
+
+impl AllocationPath {
+    fn new(curves: &[Vec<(f64, f64)>], bytes: &[[f64; 4]]) -> AllocationPath {
+        let mut segments = Vec::new();
+        for (u, points) in curves.iter().enumerate() {
+            let mut pts = points.clone();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let mut top = 0f64;
+            for p in &mut pts {
+                top = top.max(p.1);
+                p.1 = top;
+            }
+            let hull = lower_hull(&pts);
+            for w in hull.windows(2) {
+                segments.push((u, w[0].0, w[1].0, w[0].1, w[1].1));
+            }
+        }
+        let per_byte = |&(u, s0, s1, k0, k1): &(usize, f64, f64, f64, f64)| {
+            (k1 - k0) / ((s1 - s0) * bytes[u / 4][u % 4]).max(f64::MIN_POSITIVE)
+        };
+        // The hull's slopes rise within a unit, so a stable sort keeps each unit's
+        // segments in order.
+        segments.sort_by(|a, b| per_byte(a).total_cmp(&per_byte(b)));
+        AllocationPath { segments }
+    }
+
+    fn total_kl(&self) -> f64 {
+        self.segments.iter().map(|s| s.4 - s.3).sum()
+    }
+
+    /// The predicted KL of [`at`](Self::at)`(allow)` (allow capped at the total).
+    fn kl_at(&self, allow: f64) -> f64 {
+        allow.min(self.total_kl())
+    }
+
+    /// The allocation `[layer][group]` whose predicted KL is `allow`: whole segments in
+    /// order, then the part of the next one that fits.
+    fn at(&self, allow: f64, layers: usize) -> Vec<[f64; 4]> {
+        let mut s = vec![[0.0; 4]; layers];
+        let mut left = allow;
+        for &(u, s0, s1, k0, k1) in &self.segments {
+            let dk = k1 - k0;
+            if dk <= left {
+                s[u / 4][u % 4] = s1;
+                left -= dk;
+            } else {
+                s[u / 4][u % 4] = s0 + (s1 - s0) * (left / dk);
+                break;
+            }
+        }
+        s
+    }
+}
+
+/// The lower convex hull of points sorted by x (Andrew's monotone chain).
+fn lower_hull(pts: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let mut hull: Vec<(f64, f64)> = Vec::with_capacity(pts.len());
+    for &p in pts {
+        while hull.len() >= 2 {
+            let (a, b) = (hull[hull.len() - 2], hull[hull.len() - 1]);
+            // Drop b when it lies on or above the line from a to p.
+            if (b.0 - a.0) * (p.1 - a.1) - (b.1 - a.1) * (p.0 - a.0) <= 0.0 {
+                hull.pop();
+            } else {
+                break;
+            }
+        }
+        hull.push(p);
+    }
+    hull
+}
+
+/// Sets `tables`' calibrated thresholds to sparsity `s[layer][group]`.
+fn set_allocation(tables: &mut InputTables, s: &[[f64; 4]]) {
     let mut th = Vec::with_capacity(tables.layers * 4);
     let mut sp = Vec::with_capacity(tables.layers * 4);
-    for l in 0..tables.layers {
-        for (g, &sg) in s.iter().enumerate() {
-            let sg = if l == 0 && g == InputGroup::GateUp as usize {
-                0.0
-            } else {
-                sg
-            };
+    for (l, row) in s.iter().enumerate().take(tables.layers) {
+        for (g, &sg) in row.iter().enumerate() {
             th.push(if sg > 0.0 {
                 tables.at(&tables.teal, l, g, sg)
             } else {
@@ -668,6 +755,50 @@ fn set_allocation(tables: &mut InputTables, s: [f64; 4]) {
     }
     tables.calibrated = Some(th);
     tables.calibrated_sparsity = Some(sp);
+}
+
+/// Probe windows: each window's first half run dense once and kept in its cache; a probe
+/// runs the second half with the thresholds under test and measures the KL from dense.
+struct Probe<'a> {
+    windows: Vec<(&'a [u32], KvCache, Vec<f32>)>,
+}
+
+impl<'a> Probe<'a> {
+    fn new(model: &Llama, windows: &[&'a [u32]]) -> Result<Probe<'a>> {
+        let vocab = model.config.vocab_size;
+        let mut out = Vec::with_capacity(windows.len());
+        for &win in windows {
+            let half = win.len() / 2;
+            let mut cache = model.new_cache();
+            let all = model.forward(win, &mut cache, Logits::All, None)?;
+            cache.truncate(half);
+            // The predictions made at the sparse positions half..len-1.
+            out.push((
+                win,
+                cache,
+                all[half * vocab..(win.len() - 1) * vocab].to_vec(),
+            ));
+        }
+        Ok(Probe { windows: out })
+    }
+
+    /// Mean KL from dense over the sparse positions' predictions.
+    fn kl(&mut self, model: &Llama, tables: &InputTables) -> Result<f64> {
+        let mut hook = InputSparsity::new(model, InputSpec::TealCalibrated, Some(tables))?;
+        hook.set_prefill_dense(false);
+        let vocab = model.config.vocab_size;
+        let (mut kl, mut count) = (0f64, 0usize);
+        for (win, cache, dense) in &mut self.windows {
+            let half = win.len() / 2;
+            cache.truncate(half);
+            let rest = model.forward(&win[half..], cache, Logits::All, Some(&mut hook))?;
+            for (row, d) in rest.chunks_exact(vocab).zip(dense.chunks_exact(vocab)) {
+                kl += kl_div(d, row);
+                count += 1;
+            }
+        }
+        Ok(kl / count.max(1) as f64)
+    }
 }
 
 /// Held-out windows and their dense logits: each window's first half is run dense (a
@@ -734,4 +865,51 @@ fn kl_div(p: &[f32], q: &[f32]) -> f64 {
             la.exp() * (la - (b as f64 - lq))
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lower_hull_drops_points_above_the_chords() {
+        let pts = [(0.0, 0.0), (0.2, 0.5), (0.4, 0.6), (0.6, 0.7), (0.8, 3.0)];
+        // (0.2, 0.5) lies above the chord from (0, 0) to (0.4, 0.6); (0.4, 0.6) above
+        // the chord from (0, 0) to (0.6, 0.7).
+        assert_eq!(lower_hull(&pts), vec![(0.0, 0.0), (0.6, 0.7), (0.8, 3.0)]);
+        // Convex points stay; collinear middles go.
+        let convex = [(0.0, 0.0), (0.5, 0.1), (1.0, 1.0)];
+        assert_eq!(lower_hull(&convex), convex.to_vec());
+        assert_eq!(
+            lower_hull(&[(0.0, 0.0), (0.5, 0.5), (1.0, 1.0)]),
+            vec![(0.0, 0.0), (1.0, 1.0)]
+        );
+    }
+
+    #[test]
+    fn the_path_takes_the_cheapest_kl_per_byte_first() {
+        // Two layers; unit (0, qkv) is cheap, (1, down) dear, the rest never probed
+        // beyond zero cost curves that are steep.
+        let steep = vec![(0.0, 0.0), (0.5, 10.0)];
+        let mut curves = vec![steep.clone(); 8];
+        curves[0] = vec![(0.0, 0.0), (0.5, 0.1), (0.8, 0.4)];
+        curves[7] = vec![(0.0, 0.0), (0.5, 0.3)];
+        let bytes = vec![[1.0; 4]; 2];
+        let path = AllocationPath::new(&curves, &bytes);
+        assert!((path.total_kl() - (0.4 + 0.3 + 6.0 * 10.0)).abs() < 1e-12);
+        // 0.1 of KL: unit 0 to 0.5 exactly.
+        let s = path.at(0.1, 2);
+        assert_eq!(s[0][0], 0.5);
+        assert_eq!(s[1][3], 0.0);
+        // Then unit 7 (0.6 KL per unit of sparsity) before unit 0's second segment (1.0).
+        let s = path.at(0.25, 2);
+        assert_eq!(s[0][0], 0.5);
+        assert!((s[1][3] - 0.25).abs() < 1e-12, "{s:?}");
+        let s = path.at(0.5, 2);
+        assert_eq!(s[1][3], 0.5);
+        assert!((s[0][0] - (0.5 + 0.3 * (0.1 / 0.3))).abs() < 1e-12, "{s:?}");
+        // A non-monotone probe (noise) is made non-decreasing.
+        let path = AllocationPath::new(&[vec![(0.0, 0.0), (0.4, 0.2), (0.8, 0.1)]], &[[1.0; 4]]);
+        assert!((path.total_kl() - 0.2).abs() < 1e-12);
+    }
 }

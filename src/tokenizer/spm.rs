@@ -298,9 +298,10 @@ impl SpmTokenizer {
         Ok(())
     }
 
-    /// The bytes of `ids` as text (invalid UTF-8 becomes U+FFFD); special tokens as their
-    /// text. An id outside the vocabulary is an error.
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+    /// The bytes of `ids` as text (invalid UTF-8 becomes U+FFFD); control and unknown
+    /// tokens as their text, or nothing with `skip_special` (as llama.cpp's
+    /// `unparse_special`). An id outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         let mut bytes = Vec::new();
         for (i, &id) in ids.iter().enumerate() {
             let t = self.id_to_token(id).ok_or_else(|| {
@@ -311,6 +312,7 @@ impl SpmTokenizer {
             })?;
             let start = bytes.len();
             match self.types[id as usize] {
+                CONTROL | UNKNOWN if skip_special => {}
                 CONTROL | UNKNOWN | USER_DEFINED => bytes.extend_from_slice(t.as_bytes()),
                 NORMAL => bytes.extend_from_slice(t.replace('\u{2581}', " ").as_bytes()),
                 BYTE => bytes.push(byte_of(t).ok_or_else(|| {
@@ -393,6 +395,7 @@ mod tests {
         assert_eq!(pieces(&t, "a<ctl>a"), ["▁a", "<ctl>", "▁a"]);
         assert_eq!(t.encode("").unwrap(), Vec::<u32>::new());
         let ids = t.encode("abc é<ctl>").unwrap();
-        assert_eq!(t.decode(&ids).unwrap(), "abc é<ctl>");
+        assert_eq!(t.decode(&ids, false).unwrap(), "abc é<ctl>");
+        assert_eq!(t.decode(&ids, true).unwrap(), "abc é");
     }
 }

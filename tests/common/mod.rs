@@ -22,12 +22,19 @@ pub const LAYER_TENSORS: [&str; 9] = [
     "post_attention_layernorm",
 ];
 
+/// The repository's root: the workspace root, where tests/fixtures, scripts/ and target/
+/// are (integration tests of crates/sparsellm-cli include this module too).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .find(|d| d.join("tests").join("fixtures").is_dir())
+        .expect("tests/fixtures above CARGO_MANIFEST_DIR")
+}
+
 /// The committed reference fixtures (tests/fixtures; tests/fixtures/README.md says how each
 /// was made).
 pub fn reference_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
+    repo_root().join("tests").join("fixtures")
 }
 
 /// SmolLM2's tokenizer.json (with the Digits pre-tokenizer; see tests/fixtures/README.md).
@@ -40,9 +47,7 @@ pub fn tokenizer_json() -> PathBuf {
 /// Where tests put what they generate (HF checkpoints, the F16 GGUF): target/test-data,
 /// never the source tree.
 pub fn test_data_dir() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("test-data");
+    let d = repo_root().join("target").join("test-data");
     std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("create {}: {e}", d.display()));
     d
 }
@@ -75,7 +80,7 @@ pub fn ids(v: &Value) -> Vec<u32> {
 pub fn hf_checkpoint(dtype: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = repo_root();
     let data = test_data_dir();
     let out = data.join(format!("hf-{dtype}"));
     if out.join("config.json").is_file() {
@@ -109,48 +114,11 @@ pub fn hf_checkpoint(dtype: &str) -> PathBuf {
     out
 }
 
-/// What a run of the `sparsellm` binary left: exit code, stdout, stderr.
-pub struct Out {
-    pub code: Option<i32>,
-    pub stdout: String,
-    pub stderr: String,
-}
-
-impl std::fmt::Debug for Out {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Runs the `sparsellm` binary with `args`.
-pub fn run<I, S>(args: I) -> Out
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    let out = Command::new(env!("CARGO_BIN_EXE_sparsellm"))
-        .args(args)
-        // Never fetch from the network in these tests: every command gets --model.
-        .env("SPARSELLM_MODELS_DIR", models_dir())
-        .env_remove("RUST_BACKTRACE")
-        .output()
-        .expect("run sparsellm");
-    Out {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `$SPARSELLM_MODELS_DIR`, default ./models under the crate root.
+/// `$SPARSELLM_MODELS_DIR`, default ./models under the repository root.
 pub fn models_dir() -> PathBuf {
     std::env::var_os("SPARSELLM_MODELS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+        .unwrap_or_else(|| repo_root().join("models"))
 }
 
 /// Builds an argument list (`Vec<OsString>`) from string-likes and paths.

@@ -3,11 +3,14 @@
 //! of every command holds the fields DESIGN.md's CLI contract names; `--help` lists flags.
 
 #[macro_use]
+#[path = "../../../tests/common/mod.rs"]
 mod common;
+#[path = "../../../tests/common/bin.rs"]
+mod bin;
 
 use std::ffi::OsString;
 
-use common::{Out, run};
+use bin::{Out, run};
 use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};

@@ -2,11 +2,14 @@
 //! (`mlp_bytes_ratio`, `layer_density`), end to end through the binary on a short text.
 
 #[macro_use]
+#[path = "../../../tests/common/mod.rs"]
 mod common;
+#[path = "../../../tests/common/bin.rs"]
+mod bin;
 
 use std::ffi::OsString;
 
-use common::{Out, run};
+use bin::{Out, run};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
