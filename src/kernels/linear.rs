@@ -9,7 +9,7 @@ use super::f16::{dot_f16, f16_to_f32_slice, rows_f16};
 use super::gemm_avx512;
 use super::pool::ThreadPool;
 use super::qdot::{
-    QPair, TOKENS_PER_STEP, quantize_activations, rows_q, rows_q_blocks, rows_q_tokens,
+    QPair, TOKENS_PER_STEP, quantize_activations_for, rows_q, rows_q_blocks, rows_q_tokens,
 };
 use crate::quant::{QFormat, QK};
 
@@ -106,8 +106,8 @@ pub fn matvec(
     assert_eq!(out.len(), rows, "matvec: output size");
     let dst = SharedMut(out.as_mut_ptr());
     let mut xq: Vec<QPair> = Vec::new();
-    if matches!(w, WeightView::Quant(..)) {
-        quantize_activations(x, &mut xq);
+    if let WeightView::Quant(f, _) = w {
+        quantize_activations_for(f, x, &mut xq);
     }
     let xq = &xq[..];
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
@@ -146,7 +146,7 @@ pub fn matvec_blocks(
     assert_eq!(x.len(), blocks.len() * QK, "matvec_blocks: input size");
     assert_eq!(out.len(), rows, "matvec_blocks: output size");
     let mut xq = Vec::new();
-    quantize_activations(x, &mut xq);
+    quantize_activations_for(f, x, &mut xq);
     let rb = f.row_bytes(cols);
     let (xq, dst) = (&xq[..], SharedMut(out.as_mut_ptr()));
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
@@ -614,7 +614,7 @@ fn matmul_quant(
         .chunks_exact(cols)
         .map(|r| {
             let mut q = Vec::new();
-            quantize_activations(r, &mut q);
+            quantize_activations_for(f, r, &mut q);
             q
         })
         .collect();

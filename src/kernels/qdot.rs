@@ -73,6 +73,53 @@ pub fn quantize_activations(x: &[f32], out: &mut Vec<QPair>) {
     }
 }
 
+/// Quantizes `x` for products with weights of `fmt`, as ggml does: one scale per
+/// 32-element block for the 32-element formats ([`quantize_activations`], ggml's q8_0 and
+/// q8_1), one per 256 elements for the K-quants (ggml's q8_K: the value of largest
+/// magnitude maps to -127, quants rounded half to even), written into the same
+/// 32-element blocks. A last group shorter than 256 (a gathered vector) has its own scale.
+pub fn quantize_activations_for(fmt: QFormat, x: &[f32], out: &mut Vec<QPair>) {
+    if fmt.block_elems() == QK {
+        return quantize_activations(x, out);
+    }
+    assert!(
+        x.len().is_multiple_of(QK),
+        "activations of {} elements",
+        x.len()
+    );
+    out.clear();
+    out.resize((x.len() / QK).div_ceil(2), QPair::zeroed());
+    for (gi, xg) in x.chunks(crate::quant::QK_K).enumerate() {
+        let max = xg
+            .iter()
+            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        let (d, iscale) = if max == 0.0 {
+            (0.0, 0.0)
+        } else {
+            let iscale = -127.0 / max;
+            (1.0 / iscale, iscale)
+        };
+        for (bi, xb) in xg.chunks_exact(QK).enumerate() {
+            let b = gi * (crate::quant::QK_K / QK) + bi;
+            let pair = &mut out[b / 2];
+            let half = b % 2;
+            let mut sums = [0i32; 2];
+            for (j, (q, &v)) in pair.qs[half * QK..(half + 1) * QK]
+                .iter_mut()
+                .zip(xb)
+                .enumerate()
+            {
+                *q = ((v * iscale).round_ties_even() as i32).min(127) as i8;
+                sums[j / 16] += *q as i32;
+            }
+            pair.ds[2 * half] = d;
+            pair.ds[2 * half + 1] = d * (sums[0] + sums[1]) as f32;
+            pair.s16[2 * half] = d * sums[0] as f32;
+            pair.s16[2 * half + 1] = d * sums[1] as f32;
+        }
+    }
+}
+
 /// The activation block `b` of `x`: (dx, s, quants).
 #[inline]
 fn act_block(x: &[QPair], b: usize) -> (f32, f32, &[i8]) {
@@ -703,11 +750,32 @@ macro_rules! chunk_kernel {
                 let row = &w[r * row_bytes..(r + 1) * row_bytes];
                 let mut acc = [_mm256_setzero_ps(); T];
                 let mut cst = [0f32; T];
+                // The current block's multipliers and offsets per 16 weights.
+                let (mut pa, mut pb) = ([0f32; 16], [0f32; 16]);
                 for k in 0..chunks {
                     let ck = if GATHER { idx[k] as usize } else { k };
                     let (blk, c) = row_chunk(fmt, row, ck);
-                    let p = blocks::chunk_params(fmt, blk, c);
-                    let b = p.offsets();
+                    let g = if GATHER {
+                        let p = blocks::chunk_params(fmt, blk, c);
+                        (pa[0], pa[1]) = (p.a[0], p.a[1]);
+                        [pb[0], pb[1]] = p.offsets();
+                        0
+                    } else {
+                        if c == 0 {
+                            blocks::block_params(
+                                fmt,
+                                blk,
+                                |h| {
+                                    let v = _mm_cvtsi32_si128(u16::from_le_bytes(h) as i32);
+                                    _mm_cvtss_f32(_mm_cvtph_ps(v))
+                                },
+                                &mut pa,
+                                &mut pb,
+                            );
+                        }
+                        2 * c
+                    };
+                    let (a, b) = ([pa[g], pa[g + 1]], [pb[g], pb[g + 1]]);
                     // SAFETY: `blk` is a whole block and `c` one of its chunks
                     // (row_chunk).
                     let u = unsafe { unpack_chunk::<F>(blk.as_ptr(), c) };
@@ -716,8 +784,7 @@ macro_rules! chunk_kernel {
                         // SAFETY: `q` holds 32 quants.
                         let xq = unsafe { _mm256_loadu_si256(q.as_ptr() as *const __m256i) };
                         let isum = $idot(u, xq);
-                        let scale =
-                            _mm256_set_m128(_mm_set1_ps(p.a[1] * dx), _mm_set1_ps(p.a[0] * dx));
+                        let scale = _mm256_set_m128(_mm_set1_ps(a[1] * dx), _mm_set1_ps(a[0] * dx));
                         acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), scale, acc[t]);
                         cst[t] += b[0] * xs[0] + b[1] * xs[1];
                     }
@@ -1177,6 +1244,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn k_quant_activations_share_one_scale_per_256() {
+        let mut x = data(2 * 256 + 64, 9);
+        x[300] = -3.0; // the largest magnitude of the second group
+        let mut q = Vec::new();
+        quantize_activations_for(QFormat::Q4K, &x, &mut q);
+        assert_eq!(q.len(), 9);
+        let groups = [(0usize, 256usize), (256, 512), (512, 576)];
+        for (g0, g1) in groups {
+            let (d0, _, _) = act_block(&q, g0 / QK);
+            for i in g0..g1 {
+                let (dx, s, qs) = act_block(&q, i / QK);
+                assert_eq!(dx, d0, "one scale per group");
+                assert!((qs[i % QK] as f32 * dx - x[i]).abs() <= dx.abs() * 0.5 + 1e-6);
+                let sum: i32 = qs.iter().map(|&q| q as i32).sum();
+                assert_eq!(s, dx * sum as f32);
+            }
+        }
+        // The largest magnitude maps to -127 (dx negative when it is positive, as q8_K).
+        let (dx, _, qs) = act_block(&q, 300 / QK);
+        assert_eq!(qs[300 % QK], -127);
+        assert!((dx * -127.0 - -3.0).abs() < 1e-6);
+        // 32-element formats keep one scale per block.
+        let mut p = Vec::new();
+        quantize_activations_for(QFormat::Q5_0, &x, &mut p);
+        let mut want = Vec::new();
+        quantize_activations(&x, &mut want);
+        assert_eq!(
+            bytemuck::cast_slice::<_, u8>(&p),
+            bytemuck::cast_slice::<_, u8>(&want)
+        );
     }
 
     #[test]

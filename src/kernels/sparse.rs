@@ -26,7 +26,7 @@ use super::dot::{
 use super::f16::{axpy_f16, dot_f16, f16_to_f32_slice, rows_f16};
 use super::ops::silu;
 use super::pool::{ThreadPool, split_range};
-use super::qdot::{QPair, axpy_q, dot_q, quantize_activations, rows_q};
+use super::qdot::{QPair, axpy_q, dot_q, quantize_activations_for, rows_q};
 use crate::quant::QFormat;
 
 /// A set of rows inside a flat weight buffer: row `r` starts at `r * stride + offset`.
@@ -207,9 +207,13 @@ impl<'a> Strided<'a> {
     fn wants_bf16_input(&self) -> bool {
         matches!(self.view, WeightView::Bf16(_)) && has_avx512_bf16()
     }
-    /// Whether dots over these rows take `h` quantized.
-    fn wants_q_input(&self) -> bool {
-        matches!(self.view, WeightView::Quant(..))
+    /// The block format, when dots over these rows take `h` quantized (h is quantized
+    /// once for gate and up, as gate's format wants it: see `quantize_activations_for`).
+    fn q_format(&self) -> Option<QFormat> {
+        match self.view {
+            WeightView::Quant(f, _) => Some(f),
+            _ => None,
+        }
     }
 }
 
@@ -302,8 +306,10 @@ pub fn sparse_mlp(
     let (acc_buf, hb_buf) = scratch.split_at_mut(threads * stride);
     let hb: &mut [u16] = &mut bytemuck::cast_slice_mut(hb_buf)[..h.len()];
     let mut hq = Vec::new();
-    if matches!(act, Activation::Compute { gate, .. } if gate.wants_q_input()) {
-        quantize_activations(h, &mut hq);
+    if let Activation::Compute { gate, .. } = act
+        && let Some(f) = gate.q_format()
+    {
+        quantize_activations_for(f, h, &mut hq);
     }
     let q = (!hq.is_empty()).then_some(&hq[..]);
     let input = if bf16_input {
@@ -438,8 +444,8 @@ pub fn gather_gate_up(
 ) {
     assert!(g.len() == idx.len() && u.len() == idx.len());
     let mut hq = Vec::new();
-    if gate.wants_q_input() {
-        quantize_activations(h, &mut hq);
+    if let Some(f) = gate.q_format() {
+        quantize_activations_for(f, h, &mut hq);
     }
     let q = (!hq.is_empty()).then_some(&hq[..]);
     let input = if gate.wants_bf16_input() {
@@ -518,11 +524,15 @@ pub fn gate_up_activations(
         SharedMut(u.as_mut_ptr()),
         SharedMut(scores.as_mut_ptr()),
     );
-    let mut hq = Vec::new();
-    if matches!(gate, WeightView::Quant(..)) {
-        quantize_activations(h, &mut hq);
+    // h quantized as each of gate's and up's formats wants it (as the dense matvec does).
+    let (mut hq, mut hq_up) = (Vec::new(), Vec::new());
+    if let WeightView::Quant(f, _) = gate {
+        quantize_activations_for(f, h, &mut hq);
     }
-    let hq = &hq[..];
+    if let WeightView::Quant(f, _) = up {
+        quantize_activations_for(f, h, &mut hq_up);
+    }
+    let (hq, hq_up) = (&hq[..], &hq_up[..]);
     pool.for_ranges(inter, 16, &|range| {
         // SAFETY: for_ranges hands out disjoint sub-ranges of 0..inter; a, u and scores
         // have inter elements and outlive the call.
@@ -534,14 +544,14 @@ pub fn gate_up_activations(
             )
         };
         let rows = range.start * hidden..range.end * hidden;
-        for (w, out) in [(gate, &mut *a), (up, &mut *u)] {
+        for (w, wq, out) in [(gate, hq, &mut *a), (up, hq_up, &mut *u)] {
             match w {
                 WeightView::F32(w) => rows_f32(&w[rows.clone()], h, out),
                 WeightView::Bf16(w) => rows_bf16(&w[rows.clone()], h, out),
                 WeightView::F16(w) => rows_f16(&w[rows.clone()], h, out),
                 WeightView::Quant(f, w) => {
                     let rb = f.row_bytes(hidden);
-                    rows_q(f, &w[range.start * rb..range.end * rb], rb, hq, out)
+                    rows_q(f, &w[range.start * rb..range.end * rb], rb, wq, out)
                 }
             }
         }

@@ -200,6 +200,72 @@ pub fn chunk_params(fmt: QFormat, blk: &[u8], c: usize) -> ChunkParams {
     }
 }
 
+/// The dot-product form of every chunk of block `blk` at once: `a[2c + g]` and
+/// `b[2c + g]` for chunk `c`, group `g` (as [`chunk_params`] and
+/// [`ChunkParams::offsets`] give them, computed with the same operations), with `f16`
+/// widening the block's f16 fields (the kernels pass a hardware conversion).
+#[inline(always)]
+pub fn block_params(
+    fmt: QFormat,
+    blk: &[u8],
+    f16: impl Fn([u8; 2]) -> f32,
+    a: &mut [f32; 16],
+    b: &mut [f32; 16],
+) {
+    let h = |o: usize| f16([blk[o], blk[o + 1]]);
+    match fmt {
+        // One chunk: entries 0 and 1 only.
+        QFormat::Q5_0 => {
+            let d = h(0);
+            (a[0], a[1]) = (d, d);
+            (b[0], b[1]) = (0.0 - 16.0 * d, 0.0 - 16.0 * d);
+        }
+        QFormat::Q5_1 => {
+            let (d, m) = (h(0), h(2));
+            (a[0], a[1]) = (d, d);
+            (b[0], b[1]) = (m - 0.0 * d, m - 0.0 * d);
+        }
+        QFormat::Q2K => {
+            let (d, dmin) = (h(80), h(82));
+            for i in 0..16 {
+                let sc = blk[i];
+                a[i] = d * (sc & 0x0f) as f32;
+                b[i] = -(dmin * (sc >> 4) as f32) - 0.0 * a[i];
+            }
+        }
+        QFormat::Q3K => {
+            let d = h(108);
+            let s = &blk[96..108];
+            for i in 0..16 {
+                a[i] = d * scale_q3k(s, i) as f32;
+                b[i] = 0.0 - 4.0 * a[i];
+            }
+        }
+        QFormat::Q4K | QFormat::Q5K => {
+            let (d, dmin) = (h(0), h(2));
+            let s = &blk[4..16];
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(s, j);
+                let (aj, mj) = (d * sc as f32, -(dmin * m as f32));
+                a[2 * j] = aj;
+                a[2 * j + 1] = aj;
+                b[2 * j] = mj - 0.0 * aj;
+                b[2 * j + 1] = mj - 0.0 * aj;
+            }
+        }
+        QFormat::Q6K => {
+            let d = h(208);
+            for i in 0..16 {
+                a[i] = d * (blk[192 + i] as i8) as f32;
+                b[i] = 0.0 - 32.0 * a[i];
+            }
+        }
+        QFormat::Q8_0 | QFormat::Q4_0 | QFormat::Q4_1 => {
+            unreachable!("{} has its own kernels", fmt.name())
+        }
+    }
+}
+
 /// Dequantizes one block of `fmt` (not Q8_0/Q4_0/Q4_1) into `out`
 /// (`fmt.block_elems()` values), bit for bit as gguf-py's `dequantize`.
 pub fn dequantize_block(fmt: QFormat, blk: &[u8], out: &mut [f32]) {
@@ -423,6 +489,31 @@ mod tests {
                 .zip(&y)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(worst <= tol, "{fmt:?}: worst {worst} > {tol}");
+        }
+    }
+
+    #[test]
+    fn block_params_equal_chunk_params_bit_for_bit() {
+        for fmt in QFormat::ALL.into_iter().filter(|f| !f.is_legacy()) {
+            let x = values(fmt.block_elems(), 5);
+            let mut blk = vec![0u8; fmt.block_bytes()];
+            quantize_block(fmt, &x, &mut blk);
+            let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+            block_params(
+                fmt,
+                &blk,
+                |h| f16::from_le_bytes(h).to_f32(),
+                &mut a,
+                &mut b,
+            );
+            for c in 0..fmt.chunks_per_block() {
+                let p = chunk_params(fmt, &blk, c);
+                let off = p.offsets();
+                for g in 0..2 {
+                    assert_eq!(a[2 * c + g].to_bits(), p.a[g].to_bits(), "{fmt:?}");
+                    assert_eq!(b[2 * c + g].to_bits(), off[g].to_bits(), "{fmt:?}");
+                }
+            }
         }
     }
 

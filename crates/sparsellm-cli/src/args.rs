@@ -21,9 +21,9 @@ pub(crate) struct ModelArgs {
 pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
-    /// How the weights are held: native (as the file stores them: GGUF's Q8_0, Q4_0 and
-    /// Q4_1 blocks stay quantized and memory-mapped, F32/BF16/F16 stay as they are), or
-    /// every matrix converted to f32, bf16 or f16.
+    /// How the weights are held: native (as the file stores them: GGUF's Q8_0, Q4_0, Q4_1,
+    /// Q5_0, Q5_1 and K-quant blocks stay quantized and memory-mapped, F32/BF16/F16 stay as
+    /// they are), or every matrix converted to f32, bf16 or f16.
     #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
     pub(crate) dtype: LoadDType,
     /// Worker threads (default: the number of physical cores).

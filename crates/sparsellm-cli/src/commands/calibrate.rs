@@ -56,7 +56,7 @@ pub(crate) struct CalibrateArgs {
     #[command(flatten)]
     pub(crate) model: ModelArgs,
     /// How the weights are held during calibration: native (as the file stores them:
-    /// GGUF's Q8_0/Q4_0/Q4_1 blocks stay quantized), f32, bf16 or f16.
+    /// GGUF's quantized blocks stay quantized), f32, bf16 or f16.
     #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
     pub(crate) dtype: LoadDType,
     /// Worker threads (default: the number of physical cores).
