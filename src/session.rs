@@ -219,7 +219,9 @@ impl SparseSettings {
         Ok(Some(Sparsity::Mlp(sp)))
     }
 
-    fn input_sparsity(&self, model: &Llama) -> Result<InputSparsity> {
+    /// The input-sparsity hook of an input SPEC (`teal:`, `wina:`), with the predictor
+    /// file's thresholds when one is given.
+    pub fn input_sparsity(&self, model: &Llama) -> Result<InputSparsity> {
         let spec: InputSpec = self.spec.parse()?;
         let predictor = self
             .predictor

@@ -9,7 +9,8 @@ use super::f16::{dot_f16, f16_to_f32_slice, rows_f16};
 use super::gemm_avx512;
 use super::pool::ThreadPool;
 use super::qdot::{
-    QPair, TOKENS_PER_STEP, quantize_activations_for, rows_q, rows_q_blocks, rows_q_tokens,
+    QPair, TOKENS_PER_STEP, quantize_activations, quantize_activations_for, rows_q, rows_q_blocks,
+    rows_q_tokens,
 };
 use crate::quant::{QFormat, QK};
 
@@ -145,8 +146,10 @@ pub fn matvec_blocks(
     assert_eq!(w.len(), rows * cols, "matvec_blocks: weight size");
     assert_eq!(x.len(), blocks.len() * QK, "matvec_blocks: input size");
     assert_eq!(out.len(), rows, "matvec_blocks: output size");
+    // One scale per 32-element block for every format: the gathered blocks are not
+    // ggml's 256-element groups, and finer scales round less.
     let mut xq = Vec::new();
-    quantize_activations_for(f, x, &mut xq);
+    quantize_activations(x, &mut xq);
     let rb = f.row_bytes(cols);
     let (xq, dst) = (&xq[..], SharedMut(out.as_mut_ptr()));
     pool.for_ranges(rows, ROW_ALIGN, &|range| {

@@ -3,102 +3,57 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
-use sparsellm::kernels::pool;
-use sparsellm::loader;
+use anyhow::{Context, Result};
 use sparsellm::model::{Llama, MlpOverride, WeightLayout};
 use sparsellm::progress::{Progress, Unit, count};
-use sparsellm::sparse::{InputSparsity, InputSpec, Predictor, SparseMlp, Sparsity};
-use sparsellm::tokenizer::Tokenizer;
+use sparsellm::session::{LoadedModel, SparseSettings};
+use sparsellm::sparse::{InputSparsity, Sparsity};
 
 use crate::args::*;
 
-/// A loaded model with its tokenizer. The checkpoint itself is not kept: weights that
-/// were converted no longer need the file's pages (they would count in peak RSS), and
-/// weights used in place keep their own reference to the file's map.
-pub(crate) struct Loaded {
-    pub(crate) identity: String,
-    pub(crate) chat_template: Option<String>,
-    pub(crate) model: Llama,
-    pub(crate) tokenizer: Tokenizer,
-}
+/// A loaded model with its tokenizer and chat template (the library's front-end type).
+pub(crate) type Loaded = LoadedModel;
 
 pub(crate) fn load(run: &RunArgs) -> Result<Loaded> {
-    // Input sparsity reads weights by input: every projection is held input-major.
-    let layout = if InputSpec::is_input_spec(&run.sparsity) {
-        WeightLayout::InputMajor
-    } else {
-        WeightLayout::RowMajor
-    };
-    load_as(run, layout)
+    load_as(run, sparse_settings(run)?.layout())
 }
 
 pub(crate) fn load_as(run: &RunArgs, layout: WeightLayout) -> Result<Loaded> {
     let path = model_path(&run.model)?;
-    let pool = pool::init_global(run.threads.unwrap_or_else(pool::default_threads));
     let start = Instant::now();
-    let source = loader::open(&path)?;
-    let tokenizer = Tokenizer::load(&source.tokenizer_source()?)?;
-    let model = Llama::load_with_layout(source.as_ref(), run.dtype, pool, layout)?;
+    let l = LoadedModel::load(Some(&path), run.dtype, run.threads, layout)?;
     eprintln!(
         "sparsellm: {} ({}, {}, {}) loaded in {:.2} s",
         path.display(),
-        count(model.config.num_layers, "layer"),
+        count(l.model.config.num_layers, "layer"),
         run.dtype.name(),
-        count(pool.threads(), "thread"),
+        count(l.model.pool.threads(), "thread"),
         start.elapsed().as_secs_f64()
     );
-    Ok(Loaded {
-        identity: source.identity(),
-        chat_template: source.chat_template(),
-        model,
-        tokenizer,
+    Ok(l)
+}
+
+/// The sparse setting the flags spell.
+fn sparse_settings(run: &RunArgs) -> Result<SparseSettings> {
+    Ok(SparseSettings {
+        spec: run.sparsity.clone(),
+        scorer: run.scorer.clone(),
+        predictor: run.predictor.clone(),
+        mode: run.sparse_mode.parse()?,
     })
 }
 
-/// The sparse mode the flags ask for, or None when `--sparsity off`.
+/// The sparse mode the flags ask for, or None when `--sparsity off` (the flags checked
+/// first, with errors that name them).
 pub(crate) fn sparse_mlp(run: &RunArgs, model: &Llama) -> Result<Option<Sparsity>> {
     check_sparse_flags(run, false)?;
-    if run.sparsity == "off" {
-        return Ok(None);
-    }
-    if InputSpec::is_input_spec(&run.sparsity) {
-        return input_sparsity(run, model).map(|s| Some(Sparsity::Input(s)));
-    }
-    let sp = SparseMlp::from_spec(
-        model,
-        &run.sparsity,
-        run.scorer.as_deref(),
-        run.predictor.as_deref(),
-        run.sparse_mode.parse()?,
-    )?;
-    Ok(Some(Sparsity::Mlp(sp)))
+    Ok(sparse_settings(run)?.build(model)?)
 }
 
 /// The input-sparsity hook of a `teal:`/`wina:` SPEC (thresholds from --predictor).
 pub(crate) fn input_sparsity(run: &RunArgs, model: &Llama) -> Result<InputSparsity> {
-    if run.scorer.is_some() {
-        bail!(
-            "--scorer applies to MLP-neuron sparsity, not to {}",
-            run.sparsity
-        );
-    }
-    let spec: InputSpec = run.sparsity.parse()?;
-    let predictor = run
-        .predictor
-        .as_deref()
-        .map(|p| Predictor::load(p, model))
-        .transpose()?;
-    let tables = match &predictor {
-        Some(p) => Some(p.input.as_ref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: the predictor file has no input-sparsity tables (calibrate it again)",
-                run.predictor.as_ref().expect("loaded").display()
-            )
-        })?),
-        None => None,
-    };
-    Ok(InputSparsity::new(model, spec, tables)?)
+    check_sparse_flags(run, false)?;
+    Ok(sparse_settings(run)?.input_sparsity(model)?)
 }
 
 pub(crate) fn as_override(sp: &mut Option<Sparsity>) -> Option<&mut (dyn MlpOverride + '_)> {

@@ -385,14 +385,14 @@ fn model_wrong_magic() {
 #[test]
 fn model_unsupported_tensor_type() {
     let d = tempdir();
-    let path = d.path().join("q4k.gguf");
-    // token_embd.weight: [vocab 8, hidden 256] in Q4_K (256 elements per 144-byte block).
-    let data = weights(8 * 144 / 4, 7)
+    let path = d.path().join("iq4nl.gguf");
+    // token_embd.weight: [vocab 8, hidden 256] in IQ4_NL (32 elements per 18-byte block).
+    let data = weights(8 * 8 * 18 / 4, 7)
         .iter()
         .flat_map(|x| x.to_le_bytes())
         .collect::<Vec<u8>>();
     let mut g = llama_gguf(256);
-    g.tensor("token_embd.weight", &[256, 8], 12, &data);
+    g.tensor("token_embd.weight", &[256, 8], 20, &data);
     std::fs::write(&path, g.bytes()).unwrap();
     // The header and the tokenizer are fine.
     let o = run(args!["tokenize", "abc", "--model", &path, "--json"]);
@@ -406,7 +406,7 @@ fn model_unsupported_tensor_type() {
         "--threads",
         "1"
     ]);
-    assert_fails(&o, &["token_embd.weight", "Q4_K", "not supported"]);
+    assert_fails(&o, &["token_embd.weight", "IQ4_NL", "not supported"]);
 }
 
 #[test]
