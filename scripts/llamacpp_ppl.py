@@ -2,7 +2,9 @@
 """llama.cpp's perplexity of a text on a GGUF file (through llama-cpp-python), windowed as
 `sparsellm eval` windows it (src/eval.rs), so the two figures compare like with like:
 
-- the text's tokens without BOS, non-overlapping windows of --window tokens from the
+- the text's tokens without BOS (with --bos: after BOS, and every window's first token
+  replaced by BOS, as llama-perplexity and `sparsellm eval` do for a vocabulary whose
+  add_bos_token is set, e.g. Gemma), non-overlapping windows of --window tokens from the
   start, each scored alone (fresh context), the tokens after the last whole window unscored;
 - ppl_all: exp(mean NLL) of every prediction in each window (positions 0..w-2 predicting
   1..w-1); ppl_second_half: only positions w/2..w-2 (llama.cpp's own perplexity method).
@@ -20,12 +22,16 @@ ap.add_argument("model")
 ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
 ap.add_argument("--window", type=int, default=512)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--bos", action="store_true", help="windows start with BOS (Gemma)")
 a = ap.parse_args()
 
 w = a.window
 llm = Llama(model_path=a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=w,
             n_batch=w, n_ubatch=w, logits_all=True, verbose=False, seed=0)
-ids = llm.tokenize(open(a.text, encoding="utf-8").read().encode(), add_bos=False, special=False)
+ids = llm.tokenize(open(a.text, encoding="utf-8").read().encode(), add_bos=a.bos, special=False)
+if a.bos:
+    for k in range(0, len(ids), w):
+        ids[k] = llm.token_bos()
 windows = len(ids) // w
 nll_all = nll_half = 0.0
 n_all = n_half = 0

@@ -54,6 +54,20 @@ fn kl(p: &[f32], q: &[f32]) -> f64 {
         .sum()
 }
 
+/// The ids to score when the vocabulary starts prompts with BOS: `ids` (which start with
+/// BOS) with the first token of every `window` replaced by `bos`, as llama.cpp's
+/// llama-perplexity scores each chunk; unchanged when `bos` is None.
+pub fn with_bos_windows(mut ids: Vec<u32>, window: usize, bos: Option<u32>) -> Vec<u32> {
+    if let Some(bos) = bos
+        && window > 0
+    {
+        for w in ids.iter_mut().step_by(window) {
+            *w = bos;
+        }
+    }
+    ids
+}
+
 /// Perplexity of `ids` over non-overlapping windows of `window` tokens from the start, each
 /// scored alone (fresh cache, no BOS). With `mlp`, the evaluated model uses that MLP, one
 /// token at a time as in decoding, and the dense model is run beside it for KL and

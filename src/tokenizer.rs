@@ -1,9 +1,14 @@
 //! Text <-> token ids. Owns: building a tokenizer from a HuggingFace `tokenizer.json` or from
-//! GGUF `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE), the BOS/EOS ids, streaming
-//! decode of generated ids into text, and rendering Jinja chat templates (HF style).
+//! GGUF `tokenizer.ggml.*` metadata (gpt2-style byte-level BPE, or SentencePiece-style:
+//! [`spm`]), the BOS/EOS ids, streaming decode of generated ids into text, and rendering
+//! Jinja chat templates (HF style).
 //!
-//! Encoding never inserts BOS or other special tokens by itself; special tokens written in the
-//! text (`<|im_start|>`) are matched as whole tokens. The prompt builder decides what to add.
+//! [`Tokenizer::encode`] never inserts BOS or other special tokens by itself; special tokens
+//! written in the text (`<|im_start|>`) are matched as whole tokens.
+//! [`Tokenizer::encode_prompt`] adds BOS when the vocabulary asks for it (GGUF
+//! `tokenizer.ggml.add_bos_token`, as llama.cpp does).
+
+pub mod spm;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,13 +38,24 @@ fn tok_err(context: &str, e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(format!("{context}: {e}"))
 }
 
-/// A tokenizer: a `tokenizers::Tokenizer` plus the BOS/EOS ids of its checkpoint.
+/// A tokenizer: a `tokenizers::Tokenizer` (or a SentencePiece vocabulary) plus the BOS/EOS
+/// ids of its checkpoint.
 pub struct Tokenizer {
-    inner: hf::Tokenizer,
+    inner: Backend,
     /// Number of ids (rows of the embedding the vocabulary indexes).
     vocab_size: usize,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// Whether a prompt starts with BOS.
+    add_bos: bool,
+}
+
+/// What does the encoding.
+enum Backend {
+    /// HuggingFace's tokenizers (tokenizer.json, GGUF byte-level BPE).
+    Hf(Box<hf::Tokenizer>),
+    /// GGUF's SentencePiece-style vocabulary, tokenized as llama.cpp does.
+    Spm(spm::SpmTokenizer),
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -71,10 +87,11 @@ impl Tokenizer {
             .map_err(|e| tok_err(&format!("{}: invalid tokenizer.json", path.display()), e))?;
         let vocab_size = inner.get_vocab_size(true);
         let mut tok = Tokenizer {
-            inner,
+            inner: Backend::Hf(Box::new(inner)),
             vocab_size,
             bos: None,
             eos: None,
+            add_bos: false,
         };
         let dir = path.parent().unwrap_or(Path::new("."));
         let (bos, eos) = tok.special_ids_from_files(dir)?;
@@ -200,9 +217,12 @@ impl Tokenizer {
     ///
     /// If a token string occurs twice, the later id wins for encoding (as in llama.cpp).
     pub fn from_gguf_vocab(v: &GgufVocab) -> Result<Tokenizer> {
+        if v.model == "llama" {
+            return Tokenizer::from_spm_vocab(v);
+        }
         if v.model != "gpt2" {
             return Err(Error::Tokenizer(format!(
-                "tokenizer model '{}' is not supported yet",
+                "tokenizer model '{}' is not supported yet (gpt2, llama)",
                 v.model
             )));
         }
@@ -286,21 +306,70 @@ impl Tokenizer {
             .map_err(|e| tok_err("adding special tokens from GGUF vocabulary", e))?;
 
         Ok(Tokenizer {
-            inner,
+            inner: Backend::Hf(Box::new(inner)),
             vocab_size: n,
             bos: v.bos_token_id,
             eos: v.eos_token_id,
+            add_bos: v.add_bos.unwrap_or(false),
+        })
+    }
+
+    /// A SentencePiece-style GGUF vocabulary (`tokenizer.ggml.model = llama`; see [`spm`]).
+    /// BOS, EOS and `add_bos` default as in llama.cpp (ids 1 and 2, add BOS).
+    fn from_spm_vocab(v: &GgufVocab) -> Result<Tokenizer> {
+        let inner = spm::SpmTokenizer::from_gguf_vocab(v)?;
+        let n = inner.vocab_size();
+        let check = |name: &str, id: Option<u32>| -> Result<Option<u32>> {
+            match id {
+                Some(id) if id as usize >= n => Err(Error::Tokenizer(format!(
+                    "GGUF tokenizer.ggml.{name} {id} is out of range (vocabulary of {n} tokens)"
+                ))),
+                other => Ok(other),
+            }
+        };
+        let bos = check("bos_token_id", v.bos_token_id.or(Some(1)))?;
+        let eos = check("eos_token_id", v.eos_token_id.or(Some(2)))?;
+        check("unknown_token_id", v.unknown_token_id)?;
+        check("padding_token_id", v.padding_token_id)?;
+        Ok(Tokenizer {
+            inner: Backend::Spm(inner),
+            vocab_size: n,
+            bos,
+            eos,
+            add_bos: v.add_bos.unwrap_or(true),
         })
     }
 
     /// Encodes without adding any special tokens (no BOS); special tokens written in the text
     /// (e.g. `<|im_start|>`) map to their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(|e| tok_err("encoding text", e))?;
-        Ok(enc.get_ids().to_vec())
+        match &self.inner {
+            Backend::Hf(t) => {
+                let enc = t
+                    .encode_fast(text, false)
+                    .map_err(|e| tok_err("encoding text", e))?;
+                Ok(enc.get_ids().to_vec())
+            }
+            Backend::Spm(t) => t.encode(text),
+        }
+    }
+
+    /// A prompt's ids: [`encode`](Self::encode), after BOS when the vocabulary asks for
+    /// one ([`add_bos`](Self::add_bos)) and the text does not already start with it (a
+    /// chat template that writes `<bos>` itself).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        match self.bos {
+            Some(bos) if self.add_bos && ids.first() != Some(&bos) => {
+                Ok(std::iter::once(bos).chain(ids).collect())
+            }
+            _ => Ok(ids),
+        }
+    }
+
+    /// Whether prompts start with BOS (GGUF `tokenizer.ggml.add_bos_token`).
+    pub fn add_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
     }
 
     /// Decodes ids to text, special tokens included (skip_special_tokens = false). Invalid UTF-8
@@ -315,13 +384,16 @@ impl Tokenizer {
         for &id in ids {
             self.check_id(id, "token id")?;
         }
-        self.inner
-            .decode(ids, skip_special_tokens)
-            .map_err(|e| tok_err("decoding ids", e))
+        match &self.inner {
+            Backend::Hf(t) => t
+                .decode(ids, skip_special_tokens)
+                .map_err(|e| tok_err("decoding ids", e)),
+            Backend::Spm(t) => t.decode(ids, skip_special_tokens),
+        }
     }
 
     fn check_id(&self, id: u32, what: &str) -> Result<()> {
-        if self.inner.id_to_token(id).is_none() {
+        if self.id_to_token(id).is_none() {
             return Err(Error::Tokenizer(format!(
                 "{what} {id} is not in the vocabulary (size {})",
                 self.vocab_size
@@ -332,9 +404,15 @@ impl Tokenizer {
 
     /// Writes the tokenizer as a HuggingFace tokenizer.json.
     pub fn save_json(&self, path: &Path) -> Result<()> {
-        self.inner
-            .save(path, false)
-            .map_err(|e| Error::Tokenizer(format!("writing {}: {e}", path.display())))
+        match &self.inner {
+            Backend::Hf(t) => t
+                .save(path, false)
+                .map_err(|e| Error::Tokenizer(format!("writing {}: {e}", path.display()))),
+            Backend::Spm(_) => Err(Error::Tokenizer(format!(
+                "writing {}: a SentencePiece GGUF vocabulary has no tokenizer.json form here",
+                path.display()
+            ))),
+        }
     }
 
     /// Number of token ids, added tokens included.
@@ -343,12 +421,19 @@ impl Tokenizer {
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.inner.token_to_id(token)
+        match &self.inner {
+            Backend::Hf(t) => t.token_to_id(token),
+            Backend::Spm(t) => t.token_to_id(token),
+        }
     }
 
-    /// The token's string as stored in the vocabulary (byte-level form, e.g. `Ġthe`).
+    /// The token's string as stored in the vocabulary (byte-level form, e.g. `Ġthe`;
+    /// SentencePiece form, e.g. `▁the`).
     pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
+        match &self.inner {
+            Backend::Hf(t) => t.id_to_token(id),
+            Backend::Spm(t) => t.id_to_token(id).map(str::to_owned),
+        }
     }
 
     pub fn bos_token_id(&self) -> Option<u32> {
@@ -488,6 +573,27 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}\
 {% endfor %}\
 {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
+/// Gemma 3's chat template (its tokenizer_config.json's, text only), the fallback for a
+/// Gemma GGUF without `tokenizer.chat_template` (as llama.cpp recognises Gemma's turns).
+pub const GEMMA_CHAT_TEMPLATE: &str = "{{ bos_token }}\
+{%- if messages[0]['role'] == 'system' -%}\
+{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\
+{%- set loop_messages = messages[1:] -%}\
+{%- else -%}\
+{%- set first_user_prefix = '' -%}\
+{%- set loop_messages = messages -%}\
+{%- endif -%}\
+{%- for message in loop_messages -%}\
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\
+{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}\
+{%- endif -%}\
+{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}\
+{%- else -%}{%- set role = message['role'] -%}{%- endif -%}\
+{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}\
+{{- message['content'] | trim }}{{ '<end_of_turn>\n' }}\
+{%- endfor -%}\
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}";
+
 /// A Jinja chat template (HF style) rendered with minijinja, configured like HF's
 /// `apply_chat_template`: `trim_blocks` and `lstrip_blocks` on, `raise_exception(msg)` as a
 /// function, Python string/dict methods (`.strip()`, `.startswith()`, `.items()`, ...), and
@@ -569,6 +675,30 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemma_template_renders_turns_after_one_bos() {
+        let t = ChatTemplate::new(GEMMA_CHAT_TEMPLATE, "<bos>", "<eos>").unwrap();
+        let s = t
+            .render(
+                &[
+                    ("system", "Be brief."),
+                    ("user", " Hi "),
+                    ("assistant", "Hello."),
+                ],
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            s,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>model\n"
+        );
+        let e = t
+            .render(&[("user", "a"), ("user", "b")], false)
+            .unwrap_err();
+        assert!(e.to_string().contains("alternate"), "{e}");
+    }
 
     #[test]
     fn split_merge_cases() {

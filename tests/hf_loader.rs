@@ -396,12 +396,18 @@ fn config_parsing() {
     o["head_dim"] = 32.into();
     assert_eq!(parse_config(&o.to_string()).unwrap().q_dim(), 128);
 
-    // Unsupported architectures.
+    // Mistral is a family we run (a sliding window when it has one); Falcon is not.
     let mut m = tiny_config();
     m["model_type"] = "mistral".into();
     m["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    m["sliding_window"] = 4.into();
+    let c = parse_config(&m.to_string()).unwrap();
+    assert_eq!(c.family, sparsellm::model::config::Family::Mistral);
+    assert_eq!(c.window(1), Some(4));
+    m["model_type"] = "falcon".into();
+    m["architectures"] = serde_json::json!(["FalconForCausalLM"]);
     let e = parse_config(&m.to_string()).unwrap_err().to_string();
-    assert!(e.contains("unsupported architecture mistral"), "{e}");
+    assert!(e.contains("unsupported architecture falcon"), "{e}");
     let e = parse_config(r#"{"hidden_size": 8}"#)
         .unwrap_err()
         .to_string();

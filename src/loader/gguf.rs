@@ -15,7 +15,7 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::loader::{GgufVocab, RawTensor, SourceDType, TokenizerSource, WeightSource};
-use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::config::{Activation, Family, ModelConfig, RopeStyle};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Caps that no real file reaches; a larger count or length is a corrupt or hostile file.
@@ -506,14 +506,19 @@ impl GgufFile {
     }
 }
 
-/// A GGUF file holding a llama-architecture model.
+/// A GGUF file holding a model of a LLaMA-like architecture (llama, qwen2, qwen3, gemma3).
 pub struct GgufModel {
     file: GgufFile,
     config: ModelConfig,
 }
 
-/// HuggingFace tensor name -> GGUF tensor name.
-pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+/// The `general.architecture` values we run.
+pub const ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
+
+/// HuggingFace tensor name -> GGUF tensor name. `sandwich_norms`: Gemma's naming, where
+/// `post_attention_layernorm` is the attention output's norm (`post_attention_norm`) and the
+/// MLP's input norm is `pre_feedforward_layernorm` (`ffn_norm`).
+pub fn gguf_tensor_name(hf: &str, sandwich_norms: bool) -> Option<String> {
     match hf {
         "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
         "model.norm.weight" => return Some("output_norm.weight".into()),
@@ -532,7 +537,15 @@ pub fn gguf_tensor_name(hf: &str) -> Option<String> {
         "mlp.up_proj.weight" => "ffn_up",
         "mlp.down_proj.weight" => "ffn_down",
         "input_layernorm.weight" => "attn_norm",
+        "post_attention_layernorm.weight" if sandwich_norms => "post_attention_norm",
         "post_attention_layernorm.weight" => "ffn_norm",
+        "pre_feedforward_layernorm.weight" => "ffn_norm",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm",
+        "self_attn.q_norm.weight" => "attn_q_norm",
+        "self_attn.k_norm.weight" => "attn_k_norm",
+        "self_attn.q_proj.bias" => return Some(format!("blk.{layer}.attn_q.bias")),
+        "self_attn.k_proj.bias" => return Some(format!("blk.{layer}.attn_k.bias")),
+        "self_attn.v_proj.bias" => return Some(format!("blk.{layer}.attn_v.bias")),
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.weight"))
@@ -551,12 +564,19 @@ impl GgufModel {
                 Error::format(file.path(), "metadata 'general.architecture' is missing")
             })?
             .to_owned();
-        if arch != "llama" {
-            return Err(Error::Config(format!(
-                "{}: architecture '{arch}' is not supported (only 'llama')",
-                file.path().display()
-            )));
-        }
+        let family = match arch.as_str() {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            "gemma3" => Family::Gemma3,
+            _ => {
+                return Err(Error::Config(format!(
+                    "{}: architecture '{arch}' is not supported (supported: {})",
+                    file.path().display(),
+                    ARCHITECTURES.join(", ")
+                )));
+            }
+        };
         if file.tensor_info("rope_freqs.weight").is_some() {
             return Err(Error::Config(format!(
                 "{}: RoPE frequency factors (rope_freqs.weight, Llama-3.1+ GGUF) are not supported yet",
@@ -595,10 +615,27 @@ impl GgufModel {
                     }),
             }
         };
+        let num_layers = file.get_usize(&k("block_count"))?;
+        let gemma = family == Family::Gemma3;
+        let head_bias = file.tensor_info("blk.0.attn_q.bias").is_some();
+        if let Some(v) = file.get(&k("attention.value_length"))
+            && v.as_u64() != Some(head_dim as u64)
+        {
+            return Err(Error::Config(format!(
+                "{}: value heads of a different size than key heads ({v:?} != {head_dim}) are not supported",
+                file.path().display()
+            )));
+        }
+        let layer_windows = if gemma {
+            gemma3_windows(&file, num_layers)?
+        } else {
+            Vec::new()
+        };
         let config = ModelConfig {
+            family,
             hidden_size,
             intermediate_size: file.get_usize(&k("feed_forward_length"))?,
-            num_layers: file.get_usize(&k("block_count"))?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -608,11 +645,45 @@ impl GgufModel {
                 .unwrap_or(1e-5),
             rope_theta: file.get_f32(&k("rope.freq_base"))?.unwrap_or(10000.0),
             rope_scaling: None,
-            rope_style: RopeStyle::Interleaved,
+            // llama.cpp's converter permutes q/k rows for the llama architecture only
+            // (LLAMA_ROPE_TYPE_NORM); qwen2/3 and gemma3 keep HF's rotate-half (NEOX).
+            rope_style: if family == Family::Llama {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Halves
+            },
             max_position_embeddings: file.get_usize(&k("context_length"))?,
             tie_word_embeddings: file.tensor_info("output.weight").is_none(),
             bos_token_id: opt_id("tokenizer.ggml.bos_token_id")?,
-            eos_token_ids: opt_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            eos_token_ids: end_of_generation_ids(&file, opt_id("tokenizer.ggml.eos_token_id")?)?,
+            attention_bias: head_bias,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            // llama.cpp's converter stores Gemma's norm weights as 1 + w.
+            norm_weight_offset: 0.0,
+            sandwich_norms: gemma,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            embedding_scale: if gemma {
+                (hidden_size as f32).sqrt()
+            } else {
+                1.0
+            },
+            layer_windows,
+            rope_theta_local: if gemma {
+                Some(file.get_f32(&k("rope.freq_base_swa"))?.unwrap_or(10000.0))
+            } else {
+                None
+            },
+            // As llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers), whose
+            // query_pre_attn_scalar is hidden / heads.
+            attention_scale: (gemma && num_layers == 62 && num_heads > 0)
+                .then(|| 1.0 / ((hidden_size / num_heads) as f32).sqrt()),
+            final_logit_softcapping: file
+                .get_f32(&k("final_logit_softcapping"))?
+                .filter(|&c| c != 0.0),
         };
         // Name the file in the message once (validate's errors are already Config).
         config.validate().map_err(|e| match e {
@@ -635,13 +706,89 @@ impl GgufModel {
     }
 }
 
+/// The ids that end generation: EOS, and the end-of-turn token a chat template closes
+/// each turn with (`tokenizer.ggml.eot_token_id`, else found by its text as llama.cpp
+/// does: Gemma's `<end_of_turn>`, Llama 3's `<|eot_id|>`, ChatML's `<|im_end|>`).
+fn end_of_generation_ids(file: &GgufFile, eos: Option<u32>) -> Result<Vec<u32>> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    let mut push = |id: u32| {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    };
+    if let Some(v) = file.get("tokenizer.ggml.eot_token_id") {
+        let id = v
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| {
+                Error::format(
+                    file.path(),
+                    "metadata 'tokenizer.ggml.eot_token_id' is not a token id",
+                )
+            })?;
+        push(id);
+    } else if let Some(MetaValue::Array(tokens)) = file.get("tokenizer.ggml.tokens") {
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some("<end_of_turn>" | "<|eot_id|>" | "<|im_end|>") = t.as_str()
+                && let Ok(i) = u32::try_from(i)
+            {
+                push(i);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// Gemma 3's per-layer attention as llama.cpp reads it: a window of
+/// `gemma3.attention.sliding_window` positions on the local layers, which are given by
+/// `attention.sliding_window_pattern` (a bool per layer, or a period n: every n-th layer
+/// global, default 6); no window key: every layer global.
+fn gemma3_windows(file: &GgufFile, layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = match file.get("gemma3.attention.sliding_window") {
+        None => return Ok(Vec::new()),
+        Some(_) => file.get_usize("gemma3.attention.sliding_window")?,
+    };
+    if window == 0 {
+        return Ok(Vec::new());
+    }
+    let key = "gemma3.attention.sliding_window_pattern";
+    let local: Vec<bool> = match file.get(key) {
+        Some(MetaValue::Array(a)) => {
+            if a.len() < layers {
+                return Err(Error::format(
+                    file.path(),
+                    format!(
+                        "metadata '{key}' has {} entries for {layers} layers",
+                        a.len()
+                    ),
+                ));
+            }
+            a.iter()
+                .take(layers)
+                .map(|v| match v {
+                    MetaValue::Bool(b) => Ok(*b),
+                    other => other.as_u64().map(|x| x != 0).ok_or_else(|| {
+                        Error::format(file.path(), format!("metadata '{key}' is not a bool array"))
+                    }),
+                })
+                .collect::<Result<_>>()?
+        }
+        Some(_) => {
+            let n = file.get_usize(key)?.max(1);
+            (0..layers).map(|l| l % n < n - 1).collect()
+        }
+        None => (0..layers).map(|l| l % 6 < 5).collect(),
+    };
+    Ok(local.into_iter().map(|l| l.then_some(window)).collect())
+}
+
 impl WeightSource for GgufModel {
     fn config(&self) -> &ModelConfig {
         &self.config
     }
 
     fn tensor(&self, name: &str) -> Result<RawTensor> {
-        let g = gguf_tensor_name(name)
+        let g = gguf_tensor_name(name, self.config.sandwich_norms)
             .ok_or_else(|| Error::tensor(self.file.path(), name, "no GGUF counterpart"))?;
         let mut t = self.file.raw_tensor(&g)?;
         if t.shape.len() == 1 {
@@ -651,7 +798,8 @@ impl WeightSource for GgufModel {
     }
 
     fn has_tensor(&self, name: &str) -> bool {
-        gguf_tensor_name(name).is_some_and(|g| self.file.tensor_info(&g).is_some())
+        gguf_tensor_name(name, self.config.sandwich_norms)
+            .is_some_and(|g| self.file.tensor_info(&g).is_some())
     }
 
     fn tokenizer_source(&self) -> Result<TokenizerSource> {
@@ -686,10 +834,30 @@ impl WeightSource for GgufModel {
                 .and_then(|v| v.as_u64())
                 .and_then(|v| u32::try_from(v).ok())
         };
+        let scores = match f.get("tokenizer.ggml.scores") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .ok_or_else(|| {
+                    Error::format(
+                        f.path(),
+                        "metadata 'tokenizer.ggml.scores' is not a number array",
+                    )
+                })?,
+        };
+        let flag = |key: &str| match f.get(key) {
+            Some(MetaValue::Bool(b)) => Some(*b),
+            _ => None,
+        };
+        let tokens = f.get_str_array("tokenizer.ggml.tokens")?;
         Ok(TokenizerSource::Gguf(GgufVocab {
+            scores,
+            add_bos: flag("tokenizer.ggml.add_bos_token"),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix"),
             model,
             pre: f.get_str("tokenizer.ggml.pre")?.map(str::to_owned),
-            tokens: f.get_str_array("tokenizer.ggml.tokens")?,
+            tokens,
             merges: f.get_str_array("tokenizer.ggml.merges")?,
             token_types,
             bos_token_id: id("tokenizer.ggml.bos_token_id"),
@@ -700,11 +868,18 @@ impl WeightSource for GgufModel {
     }
 
     fn chat_template(&self) -> Option<String> {
-        self.file
+        let own = self
+            .file
             .get_str("tokenizer.chat_template")
             .ok()
             .flatten()
-            .map(str::to_owned)
+            .map(str::to_owned);
+        match own {
+            None if self.config.family == Family::Gemma3 => {
+                Some(crate::tokenizer::GEMMA_CHAT_TEMPLATE.to_owned())
+            }
+            other => other,
+        }
     }
 
     fn identity(&self) -> String {
@@ -722,8 +897,11 @@ impl WeightSource for GgufModel {
             .unwrap_or_default();
         let c = &self.config;
         format!(
-            "gguf:{file}:{name}:llama:{}x{}x{}",
-            c.num_layers, c.hidden_size, c.intermediate_size
+            "gguf:{file}:{name}:{}:{}x{}x{}",
+            c.family.name(),
+            c.num_layers,
+            c.hidden_size,
+            c.intermediate_size
         )
     }
 

@@ -2,8 +2,8 @@
 //! `model.safetensors` or shards listed by `model.safetensors.index.json`, the tokenizer
 //! (`tokenizer.json`) and chat template (`tokenizer_config.json` or `chat_template.jinja`).
 //!
-//! Only LLaMA-architecture checkpoints (`model_type` "llama" / `LlamaForCausalLM`) with
-//! F32, F16 or BF16 weights are accepted. Tensor names are HuggingFace's own. Checking
+//! Checkpoints of the families in [`MODEL_TYPES`] (`model_type` llama, mistral, qwen2,
+//! qwen3, gemma3_text) with F32, F16 or BF16 weights are accepted. Tensor names are HuggingFace's own. Checking
 //! tensor shapes against the config is the model builder's job; this module checks that
 //! every tensor's bytes lie inside its file and match its shape and dtype.
 
@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::loader::safetensors::{SafetensorsFile, UniqueMap};
 use crate::loader::{RawTensor, TokenizerSource, WeightSource};
-use crate::model::config::{Llama3RopeScaling, ModelConfig, RopeStyle};
+use crate::model::config::{Activation, Family, Llama3RopeScaling, ModelConfig, RopeStyle};
 
 const CONFIG: &str = "config.json";
 const SINGLE: &str = "model.safetensors";
@@ -83,8 +83,10 @@ impl HfModel {
             })
             .unwrap_or_else(|| "model".into());
         let identity = format!(
-            "hf:{name}:llama:{}x{}",
-            config.num_layers, config.hidden_size
+            "hf:{name}:{}:{}x{}",
+            config.family.name(),
+            config.num_layers,
+            config.hidden_size
         );
         Ok(HfModel {
             dir: dir.to_path_buf(),
@@ -273,26 +275,57 @@ impl Fields<'_> {
 /// (`num_key_value_heads` = heads, `head_dim` = hidden / heads, `rms_norm_eps` 1e-6,
 /// `rope_theta` 10000, `max_position_embeddings` 2048, `tie_word_embeddings` false), except
 /// the core dimensions, which must be present; absent token ids stay absent.
+///
+/// The other families add their switches: mistral a `sliding_window`; qwen2 q/k/v biases
+/// (and a window on layers from `max_window_layers` when `use_sliding_window`); qwen3 q/k
+/// norms (biases when `attention_bias`); gemma3_text GeGLU (`hidden_activation`),
+/// q/k norms, sandwich norms, `1 + w` norm weights, embeddings scaled by
+/// sqrt(hidden_size), `query_pre_attn_scalar`, sliding windows on the layers
+/// `layer_types` (or every `sliding_window_pattern`-th layer global) with RoPE base
+/// `rope_local_base_freq`, and `final_logit_softcapping`.
 pub fn parse_config(text: &str) -> Result<ModelConfig> {
     let raw: Value =
         serde_json::from_str(text).map_err(|e| Error::Config(format!("invalid JSON: {e}")))?;
     let obj = raw
         .as_object()
         .ok_or_else(|| Error::Config("expected a JSON object".into()))?;
-    check_architecture(&raw)?;
+    let family = check_architecture(&raw)?;
     let f = Fields(obj);
+    let gemma = family == Family::Gemma3;
 
-    if let Some(act) = f.str_opt("hidden_act")?
-        && act != "silu"
-    {
+    let act_field = if gemma {
+        "hidden_activation"
+    } else {
+        "hidden_act"
+    };
+    let activation = match f.str_opt(act_field)?.or(f.str_opt("hidden_act")?) {
+        None if gemma => Activation::GeluTanh,
+        None | Some("silu" | "swish") => Activation::Silu,
+        Some("gelu_pytorch_tanh" | "gelu_tanh") => Activation::GeluTanh,
+        Some(act) => {
+            return Err(Error::Config(format!(
+                "{act_field} '{act}' is not supported (silu, gelu_pytorch_tanh)"
+            )));
+        }
+    };
+    if f.bool_opt("mlp_bias")? == Some(true) {
+        return Err(Error::Config("mlp_bias = true is not supported".into()));
+    }
+    let attention_bias = match family {
+        // Qwen 2's q/k/v projections always carry biases (its o_proj none).
+        Family::Qwen2 => true,
+        _ => f.bool_opt("attention_bias")?.unwrap_or(false),
+    };
+    if attention_bias && family != Family::Qwen2 && family != Family::Qwen3 {
         return Err(Error::Config(format!(
-            "hidden_act '{act}' is not supported (only silu)"
+            "attention_bias = true is not supported for {} (its o_proj would have one too)",
+            family.name()
         )));
     }
-    for field in ["attention_bias", "mlp_bias"] {
-        if f.bool_opt(field)? == Some(true) {
-            return Err(Error::Config(format!("{field} = true is not supported")));
-        }
+    if let Some(cap) = f.f64_opt("attn_logit_softcapping")? {
+        return Err(Error::Config(format!(
+            "attn_logit_softcapping = {cap} is not supported"
+        )));
     }
     if f.get("quantization_config").is_some() {
         return Err(Error::Config(
@@ -313,11 +346,14 @@ pub fn parse_config(text: &str) -> Result<ModelConfig> {
         None => hidden / heads,
     };
 
-    let (rope_theta, rope_scaling) = rope(&f)?;
+    let (rope_theta, rope_scaling, rope_theta_local) = rope(&f, gemma)?;
+    let num_layers = f.usize("num_hidden_layers")?;
+    let layer_windows = layer_windows(&f, family, num_layers)?;
     let config = ModelConfig {
+        family,
         hidden_size: hidden,
         intermediate_size: f.usize("intermediate_size")?,
-        num_layers: f.usize("num_hidden_layers")?,
+        num_layers,
         num_heads: heads,
         num_kv_heads: f.usize_opt("num_key_value_heads")?.unwrap_or(heads),
         head_dim,
@@ -327,57 +363,168 @@ pub fn parse_config(text: &str) -> Result<ModelConfig> {
         rope_scaling,
         rope_style: RopeStyle::Halves,
         max_position_embeddings: f.usize_opt("max_position_embeddings")?.unwrap_or(2048),
-        tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(false),
+        // Gemma's configs tie by default (transformers' Gemma3TextConfig).
+        tie_word_embeddings: f.bool_opt("tie_word_embeddings")?.unwrap_or(gemma),
         bos_token_id: token_ids("bos_token_id", f.get("bos_token_id"))?
             .first()
             .copied(),
         eos_token_ids: token_ids("eos_token_id", f.get("eos_token_id"))?,
+        attention_bias,
+        qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+        norm_weight_offset: if gemma { 1.0 } else { 0.0 },
+        sandwich_norms: gemma,
+        activation,
+        embedding_scale: if gemma { (hidden as f32).sqrt() } else { 1.0 },
+        layer_windows,
+        rope_theta_local: rope_theta_local.map(|t| t as f32),
+        attention_scale: match f.f64_opt("query_pre_attn_scalar")? {
+            Some(s) if gemma && s > 0.0 => Some((1.0 / s.sqrt()) as f32),
+            Some(s) if gemma => {
+                return Err(Error::Config(format!(
+                    "query_pre_attn_scalar = {s} must be positive"
+                )));
+            }
+            _ => None,
+        },
+        final_logit_softcapping: f.f64_opt("final_logit_softcapping")?.map(|c| c as f32),
     };
     config.validate()?;
     Ok(config)
 }
 
-/// Accepts `model_type` "llama" or `architectures` containing "LlamaForCausalLM".
-fn check_architecture(raw: &Value) -> Result<()> {
+/// The `model_type` values we run, with their `architectures` class names.
+pub const MODEL_TYPES: [(&str, &str, Family); 5] = [
+    ("llama", "LlamaForCausalLM", Family::Llama),
+    ("mistral", "MistralForCausalLM", Family::Mistral),
+    ("qwen2", "Qwen2ForCausalLM", Family::Qwen2),
+    ("qwen3", "Qwen3ForCausalLM", Family::Qwen3),
+    ("gemma3_text", "Gemma3ForCausalLM", Family::Gemma3),
+];
+
+/// The family of `model_type` (or of the first known `architectures` entry).
+fn check_architecture(raw: &Value) -> Result<Family> {
     let model_type = raw.get("model_type").and_then(Value::as_str);
     let archs: Vec<&str> = raw
         .get("architectures")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    if model_type == Some("llama") || archs.contains(&"LlamaForCausalLM") {
-        return Ok(());
+    for (t, class, family) in MODEL_TYPES {
+        if model_type == Some(t) || (model_type.is_none() && archs.contains(&class)) {
+            return Ok(family);
+        }
     }
     let what = match (model_type, archs.first()) {
         (Some(t), _) => t.to_string(),
         (None, Some(a)) => a.to_string(),
         (None, None) => "(config.json names neither model_type nor architectures)".to_string(),
     };
+    let known: Vec<&str> = MODEL_TYPES.iter().map(|m| m.0).collect();
     Err(Error::Config(format!(
-        "unsupported architecture {what} (only llama / LlamaForCausalLM)"
+        "unsupported architecture {what} (supported model_type: {})",
+        known.join(", ")
     )))
 }
 
-/// `rope_theta` (default 10000) and llama3 scaling, from `rope_scaling` or transformers
-/// 5's `rope_parameters`.
-fn rope(f: &Fields) -> Result<(f64, Option<Llama3RopeScaling>)> {
+/// Per layer: the sliding window of a local-attention layer, None for a global one
+/// (empty when every layer is global).
+fn layer_windows(f: &Fields, family: Family, layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = f.usize_opt("sliding_window")?;
+    let types = match f.get("layer_types") {
+        None => None,
+        Some(v) => Some(
+            v.as_array()
+                .and_then(|a| a.iter().map(Value::as_str).collect::<Option<Vec<_>>>())
+                .ok_or_else(|| {
+                    Error::Config(format!("layer_types: expected a list of strings, got {v}"))
+                })?,
+        ),
+    };
+    let local: Vec<bool> = match (family, &types) {
+        (_, Some(t)) => {
+            if t.len() != layers {
+                return Err(Error::Config(format!(
+                    "layer_types has {} entries for {layers} layers",
+                    t.len()
+                )));
+            }
+            t.iter()
+                .map(|&t| match t {
+                    "sliding_attention" => Ok(true),
+                    "full_attention" => Ok(false),
+                    other => Err(Error::Config(format!(
+                        "layer_types: '{other}' is not supported (sliding_attention, full_attention)"
+                    ))),
+                })
+                .collect::<Result<_>>()?
+        }
+        (Family::Gemma3, None) => {
+            let n = f.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
+            (0..layers).map(|l| (l + 1) % n != 0).collect()
+        }
+        (Family::Mistral, None) => vec![true; layers],
+        (Family::Qwen2 | Family::Qwen3, None) => {
+            if f.bool_opt("use_sliding_window")? == Some(true) {
+                let from = f.usize_opt("max_window_layers")?.unwrap_or(layers);
+                (0..layers).map(|l| l >= from).collect()
+            } else {
+                vec![false; layers]
+            }
+        }
+        (Family::Llama, None) => vec![false; layers],
+    };
+    // Qwen's layer_types name sliding layers even when use_sliding_window is off.
+    let qwen_off = matches!(family, Family::Qwen2 | Family::Qwen3)
+        && f.bool_opt("use_sliding_window")? != Some(true);
+    match window {
+        Some(w) if !qwen_off && local.iter().any(|&l| l) => {
+            Ok(local.into_iter().map(|l| l.then_some(w)).collect())
+        }
+        _ => Ok(Vec::new()),
+    }
+}
+
+/// `rope_theta` (default 10000), llama3 scaling, and the RoPE base of sliding-window
+/// layers when they have their own (Gemma 3: `rope_local_base_freq`, default 10000), from
+/// the fields or transformers 5's `rope_parameters` (flat, or per layer type).
+fn rope(f: &Fields, gemma: bool) -> Result<(f64, Option<Llama3RopeScaling>, Option<f64>)> {
     let params = f.get("rope_parameters");
+    let theta_of = |p: Option<&Value>, what: &str| -> Result<Option<f64>> {
+        match p.and_then(|p| p.get("rope_theta")) {
+            None => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                Error::Config(format!("{what}.rope_theta: expected a number, got {v}"))
+            }),
+        }
+    };
+    // transformers 5's Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}.
+    let full = params.and_then(|p| p.get("full_attention"));
+    let sliding = params.and_then(|p| p.get("sliding_attention"));
+    let global = full.or(params);
     let theta = match f.f64_opt("rope_theta")? {
         Some(t) => t,
-        None => match params.and_then(|p| p.get("rope_theta")) {
-            Some(v) => v.as_f64().ok_or_else(|| {
-                Error::Config(format!(
-                    "rope_parameters.rope_theta: expected a number, got {v}"
-                ))
-            })?,
-            None => 10000.0,
-        },
+        None => theta_of(global, "rope_parameters")?.unwrap_or(10000.0),
     };
-    let scaling = match f.get("rope_scaling").or(params) {
+    let scaling = match f.get("rope_scaling").or(global) {
         None => None,
         Some(s) => rope_scaling(s)?,
     };
-    Ok((theta, scaling))
+    let local = match (
+        f.f64_opt("rope_local_base_freq")?,
+        theta_of(sliding, "rope_parameters.sliding_attention")?,
+    ) {
+        (Some(t), _) | (None, Some(t)) => Some(t),
+        (None, None) if gemma => Some(10000.0),
+        (None, None) => None,
+    };
+    if let Some(s) = sliding
+        && rope_scaling(s)?.is_some()
+    {
+        return Err(Error::Config(
+            "rope scaling on sliding-window layers is not supported".into(),
+        ));
+    }
+    Ok((theta, scaling, local))
 }
 
 fn rope_scaling(s: &Value) -> Result<Option<Llama3RopeScaling>> {

@@ -166,6 +166,12 @@ pub struct GgufVocab {
     pub eos_token_id: Option<u32>,
     pub unknown_token_id: Option<u32>,
     pub padding_token_id: Option<u32>,
+    /// `tokenizer.ggml.scores` (SentencePiece: the merge priority of each token).
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_bos_token`: whether a prompt starts with BOS.
+    pub add_bos: Option<bool>,
+    /// `tokenizer.ggml.add_space_prefix` (SentencePiece: a space before the text).
+    pub add_space_prefix: Option<bool>,
 }
 
 /// Opens a GGUF file or a HuggingFace directory, deciding by what `path` is.

@@ -1,6 +1,12 @@
 //! The model's hyper-parameters, read from GGUF metadata or a HuggingFace config.json.
+//!
+//! The families we run (Llama, Mistral, Qwen 2/3, Gemma 3) differ by a handful of
+//! switches held here (biases, q/k norms, norm offset, sandwich norms, activation,
+//! embedding scale, sliding windows with their own RoPE base, attention scale, logit
+//! softcapping); one forward pass reads them.
 
 use crate::error::{Error, Result};
+pub use crate::kernels::ops::Activation;
 
 /// Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -25,8 +31,32 @@ pub enum RopeStyle {
     Halves,
 }
 
+/// The model family a checkpoint declares (for messages and identities; the forward pass
+/// reads the switches, never this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    pub family: Family,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
@@ -42,6 +72,30 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Biases on the q, k and v projections (Qwen 2).
+    pub attention_bias: bool,
+    /// RMSNorm of each query and key head (weights `[head_dim]`) before RoPE (Qwen 3,
+    /// Gemma 3).
+    pub qk_norm: bool,
+    /// Added to every RMSNorm weight at load: Gemma's HF checkpoints store `w` for a
+    /// norm that scales by `1 + w` (its GGUF files store `1 + w` already: offset 0).
+    pub norm_weight_offset: f32,
+    /// RMSNorms on the attention's output and on the MLP's output before each joins the
+    /// residual stream (Gemma 3's post-attention and post-feed-forward norms).
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// The token embedding is multiplied by this (Gemma: sqrt(hidden_size)).
+    pub embedding_scale: f32,
+    /// Per layer: the sliding window (positions a query sees, itself included) of a
+    /// local-attention layer, None for a global one. Empty: every layer global.
+    pub layer_windows: Vec<Option<usize>>,
+    /// The RoPE base of the sliding-window layers, when it differs from `rope_theta`
+    /// (Gemma 3: 10000 locally, 1e6 globally).
+    pub rope_theta_local: Option<f32>,
+    /// The factor on q·k (default 1/sqrt(head_dim); Gemma 3: query_pre_attn_scalar^-0.5).
+    pub attention_scale: Option<f32>,
+    /// `cap * tanh(logits / cap)` on the output logits, when set.
+    pub final_logit_softcapping: Option<f32>,
 }
 
 /// Upper bounds that no real LLaMA-family model exceeds; anything larger is a corrupt or
@@ -102,7 +156,57 @@ impl ModelConfig {
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta = {} must be positive", self.rope_theta));
         }
+        if let Some(t) = self.rope_theta_local
+            && !(t.is_finite() && t > 0.0)
+        {
+            return bad(format!("local RoPE base = {t} must be positive"));
+        }
+        if !self.layer_windows.is_empty() && self.layer_windows.len() != self.num_layers {
+            return bad(format!(
+                "{} per-layer attention types for {} layers",
+                self.layer_windows.len(),
+                self.num_layers
+            ));
+        }
+        if self.layer_windows.contains(&Some(0)) {
+            return bad("sliding_window = 0".into());
+        }
+        for (name, v) in [
+            ("embedding scale", Some(self.embedding_scale)),
+            ("attention scale", self.attention_scale),
+            ("final_logit_softcapping", self.final_logit_softcapping),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0)
+            {
+                return bad(format!("{name} = {v} must be positive"));
+            }
+        }
+        if !self.norm_weight_offset.is_finite() {
+            return bad("norm weight offset is not finite".into());
+        }
         Ok(())
+    }
+
+    /// Layer `layer`'s sliding window (None: it attends to every position).
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.layer_windows.get(layer).copied().flatten()
+    }
+
+    /// The factor on q·k.
+    pub fn attention_scale(&self) -> f32 {
+        self.attention_scale
+            .unwrap_or_else(|| 1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// RoPE inverse frequencies of the sliding-window layers, when their base differs.
+    pub fn rope_inv_freq_local(&self) -> Option<Vec<f32>> {
+        let theta = self.rope_theta_local?;
+        let mut c = self.clone();
+        c.rope_theta = theta;
+        // transformers' Gemma 3 applies rope_scaling to the global layers only.
+        c.rope_scaling = None;
+        Some(c.rope_inv_freq())
     }
 
     pub fn q_dim(&self) -> usize {

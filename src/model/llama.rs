@@ -1,5 +1,8 @@
-//! The LLaMA forward pass: embedding, then per layer RMSNorm, attention with RoPE and
-//! grouped-query heads over the KV cache, RMSNorm, SwiGLU MLP; final norm and output head.
+//! The LLaMA-family forward pass: embedding, then per layer RMSNorm, attention with RoPE
+//! and grouped-query heads over the KV cache, RMSNorm, gated MLP; final norm and output
+//! head. The families' differences (q/k/v biases, q/k norms, sandwich norms, GeGLU,
+//! embedding scale, sliding windows with their own RoPE base: see [`ModelConfig`]) are
+//! switches read here, in the one pass.
 //!
 //! One `forward` serves decode (one token: matrix-vector kernels) and prefill (many tokens:
 //! matrix-matrix kernels). Weight names mirror the HuggingFace checkpoint's.
@@ -9,7 +12,7 @@ use crate::kernels::input_major::{InputMajorScratch, matmul_input_major, matvec_
 use crate::kernels::ops::{self, RopeTable};
 use crate::kernels::{self, ThreadPool, WeightView};
 use crate::loader::WeightSource;
-use crate::model::config::{ModelConfig, RopeStyle};
+use crate::model::config::{Activation, ModelConfig, RopeStyle};
 use crate::model::kv_cache::KvCache;
 use crate::profile::{ForwardTimer, Phase};
 use crate::tensor::{DType, LoadDType, Matrix, WeightPlan};
@@ -148,7 +151,8 @@ impl InputMask<'_> {
     }
 }
 
-fn load_norm(src: &dyn WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
+/// A 1-D tensor of `n` elements (a norm's weight, a bias) widened to f32.
+fn load_vector(src: &dyn WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
     let raw = src.tensor(name)?;
     if raw.numel() != n || raw.shape.len() != 1 {
         return Err(raw.error(format!("shape {:?}, expected [{n}]", raw.shape)));
@@ -156,28 +160,45 @@ fn load_norm(src: &dyn WeightSource, name: &str, n: usize) -> Result<Vec<f32>> {
     Ok(Matrix::from_raw(&raw, 1, n, DType::F32)?.to_f32_vec())
 }
 
+/// An RMSNorm weight, with the config's offset added (Gemma's `1 + w`).
+fn load_norm(src: &dyn WeightSource, name: &str, n: usize, offset: f32) -> Result<Vec<f32>> {
+    let mut w = load_vector(src, name, n)?;
+    if offset != 0.0 {
+        w.iter_mut().for_each(|v| *v += offset);
+    }
+    Ok(w)
+}
+
 pub struct Attention {
     pub q_proj: Linear,
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// q/k/v biases (`attention_bias`), each `[out]`.
+    pub q_bias: Option<Vec<f32>>,
+    pub k_bias: Option<Vec<f32>>,
+    pub v_bias: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights of queries and keys (`qk_norm`), `[head_dim]`.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
 }
 
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub activation: Activation,
 }
 
 impl Mlp {
-    /// Dense SwiGLU: h: [n, hidden] -> out: [n, hidden].
+    /// Dense gated MLP: h: [n, hidden] -> out: [n, hidden].
     pub fn forward(&self, pool: &ThreadPool, h: &[f32], n: usize, out: &mut [f32]) {
         let inter = self.gate_proj.out_features();
         let mut g = vec![0f32; n * inter];
         let mut u = vec![0f32; n * inter];
         self.gate_proj.forward(pool, h, n, &mut g);
         self.up_proj.forward(pool, h, n, &mut u);
-        ops::silu_mul_par(pool, &mut g, &u);
+        ops::act_mul_par(pool, self.activation, &mut g, &u);
         self.down_proj.forward(pool, &g, n, out);
     }
 }
@@ -185,8 +206,16 @@ impl Mlp {
 pub struct Layer {
     pub input_layernorm: Vec<f32>,
     pub self_attn: Attention,
+    /// The norm of the attention's output before the residual add (`sandwich_norms`;
+    /// Gemma's `post_attention_layernorm`).
+    pub attn_output_norm: Option<Vec<f32>>,
+    /// The MLP's input norm (Llama's `post_attention_layernorm`, Gemma's
+    /// `pre_feedforward_layernorm`).
     pub post_attention_layernorm: Vec<f32>,
     pub mlp: Mlp,
+    /// The norm of the MLP's output before the residual add (Gemma's
+    /// `post_feedforward_layernorm`).
+    pub mlp_output_norm: Option<Vec<f32>>,
 }
 
 /// What `forward` returns.
@@ -249,6 +278,8 @@ pub struct Llama {
     /// None when tied to the embedding.
     pub lm_head: Option<Linear>,
     inv_freq: Vec<f32>,
+    /// The sliding-window layers' RoPE frequencies, when their base differs.
+    inv_freq_local: Option<Vec<f32>>,
     pub pool: &'static ThreadPool,
 }
 
@@ -335,30 +366,66 @@ impl Llama {
         let embed_tokens = next_as(false).weight;
         let mut next = || next_as(input_major);
         let mut layers = Vec::with_capacity(c.num_layers);
+        let off = c.norm_weight_offset;
+        let d = c.head_dim;
         for l in 0..c.num_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+            let bias = |s: &str, n: usize| -> Result<Option<Vec<f32>>> {
+                c.attention_bias
+                    .then(|| load_vector(src, &format!("model.layers.{l}.self_attn.{s}.bias"), n))
+                    .transpose()
+            };
+            let qk_norm = |s: &str| -> Result<Option<Vec<f32>>> {
+                c.qk_norm
+                    .then(|| load_norm(src, &p(&format!("self_attn.{s}")), d, off))
+                    .transpose()
+            };
+            let sandwich = |s: &str| -> Result<Option<Vec<f32>>> {
+                c.sandwich_norms
+                    .then(|| load_norm(src, &p(s), h, off))
+                    .transpose()
+            };
             let self_attn = Attention {
                 q_proj: next(),
                 k_proj: next(),
                 v_proj: next(),
                 o_proj: next(),
+                q_bias: bias("q_proj", q)?,
+                k_bias: bias("k_proj", kv)?,
+                v_bias: bias("v_proj", kv)?,
+                q_norm: qk_norm("q_norm")?,
+                k_norm: qk_norm("k_norm")?,
             };
             let mlp = Mlp {
                 gate_proj: next(),
                 up_proj: next(),
                 down_proj: next(),
+                activation: c.activation,
+            };
+            // Gemma names its MLP input norm `pre_feedforward_layernorm` and uses
+            // `post_attention_layernorm` for the attention's output.
+            let (mlp_in, attn_out) = if c.sandwich_norms {
+                (
+                    "pre_feedforward_layernorm",
+                    sandwich("post_attention_layernorm")?,
+                )
+            } else {
+                ("post_attention_layernorm", None)
             };
             layers.push(Layer {
-                input_layernorm: load_norm(src, &p("input_layernorm"), h)?,
+                input_layernorm: load_norm(src, &p("input_layernorm"), h, off)?,
                 self_attn,
-                post_attention_layernorm: load_norm(src, &p("post_attention_layernorm"), h)?,
+                attn_output_norm: attn_out,
+                post_attention_layernorm: load_norm(src, &p(mlp_in), h, off)?,
                 mlp,
+                mlp_output_norm: sandwich("post_feedforward_layernorm")?,
             });
         }
         let lm_head = untied_head.then(|| next_as(false));
         Ok(Llama {
             inv_freq: c.rope_inv_freq(),
-            norm: load_norm(src, "model.norm.weight", h)?,
+            inv_freq_local: c.rope_inv_freq_local(),
+            norm: load_norm(src, "model.norm.weight", h, off)?,
             config: c,
             dtype,
             embed_tokens,
@@ -481,10 +548,12 @@ impl Llama {
             q,
             att,
             tmp,
+            normed,
             g,
             u,
             hp,
             rope,
+            rope_local,
             im,
         } = s;
         let x = grow(x, n * h);
@@ -493,11 +562,17 @@ impl Llama {
         let att = grow(att, n * c.q_dim());
         let tmp = grow(tmp, n * h);
         for (t, &id) in tokens.iter().enumerate() {
-            self.embed_tokens
-                .row_to_f32(id as usize, &mut x[t * h..(t + 1) * h]);
+            let row = &mut x[t * h..(t + 1) * h];
+            self.embed_tokens.row_to_f32(id as usize, row);
+            if c.embedding_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embedding_scale);
+            }
         }
         let interleaved = c.rope_style == RopeStyle::Interleaved;
         rope.fill(&self.inv_freq, start, n, interleaved);
+        if let Some(f) = &self.inv_freq_local {
+            rope_local.fill(f, start, n, interleaved);
+        }
         timer.end(Phase::Embed);
         for (li, layer) in self.layers.iter().enumerate() {
             // The previous layer's MLP output (in `tmp`) joins the residual stream here,
@@ -546,22 +621,32 @@ impl Llama {
                     [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
                 kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
             }
+            add_bias(q, a.q_bias.as_deref());
+            add_bias(k, a.k_bias.as_deref());
+            add_bias(v, a.v_bias.as_deref());
             timer.end(Phase::Qkv);
-            ops::rope_rows(pool, rope, q, k, n);
+            let window = c.window(li);
+            if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+                ops::rmsnorm_heads(pool, q, qn, eps);
+                ops::rmsnorm_heads(pool, k, kn, eps);
+            }
+            let table = match (window, &self.inv_freq_local) {
+                (Some(_), Some(_)) => &*rope_local,
+                _ => &*rope,
+            };
+            ops::rope_rows(pool, table, q, k, n);
             timer.end(Phase::Rope);
             let (kc, vc) = cache.layer(li);
-            kernels::attention::attend(
-                pool,
-                q,
-                kc,
-                vc,
+            let shape = kernels::attention::Shape {
                 n,
                 start,
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim,
-                att,
-            );
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                d: c.head_dim,
+                window: window.unwrap_or(usize::MAX),
+                scale: c.attention_scale(),
+            };
+            kernels::attention::attend(pool, q, kc, vc, shape, att);
             timer.end(Phase::Attention);
             if a.o_proj.input_major {
                 let mask = input_mask(&mut mlp, li, InputGroup::O, att, n);
@@ -572,6 +657,9 @@ impl Llama {
                 a.o_proj.forward(pool, att, n, tmp);
             }
             timer.end(Phase::OProj);
+            if let Some(w) = &layer.attn_output_norm {
+                norm_in_place(pool, tmp, w, eps, grow(normed, n * h));
+            }
             ops::add_rmsnorm_rows(pool, x, tmp, &layer.post_attention_layernorm, eps, xn);
             timer.end(Phase::Norm);
             let done = match mlp.as_deref_mut() {
@@ -584,6 +672,7 @@ impl Llama {
                 // threshold, ...); what it spent outside them lands here.
                 timer.end(Phase::MlpOther);
             } else if !masks
+                && m.activation == Activation::Silu
                 && kernels::linear::swiglu_packed(
                     pool,
                     m.gate_proj.weight.view(),
@@ -615,7 +704,7 @@ impl Llama {
                 m.gate_proj.project(pool, xn, n, g, mask.kept(), im);
                 m.up_proj.project(pool, xn, n, u, mask.kept(), im);
                 timer.end(Phase::GateUp);
-                ops::silu_mul_par(pool, g, u);
+                ops::act_mul_par(pool, m.activation, g, u);
                 timer.end(Phase::SiluMul);
                 let mask = input_mask(&mut mlp, li, InputGroup::Down, g, n);
                 timer.end(Phase::Threshold);
@@ -628,11 +717,15 @@ impl Llama {
                 let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
                 kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
-                ops::silu_mul_par(pool, g, u);
+                ops::act_mul_par(pool, m.activation, g, u);
                 timer.end(Phase::SiluMul);
                 row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
                 m.down_proj.forward(pool, g, n, tmp);
                 timer.end(Phase::Down);
+            }
+            if let Some(w) = &layer.mlp_output_norm {
+                norm_in_place(pool, tmp, w, eps, grow(normed, n * h));
+                timer.end(Phase::Norm);
             }
         }
         cache.commit(n);
@@ -665,6 +758,9 @@ impl Llama {
             m,
             &mut out,
         );
+        if let Some(cap) = c.final_logit_softcapping {
+            out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+        }
         timer.end(Phase::Head);
         timer.finish();
         out
@@ -681,13 +777,32 @@ pub struct Scratch {
     q: Vec<f32>,
     att: Vec<f32>,
     tmp: Vec<f32>,
+    /// A sandwich norm's output (then copied back over its input).
+    normed: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
     /// The MLP's hidden activations packed as bf16 (see `kernels::linear::swiglu_packed`).
     hp: kernels::gemm_avx512::PackedBf16,
     rope: RopeTable,
+    /// The sliding-window layers' table, when their RoPE base differs.
+    rope_local: RopeTable,
     /// The input-major decode kernel's buffers.
     im: InputMajorScratch,
+}
+
+/// `x[t] += bias` for every row t of x ([n, bias.len()]).
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            ops::add_assign(row, b);
+        }
+    }
+}
+
+/// `x = rmsnorm(x) * w` row by row ([n, w.len()]), through `buf` (as long as x).
+fn norm_in_place(pool: &ThreadPool, x: &mut [f32], w: &[f32], eps: f32, buf: &mut [f32]) {
+    ops::rmsnorm_rows(pool, x, w, eps, buf);
+    x.copy_from_slice(buf);
 }
 
 /// Row-major weights: the hook may mask inputs in place (several tokens), not skip them.

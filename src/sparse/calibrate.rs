@@ -649,6 +649,12 @@ pub fn calibrate(
 ) -> Result<(Predictor, CalibrationReport)> {
     let cfg = &model.config;
     let (hidden, inter, nl) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_layers);
+    if cfg.activation != crate::kernels::ops::Activation::Silu {
+        return Err(Error::Input(format!(
+            "calibration fits predictors of silu(g)·u; this model's MLP uses {}",
+            cfg.activation.name()
+        )));
+    }
     let max_rank = hidden.min(inter);
     if opts.rank == 0 || opts.rank > max_rank || opts.up_rank > max_rank {
         return Err(Error::Input(format!(

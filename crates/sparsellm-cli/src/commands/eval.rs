@@ -90,7 +90,9 @@ pub(crate) fn cmd_eval(a: EvalArgs) -> Result<()> {
         check_sparse_flags(&a.run, false)?;
     }
     let l = load(&a.run)?;
-    let ids = l.tokenizer.encode(&text)?;
+    // Each window starts with BOS when the vocabulary asks for it (as llama-perplexity).
+    let bos = l.tokenizer.bos_token_id().filter(|_| l.tokenizer.add_bos());
+    let ids = eval::with_bos_windows(l.tokenizer.encode_prompt(&text)?, a.window, bos);
     // Loaded once, its factors in the dtype the sparse MLP reads them in (so that its
     // bytes per token are counted as decoding reads them).
     let predictor = a

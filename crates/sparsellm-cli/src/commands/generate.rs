@@ -114,7 +114,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
     } else {
         user_prompt
     };
-    let ids = l.tokenizer.encode(&prompt)?;
+    let ids = l.tokenizer.encode_prompt(&prompt)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling: SamplingOptions {

@@ -3,7 +3,7 @@
 mod bench;
 mod calibrate;
 mod eval;
-mod fetch;
+pub(crate) mod fetch;
 mod generate;
 mod synth;
 mod tokenize;
