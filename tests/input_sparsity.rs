@@ -340,15 +340,7 @@ fn calibration_tables_round_trip_and_drive_the_thresholds() {
             .iter()
             .enumerate()
             .map(|(l, layer)| {
-                let a = &layer.self_attn;
-                let f = &layer.mlp;
-                let groups = [
-                    vec![&a.q_proj, &a.k_proj, &a.v_proj],
-                    vec![&a.o_proj],
-                    vec![&f.gate_proj, &f.up_proj],
-                    vec![&f.down_proj],
-                ];
-                groups
+                sparsellm::sparse::input::group_matrices(layer)
                     .iter()
                     .enumerate()
                     .map(|(g, ls)| {

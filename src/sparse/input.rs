@@ -14,6 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::model::llama::{Layer, Linear};
 use crate::model::{InputGroup, InputMask, KvCache, Llama, Logits, MlpOverride, WeightLayout};
 use crate::sparse::threshold::{select_top_k, top_k_count};
 
@@ -330,35 +331,38 @@ impl MlpOverride for InputSparsity {
     }
 }
 
+/// The matrices of each projection group of `layer`, in [`InputGroup`] order: q/k/v
+/// (one input), o, gate/up (one input), down.
+pub fn group_matrices(layer: &Layer) -> [Vec<&Linear>; 4] {
+    let (a, m) = (&layer.self_attn, &layer.mlp);
+    [
+        vec![&a.q_proj, &a.k_proj, &a.v_proj],
+        vec![&a.o_proj],
+        vec![&m.gate_proj, &m.up_proj],
+        vec![&m.down_proj],
+    ]
+}
+
 /// WINA's column norms: for every layer and group, `‖W[:, i]‖` over the group's matrices
 /// stacked (q/k/v; o; gate/up; down), from the input-major rows.
 fn column_norms(model: &Llama) -> Vec<[Vec<f32>; 4]> {
+    let norms = |ls: &[&Linear]| {
+        let n = ls[0].in_features();
+        let mut acc = vec![0f64; n];
+        for lin in ls {
+            let mut row = vec![0f32; lin.out_features()];
+            for (i, a) in acc.iter_mut().enumerate() {
+                // Input-major: row i of the held matrix is input i's weights.
+                lin.weight.row_to_f32(i, &mut row);
+                *a += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+            }
+        }
+        acc.into_iter().map(|v| v.sqrt() as f32).collect()
+    };
     model
         .layers
         .iter()
-        .map(|l| {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            let norms = |ls: &[&crate::model::llama::Linear]| {
-                let n = ls[0].in_features();
-                let mut acc = vec![0f64; n];
-                for lin in ls {
-                    let mut row = vec![0f32; lin.out_features()];
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        // Input-major: row i of the held matrix is input i's weights.
-                        lin.weight.row_to_f32(i, &mut row);
-                        *a += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
-                    }
-                }
-                acc.into_iter().map(|v| v.sqrt() as f32).collect()
-            };
-            [
-                norms(&[&a.q_proj, &a.k_proj, &a.v_proj]),
-                norms(&[&a.o_proj]),
-                norms(&[&m.gate_proj, &m.up_proj]),
-                norms(&[&m.down_proj]),
-            ]
-        })
+        .map(|l| group_matrices(l).map(|ls| norms(&ls)))
         .collect()
 }
 
@@ -643,19 +647,7 @@ fn group_bytes(model: &Llama) -> Vec<[f64; 4]> {
     model
         .layers
         .iter()
-        .map(|l| {
-            let a = &l.self_attn;
-            let m = &l.mlp;
-            let bytes = |ls: &[&crate::model::llama::Linear]| {
-                ls.iter().map(|x| x.weight.byte_len() as f64).sum::<f64>()
-            };
-            [
-                bytes(&[&a.q_proj, &a.k_proj, &a.v_proj]),
-                bytes(&[&a.o_proj]),
-                bytes(&[&m.gate_proj, &m.up_proj]),
-                bytes(&[&m.down_proj]),
-            ]
-        })
+        .map(|l| group_matrices(l).map(|ls| ls.iter().map(|x| x.weight.byte_len() as f64).sum()))
         .collect()
 }
 
