@@ -13,7 +13,7 @@ use sparsellm::model::config::{Llama3RopeScaling, RopeStyle};
 
 mod common;
 
-use common::{LAYER_TENSORS, hf_checkpoint};
+use common::{LAYER_TENSORS, f32s, hf_checkpoint};
 
 /// Every tensor SmolLM2-135M has, with its HF shape.
 fn smollm2_shapes() -> Vec<(String, Vec<usize>)> {
@@ -37,13 +37,6 @@ fn smollm2_shapes() -> Vec<(String, Vec<usize>)> {
         }
     }
     v
-}
-
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
 }
 
 fn check_smollm2(m: &HfModel, dtype: SourceDType) {

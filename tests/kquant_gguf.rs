@@ -57,10 +57,7 @@ fn random_blocks_dequantize_bit_for_bit_as_gguf() {
     for name in names {
         assert!(listing.contains(name), "python did not write {name}");
         let bytes = std::fs::read(dir.join(format!("{name}.f32"))).unwrap();
-        let want: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let want = common::f32s(&bytes);
         let raw = file.raw_tensor(name).unwrap();
         assert_eq!(raw.dtype.name(), name);
         let per_row = if name.ends_with("_K") { 512 } else { 64 };

@@ -47,10 +47,7 @@ for t in r.tensors:
     for name in TENSORS {
         assert!(listing.contains(name), "python did not dequantize {name}");
         let bytes = std::fs::read(dir.join(format!("{name}.f32"))).unwrap();
-        let want: Vec<f32> = bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let want = common::f32s(&bytes);
         let raw = file.raw_tensor(name).unwrap();
         types.insert(raw.dtype.name());
         let mut got = vec![0f32; raw.numel()];

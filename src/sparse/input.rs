@@ -503,13 +503,14 @@ pub fn calibrate_input(
         )));
     }
     let windows: Vec<&[u32]> = ids.chunks_exact(w).collect();
-    let need = opts.record_windows + 1;
-    if windows.len() < need || opts.heldout_windows == 0 || opts.record_windows == 0 {
+    let least = opts.record_windows + 1;
+    if windows.len() < least || opts.heldout_windows == 0 || opts.record_windows == 0 {
         return Err(Error::Input(format!(
-            "input calibration needs at least {need} windows of {w} tokens; the text has {} tokens",
+            "input calibration needs at least {least} windows of {w} tokens; the text has {} tokens",
             ids.len()
         )));
     }
+    // Recorded windows, then as many held-out ones as the text has (up to the option).
     let need = (opts.record_windows + opts.heldout_windows).min(windows.len());
     let pw = opts.probe_window.clamp(4, w);
     if opts.probe_windows == 0 || opts.probe_windows > opts.record_windows {

@@ -64,6 +64,14 @@ pub fn model_path() -> PathBuf {
     sparsellm::loader::fetch::default_model_path().expect("fetching the default model")
 }
 
+/// Little-endian f32 values (as numpy's `tofile` writes them on this machine kind).
+pub fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
 pub fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .expect("array")
