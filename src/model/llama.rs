@@ -268,6 +268,14 @@ pub trait MlpOverride {
     }
 }
 
+/// One sequence's part of a batched decode step ([`Llama::forward_batch`]).
+pub struct BatchItem<'a> {
+    /// The sequence's next token.
+    pub token: u32,
+    /// The sequence's cache; the token goes at position `cache.len()`.
+    pub cache: &'a mut KvCache,
+}
+
 pub struct Llama {
     pub config: ModelConfig,
     /// What the weights were loaded as (`native`: each as the file stores it).
@@ -488,6 +496,26 @@ impl Llama {
             .as_ref()
             .map(|l| &l.weight)
             .unwrap_or(&self.embed_tokens)
+    }
+
+    /// One decode step for several sequences at once (continuous batching): each item's
+    /// token at position `item.cache.len()`, appended to its own cache. Returns the
+    /// logits `[items.len(), vocab]`, row b for item b.
+    ///
+    /// Each row equals what [`forward`](Self::forward) of that token alone on that cache
+    /// returns, bit for bit, whatever else is in the batch: a request's greedy output
+    /// never depends on what runs beside it.
+    pub fn forward_batch(
+        &self,
+        items: &mut [BatchItem<'_>],
+        mut hook: Option<&mut (dyn MlpOverride + '_)>,
+    ) -> Result<Vec<f32>> {
+        let mut out = Vec::with_capacity(items.len() * self.config.vocab_size);
+        for item in items.iter_mut() {
+            let h = hook.as_deref_mut();
+            out.extend(self.forward(&[item.token], item.cache, Logits::Last, h)?);
+        }
+        Ok(out)
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending to the cache.

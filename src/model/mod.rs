@@ -6,4 +6,4 @@ pub mod llama;
 
 pub use config::ModelConfig;
 pub use kv_cache::KvCache;
-pub use llama::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
+pub use llama::{BatchItem, InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
