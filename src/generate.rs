@@ -4,6 +4,7 @@
 //! first token, decode tokens/s).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
@@ -30,6 +31,12 @@ pub struct SamplingOptions {
     pub repeat_penalty: f32,
     /// How many of the most recent tokens the repetition penalty looks at (0: none).
     pub repeat_last_n: usize,
+    /// OpenAI's presence penalty: every token this sampler has already returned has its
+    /// logit lowered by this (once, however often it was returned). 0.0: off.
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty: every token this sampler has already returned has its
+    /// logit lowered by this times the number of times it was returned. 0.0: off.
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -42,6 +49,8 @@ impl Default for SamplingOptions {
             min_p: 0.0,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -73,6 +82,14 @@ impl SamplingOptions {
                 self.repeat_penalty
             )));
         }
+        for (name, p) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !p.is_finite() {
+                return Err(Error::Input(format!("{name} {p} must be a finite number")));
+            }
+        }
         Ok(())
     }
 }
@@ -95,9 +112,13 @@ impl SplitMix64 {
     }
 }
 
+/// One sequence's sampler: the options, the random state, and (when a presence or
+/// frequency penalty is set) how often it has returned each token.
 pub struct Sampler {
     opts: SamplingOptions,
     rng: SplitMix64,
+    /// Token -> times returned; kept only while a presence or frequency penalty is set.
+    returned: HashMap<u32, u32>,
 }
 
 /// Index of the largest value (the first one on ties).
@@ -132,27 +153,109 @@ pub fn apply_repeat_penalty(logits: &mut [f32], recent: &[u32], penalty: f32) {
     }
 }
 
+/// OpenAI's presence and frequency penalties, in place: each token of `counts` (token,
+/// times generated; ids past the end of `logits` ignored) has its logit lowered by
+/// `presence` (count > 0) plus `frequency` times its count.
+pub fn apply_presence_frequency_penalty(
+    logits: &mut [f32],
+    counts: impl IntoIterator<Item = (u32, u32)>,
+    presence: f32,
+    frequency: f32,
+) {
+    for (t, c) in counts {
+        if let Some(l) = logits.get_mut(t as usize)
+            && c > 0
+        {
+            *l -= presence + frequency * c as f32;
+        }
+    }
+}
+
+/// The log-probability of `token` under `logits` (a log-softmax), and the `top` most
+/// likely tokens with theirs, most likely first (ties by lower id).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// [`TokenLogprobs`] of `token` (an id past the end of `logits` gets -inf).
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // In f64: a sum over a large vocabulary in f32 loses the small terms.
+    let log_total = logits
+        .iter()
+        .map(|&l| ((l - max) as f64).exp())
+        .sum::<f64>()
+        .ln();
+    let logprob = |l: f32| ((l - max) as f64 - log_total) as f32;
+    let mut ranked: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
+    let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let top = top.min(ranked.len());
+    if top > 0 && top < ranked.len() {
+        ranked.select_nth_unstable_by(top - 1, by_logit);
+    }
+    ranked.truncate(top);
+    ranked.sort_unstable_by(by_logit);
+    TokenLogprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| logprob(l)),
+        top: ranked.into_iter().map(|(t, l)| (t, logprob(l))).collect(),
+    }
+}
+
 impl Sampler {
     pub fn new(opts: SamplingOptions) -> Sampler {
         Sampler {
             opts,
             rng: SplitMix64(opts.seed),
+            returned: HashMap::new(),
         }
     }
 
-    /// The next token given the logits alone (no repetition penalty: no history).
+    /// The next token after the tokens `history` (as [`sample_after`](Self::sample_after)),
+    /// remembered for the presence and frequency penalties of the following calls.
+    pub fn sample_next(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let t = self.sample_after(logits, history);
+        if self.opts.presence_penalty != 0.0 || self.opts.frequency_penalty != 0.0 {
+            *self.returned.entry(t).or_insert(0) += 1;
+        }
+        t
+    }
+
+    /// The next token given the logits alone (no repetition penalty: no history; the
+    /// presence and frequency penalties count what [`sample_next`](Self::sample_next)
+    /// returned).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         self.sample_after(logits, &[])
     }
 
     /// The next token after the tokens `history` (prompt and output so far, oldest
-    /// first): the repetition penalty looks at its last `repeat_last_n`.
+    /// first): the repetition penalty looks at its last `repeat_last_n`; the presence and
+    /// frequency penalties at the tokens [`sample_next`](Self::sample_next) returned.
     pub fn sample_after(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let o = self.opts;
         let n = o.repeat_last_n.min(history.len());
-        let logits: Cow<[f32]> = if o.repeat_penalty != 1.0 && n > 0 {
+        let repeat = o.repeat_penalty != 1.0 && n > 0;
+        let openai = !self.returned.is_empty();
+        let logits: Cow<[f32]> = if repeat || openai {
             let mut l = logits.to_vec();
-            apply_repeat_penalty(&mut l, &history[history.len() - n..], o.repeat_penalty);
+            if repeat {
+                apply_repeat_penalty(&mut l, &history[history.len() - n..], o.repeat_penalty);
+            }
+            if openai {
+                apply_presence_frequency_penalty(
+                    &mut l,
+                    self.returned.iter().map(|(&t, &c)| (t, c)),
+                    o.presence_penalty,
+                    o.frequency_penalty,
+                );
+            }
             Cow::Owned(l)
         } else {
             Cow::Borrowed(logits)
@@ -378,7 +481,7 @@ pub fn generate_interruptible(
         let mut logits = model.forward(prompt_ids, &mut cache, Logits::Last, mlp.as_deref_mut())?;
         prefill_s = start.elapsed().as_secs_f64();
         loop {
-            let next = sampler.sample_after(&logits[..vocab], &history);
+            let next = sampler.sample_next(&logits[..vocab], &history);
             if output.is_empty() {
                 first_at = Instant::now();
                 ttft = (first_at - start).as_secs_f64() * 1e3;
@@ -549,6 +652,72 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(t.sample_after(&logits, &[0]), 1);
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_openai() {
+        // logit -= presence·[count > 0] + frequency·count; ids past the vocabulary ignored.
+        let mut l = [1.0, 1.0, 1.0, 1.0];
+        apply_presence_frequency_penalty(&mut l, [(0, 1), (1, 3), (2, 0), (9, 5)], 0.5, 0.25);
+        assert_eq!(l, [0.25, -0.25, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_frequency_penalty_counts_what_the_sampler_returned() {
+        // Greedy over fixed logits: token 0 leads token 1 by 0.5.
+        let logits = [3.0, 2.5, 1.0];
+        let run = |presence, frequency| {
+            let mut s = Sampler::new(SamplingOptions {
+                presence_penalty: presence,
+                frequency_penalty: frequency,
+                ..SamplingOptions::default()
+            });
+            (0..4)
+                .map(|_| s.sample_next(&logits, &[]))
+                .collect::<Vec<u32>>()
+        };
+        assert_eq!(run(0.0, 0.0), [0, 0, 0, 0]);
+        // Frequency 0.3: 0 (3.0), 0 (2.7), 1 (0 at 2.4 < 2.5), 0 (2.4 > 1 at 2.2).
+        assert_eq!(run(0.0, 0.3), [0, 0, 1, 0]);
+        // Presence 1: 0, then 1 (0 at 2.0), then 0 (2.0 > 1.5), then 0 again (counts
+        // do not matter to presence).
+        assert_eq!(run(1.0, 0.0), [0, 1, 0, 0]);
+        // A negative presence penalty rewards repeats.
+        assert_eq!(run(-1.0, 0.0), [0, 0, 0, 0]);
+        // `sample` and `sample_after` do not record what they return.
+        let mut s = Sampler::new(SamplingOptions {
+            frequency_penalty: 1.0,
+            ..SamplingOptions::default()
+        });
+        assert_eq!([s.sample(&logits), s.sample(&logits)], [0, 0]);
+        assert!(
+            SamplingOptions {
+                presence_penalty: f32::INFINITY,
+                ..SamplingOptions::default()
+            }
+            .validate()
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn token_logprobs_is_a_log_softmax_with_the_top_tokens() {
+        // Probabilities 8/15, 4/15, 2/15, 1/15 (logits are logs of 8, 4, 2, 1 plus 5).
+        let logits: Vec<f32> = [2f32, 8.0, 1.0, 4.0].iter().map(|p| p.ln() + 5.0).collect();
+        let lp = token_logprobs(&logits, 3, 2);
+        assert!((lp.logprob - (4.0f32 / 15.0).ln()).abs() < 1e-6, "{lp:?}");
+        assert_eq!(lp.top.len(), 2);
+        assert_eq!((lp.top[0].0, lp.top[1].0), (1, 3));
+        assert!((lp.top[0].1 - (8.0f32 / 15.0).ln()).abs() < 1e-6);
+        assert!((lp.top[1].1 - lp.logprob).abs() < 1e-7);
+        // All of them: probabilities sum to 1; no top asked, none given; more than the
+        // vocabulary, the whole vocabulary; an id past it has probability 0.
+        let all = token_logprobs(&logits, 0, 10);
+        assert_eq!(all.top.len(), 4);
+        let total: f32 = all.top.iter().map(|&(_, l)| l.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(token_logprobs(&logits, 7, 0).logprob, f32::NEG_INFINITY);
     }
 
     #[test]

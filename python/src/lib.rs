@@ -96,6 +96,7 @@ impl GenArgs {
             repeat_penalty,
             repeat_last_n: count("repeat_last_n", repeat_last_n)?,
             seed,
+            ..SamplingOptions::default()
         };
         sampling.validate().map_err(to_py)?;
         Ok(GenArgs {

@@ -58,6 +58,10 @@ enum Command {
     /// (for benchmarks at realistic sizes; the tokenizer is the default model's).
     #[command(allow_negative_numbers = true)]
     Synth(SynthArgs),
+    /// Serve the model over HTTP with OpenAI's API (chat and completions, streaming),
+    /// batching concurrent requests into one forward pass per step.
+    #[command(allow_negative_numbers = true)]
+    Serve(ServeArgs),
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -69,6 +73,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => cmd_bench(a),
         Command::Synth(a) => cmd_synth(a),
         Command::Calibrate(a) => cmd_calibrate(a),
+        Command::Serve(a) => cmd_serve(a),
     }
 }
 

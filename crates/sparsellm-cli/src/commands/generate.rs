@@ -125,6 +125,7 @@ pub(crate) fn cmd_generate(a: GenerateArgs) -> Result<()> {
             repeat_penalty: a.repeat_penalty,
             repeat_last_n: a.repeat_last_n,
             seed: a.seed,
+            ..SamplingOptions::default()
         },
         stop_at_eos: !a.ignore_eos,
         stop: a.stop.clone(),
