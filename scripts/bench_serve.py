@@ -52,7 +52,7 @@ def parse_args():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128, help="generated tokens per stream")
     ap.add_argument("--ctx-per-stream", type=int, default=512,
-                    help="KV tokens per stream: llama-server gets -c N*this, ours --ctx-size MAX*this")
+                    help="context per stream: llama-server -c N*this (split over its N slots), ours --ctx-size this (per request)")
     ap.add_argument("--sparsellm", default=os.path.join(ROOT, "target/release/sparsellm"))
     ap.add_argument("--ours-args", default="", help="extra arguments for `sparsellm serve`")
     ap.add_argument("--llama-server", default=os.path.join(ROOT, "target/llama.cpp-build/bin/llama-server"))
@@ -100,7 +100,7 @@ def warm_up(server: Server) -> None:
 def start_ours(a, max_n: int) -> Server:
     port = free_port()
     argv = [a.sparsellm, "serve", "--model", a.model, "--threads", str(a.threads),
-            "--parallel", str(max_n), "--ctx-size", str(max_n * a.ctx_per_stream),
+            "--parallel", str(max_n), "--ctx-size", str(a.ctx_per_stream),
             "--host", "127.0.0.1", "--port", str(port)] + shlex.split(a.ours_args)
     s = Server("sparsellm serve", argv, port, os.path.join(a.log_dir, "ours.log"))
     s.wait_healthy()

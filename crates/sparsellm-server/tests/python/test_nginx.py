@@ -17,7 +17,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import REPO, free_port, sparsellm_bin
+from server_testlib import REPO, free_port, sparsellm_bin
 
 N_PLAIN, N_STREAM = 4, 2
 

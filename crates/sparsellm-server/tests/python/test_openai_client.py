@@ -8,7 +8,7 @@ import math
 
 import openai
 import pytest
-from conftest import API_KEY
+from server_testlib import API_KEY
 
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 PROMPT = "The capital of France is Paris. The capital of Italy is"
