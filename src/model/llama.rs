@@ -743,23 +743,15 @@ impl Llama {
                     kernels::attention::attend(pool, q, kc, vc, shape(n, start), att);
                 }
                 Seqs::Many(items) => {
-                    let q_dim = c.q_dim();
                     for (b, item) in items.iter_mut().enumerate() {
-                        let rows = |d: usize| b * d..(b + 1) * d;
+                        let rows = b * kv_dim..(b + 1) * kv_dim;
                         let (kr, vr) = item.cache.append_rows(li, 1);
-                        kr.copy_from_slice(&k_new[rows(kv_dim)]);
-                        vr.copy_from_slice(&v_new[rows(kv_dim)]);
-                        let start = item.cache.len();
-                        let (kc, vc) = item.cache.layer(li);
-                        kernels::attention::attend(
-                            pool,
-                            &q[rows(q_dim)],
-                            kc,
-                            vc,
-                            shape(1, start),
-                            &mut att[rows(q_dim)],
-                        );
+                        kr.copy_from_slice(&k_new[rows.clone()]);
+                        vr.copy_from_slice(&v_new[rows]);
                     }
+                    let seqs: Vec<(&[f32], &[f32])> =
+                        items.iter().map(|i| i.cache.layer(li)).collect();
+                    kernels::attention::attend_sequences(pool, q, &seqs, shape(1, 0), att);
                 }
             }
             timer.end(Phase::Attention);
