@@ -505,17 +505,62 @@ impl Llama {
     /// Each row equals what [`forward`](Self::forward) of that token alone on that cache
     /// returns, bit for bit, whatever else is in the batch: a request's greedy output
     /// never depends on what runs beside it.
+    ///
+    /// With quantized weights (every projection and the output head) the batch is one
+    /// pass: each weight row is read once for all B tokens by the prefill kernels, whose
+    /// per-token products equal decode's bit for bit; attention runs per sequence over
+    /// its own cache. Float weights' several-token kernels sum in another order than
+    /// decode's, and a sparse hook chooses weights per token, so those batches run
+    /// sequence by sequence (the same results, without the shared weight read).
     pub fn forward_batch(
         &self,
         items: &mut [BatchItem<'_>],
         mut hook: Option<&mut (dyn MlpOverride + '_)>,
     ) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(items.len() * self.config.vocab_size);
-        for item in items.iter_mut() {
-            let h = hook.as_deref_mut();
-            out.extend(self.forward(&[item.token], item.cache, Logits::Last, h)?);
+        let c = &self.config;
+        for item in items.iter() {
+            self.check_input(&[item.token], item.cache.len())?;
         }
+        if items.len() <= 1 || hook.is_some() || !self.batches_in_one_pass() {
+            let mut out = Vec::with_capacity(items.len() * c.vocab_size);
+            for item in items.iter_mut() {
+                let h = hook.as_deref_mut();
+                out.extend(self.forward(&[item.token], item.cache, Logits::Last, h)?);
+            }
+            return Ok(out);
+        }
+        let tokens: Vec<u32> = items.iter().map(|i| i.token).collect();
+        let mut scratch = std::mem::take(&mut items[0].cache.scratch);
+        let out = self.forward_layers(
+            &tokens,
+            &mut Seqs::Many(items),
+            Logits::All,
+            None,
+            &mut scratch,
+        );
+        items[0].cache.scratch = scratch;
         Ok(out)
+    }
+
+    /// Whether [`forward_batch`](Self::forward_batch) runs a batch as one pass: every
+    /// matrix quantized, so that the several-token kernels equal decode's per token.
+    pub fn batches_in_one_pass(&self) -> bool {
+        let quant = |m: &Matrix| matches!(m.view(), WeightView::Quant(..));
+        quant(self.head())
+            && self.layers.iter().all(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .all(|p| !p.input_major && quant(&p.weight))
+            })
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending to the cache.
@@ -528,12 +573,22 @@ impl Llama {
         logits: Logits,
         mlp: Option<&mut (dyn MlpOverride + '_)>,
     ) -> Result<Vec<f32>> {
+        self.check_input(tokens, cache.len())?;
+        // The working buffers live in the cache between calls (see `Scratch`).
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        let out = self.forward_layers(tokens, &mut Seqs::One(cache), logits, mlp, &mut scratch);
+        cache.scratch = scratch;
+        Ok(out)
+    }
+
+    /// An error unless `tokens` are in the vocabulary and fit the context after `start`
+    /// positions.
+    fn check_input(&self, tokens: &[u32], start: usize) -> Result<()> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
             return Err(Error::Input("no tokens to process".into()));
         }
-        let start = cache.len();
         if start + n > c.max_position_embeddings {
             return Err(Error::Input(format!(
                 "sequence of {} tokens exceeds the model's context of {} tokens",
@@ -547,25 +602,21 @@ impl Llama {
                 c.vocab_size
             )));
         }
-        // The working buffers live in the cache between calls (see `Scratch`).
-        let mut scratch = std::mem::take(&mut cache.scratch);
-        let out = self.forward_layers(tokens, cache, logits, mlp, &mut scratch);
-        cache.scratch = scratch;
-        Ok(out)
+        Ok(())
     }
 
     fn forward_layers(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        seqs: &mut Seqs<'_, '_>,
         logits: Logits,
         mut mlp: Option<&mut (dyn MlpOverride + '_)>,
         s: &mut Scratch,
     ) -> Vec<f32> {
         let c = &self.config;
         let n = tokens.len();
-        let start = cache.len();
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let kv_dim = c.kv_dim();
         let pool = self.pool;
         let inter = c.intermediate_size;
         let timer = ForwardTimer::start(n);
@@ -583,6 +634,8 @@ impl Llama {
             rope,
             rope_local,
             im,
+            k_new,
+            v_new,
         } = s;
         let x = grow(x, n * h);
         let xn = grow(xn, n * h);
@@ -597,9 +650,15 @@ impl Llama {
             }
         }
         let interleaved = c.rope_style == RopeStyle::Interleaved;
-        rope.fill(&self.inv_freq, start, n, interleaved);
+        let mut fill_rope = |table: &mut RopeTable, inv_freq: &[f32]| match seqs {
+            Seqs::One(cache) => table.fill(inv_freq, cache.len(), n, interleaved),
+            Seqs::Many(items) => {
+                table.fill_positions(inv_freq, items.iter().map(|i| i.cache.len()), interleaved)
+            }
+        };
+        fill_rope(rope, &self.inv_freq);
         if let Some(f) = &self.inv_freq_local {
-            rope_local.fill(f, start, n, interleaved);
+            fill_rope(rope_local, f);
         }
         timer.end(Phase::Embed);
         for (li, layer) in self.layers.iter().enumerate() {
@@ -612,9 +671,13 @@ impl Llama {
             }
             timer.end(Phase::Norm);
             let a = &layer.self_attn;
-            // Keys and values go straight into the cache's new rows; the three
-            // projections share their input (one pool job for bf16 weights).
-            let (k, v) = cache.append_rows(li, n);
+            // One sequence's keys and values go straight into its cache's new rows (a
+            // batch's wait in `k_new`, `v_new` for their caches); the three projections
+            // share their input (one pool job for bf16 weights).
+            let (k, v) = match seqs {
+                Seqs::One(cache) => cache.append_rows(li, n),
+                Seqs::Many(_) => (grow(k_new, n * kv_dim), grow(v_new, n * kv_dim)),
+            };
             if a.q_proj.input_major {
                 let mask = input_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 timer.end(Phase::Threshold);
@@ -664,8 +727,7 @@ impl Llama {
             };
             ops::rope_rows(pool, table, q, k, n);
             timer.end(Phase::Rope);
-            let (kc, vc) = cache.layer(li);
-            let shape = kernels::attention::Shape {
+            let shape = |n, start| kernels::attention::Shape {
                 n,
                 start,
                 heads: c.num_heads,
@@ -674,7 +736,24 @@ impl Llama {
                 window: window.unwrap_or(usize::MAX),
                 scale: c.attention_scale(),
             };
-            kernels::attention::attend(pool, q, kc, vc, shape, att);
+            match seqs {
+                Seqs::One(cache) => {
+                    let start = cache.len();
+                    let (kc, vc) = cache.layer(li);
+                    kernels::attention::attend(pool, q, kc, vc, shape(n, start), att);
+                }
+                Seqs::Many(items) => {
+                    for (b, item) in items.iter_mut().enumerate() {
+                        let rows = b * kv_dim..(b + 1) * kv_dim;
+                        let (kr, vr) = item.cache.append_rows(li, 1);
+                        kr.copy_from_slice(&k_new[rows.clone()]);
+                        vr.copy_from_slice(&v_new[rows]);
+                    }
+                    let seqs: Vec<(&[f32], &[f32])> =
+                        items.iter().map(|i| i.cache.layer(li)).collect();
+                    kernels::attention::attend_sequences(pool, q, &seqs, shape(1, 0), att);
+                }
+            }
             timer.end(Phase::Attention);
             if a.o_proj.input_major {
                 let mask = input_mask(&mut mlp, li, InputGroup::O, att, n);
@@ -745,7 +824,15 @@ impl Llama {
                 let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
                 kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
-                ops::act_mul_par(pool, m.activation, g, u);
+                if let Seqs::Many(_) = seqs {
+                    // Row by row, as decode does it: the SIMD body and scalar tail of
+                    // each row then cover the same elements.
+                    for (g, u) in g.chunks_exact_mut(inter).zip(u.chunks_exact(inter)) {
+                        ops::act_mul_par(pool, m.activation, g, u);
+                    }
+                } else {
+                    ops::act_mul_par(pool, m.activation, g, u);
+                }
                 timer.end(Phase::SiluMul);
                 row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
                 m.down_proj.forward(pool, g, n, tmp);
@@ -756,7 +843,10 @@ impl Llama {
                 timer.end(Phase::Norm);
             }
         }
-        cache.commit(n);
+        match seqs {
+            Seqs::One(cache) => cache.commit(n),
+            Seqs::Many(items) => items.iter_mut().for_each(|i| i.cache.commit(1)),
+        }
         let rows: std::ops::Range<usize> = match logits {
             Logits::None => {
                 timer.finish();
@@ -816,6 +906,17 @@ pub struct Scratch {
     rope_local: RopeTable,
     /// The input-major decode kernel's buffers.
     im: InputMajorScratch,
+    /// A batch's new keys and values, before they go to their sequences' caches.
+    k_new: Vec<f32>,
+    v_new: Vec<f32>,
+}
+
+/// The sequences a forward pass advances.
+enum Seqs<'a, 'b> {
+    /// One sequence: its tokens at positions `cache.len()..`.
+    One(&'a mut KvCache),
+    /// One token for each of several sequences (a batched decode step).
+    Many(&'a mut [BatchItem<'b>]),
 }
 
 /// `x[t] += bias` for every row t of x ([n, bias.len()]).
