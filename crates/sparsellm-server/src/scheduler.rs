@@ -271,6 +271,8 @@ struct Sequence<'m> {
     matcher: StopMatcher,
     last_token_at: Option<Instant>,
     finished: bool,
+    /// Its client went away (its event channel is closed).
+    disconnected: bool,
 }
 
 impl<'m> Scheduler<'m> {
@@ -291,7 +293,7 @@ impl<'m> Scheduler<'m> {
             // A client that went away frees its slot before any more work is done for it.
             for s in &mut seqs {
                 if !s.finished && s.job.events.is_closed() {
-                    self.metrics.disconnects.inc();
+                    s.disconnected = true;
                     s.finished = true;
                 }
             }
@@ -332,12 +334,15 @@ impl<'m> Scheduler<'m> {
             matcher: StopMatcher::new(&job.params.stop),
             last_token_at: None,
             finished: false,
+            disconnected: false,
             job,
         }
     }
 
     /// Drops finished sequences and frees their slots.
     fn retire(&self, seqs: &mut Vec<Sequence<'m>>) {
+        let gone = seqs.iter().filter(|s| s.disconnected).count();
+        self.metrics.disconnects.inc_by(gone as u64);
         let before = seqs.len();
         seqs.retain(|s| !s.finished);
         self.queue.release(before - seqs.len());
@@ -528,6 +533,7 @@ impl<'m> Scheduler<'m> {
 fn send(s: &mut Sequence<'_>, e: Event) {
     // A closed channel: the client went away; the next step retires the sequence.
     if s.job.events.send(e).is_err() {
+        s.disconnected = true;
         s.finished = true;
     }
 }
