@@ -434,12 +434,12 @@ fn params(
         Some(m) => m,
         None => ctx.saturating_sub(prompt_tokens) as u64,
     };
-    if max_tokens == 0 || prompt_tokens as u64 + max_tokens > ctx as u64 {
+    if max_tokens == 0 || (prompt_tokens as u64).saturating_add(max_tokens) > ctx as u64 {
         return Err(ApiError::invalid(
             Some("messages"),
             format!(
                 "This server's context is {ctx} tokens per request (--ctx-size); the prompt has {prompt_tokens} tokens and {max_tokens} more were asked for (max_tokens): {} in all. Shorten the prompt or lower max_tokens.",
-                prompt_tokens as u64 + max_tokens.max(1)
+                (prompt_tokens as u64).saturating_add(max_tokens.max(1))
             ),
         )
         .with_code("context_length_exceeded"));

@@ -630,6 +630,26 @@ fn a_disconnect_frees_its_sequence_and_a_full_queue_refuses_at_once() {
     });
     assert_eq!(metric(&base, "sparsellm_client_disconnects_total"), 1.0);
     assert!(metric(&base, "sparsellm_completion_tokens_total") < 400.0);
+    // A client that gives up on a whole (non-streamed) response frees its slot too.
+    let impatient: ureq::Agent = ureq::Agent::config_builder()
+        .proxy(None)
+        .timeout_global(Some(Duration::from_millis(500)))
+        .build()
+        .into();
+    let r = impatient
+        .post(&url)
+        .header("content-type", "application/json")
+        .send(
+            json!({"prompt": "Once", "max_tokens": 400, "ignore_eos": true})
+                .to_string()
+                .as_bytes(),
+        );
+    assert!(r.is_err(), "400 tokens in 0.5 s?");
+    wait_until("the abandoned request freed", || {
+        metric(&base, "sparsellm_active_sequences") == 0.0
+    });
+    assert_eq!(metric(&base, "sparsellm_client_disconnects_total"), 2.0);
+    assert!(metric(&base, "sparsellm_completion_tokens_total") < 800.0);
     // Still serving.
     let v = ok(&url, &json!({"prompt": "Hi", "max_tokens": 2}));
     assert_eq!(v["usage"]["completion_tokens"], 2);
@@ -657,5 +677,25 @@ fn a_disconnect_frees_its_sequence_and_a_full_queue_refuses_at_once() {
         statuses.contains(&200) && statuses.contains(&429),
         "{statuses:?}"
     );
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn a_sparse_server_reports_its_mlp_density() {
+    let server = start(|o| {
+        o.parallel = 2;
+        o.sparse = sparsellm::session::SparseSettings {
+            spec: "density:0.5".into(),
+            ..Default::default()
+        };
+    });
+    let base = server.url();
+    let v = ok(
+        &format!("{base}/v1/completions"),
+        &json!({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+    let d = metric(&base, "sparsellm_mlp_density");
+    assert!((0.45..=0.55).contains(&d), "density {d}");
     server.shutdown().unwrap();
 }
