@@ -33,6 +33,52 @@ pub fn attend(
     attend_path(pool, q, keys, values, shape, true, out);
 }
 
+/// One new token for each of several sequences (a batched decode step): token b's query
+/// is row b of `q` ([seqs.len(), heads * d]) and it sits at the last position of
+/// `seqs[b]` (its keys and values, `[positions, kv_heads * d]`, its own row included);
+/// `shape` gives the heads, window and scale (its `n` and `start` are unused). Each row
+/// of `out` equals, bit for bit, [`attend`] of that token alone on its sequence; the
+/// tokens share one pool job.
+pub fn attend_sequences(
+    pool: &ThreadPool,
+    q: &[f32],
+    seqs: &[(&[f32], &[f32])],
+    shape: Shape,
+    out: &mut [f32],
+) {
+    let Shape {
+        heads, kv_heads, d, ..
+    } = shape;
+    let (kv_dim, row) = (kv_heads * d, heads * d);
+    assert_eq!(q.len(), seqs.len() * row);
+    assert_eq!(out.len(), seqs.len() * row);
+    assert!(shape.window > 0, "attention window of 0 positions");
+    let mut max_len = 0;
+    for (k, v) in seqs {
+        assert!(k.len() == v.len() && k.len() >= kv_dim && k.len().is_multiple_of(kv_dim));
+        max_len = max_len.max(k.len() / kv_dim);
+    }
+    let alone = |b: usize| Shape {
+        n: 1,
+        start: seqs[b].0.len() / kv_dim - 1,
+        ..shape
+    };
+    // A token alone may take the blocked path when its group is that large: do as it.
+    if heads.is_multiple_of(kv_heads) && heads / kv_heads >= 16 {
+        for (b, (k, v)) in seqs.iter().enumerate() {
+            let rows = b * row..(b + 1) * row;
+            attend(pool, &q[rows.clone()], k, v, alone(b), &mut out[rows]);
+        }
+        return;
+    }
+    let token = |b: usize| (seqs[b].0, seqs[b].1, alone(b).start);
+    let shape = Shape {
+        n: seqs.len(),
+        ..shape
+    };
+    attend_tokens(pool, q, shape, max_len, &token, out);
+}
+
 /// [`attend`], with the blocked prefill path allowed or not (for comparisons).
 fn attend_path(
     pool: &ThreadPool,
@@ -58,8 +104,6 @@ fn attend_path(
     assert!(keys.len() >= (start + n) * kv_dim && values.len() >= (start + n) * kv_dim);
     assert!(window > 0, "attention window of 0 positions");
     let group = heads / kv_heads;
-    // The first position token t sees.
-    let first_pos = |t: usize| (start + t + 1).saturating_sub(window);
     // The blocked path masks only the causal limit: it runs when no window cuts in.
     #[cfg(target_arch = "x86_64")]
     if blocked
@@ -73,6 +117,37 @@ fn attend_path(
         return attend_blocked(pool, q, keys, values, shape, scale, out);
     }
     let _ = blocked;
+    let token = |t: usize| (keys, values, start + t);
+    attend_tokens(pool, q, shape, start + n, &token, out);
+}
+
+/// Where a token of [`attend_tokens`] looks: its sequence's keys and values (`[positions,
+/// kv_heads * d]`) and its own position in them.
+type TokenSeq<'a> = dyn Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync + 'a;
+
+/// The per-token paths of [`attend`] (every path but the blocked one): `shape.n` tokens,
+/// token t over `token(t)`, which sees at most `max_len` positions.
+fn attend_tokens(
+    pool: &ThreadPool,
+    q: &[f32],
+    shape: Shape,
+    max_len: usize,
+    token: &TokenSeq<'_>,
+    out: &mut [f32],
+) {
+    let Shape {
+        n,
+        heads,
+        kv_heads,
+        d,
+        window,
+        scale,
+        ..
+    } = shape;
+    let kv_dim = kv_heads * d;
+    let group = heads / kv_heads;
+    // The first position token t sees.
+    let first_pos = |pos: usize| (pos + 1).saturating_sub(window);
     let dst = SharedMut(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
     if super::gemm_avx512::has_f32() && d.is_multiple_of(16) && heads.is_multiple_of(kv_heads) {
@@ -81,18 +156,19 @@ fn attend_path(
         let items = n * kv_heads;
         pool.for_chunks(chunks(pool, items), &|c, chunks| {
             let range = split_range(items, 1, c, chunks);
-            let mut scores = vec![0f32; group * (start + n)];
+            let mut scores = vec![0f32; group * max_len];
             for item in range {
                 let (t, kvh) = (item / kv_heads, item % kv_heads);
-                let lo = first_pos(t);
-                let len = start + t + 1 - lo;
+                let (keys, values, pos) = token(t);
+                let lo = first_pos(pos);
+                let len = pos + 1 - lo;
                 let first = t * heads + kvh * group;
                 // SAFETY: has_f32() checked the CPU. Item (t, kvh) owns the `group`
                 // output rows of heads kvh * group.. of token t ([first * d..][..group *
                 // d]); items are disjoint across chunks (split_range) and `out`
                 // outlives the call. q, keys and values hold the rows read (positions
-                // lo..lo + len <= start + n, asserted sizes above), and `scores` holds
-                // group * len floats.
+                // lo..=pos, asserted sizes in the callers), and `scores` holds group * len
+                // <= group * max_len floats.
                 unsafe {
                     attend_item_avx512(
                         q.as_ptr().add(first * d),
@@ -114,14 +190,15 @@ fn attend_path(
     let items = n * heads;
     pool.for_chunks(chunks(pool, items), &|c, chunks| {
         let range = split_range(items, 1, c, chunks);
-        let mut scores = Vec::with_capacity(start + n);
+        let mut scores = Vec::with_capacity(max_len);
         for item in range {
             let (t, h) = (item / heads, item % heads);
+            let (keys, values, pos) = token(t);
             let kvh = h / group;
             let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
-            let lo = first_pos(t);
+            let lo = first_pos(pos);
             scores.clear();
-            scores.extend((lo..start + t + 1).map(|p| {
+            scores.extend((lo..pos + 1).map(|p| {
                 dot_f32(qh, &keys[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale
             }));
             softmax(&mut scores);
@@ -728,6 +805,59 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
             })
             .collect()
+    }
+
+    #[test]
+    fn attend_sequences_equals_each_token_alone() {
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            // (9, 3): the AVX-512 item path; (32, 2): a group of 16, which alone may
+            // take the blocked path; (6, 2, 24): d not a multiple of 16 (scalar path).
+            for (heads, kv_heads, d) in [(9, 3, 64), (32, 2, 32), (6, 2, 24)] {
+                for window in [usize::MAX, 5] {
+                    let kv_dim = kv_heads * d;
+                    let lens = [1, 7, 33, 2, 18];
+                    let kv: Vec<(Vec<f32>, Vec<f32>)> = lens
+                        .iter()
+                        .enumerate()
+                        .map(|(b, &len)| {
+                            let seed = 10 * b as u64;
+                            (data(len * kv_dim, seed + 1), data(len * kv_dim, seed + 2))
+                        })
+                        .collect();
+                    let seqs: Vec<(&[f32], &[f32])> =
+                        kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+                    let row = heads * d;
+                    let q = data(lens.len() * row, 99);
+                    let shape = |n, start| Shape {
+                        n,
+                        start,
+                        heads,
+                        kv_heads,
+                        d,
+                        window,
+                        scale: 0.125,
+                    };
+                    let mut got = vec![0f32; lens.len() * row];
+                    attend_sequences(&pool, &q, &seqs, shape(0, 0), &mut got);
+                    for (b, &len) in lens.iter().enumerate() {
+                        let mut one = vec![0f32; row];
+                        let (k, v) = seqs[b];
+                        let qb = &q[b * row..(b + 1) * row];
+                        attend(&pool, qb, k, v, shape(1, len - 1), &mut one);
+                        assert_eq!(
+                            &got[b * row..(b + 1) * row],
+                            &one[..],
+                            "{heads}/{kv_heads}x{d} window {window} sequence {b}"
+                        );
+                        let want = reference(qb, k, v, shape(1, len - 1));
+                        for (a, w) in one.iter().zip(&want) {
+                            assert!((a - w).abs() < 1e-4, "{a} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

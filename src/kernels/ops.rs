@@ -238,19 +238,31 @@ impl RopeTable {
 
     /// Refills the table (keeping its buffers) for positions `start..start + n`.
     pub fn fill(&mut self, inv_freq: &[f32], start: usize, n: usize, interleaved: bool) {
+        self.fill_positions(inv_freq, start..start + n, interleaved);
+    }
+
+    /// Refills the table for `positions`, one row each (a batch of sequences: each
+    /// token at its own position).
+    pub fn fill_positions(
+        &mut self,
+        inv_freq: &[f32],
+        positions: impl ExactSizeIterator<Item = usize>,
+        interleaved: bool,
+    ) {
         let half = inv_freq.len();
         let d = 2 * half;
+        let n = positions.len();
         self.head_dim = d;
         self.interleaved = interleaved;
         self.cos.resize(n * d, 0.0);
         self.sin.resize(n * d, 0.0);
-        for t in 0..n {
+        for (t, pos) in positions.enumerate() {
             let (c, s) = (
                 &mut self.cos[t * d..(t + 1) * d],
                 &mut self.sin[t * d..(t + 1) * d],
             );
             for (i, &f) in inv_freq.iter().enumerate() {
-                let a = (start + t) as f32 * f;
+                let a = pos as f32 * f;
                 let (sin, cos) = (a.sin(), a.cos());
                 let (lo, hi) = if interleaved {
                     (2 * i, 2 * i + 1)

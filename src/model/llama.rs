@@ -63,6 +63,11 @@ impl Linear {
         }
     }
 
+    /// The weights and output count, as [`kernels::matmul_many`] takes them (row-major).
+    fn ws(&self) -> (WeightView<'_>, usize) {
+        (self.weight.view(), self.weight.rows)
+    }
+
     /// Row `r` of `W` (output r's weights, `[in]`) widened to f32, whatever the layout.
     pub fn output_row_to_f32(&self, r: usize, out: &mut [f32]) {
         if self.input_major {
@@ -505,17 +510,47 @@ impl Llama {
     /// Each row equals what [`forward`](Self::forward) of that token alone on that cache
     /// returns, bit for bit, whatever else is in the batch: a request's greedy output
     /// never depends on what runs beside it.
+    ///
+    /// With row-major weights the batch is one pass: each tile of weight rows is read
+    /// from memory once for all B tokens by kernels whose per-token products equal
+    /// decode's bit for bit ([`kernels::matmul_per_token`]), and attention runs per
+    /// sequence over its own cache in one pool job. A sparse hook chooses weights per
+    /// token, and input-major weights serve it, so those batches run sequence by
+    /// sequence (the same results, without the shared weight read).
     pub fn forward_batch(
         &self,
         items: &mut [BatchItem<'_>],
         mut hook: Option<&mut (dyn MlpOverride + '_)>,
     ) -> Result<Vec<f32>> {
-        let mut out = Vec::with_capacity(items.len() * self.config.vocab_size);
-        for item in items.iter_mut() {
-            let h = hook.as_deref_mut();
-            out.extend(self.forward(&[item.token], item.cache, Logits::Last, h)?);
+        let c = &self.config;
+        for item in items.iter() {
+            self.check_input(&[item.token], item.cache.len())?;
         }
+        if items.len() <= 1 || hook.is_some() || !self.batches_in_one_pass() {
+            let mut out = Vec::with_capacity(items.len() * c.vocab_size);
+            for item in items.iter_mut() {
+                let h = hook.as_deref_mut();
+                out.extend(self.forward(&[item.token], item.cache, Logits::Last, h)?);
+            }
+            return Ok(out);
+        }
+        let tokens: Vec<u32> = items.iter().map(|i| i.token).collect();
+        let mut scratch = std::mem::take(&mut items[0].cache.scratch);
+        let out = self.forward_layers(
+            &tokens,
+            &mut Seqs::Many(items),
+            Logits::All,
+            None,
+            &mut scratch,
+        );
+        items[0].cache.scratch = scratch;
         Ok(out)
+    }
+
+    /// Whether [`forward_batch`](Self::forward_batch) without a hook runs a batch as one
+    /// pass (row-major weights).
+    pub fn batches_in_one_pass(&self) -> bool {
+        self.layout() == WeightLayout::RowMajor
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending to the cache.
@@ -528,12 +563,22 @@ impl Llama {
         logits: Logits,
         mlp: Option<&mut (dyn MlpOverride + '_)>,
     ) -> Result<Vec<f32>> {
+        self.check_input(tokens, cache.len())?;
+        // The working buffers live in the cache between calls (see `Scratch`).
+        let mut scratch = std::mem::take(&mut cache.scratch);
+        let out = self.forward_layers(tokens, &mut Seqs::One(cache), logits, mlp, &mut scratch);
+        cache.scratch = scratch;
+        Ok(out)
+    }
+
+    /// An error unless `tokens` are in the vocabulary and fit the context after `start`
+    /// positions.
+    fn check_input(&self, tokens: &[u32], start: usize) -> Result<()> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
             return Err(Error::Input("no tokens to process".into()));
         }
-        let start = cache.len();
         if start + n > c.max_position_embeddings {
             return Err(Error::Input(format!(
                 "sequence of {} tokens exceeds the model's context of {} tokens",
@@ -547,29 +592,27 @@ impl Llama {
                 c.vocab_size
             )));
         }
-        // The working buffers live in the cache between calls (see `Scratch`).
-        let mut scratch = std::mem::take(&mut cache.scratch);
-        let out = self.forward_layers(tokens, cache, logits, mlp, &mut scratch);
-        cache.scratch = scratch;
-        Ok(out)
+        Ok(())
     }
 
     fn forward_layers(
         &self,
         tokens: &[u32],
-        cache: &mut KvCache,
+        seqs: &mut Seqs<'_, '_>,
         logits: Logits,
         mut mlp: Option<&mut (dyn MlpOverride + '_)>,
         s: &mut Scratch,
     ) -> Vec<f32> {
         let c = &self.config;
         let n = tokens.len();
-        let start = cache.len();
         let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+        let kv_dim = c.kv_dim();
         let pool = self.pool;
         let inter = c.intermediate_size;
         let timer = ForwardTimer::start(n);
         let masks = mlp.as_deref().is_some_and(|o| o.masks_inputs());
+        // A batch of sequences: every product as decode computes it, token by token.
+        let per_token = matches!(seqs, Seqs::Many(_));
         let Scratch {
             x,
             xn,
@@ -583,6 +626,8 @@ impl Llama {
             rope,
             rope_local,
             im,
+            k_new,
+            v_new,
         } = s;
         let x = grow(x, n * h);
         let xn = grow(xn, n * h);
@@ -597,9 +642,15 @@ impl Llama {
             }
         }
         let interleaved = c.rope_style == RopeStyle::Interleaved;
-        rope.fill(&self.inv_freq, start, n, interleaved);
+        let mut fill_rope = |table: &mut RopeTable, inv_freq: &[f32]| match seqs {
+            Seqs::One(cache) => table.fill(inv_freq, cache.len(), n, interleaved),
+            Seqs::Many(items) => {
+                table.fill_positions(inv_freq, items.iter().map(|i| i.cache.len()), interleaved)
+            }
+        };
+        fill_rope(rope, &self.inv_freq);
         if let Some(f) = &self.inv_freq_local {
-            rope_local.fill(f, start, n, interleaved);
+            fill_rope(rope_local, f);
         }
         timer.end(Phase::Embed);
         for (li, layer) in self.layers.iter().enumerate() {
@@ -612,9 +663,13 @@ impl Llama {
             }
             timer.end(Phase::Norm);
             let a = &layer.self_attn;
-            // Keys and values go straight into the cache's new rows; the three
-            // projections share their input (one pool job for bf16 weights).
-            let (k, v) = cache.append_rows(li, n);
+            // One sequence's keys and values go straight into its cache's new rows (a
+            // batch's wait in `k_new`, `v_new` for their caches); the three projections
+            // share their input (one pool job for bf16 weights).
+            let (k, v) = match seqs {
+                Seqs::One(cache) => cache.append_rows(li, n),
+                Seqs::Many(_) => (grow(k_new, n * kv_dim), grow(v_new, n * kv_dim)),
+            };
             if a.q_proj.input_major {
                 let mask = input_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 timer.end(Phase::Threshold);
@@ -647,7 +702,15 @@ impl Llama {
                 row_major_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 let ws =
                     [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
-                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
+                matmul_many(
+                    pool,
+                    per_token,
+                    &ws,
+                    h,
+                    xn,
+                    n,
+                    &mut [&mut *q, &mut *k, &mut *v],
+                );
             }
             add_bias(q, a.q_bias.as_deref());
             add_bias(k, a.k_bias.as_deref());
@@ -664,8 +727,7 @@ impl Llama {
             };
             ops::rope_rows(pool, table, q, k, n);
             timer.end(Phase::Rope);
-            let (kc, vc) = cache.layer(li);
-            let shape = kernels::attention::Shape {
+            let shape = |n, start| kernels::attention::Shape {
                 n,
                 start,
                 heads: c.num_heads,
@@ -674,7 +736,24 @@ impl Llama {
                 window: window.unwrap_or(usize::MAX),
                 scale: c.attention_scale(),
             };
-            kernels::attention::attend(pool, q, kc, vc, shape, att);
+            match seqs {
+                Seqs::One(cache) => {
+                    let start = cache.len();
+                    let (kc, vc) = cache.layer(li);
+                    kernels::attention::attend(pool, q, kc, vc, shape(n, start), att);
+                }
+                Seqs::Many(items) => {
+                    for (b, item) in items.iter_mut().enumerate() {
+                        let rows = b * kv_dim..(b + 1) * kv_dim;
+                        let (kr, vr) = item.cache.append_rows(li, 1);
+                        kr.copy_from_slice(&k_new[rows.clone()]);
+                        vr.copy_from_slice(&v_new[rows]);
+                    }
+                    let seqs: Vec<(&[f32], &[f32])> =
+                        items.iter().map(|i| i.cache.layer(li)).collect();
+                    kernels::attention::attend_sequences(pool, q, &seqs, shape(1, 0), att);
+                }
+            }
             timer.end(Phase::Attention);
             if a.o_proj.input_major {
                 let mask = input_mask(&mut mlp, li, InputGroup::O, att, n);
@@ -682,7 +761,15 @@ impl Llama {
                 a.o_proj.project(pool, att, n, tmp, mask.kept(), im);
             } else {
                 row_major_mask(&mut mlp, li, InputGroup::O, att, n);
-                a.o_proj.forward(pool, att, n, tmp);
+                matmul_many(
+                    pool,
+                    per_token,
+                    &[a.o_proj.ws()],
+                    c.q_dim(),
+                    att,
+                    n,
+                    &mut [tmp],
+                );
             }
             timer.end(Phase::OProj);
             if let Some(w) = &layer.attn_output_norm {
@@ -700,6 +787,7 @@ impl Llama {
                 // threshold, ...); what it spent outside them lands here.
                 timer.end(Phase::MlpOther);
             } else if !masks
+                && !per_token
                 && m.activation == Activation::Silu
                 && kernels::linear::swiglu_packed(
                     pool,
@@ -743,12 +831,28 @@ impl Llama {
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
                 row_major_mask(&mut mlp, li, InputGroup::GateUp, xn, n);
                 let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
-                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
+                matmul_many(pool, per_token, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
-                ops::act_mul_par(pool, m.activation, g, u);
+                if let Seqs::Many(_) = seqs {
+                    // Row by row, as decode does it: the SIMD body and scalar tail of
+                    // each row then cover the same elements.
+                    for (g, u) in g.chunks_exact_mut(inter).zip(u.chunks_exact(inter)) {
+                        ops::act_mul_par(pool, m.activation, g, u);
+                    }
+                } else {
+                    ops::act_mul_par(pool, m.activation, g, u);
+                }
                 timer.end(Phase::SiluMul);
                 row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
-                m.down_proj.forward(pool, g, n, tmp);
+                matmul_many(
+                    pool,
+                    per_token,
+                    &[m.down_proj.ws()],
+                    inter,
+                    g,
+                    n,
+                    &mut [tmp],
+                );
                 timer.end(Phase::Down);
             }
             if let Some(w) = &layer.mlp_output_norm {
@@ -756,7 +860,10 @@ impl Llama {
                 timer.end(Phase::Norm);
             }
         }
-        cache.commit(n);
+        match seqs {
+            Seqs::One(cache) => cache.commit(n),
+            Seqs::Many(items) => items.iter_mut().for_each(|i| i.cache.commit(1)),
+        }
         let rows: std::ops::Range<usize> = match logits {
             Logits::None => {
                 timer.finish();
@@ -777,14 +884,14 @@ impl Llama {
         );
         let head = self.head();
         let mut out = vec![0f32; m * c.vocab_size];
-        kernels::matmul(
+        matmul_many(
             pool,
-            head.view(),
-            head.rows,
-            head.cols,
+            per_token,
+            &[(head.view(), head.rows)],
+            h,
             &xn[..m * h],
             m,
-            &mut out,
+            &mut [&mut out],
         );
         if let Some(cap) = c.final_logit_softcapping {
             out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
@@ -816,6 +923,37 @@ pub struct Scratch {
     rope_local: RopeTable,
     /// The input-major decode kernel's buffers.
     im: InputMajorScratch,
+    /// A batch's new keys and values, before they go to their sequences' caches.
+    k_new: Vec<f32>,
+    v_new: Vec<f32>,
+}
+
+/// The sequences a forward pass advances.
+enum Seqs<'a, 'b> {
+    /// One sequence: its tokens at positions `cache.len()..`.
+    One(&'a mut KvCache),
+    /// One token for each of several sequences (a batched decode step).
+    Many(&'a mut [BatchItem<'b>]),
+}
+
+/// [`kernels::matmul_many`], or with `per_token` each matrix by
+/// [`kernels::matmul_per_token`] (a batch of sequences: each token's products as its
+/// decode step alone computes them).
+fn matmul_many(
+    pool: &ThreadPool,
+    per_token: bool,
+    ws: &[(WeightView<'_>, usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    if !per_token {
+        return kernels::matmul_many(pool, ws, cols, x, n, outs);
+    }
+    for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
+        kernels::matmul_per_token(pool, w, rows, cols, x, n, out);
+    }
 }
 
 /// `x[t] += bias` for every row t of x ([n, bias.len()]).
