@@ -142,10 +142,12 @@ fn quantized_batches_are_one_pass_and_equal_decoding_alone() {
 }
 
 #[test]
-fn float_batches_equal_decoding_alone() {
-    let model = load(LoadDType::To(DType::BF16));
-    assert!(!model.batches_in_one_pass());
-    check_batches_equal_alone(&model, "bf16");
+fn float_batches_are_one_pass_and_equal_decoding_alone() {
+    for dtype in [DType::BF16, DType::F32] {
+        let model = load(LoadDType::To(dtype));
+        assert!(model.batches_in_one_pass());
+        check_batches_equal_alone(&model, dtype.name());
+    }
 }
 
 #[test]

@@ -63,6 +63,11 @@ impl Linear {
         }
     }
 
+    /// The weights and output count, as [`kernels::matmul_many`] takes them (row-major).
+    fn ws(&self) -> (WeightView<'_>, usize) {
+        (self.weight.view(), self.weight.rows)
+    }
+
     /// Row `r` of `W` (output r's weights, `[in]`) widened to f32, whatever the layout.
     pub fn output_row_to_f32(&self, r: usize, out: &mut [f32]) {
         if self.input_major {
@@ -506,12 +511,12 @@ impl Llama {
     /// returns, bit for bit, whatever else is in the batch: a request's greedy output
     /// never depends on what runs beside it.
     ///
-    /// With quantized weights (every projection and the output head) the batch is one
-    /// pass: each weight row is read once for all B tokens by the prefill kernels, whose
-    /// per-token products equal decode's bit for bit; attention runs per sequence over
-    /// its own cache. Float weights' several-token kernels sum in another order than
-    /// decode's, and a sparse hook chooses weights per token, so those batches run
-    /// sequence by sequence (the same results, without the shared weight read).
+    /// With row-major weights the batch is one pass: each tile of weight rows is read
+    /// from memory once for all B tokens by kernels whose per-token products equal
+    /// decode's bit for bit ([`kernels::matmul_per_token`]), and attention runs per
+    /// sequence over its own cache in one pool job. A sparse hook chooses weights per
+    /// token, and input-major weights serve it, so those batches run sequence by
+    /// sequence (the same results, without the shared weight read).
     pub fn forward_batch(
         &self,
         items: &mut [BatchItem<'_>],
@@ -542,25 +547,10 @@ impl Llama {
         Ok(out)
     }
 
-    /// Whether [`forward_batch`](Self::forward_batch) runs a batch as one pass: every
-    /// matrix quantized, so that the several-token kernels equal decode's per token.
+    /// Whether [`forward_batch`](Self::forward_batch) without a hook runs a batch as one
+    /// pass (row-major weights).
     pub fn batches_in_one_pass(&self) -> bool {
-        let quant = |m: &Matrix| matches!(m.view(), WeightView::Quant(..));
-        quant(self.head())
-            && self.layers.iter().all(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
-                .iter()
-                .all(|p| !p.input_major && quant(&p.weight))
-            })
+        self.layout() == WeightLayout::RowMajor
     }
 
     /// Runs `tokens` at positions `cache.len()..`, appending to the cache.
@@ -621,6 +611,8 @@ impl Llama {
         let inter = c.intermediate_size;
         let timer = ForwardTimer::start(n);
         let masks = mlp.as_deref().is_some_and(|o| o.masks_inputs());
+        // A batch of sequences: every product as decode computes it, token by token.
+        let per_token = matches!(seqs, Seqs::Many(_));
         let Scratch {
             x,
             xn,
@@ -710,7 +702,15 @@ impl Llama {
                 row_major_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 let ws =
                     [&a.q_proj, &a.k_proj, &a.v_proj].map(|l| (l.weight.view(), l.weight.rows));
-                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *q, &mut *k, &mut *v]);
+                matmul_many(
+                    pool,
+                    per_token,
+                    &ws,
+                    h,
+                    xn,
+                    n,
+                    &mut [&mut *q, &mut *k, &mut *v],
+                );
             }
             add_bias(q, a.q_bias.as_deref());
             add_bias(k, a.k_bias.as_deref());
@@ -761,7 +761,15 @@ impl Llama {
                 a.o_proj.project(pool, att, n, tmp, mask.kept(), im);
             } else {
                 row_major_mask(&mut mlp, li, InputGroup::O, att, n);
-                a.o_proj.forward(pool, att, n, tmp);
+                matmul_many(
+                    pool,
+                    per_token,
+                    &[a.o_proj.ws()],
+                    c.q_dim(),
+                    att,
+                    n,
+                    &mut [tmp],
+                );
             }
             timer.end(Phase::OProj);
             if let Some(w) = &layer.attn_output_norm {
@@ -779,6 +787,7 @@ impl Llama {
                 // threshold, ...); what it spent outside them lands here.
                 timer.end(Phase::MlpOther);
             } else if !masks
+                && !per_token
                 && m.activation == Activation::Silu
                 && kernels::linear::swiglu_packed(
                     pool,
@@ -822,7 +831,7 @@ impl Llama {
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
                 row_major_mask(&mut mlp, li, InputGroup::GateUp, xn, n);
                 let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
-                kernels::matmul_many(pool, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
+                matmul_many(pool, per_token, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
                 if let Seqs::Many(_) = seqs {
                     // Row by row, as decode does it: the SIMD body and scalar tail of
@@ -835,7 +844,15 @@ impl Llama {
                 }
                 timer.end(Phase::SiluMul);
                 row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
-                m.down_proj.forward(pool, g, n, tmp);
+                matmul_many(
+                    pool,
+                    per_token,
+                    &[m.down_proj.ws()],
+                    inter,
+                    g,
+                    n,
+                    &mut [tmp],
+                );
                 timer.end(Phase::Down);
             }
             if let Some(w) = &layer.mlp_output_norm {
@@ -867,14 +884,14 @@ impl Llama {
         );
         let head = self.head();
         let mut out = vec![0f32; m * c.vocab_size];
-        kernels::matmul(
+        matmul_many(
             pool,
-            head.view(),
-            head.rows,
-            head.cols,
+            per_token,
+            &[(head.view(), head.rows)],
+            h,
             &xn[..m * h],
             m,
-            &mut out,
+            &mut [&mut out],
         );
         if let Some(cap) = c.final_logit_softcapping {
             out.iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
@@ -917,6 +934,26 @@ enum Seqs<'a, 'b> {
     One(&'a mut KvCache),
     /// One token for each of several sequences (a batched decode step).
     Many(&'a mut [BatchItem<'b>]),
+}
+
+/// [`kernels::matmul_many`], or with `per_token` each matrix by
+/// [`kernels::matmul_per_token`] (a batch of sequences: each token's products as its
+/// decode step alone computes them).
+fn matmul_many(
+    pool: &ThreadPool,
+    per_token: bool,
+    ws: &[(WeightView<'_>, usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    if !per_token {
+        return kernels::matmul_many(pool, ws, cols, x, n, outs);
+    }
+    for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
+        kernels::matmul_per_token(pool, w, rows, cols, x, n, out);
+    }
 }
 
 /// `x[t] += bias` for every row t of x ([n, bias.len()]).

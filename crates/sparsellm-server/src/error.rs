@@ -39,6 +39,22 @@ impl ApiError {
         self
     }
 
+    /// A body over the cap (`limit` bytes; 0: not known here).
+    pub fn too_large(limit: usize) -> ApiError {
+        let cap = if limit > 0 {
+            format!(" of {limit} bytes")
+        } else {
+            String::new()
+        };
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: format!("The request body is larger than the server's limit{cap}"),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
     pub fn unauthorized() -> ApiError {
         ApiError {
             status: StatusCode::UNAUTHORIZED,
@@ -133,13 +149,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = Bytes::from_request(req, state).await.map_err(|r| {
             if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError {
-                    status: StatusCode::PAYLOAD_TOO_LARGE,
-                    message: "The request body is larger than the server accepts".into(),
-                    kind: "invalid_request_error",
-                    param: None,
-                    code: Some("request_too_large"),
-                }
+                ApiError::too_large(0)
             } else {
                 ApiError::invalid(
                     None,

@@ -69,11 +69,16 @@ pub fn router(state: AppRef, body_limit: usize) -> Router {
         .route("/health", get(health))
         .fallback(|| async { ApiError::not_found("This path is") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(
+            body_limit,
+            refuse_large_bodies,
+        ))
+        // Outermost: counts every answer, refusals included.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
-        .layer(DefaultBodyLimit::max(body_limit))
         .layer(RequestBodyTimeoutLayer::new(Duration::from_secs(60)))
         .with_state(state)
 }
@@ -96,6 +101,20 @@ async fn require_api_key(State(st): State<AppRef>, req: Request, next: Next) -> 
         if !ok {
             return ApiError::unauthorized().into_response();
         }
+    }
+    next.run(req).await
+}
+
+/// A body announced larger than the cap is refused before any of it is read (a chunked
+/// body is cut at the cap by `DefaultBodyLimit`, with the same error).
+async fn refuse_large_bodies(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return ApiError::too_large(limit).into_response();
     }
     next.run(req).await
 }
@@ -415,12 +434,12 @@ fn params(
         Some(m) => m,
         None => ctx.saturating_sub(prompt_tokens) as u64,
     };
-    if max_tokens == 0 || prompt_tokens as u64 + max_tokens > ctx as u64 {
+    if max_tokens == 0 || (prompt_tokens as u64).saturating_add(max_tokens) > ctx as u64 {
         return Err(ApiError::invalid(
             Some("messages"),
             format!(
                 "This server's context is {ctx} tokens per request (--ctx-size); the prompt has {prompt_tokens} tokens and {max_tokens} more were asked for (max_tokens): {} in all. Shorten the prompt or lower max_tokens.",
-                prompt_tokens as u64 + max_tokens.max(1)
+                (prompt_tokens as u64).saturating_add(max_tokens.max(1))
             ),
         )
         .with_code("context_length_exceeded"));

@@ -2,8 +2,8 @@
 //! runs every sequence. Requests wait in a bounded queue; up to `parallel` of them hold a
 //! slot, each with its own KV cache, sampler, stop matcher and stream decoder. Each step:
 //! admit waiting requests into free slots, drop the sequences whose client went away,
-//! advance at most one prefill chunk (so running streams keep flowing while a long prompt
-//! is read), then decode one token for every decoding sequence in a single
+//! read at most `prefill_chunk` prompt tokens (so running streams keep flowing while a
+//! long prompt is read), then decode one token for every decoding sequence in a single
 //! `forward_batch` and send each its text.
 
 use std::collections::VecDeque;
@@ -271,6 +271,8 @@ struct Sequence<'m> {
     matcher: StopMatcher,
     last_token_at: Option<Instant>,
     finished: bool,
+    /// Its client went away (its event channel is closed).
+    disconnected: bool,
 }
 
 impl<'m> Scheduler<'m> {
@@ -291,7 +293,7 @@ impl<'m> Scheduler<'m> {
             // A client that went away frees its slot before any more work is done for it.
             for s in &mut seqs {
                 if !s.finished && s.job.events.is_closed() {
-                    self.metrics.disconnects.inc();
+                    s.disconnected = true;
                     s.finished = true;
                 }
             }
@@ -332,48 +334,56 @@ impl<'m> Scheduler<'m> {
             matcher: StopMatcher::new(&job.params.stop),
             last_token_at: None,
             finished: false,
+            disconnected: false,
             job,
         }
     }
 
     /// Drops finished sequences and frees their slots.
     fn retire(&self, seqs: &mut Vec<Sequence<'m>>) {
+        let gone = seqs.iter().filter(|s| s.disconnected).count();
+        self.metrics.disconnects.inc_by(gone as u64);
         let before = seqs.len();
         seqs.retain(|s| !s.finished);
         self.queue.release(before - seqs.len());
     }
 
-    /// Reads the next chunk of the first sequence still reading its prompt; its last
-    /// chunk gives the logits of the first generated token.
+    /// Reads prompt chunks, oldest sequence first, up to `prefill_chunk` tokens in all
+    /// (at least one chunk): several short prompts start in one step, a long one takes a
+    /// step per chunk. A prompt is always cut at multiples of `prefill_chunk` from its
+    /// start, whatever else is prefilling, so its logits never depend on other requests.
+    /// A prompt's last chunk gives the logits of its first generated token.
     fn prefill_step(&mut self, seqs: &mut [Sequence<'m>]) {
-        let Some(i) = seqs
-            .iter()
-            .position(|s| !s.finished && s.prefilled < s.job.prompt.len())
-        else {
-            return;
-        };
         let chunk = self.config.prefill_chunk.max(1);
-        let (start, len) = (seqs[i].prefilled, seqs[i].job.prompt.len());
-        let end = (start + chunk).min(len);
-        let last = end == len;
         let loaded: &'m LoadedModel = self.loaded;
         let model = &loaded.model;
-        let mut hook = self.hook();
-        let s = &mut seqs[i];
-        let r = model.forward(
-            &s.job.prompt[start..end],
-            &mut s.cache,
-            if last { Logits::Last } else { Logits::None },
-            hook.take(),
-        );
-        match r {
-            Ok(logits) => {
-                s.prefilled = end;
-                if last {
-                    self.accept(s, &logits);
-                }
+        let mut used = 0;
+        for s in seqs.iter_mut() {
+            let (start, len) = (s.prefilled, s.job.prompt.len());
+            if s.finished || start >= len {
+                continue;
             }
-            Err(e) => fail(s, format!("prefill failed: {e}")),
+            let end = (start + chunk).min(len);
+            if used > 0 && used + (end - start) > chunk {
+                break;
+            }
+            used += end - start;
+            let last = end == len;
+            let r = model.forward(
+                &s.job.prompt[start..end],
+                &mut s.cache,
+                if last { Logits::Last } else { Logits::None },
+                self.hook(),
+            );
+            match r {
+                Ok(logits) => {
+                    s.prefilled = end;
+                    if last {
+                        self.accept(s, &logits);
+                    }
+                }
+                Err(e) => fail(s, format!("prefill failed: {e}")),
+            }
         }
     }
 
@@ -528,6 +538,7 @@ impl<'m> Scheduler<'m> {
 fn send(s: &mut Sequence<'_>, e: Event) {
     // A closed channel: the client went away; the next step retires the sequence.
     if s.job.events.send(e).is_err() {
+        s.disconnected = true;
         s.finished = true;
     }
 }
