@@ -5,10 +5,11 @@ types. Greedy requests make every comparison exact: a stream must carry the very
 non-streaming answer has."""
 
 import math
+import time
 
 import openai
 import pytest
-from server_testlib import API_KEY
+from server_testlib import API_KEY, Serve
 
 CHAT = [{"role": "user", "content": "Name three colours of the rainbow."}]
 PROMPT = "The capital of France is Paris. The capital of Italy is"
@@ -211,3 +212,28 @@ def test_context_overflow_is_bad_request(client):
     assert "context" in str(e.value.message).lower()
     # ... and the server still answers.
     assert complete(client, max_tokens=2).usage.completion_tokens > 0
+
+
+def test_full_queue_is_rate_limit_error(log_dir):
+    """One sequence and no queue: while a stream runs, the next request is refused at once
+    with 429, which the client raises as RateLimitError; the server serves again after."""
+    s = Serve(log_dir, "--parallel", "1", "--max-queue", "0", "--threads", "1", name="queue")
+    try:
+        c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        running = c.completions.create(model="m", prompt=PROMPT, max_tokens=500, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+        next(iter(running))  # the stream holds the only sequence
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model="m", prompt=PROMPT, max_tokens=2)
+        assert e.value.status_code == 429
+        running.close()  # the client goes away: its sequence is freed within a step
+        for _ in range(100):
+            try:
+                assert c.completions.create(model="m", prompt=PROMPT, max_tokens=2).usage.completion_tokens > 0
+                break
+            except openai.RateLimitError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the sequence of a closed stream was not freed within 5 s")
+    finally:
+        assert s.stop() == 0
