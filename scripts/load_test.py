@@ -37,6 +37,8 @@ def parse_args():
     ap.add_argument("--soak", type=float, metavar="SECONDS", help="soak run of this length (overrides --duration)")
     ap.add_argument("--pid", type=int, help="server process id, for its RSS (needs --soak or prints at the end)")
     ap.add_argument("--rss-every", type=float, default=60.0, help="seconds between RSS lines")
+    ap.add_argument("--wait", type=float, default=120.0, metavar="SECONDS",
+                    help="wait this long for GET /health to answer 200 before starting")
     ap.add_argument("--max-rss-growth", type=float, default=0.05,
                     help="soak: allowed relative growth of peak RSS after the first interval")
     return ap.parse_args()
@@ -85,10 +87,27 @@ async def rss_monitor(a, start: float, deadline: float, samples: list):
         n += 1
 
 
+async def wait_healthy(url: str, timeout: float) -> None:
+    """Returns once GET /health answers 200 (a server still loading its model answers 503
+    or refuses connections); exits if it does not within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        while True:
+            try:
+                if (await client.get(url + "/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                sys.exit(f"load_test: {url}/health not 200 after {timeout:.0f} s")
+            await asyncio.sleep(0.2)
+
+
 async def main_async(a) -> int:
     url = a.url.rstrip("/")
     a.url = url
     duration = a.soak if a.soak else a.duration
+    await wait_healthy(url, a.wait)
     limits = httpx.Limits(max_connections=a.clients + 4, max_keepalive_connections=a.clients + 4)
     results: list = []
     samples: list = []
