@@ -46,8 +46,9 @@ pub struct AppState {
     /// SHA-256 of the API key: keys of any length compare in constant time.
     pub api_key_digest: Option<[u8; 32]>,
     pub next_id: AtomicU64,
-    /// Seeds of requests that give none.
+    /// Seeds of requests that give none: a per-process random hash of a counter.
     pub seeds: RandomState,
+    pub unseeded: AtomicU64,
 }
 
 type AppRef = Arc<AppState>;
@@ -223,6 +224,7 @@ async fn chat_completions(
         req.stop.clone(),
         req.ignore_eos,
         logprobs,
+        "messages",
         prompt.len(),
     )?;
     let rx = submit(&st, prompt, params)?;
@@ -304,6 +306,7 @@ async fn completion_with_ids(
         req.stop.clone(),
         req.ignore_eos,
         logprobs,
+        "prompt",
         prompt.len(),
     )?;
     let rx = submit(&st, prompt, params)?;
@@ -418,11 +421,15 @@ fn params(
     stop: Option<Stop>,
     ignore_eos: Option<bool>,
     logprobs: Option<usize>,
+    prompt_field: &str,
     prompt_tokens: usize,
 ) -> Result<Params, ApiError> {
     let ctx = st.ctx_size;
     if prompt_tokens == 0 {
-        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
+        return Err(ApiError::invalid(
+            Some(prompt_field),
+            format!("{prompt_field}: the prompt is empty"),
+        ));
     }
     let max_tokens = match max_tokens {
         Some(0) => {
@@ -436,7 +443,7 @@ fn params(
     };
     if max_tokens == 0 || (prompt_tokens as u64).saturating_add(max_tokens) > ctx as u64 {
         return Err(ApiError::invalid(
-            Some("messages"),
+            Some(prompt_field),
             format!(
                 "This server's context is {ctx} tokens per request (--ctx-size); the prompt has {prompt_tokens} tokens and {max_tokens} more were asked for (max_tokens): {} in all. Shorten the prompt or lower max_tokens.",
                 (prompt_tokens as u64).saturating_add(max_tokens.max(1))
@@ -503,7 +510,7 @@ fn params(
             Some(s) => s as u64,
             None => st
                 .seeds
-                .hash_one(st.next_id.load(Ordering::Relaxed) ^ unix_now()),
+                .hash_one(st.unseeded.fetch_add(1, Ordering::Relaxed)),
         },
         ..SamplingOptions::default()
     };

@@ -501,6 +501,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let (s, v) = post(&format!("{base}/v1/completions"), &json!({"prompt": huge}));
     let e = error_object(s, 400, &v.to_string());
     assert_eq!(e["code"], "context_length_exceeded");
+    assert_eq!(e["param"], "prompt");
     assert!(e["message"].as_str().unwrap().contains("512"), "{e}");
     // A body over the 4 MiB cap: refused on its Content-Length, before it is sent.
     let (s, b) = announce_body(base, 5 << 20);
