@@ -41,7 +41,9 @@ pub struct QPair {
 /// Quantizes `x` (a whole number of 32-element blocks) into `out`, resized to
 /// `ceil(blocks / 2)` pairs; a missing second block of the last pair is zero.
 ///
-/// Per block: `dx = max|x| / 127`, `q = round(x / dx)` (ggml's `quantize_row_q8_1`).
+/// Per block: `dx = max|x| / 127`, `q = round(x / dx)` rounding halves away from zero
+/// (ggml's `quantize_row_q8_1`). The AVX-512 version gives the same quants and scales
+/// bit for bit (the tests check), so decode and batched products agree whichever ran.
 pub fn quantize_activations(x: &[f32], out: &mut Vec<QPair>) {
     assert!(
         x.len().is_multiple_of(QK),
@@ -54,22 +56,83 @@ pub fn quantize_activations(x: &[f32], out: &mut Vec<QPair>) {
     for (b, xb) in x.chunks_exact(QK).enumerate() {
         let pair = &mut out[b / 2];
         let half = b % 2;
-        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sums = [0i32; 2];
-        for (j, (q, &v)) in pair.qs[half * QK..(half + 1) * QK]
-            .iter_mut()
-            .zip(xb)
-            .enumerate()
-        {
-            *q = (v * id).round() as i8;
-            sums[j / 16] += *q as i32;
-        }
+        let qs = &mut pair.qs[half * QK..(half + 1) * QK];
+        let (d, sums) = match isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: isa() checked AVX-512F/BW/VL; xb and qs hold QK elements each.
+            Isa::Avx512 => unsafe { quantize_block_avx512(xb, qs) },
+            _ => quantize_block_scalar(xb, qs),
+        };
         pair.ds[2 * half] = d;
         pair.ds[2 * half + 1] = d * (sums[0] + sums[1]) as f32;
         pair.s16[2 * half] = d * sums[0] as f32;
         pair.s16[2 * half + 1] = d * sums[1] as f32;
+    }
+}
+
+/// One block of [`quantize_activations`]: the scale and the sums of each 16-quant half.
+fn quantize_block_scalar(xb: &[f32], qs: &mut [i8]) -> (f32, [i32; 2]) {
+    let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut sums = [0i32; 2];
+    for (j, (q, &v)) in qs.iter_mut().zip(xb).enumerate() {
+        *q = round_half_away(v * id) as i8;
+        sums[j / 16] += *q as i32;
+    }
+    (d, sums)
+}
+
+/// `x.round()` for |x| < 2^23, without the libm call `round` compiles to on baseline
+/// x86-64 (it was an eighth of a batched decode step): truncate, then step away from
+/// zero when the dropped fraction (exact) is at least one half.
+#[inline]
+fn round_half_away(x: f32) -> f32 {
+    let t = x as i32 as f32;
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
+}
+
+/// [`quantize_block_scalar`] on AVX-512, the same arithmetic lane by lane.
+///
+/// # Safety
+/// The CPU must have AVX-512 F/BW/VL; `xb` and `qs` hold [`QK`] elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn quantize_block_avx512(xb: &[f32], qs: &mut [i8]) -> (f32, [i32; 2]) {
+    assert!(xb.len() == QK && qs.len() == QK);
+    // SAFETY: both slices hold 32 elements (asserted): two vectors of 16 each.
+    unsafe {
+        let v = [
+            _mm512_loadu_ps(xb.as_ptr()),
+            _mm512_loadu_ps(xb.as_ptr().add(16)),
+        ];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let half = _mm512_set1_ps(0.5);
+        let one = _mm512_set1_ps(1.0);
+        let mut sums = [0i32; 2];
+        for (h, &vh) in v.iter().enumerate() {
+            let r = _mm512_mul_ps(vh, id);
+            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(r);
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(r, t)), half);
+            // copysign(1, r): 1.0's bits with r's sign bit.
+            let step = _mm512_or_ps(
+                one,
+                _mm512_and_ps(r, _mm512_castsi512_ps(_mm512_set1_epi32(i32::MIN))),
+            );
+            let q = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step));
+            sums[h] = _mm512_reduce_add_epi32(q);
+            _mm_storeu_si128(
+                qs.as_mut_ptr().add(16 * h) as *mut __m128i,
+                _mm512_cvtsepi32_epi8(q),
+            );
+        }
+        (amax / 127.0, sums)
     }
 }
 
@@ -1039,6 +1102,40 @@ mod tests {
     use crate::kernels::test_data::data;
     use crate::quant::{BlockQ4_0, BlockQ4_1, BlockQ8_0};
     use half::f16;
+
+    #[test]
+    fn quantize_activations_simd_equals_scalar_bit_for_bit() {
+        let mut x = data(32 * 41, 7);
+        // Halves and near-halves after scaling, zeros, a zero block, huge and tiny values.
+        for (i, v) in x.iter_mut().enumerate().take(32 * 8) {
+            *v = match i % 7 {
+                0 => (i as f32 - 100.0) * 0.5,
+                1 => 0.0,
+                2 => 127.0,
+                3 => -63.5,
+                4 => 1e-30,
+                5 => -2.5,
+                _ => *v,
+            };
+        }
+        x[32 * 9..32 * 10].fill(0.0);
+        x[32 * 11] = 3e38;
+        let mut got = Vec::new();
+        quantize_activations(&x, &mut got);
+        for (b, xb) in x.chunks_exact(QK).enumerate() {
+            let mut qs = [0i8; QK];
+            let (d, sums) = quantize_block_scalar(xb, &mut qs);
+            let p = &got[b / 2];
+            let h = b % 2;
+            assert_eq!(&p.qs[h * QK..(h + 1) * QK], &qs[..], "block {b}");
+            assert_eq!(p.ds[2 * h].to_bits(), d.to_bits(), "block {b}");
+            assert_eq!(p.s16[2 * h], d * sums[0] as f32, "block {b}");
+            for (&q, &v) in qs.iter().zip(xb) {
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                assert_eq!(q, (v * id).round() as i8, "{v} in block {b}");
+            }
+        }
+    }
 
     /// `blocks` random blocks of `fmt` (scales of mixed magnitude, all quant values used).
     fn random_row(fmt: QFormat, blocks: usize, seed: u64) -> Vec<u8> {
