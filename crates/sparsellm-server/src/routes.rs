@@ -217,16 +217,7 @@ async fn chat_completions(
     })
     .await?
     .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-    let params = params(
-        &st,
-        &req,
-        req.max_completion_tokens.or(req.max_tokens),
-        req.stop.clone(),
-        req.ignore_eos,
-        logprobs,
-        "messages",
-        prompt.len(),
-    )?;
+    let params = params(&st, &req, logprobs, "messages", prompt.len())?;
     let rx = submit(&st, prompt, params)?;
     let meta = meta(&st, "chatcmpl");
     if req.stream == Some(true) {
@@ -299,16 +290,7 @@ async fn completion_with_ids(
     prompt: Vec<u32>,
     logprobs: Option<usize>,
 ) -> Result<Response, ApiError> {
-    let params = params(
-        &st,
-        &req,
-        req.max_tokens,
-        req.stop.clone(),
-        req.ignore_eos,
-        logprobs,
-        "prompt",
-        prompt.len(),
-    )?;
+    let params = params(&st, &req, logprobs, "prompt", prompt.len())?;
     let rx = submit(&st, prompt, params)?;
     let meta = meta(&st, "cmpl");
     if req.stream == Some(true) {
@@ -417,9 +399,6 @@ fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, ApiE
 fn params(
     st: &AppState,
     req: &impl SamplingFields,
-    max_tokens: Option<u64>,
-    stop: Option<Stop>,
-    ignore_eos: Option<bool>,
     logprobs: Option<usize>,
     prompt_field: &str,
     prompt_tokens: usize,
@@ -431,7 +410,7 @@ fn params(
             format!("{prompt_field}: the prompt is empty"),
         ));
     }
-    let max_tokens = match max_tokens {
+    let max_tokens = match req.max_tokens() {
         Some(0) => {
             return Err(ApiError::invalid(
                 Some("max_tokens"),
@@ -517,8 +496,8 @@ fn params(
     Ok(Params {
         max_tokens: max_tokens as usize,
         sampling,
-        stop: stop.map(Stop::into_vec).unwrap_or_default(),
-        ignore_eos: ignore_eos.unwrap_or(false),
+        stop: req.stop().map(Stop::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos().unwrap_or(false),
         logprobs,
     })
 }
