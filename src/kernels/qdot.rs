@@ -36,6 +36,18 @@ pub struct QPair {
     /// `scale · sum of the quants` of each 16-element half of each block (the offsets of
     /// the formats with one scale per 16 weights multiply these).
     pub s16: [f32; 4],
+    /// Block 0's scale in lanes 0..8, block 1's in 8..16: the layout of the VNNI kernel's
+    /// sums, stored once here rather than shuffled into place for every weight row.
+    pub dx16: [f32; 16],
+}
+
+impl QPair {
+    /// Fills `dx16` from the scales in `ds`.
+    fn spread_scales(&mut self) {
+        let (a, b) = self.dx16.split_at_mut(8);
+        a.fill(self.ds[0]);
+        b.fill(self.ds[2]);
+    }
 }
 
 /// Quantizes `x` (a whole number of 32-element blocks) into `out`, resized to
@@ -68,6 +80,7 @@ pub fn quantize_activations(x: &[f32], out: &mut Vec<QPair>) {
         pair.s16[2 * half] = d * sums[0] as f32;
         pair.s16[2 * half + 1] = d * sums[1] as f32;
     }
+    out.iter_mut().for_each(QPair::spread_scales);
 }
 
 /// One block of [`quantize_activations`]: the scale and the sums of each 16-quant half.
@@ -181,6 +194,7 @@ pub fn quantize_activations_for(fmt: QFormat, x: &[f32], out: &mut Vec<QPair>) {
             pair.s16[2 * half + 1] = d * sums[1] as f32;
         }
     }
+    out.iter_mut().for_each(QPair::spread_scales);
 }
 
 /// The activation block `b` of `x`: (dx, s, quants).
@@ -414,14 +428,17 @@ unsafe fn rows_vnni<const F: u8, const GATHER: bool, const T: usize>(
                         _mm_set_epi32(0, 0, d1 as i32, d0 as i32)
                     }
                 };
+                // [d0, c0, d1, c1]: the weight scales, and the constant terms' weights.
                 let dcm = _mm_mul_ps(_mm_cvtph_ps(dc), cmul);
+                // d0 in lanes 0..8, d1 in 8..16, as the sums lie (once per row, not token).
+                let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dcm));
                 for t in 0..T {
                     let xp = x[t].get_unchecked(p);
                     let xq = _mm512_loadu_si512(xp.qs.as_ptr() as *const _);
                     let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
-                    let prod = _mm_mul_ps(dcm, _mm_load_ps(xp.ds.as_ptr()));
-                    cacc[t] = _mm_add_ps(cacc[t], prod);
-                    let scale = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(prod));
+                    // Lanes 1 and 3: c·s (0 and 2 hold d·dx, unused).
+                    cacc[t] = _mm_fmadd_ps(dcm, _mm_load_ps(xp.ds.as_ptr()), cacc[t]);
+                    let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xp.dx16.as_ptr()));
                     acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
                 }
             }
