@@ -70,7 +70,11 @@ def config(family, vocab_size):
         "tie_word_embeddings": family in ("qwen3", "gemma3"),
     }
     if family == "llama":
-        c.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu")
+        # Llama 3.1's RoPE scaling, with a short original context so that the test's
+        # positions see all three of its regimes (kept, smoothed, divided frequencies).
+        c.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                 rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                               "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
     elif family == "mistral":
         c.update(model_type="mistral", architectures=["MistralForCausalLM"], hidden_act="silu",
                  sliding_window=s["window"])
@@ -89,7 +93,9 @@ def config(family, vocab_size):
                  sliding_window=s["window"], rope_theta=1000000.0, rope_local_base_freq=10000.0,
                  layer_types=["full_attention" if (i + 1) % s["pattern"] == 0 else "sliding_attention"
                               for i in range(n)],
-                 final_logit_softcapping=30.0, attn_logit_softcapping=None)
+                 final_logit_softcapping=30.0, attn_logit_softcapping=None,
+                 # As Gemma 3 4B and larger: linear scaling on the global layers only.
+                 rope_scaling={"rope_type": "linear", "factor": 8.0})
     return c
 
 
@@ -166,7 +172,27 @@ def make(family, out):
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
     w.add_rope_freq_base(c["rope_theta"])
     w.add_file_type(0)
+    if family == "llama":
+        # convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors: llama3 scaling as one
+        # factor per frequency.
+        sc, hd = c["rope_scaling"], c["head_dim"]
+        old = sc["original_max_position_embeddings"]
+        low_wl, high_wl = old / sc["low_freq_factor"], old / sc["high_freq_factor"]
+        freqs = 1.0 / (c["rope_theta"] ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < high_wl:
+                factors.append(1.0)
+            elif wavelen > low_wl:
+                factors.append(sc["factor"])
+            else:
+                smooth = (old / wavelen - sc["low_freq_factor"]) / (sc["high_freq_factor"] - sc["low_freq_factor"])
+                factors.append(1 / ((1 - smooth) / sc["factor"] + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
     if family == "gemma3":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c["rope_scaling"]["factor"])
         w.add_sliding_window(c["sliding_window"])
         w.add_uint32("gemma3.attention.sliding_window_pattern", SHAPES["gemma3"]["pattern"])
         w.add_float32("gemma3.rope.freq_base_swa", c["rope_local_base_freq"])
@@ -235,8 +261,21 @@ def reference(d, ids):
         x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
         return np.concatenate([-x2, x1], axis=-1)
 
-    def rope(x, base):
+    def rope(x, base, scaling):
         inv = 1.0 / (base ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+        kind = (scaling or {}).get("rope_type")
+        if kind == "linear":
+            inv = inv / scaling["factor"]
+        elif kind == "llama3":
+            # transformers' _compute_llama3_parameters.
+            old = scaling["original_max_position_embeddings"]
+            lo, hi, f = scaling["low_freq_factor"], scaling["high_freq_factor"], scaling["factor"]
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > old / lo, inv / f, inv)
+            smooth = (old / wavelen - lo) / (hi - lo)
+            smoothed = (1 - smooth) * scaled / f + smooth * scaled
+            medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+            inv = np.where(medium, smoothed, scaled)
         freqs = np.outer(np.arange(n, dtype=np.float64), inv)
         emb = np.concatenate([freqs, freqs], axis=-1)
         cos, sin = np.cos(emb)[:, None, :], np.sin(emb)[:, None, :]
@@ -280,7 +319,9 @@ def reference(d, ids):
             q = rmsnorm(q, t[p + "self_attn.q_norm.weight"])
             k = rmsnorm(k, t[p + "self_attn.k_norm.weight"])
         base = c["rope_local_base_freq"] if gemma and sliding else c["rope_theta"]
-        q, k = rope(q, base), rope(k, base)
+        # Gemma 3 scales the global layers' frequencies only.
+        rope_scaling = None if gemma and sliding else c.get("rope_scaling")
+        q, k = rope(q, base, rope_scaling), rope(k, base, rope_scaling)
         k = np.repeat(k, heads // kvh, axis=1)
         v = np.repeat(v, heads // kvh, axis=1)
         s = np.einsum("qhd,khd->hqk", q, k) * scaling

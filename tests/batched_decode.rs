@@ -11,7 +11,11 @@ use sparsellm::model::{BatchItem, KvCache, Llama, Logits};
 use sparsellm::tensor::{DType, LoadDType};
 
 fn load(dtype: LoadDType) -> Llama {
-    let src = loader::open(&common::model_path()).expect("open model");
+    load_file(&common::model_path(), dtype)
+}
+
+fn load_file(path: &std::path::Path, dtype: LoadDType) -> Llama {
+    let src = loader::open(path).expect("open model");
     Llama::load(src.as_ref(), dtype, pool::global()).expect("load model")
 }
 
@@ -139,6 +143,15 @@ fn quantized_batches_are_one_pass_and_equal_decoding_alone() {
         );
         check_batches_equal_alone(&model, dtype.name());
     }
+}
+
+/// K-quant blocks (Q4_K, Q6_K: the chunk kernels), GeGLU, q/k norms and Gemma 3's
+/// sliding-window layers (the prompts are SmolLM2's ids: valid, meaningless to Gemma).
+#[test]
+fn gemma3_k_quant_batches_equal_decoding_alone() {
+    let model = load_file(&common::gemma3_model_path(), LoadDType::Native);
+    assert!(model.batches_in_one_pass());
+    check_batches_equal_alone(&model, "gemma3-270m Q4_K_M");
 }
 
 #[test]

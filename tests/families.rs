@@ -3,7 +3,9 @@
 //! the same weights, laid out as llama.cpp's converter does): logits at every position
 //! against an independent float64 numpy transcription of transformers' modeling code,
 //! prefill against token-by-token decode, greedy tokens, and the HF directory against the
-//! GGUF. With `SPARSELLM_PEER_PYTHON` naming a Python that has llama-cpp-python, the GGUF's
+//! GGUF. The llama checkpoint carries Llama 3.1's RoPE scaling (the GGUF as per-frequency
+//! factors, `rope_freqs.weight`), the gemma3 one Gemma 3 4B's linear scaling of the global
+//! layers. With `SPARSELLM_PEER_PYTHON` naming a Python that has llama-cpp-python, the GGUF's
 //! logits and tokens are also checked against llama.cpp's.
 
 mod common;

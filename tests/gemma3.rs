@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 use sparsellm::eval;
 use sparsellm::kernels::pool;
-use sparsellm::loader::{self, fetch};
+use sparsellm::loader;
 use sparsellm::model::{Llama, Logits};
 use sparsellm::tensor::LoadDType;
 use sparsellm::tokenizer::Tokenizer;
@@ -33,13 +33,7 @@ fn fixture() -> &'static Value {
 }
 
 fn model_path() -> PathBuf {
-    static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let mut opts = fetch::FetchOptions::from_env();
-        opts.progress = false;
-        fetch::fetch_chunked(&fetch::GEMMA3_270M, &opts, false).expect("fetching gemma3-270m")
-    })
-    .clone()
+    common::gemma3_model_path()
 }
 
 fn tokenizer() -> Tokenizer {

@@ -9,7 +9,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use sparsellm::loader::hf::{HfModel, parse_config};
 use sparsellm::loader::safetensors::SafetensorsFile;
 use sparsellm::loader::{SourceDType, TokenizerSource, WeightSource};
-use sparsellm::model::config::{Llama3RopeScaling, RopeStyle};
+use sparsellm::model::config::{Llama3RopeScaling, ModelConfig, RopeScaling, RopeStyle};
 
 mod common;
 
@@ -351,12 +351,12 @@ fn config_parsing() {
     let cfg = parse_config(&c.to_string()).unwrap();
     assert_eq!(
         cfg.rope_scaling,
-        Some(Llama3RopeScaling {
+        Some(RopeScaling::Llama3(Llama3RopeScaling {
             factor: 32.0,
             low_freq_factor: 1.0,
             high_freq_factor: 4.0,
             original_max_position_embeddings: 8192
-        })
+        }))
     );
     // The older spelling `type`.
     c["rope_scaling"]["type"] = c["rope_scaling"]["rope_type"].take();
@@ -366,10 +366,25 @@ fn config_parsing() {
         .remove("rope_type");
     assert!(parse_config(&c.to_string()).unwrap().rope_scaling.is_some());
 
-    // Other rope types are refused by name.
+    // Linear scaling divides every frequency by the factor.
     c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 2.0});
+    let cfg = parse_config(&c.to_string()).unwrap();
+    assert_eq!(cfg.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+    let unscaled = ModelConfig {
+        rope_scaling: None,
+        ..cfg.clone()
+    };
+    for (a, b) in cfg.rope_inv_freq().iter().zip(unscaled.rope_inv_freq()) {
+        assert!((a * 2.0 - b).abs() <= b * 1e-6, "{a} vs {b}");
+    }
+    c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": -1.0});
     let e = parse_config(&c.to_string()).unwrap_err().to_string();
-    assert!(e.contains("'linear' is not supported"), "{e}");
+    assert!(e.contains("must be positive"), "{e}");
+
+    // Other rope types are refused by name.
+    c["rope_scaling"] = serde_json::json!({"type": "yarn", "factor": 2.0});
+    let e = parse_config(&c.to_string()).unwrap_err().to_string();
+    assert!(e.contains("'yarn' is not supported"), "{e}");
 
     // Defaults: kv heads = heads, head_dim = hidden/heads, theta 10000, untied, eos int.
     let min = serde_json::json!({

@@ -15,7 +15,7 @@ use memmap2::Mmap;
 
 use crate::error::{Error, Result};
 use crate::loader::{GgufVocab, RawTensor, SourceDType, TokenizerSource, WeightSource};
-use crate::model::config::{Activation, Family, ModelConfig, RopeStyle};
+use crate::model::config::{Activation, Family, ModelConfig, RopeScaling, RopeStyle};
 
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Caps that no real file reaches; a larger count or length is a corrupt or hostile file.
@@ -515,6 +515,46 @@ pub struct GgufModel {
 /// The `general.architecture` values we run.
 pub const ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "gemma3"];
 
+/// The RoPE scaling a GGUF file asks for, as llama.cpp reads it: per-frequency factors
+/// (`rope_freqs.weight`, how the converter stores Llama 3.1+'s llama3 scaling), or
+/// `rope.scaling.type` linear with `rope.scaling.factor` (or the older
+/// `rope.scale_linear`); other scaling types are refused.
+fn gguf_rope_scaling(file: &GgufFile, k: &dyn Fn(&str) -> String) -> Result<Option<RopeScaling>> {
+    let path = file.path();
+    if file.tensor_info("rope_freqs.weight").is_some() {
+        let t = file.raw_tensor("rope_freqs.weight")?;
+        if t.dtype != SourceDType::F32 || t.shape.len() != 1 {
+            return Err(t.error(format!(
+                "RoPE frequency factors must be a 1-D F32 tensor, got {:?} {:?}",
+                t.dtype, t.shape
+            )));
+        }
+        let factors = t
+            .bytes()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        return Ok(Some(RopeScaling::Factors(factors)));
+    }
+    let kind = file.get_str(&k("rope.scaling.type"))?.unwrap_or("none");
+    let factor = match file.get_f32(&k("rope.scaling.factor"))? {
+        Some(f) => Some(f),
+        None => file.get_f32(&k("rope.scale_linear"))?,
+    };
+    match kind {
+        "none" => Ok(None),
+        "linear" => match factor {
+            None => Ok(None),
+            Some(f) if f == 0.0 || f == 1.0 => Ok(None),
+            Some(factor) => Ok(Some(RopeScaling::Linear { factor })),
+        },
+        other => Err(Error::Config(format!(
+            "{}: RoPE scaling type '{other}' is not supported (linear and llama3 are)",
+            path.display()
+        ))),
+    }
+}
+
 /// HuggingFace tensor name -> GGUF tensor name. `sandwich_norms`: Gemma's naming, where
 /// `post_attention_layernorm` is the attention output's norm (`post_attention_norm`) and the
 /// MLP's input norm is `pre_feedforward_layernorm` (`ffn_norm`).
@@ -577,13 +617,8 @@ impl GgufModel {
                 )));
             }
         };
-        if file.tensor_info("rope_freqs.weight").is_some() {
-            return Err(Error::Config(format!(
-                "{}: RoPE frequency factors (rope_freqs.weight, Llama-3.1+ GGUF) are not supported yet",
-                file.path().display()
-            )));
-        }
         let k = |s: &str| format!("{arch}.{s}");
+        let rope_scaling = gguf_rope_scaling(&file, &k)?;
         let hidden_size = file.get_usize(&k("embedding_length"))?;
         let num_heads = file.get_usize(&k("attention.head_count"))?;
         let num_kv_heads = match file.get(&k("attention.head_count_kv")) {
@@ -644,7 +679,7 @@ impl GgufModel {
                 .get_f32(&k("attention.layer_norm_rms_epsilon"))?
                 .unwrap_or(1e-5),
             rope_theta: file.get_f32(&k("rope.freq_base"))?.unwrap_or(10000.0),
-            rope_scaling: None,
+            rope_scaling,
             // llama.cpp's converter permutes q/k rows for the llama architecture only
             // (LLAMA_ROPE_TYPE_NORM); qwen2/3 and gemma3 keep HF's rotate-half (NEOX).
             rope_style: if family == Family::Llama {

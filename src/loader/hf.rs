@@ -16,7 +16,9 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::loader::safetensors::{SafetensorsFile, UniqueMap};
 use crate::loader::{RawTensor, TokenizerSource, WeightSource};
-use crate::model::config::{Activation, Family, Llama3RopeScaling, ModelConfig, RopeStyle};
+use crate::model::config::{
+    Activation, Family, Llama3RopeScaling, ModelConfig, RopeScaling, RopeStyle,
+};
 
 const CONFIG: &str = "config.json";
 const SINGLE: &str = "model.safetensors";
@@ -487,7 +489,7 @@ fn layer_windows(f: &Fields, family: Family, layers: usize) -> Result<Vec<Option
 /// `rope_theta` (default 10000), llama3 scaling, and the RoPE base of sliding-window
 /// layers when they have their own (Gemma 3: `rope_local_base_freq`, default 10000), from
 /// the fields or transformers 5's `rope_parameters` (flat, or per layer type).
-fn rope(f: &Fields, gemma: bool) -> Result<(f64, Option<Llama3RopeScaling>, Option<f64>)> {
+fn rope(f: &Fields, gemma: bool) -> Result<(f64, Option<RopeScaling>, Option<f64>)> {
     let params = f.get("rope_parameters");
     let theta_of = |p: Option<&Value>, what: &str| -> Result<Option<f64>> {
         match p.and_then(|p| p.get("rope_theta")) {
@@ -527,7 +529,7 @@ fn rope(f: &Fields, gemma: bool) -> Result<(f64, Option<Llama3RopeScaling>, Opti
     Ok((theta, scaling, local))
 }
 
-fn rope_scaling(s: &Value) -> Result<Option<Llama3RopeScaling>> {
+fn rope_scaling(s: &Value) -> Result<Option<RopeScaling>> {
     let err = |m: String| Error::Config(format!("rope_scaling: {m}"));
     if !s.is_object() {
         return Err(err(format!("expected an object, got {s}")));
@@ -539,9 +541,21 @@ fn rope_scaling(s: &Value) -> Result<Option<Llama3RopeScaling>> {
     match kind {
         None | Some("default") => return Ok(None),
         Some("llama3") => {}
+        Some("linear") => {
+            let factor = s
+                .get("factor")
+                .and_then(Value::as_f64)
+                .ok_or_else(|| err("linear scaling needs a numeric 'factor'".into()))?;
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(err(format!("factor = {factor} must be positive")));
+            }
+            return Ok(Some(RopeScaling::Linear {
+                factor: factor as f32,
+            }));
+        }
         Some(other) => {
             return Err(err(format!(
-                "rope type '{other}' is not supported (only llama3)"
+                "rope type '{other}' is not supported (llama3 and linear are)"
             )));
         }
     }
@@ -575,12 +589,12 @@ fn rope_scaling(s: &Value) -> Result<Option<Llama3RopeScaling>> {
                 "original_max_position_embeddings = {orig} is out of range"
             ))
         })?;
-    Ok(Some(Llama3RopeScaling {
+    Ok(Some(RopeScaling::Llama3(Llama3RopeScaling {
         factor: factor as f32,
         low_freq_factor: low as f32,
         high_freq_factor: high as f32,
         original_max_position_embeddings: orig,
-    }))
+    })))
 }
 
 /// A token id field: absent/null, an integer, or a list of integers.

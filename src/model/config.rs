@@ -8,6 +8,18 @@
 use crate::error::{Error, Result};
 pub use crate::kernels::ops::Activation;
 
+/// How the RoPE frequencies of the (global) attention layers are scaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1+ (`rope_scaling.rope_type == "llama3"` in config.json).
+    Llama3(Llama3RopeScaling),
+    /// Positions divided by `factor` (`"linear"`; Gemma 3 4B and larger use 8).
+    Linear { factor: f32 },
+    /// Each frequency divided by its own factor, `[head_dim / 2]`: how GGUF files store
+    /// llama3 scaling (llama.cpp's `rope_freqs.weight`).
+    Factors(Vec<f32>),
+}
+
 /// Llama-3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Llama3RopeScaling {
@@ -66,7 +78,9 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
-    pub rope_scaling: Option<Llama3RopeScaling>,
+    /// Scaling of the global layers' RoPE frequencies (never the sliding-window layers',
+    /// as transformers and llama.cpp do for Gemma 3).
+    pub rope_scaling: Option<RopeScaling>,
     pub rope_style: RopeStyle,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
@@ -139,6 +153,21 @@ impl ModelConfig {
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim
             ));
+        }
+        match &self.rope_scaling {
+            Some(RopeScaling::Linear { factor }) if !(factor.is_finite() && *factor > 0.0) => {
+                return bad(format!("rope scaling factor {factor} must be positive"));
+            }
+            Some(RopeScaling::Factors(v))
+                if v.len() != self.head_dim / 2 || !v.iter().all(|f| f.is_finite() && *f > 0.0) =>
+            {
+                return bad(format!(
+                    "RoPE frequency factors: {} positive numbers expected (head_dim / 2), got {:?}",
+                    self.head_dim / 2,
+                    &v[..v.len().min(8)]
+                ));
+            }
+            _ => {}
         }
         if self
             .num_heads
@@ -216,7 +245,7 @@ impl ModelConfig {
         self.num_kv_heads * self.head_dim
     }
 
-    /// RoPE inverse frequencies for one head, with llama3 scaling applied when configured.
+    /// RoPE inverse frequencies for one head, scaled as configured.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
         (0..d / 2)
@@ -224,7 +253,9 @@ impl ModelConfig {
                 let f = 1.0 / (self.rope_theta as f64).powf(2.0 * i as f64 / d as f64);
                 match &self.rope_scaling {
                     None => f as f32,
-                    Some(s) => llama3_scale(f, s) as f32,
+                    Some(RopeScaling::Llama3(s)) => llama3_scale(f, s) as f32,
+                    Some(RopeScaling::Linear { factor }) => (f / *factor as f64) as f32,
+                    Some(RopeScaling::Factors(v)) => (f / v[i] as f64) as f32,
                 }
             })
             .collect()

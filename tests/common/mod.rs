@@ -64,6 +64,18 @@ pub fn model_path() -> PathBuf {
     sparsellm::loader::fetch::default_model_path().expect("fetching the default model")
 }
 
+/// Gemma 3 270M (Q4_K_M GGUF), fetched on first use as `sparsellm fetch gemma3-270m` does.
+pub fn gemma3_model_path() -> PathBuf {
+    static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        use sparsellm::loader::fetch;
+        let mut opts = fetch::FetchOptions::from_env();
+        opts.progress = false;
+        fetch::fetch_chunked(&fetch::GEMMA3_270M, &opts, false).expect("fetching gemma3-270m")
+    })
+    .clone()
+}
+
 /// Little-endian f32 values (as numpy's `tofile` writes them on this machine kind).
 pub fn f32s(bytes: &[u8]) -> Vec<f32> {
     bytes

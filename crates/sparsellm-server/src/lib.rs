@@ -166,6 +166,7 @@ impl Server {
             api_key_digest: o.api_key.as_deref().map(routes::key_digest),
             next_id: AtomicU64::new(0),
             seeds: RandomState::new(),
+            unseeded: AtomicU64::new(0),
         });
         Ok(Server {
             listener,

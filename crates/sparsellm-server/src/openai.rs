@@ -52,6 +52,10 @@ pub struct ChatMessage {
 
 /// The sampling and stopping fields both endpoints take.
 pub trait SamplingFields {
+    /// The token budget (chat: `max_completion_tokens`, else `max_tokens`).
+    fn max_tokens(&self) -> Option<u64>;
+    fn stop(&self) -> Option<Stop>;
+    fn ignore_eos(&self) -> Option<bool>;
     fn temperature(&self) -> Option<f32>;
     fn top_p(&self) -> Option<f32>;
     fn seed(&self) -> Option<i64>;
@@ -63,8 +67,18 @@ pub trait SamplingFields {
 }
 
 macro_rules! sampling_fields {
-    ($t:ty) => {
+    ($t:ty, |$r:ident| $max_tokens:expr) => {
         impl SamplingFields for $t {
+            fn max_tokens(&self) -> Option<u64> {
+                let $r = self;
+                $max_tokens
+            }
+            fn stop(&self) -> Option<Stop> {
+                self.stop.clone()
+            }
+            fn ignore_eos(&self) -> Option<bool> {
+                self.ignore_eos
+            }
             fn temperature(&self) -> Option<f32> {
                 self.temperature
             }
@@ -119,7 +133,7 @@ pub struct ChatRequest {
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
 }
-sampling_fields!(ChatRequest);
+sampling_fields!(ChatRequest, |r| r.max_completion_tokens.or(r.max_tokens));
 
 /// A completion request's `prompt`: a string, a list of one string, or token ids.
 #[derive(Debug, Clone, Deserialize)]
@@ -153,7 +167,7 @@ pub struct CompletionRequest {
     pub min_p: Option<f32>,
     pub repeat_penalty: Option<f32>,
 }
-sampling_fields!(CompletionRequest);
+sampling_fields!(CompletionRequest, |r| r.max_tokens);
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct Usage {

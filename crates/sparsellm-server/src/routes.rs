@@ -46,8 +46,9 @@ pub struct AppState {
     /// SHA-256 of the API key: keys of any length compare in constant time.
     pub api_key_digest: Option<[u8; 32]>,
     pub next_id: AtomicU64,
-    /// Seeds of requests that give none.
+    /// Seeds of requests that give none: a per-process random hash of a counter.
     pub seeds: RandomState,
+    pub unseeded: AtomicU64,
 }
 
 type AppRef = Arc<AppState>;
@@ -216,15 +217,7 @@ async fn chat_completions(
     })
     .await?
     .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
-    let params = params(
-        &st,
-        &req,
-        req.max_completion_tokens.or(req.max_tokens),
-        req.stop.clone(),
-        req.ignore_eos,
-        logprobs,
-        prompt.len(),
-    )?;
+    let params = params(&st, &req, logprobs, "messages", prompt.len())?;
     let rx = submit(&st, prompt, params)?;
     let meta = meta(&st, "chatcmpl");
     if req.stream == Some(true) {
@@ -297,15 +290,7 @@ async fn completion_with_ids(
     prompt: Vec<u32>,
     logprobs: Option<usize>,
 ) -> Result<Response, ApiError> {
-    let params = params(
-        &st,
-        &req,
-        req.max_tokens,
-        req.stop.clone(),
-        req.ignore_eos,
-        logprobs,
-        prompt.len(),
-    )?;
+    let params = params(&st, &req, logprobs, "prompt", prompt.len())?;
     let rx = submit(&st, prompt, params)?;
     let meta = meta(&st, "cmpl");
     if req.stream == Some(true) {
@@ -414,17 +399,18 @@ fn chat_messages(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, ApiE
 fn params(
     st: &AppState,
     req: &impl SamplingFields,
-    max_tokens: Option<u64>,
-    stop: Option<Stop>,
-    ignore_eos: Option<bool>,
     logprobs: Option<usize>,
+    prompt_field: &str,
     prompt_tokens: usize,
 ) -> Result<Params, ApiError> {
     let ctx = st.ctx_size;
     if prompt_tokens == 0 {
-        return Err(ApiError::invalid(Some("prompt"), "the prompt is empty"));
+        return Err(ApiError::invalid(
+            Some(prompt_field),
+            format!("{prompt_field}: the prompt is empty"),
+        ));
     }
-    let max_tokens = match max_tokens {
+    let max_tokens = match req.max_tokens() {
         Some(0) => {
             return Err(ApiError::invalid(
                 Some("max_tokens"),
@@ -436,7 +422,7 @@ fn params(
     };
     if max_tokens == 0 || (prompt_tokens as u64).saturating_add(max_tokens) > ctx as u64 {
         return Err(ApiError::invalid(
-            Some("messages"),
+            Some(prompt_field),
             format!(
                 "This server's context is {ctx} tokens per request (--ctx-size); the prompt has {prompt_tokens} tokens and {max_tokens} more were asked for (max_tokens): {} in all. Shorten the prompt or lower max_tokens.",
                 (prompt_tokens as u64).saturating_add(max_tokens.max(1))
@@ -503,15 +489,15 @@ fn params(
             Some(s) => s as u64,
             None => st
                 .seeds
-                .hash_one(st.next_id.load(Ordering::Relaxed) ^ unix_now()),
+                .hash_one(st.unseeded.fetch_add(1, Ordering::Relaxed)),
         },
         ..SamplingOptions::default()
     };
     Ok(Params {
         max_tokens: max_tokens as usize,
         sampling,
-        stop: stop.map(Stop::into_vec).unwrap_or_default(),
-        ignore_eos: ignore_eos.unwrap_or(false),
+        stop: req.stop().map(Stop::into_vec).unwrap_or_default(),
+        ignore_eos: req.ignore_eos().unwrap_or(false),
         logprobs,
     })
 }

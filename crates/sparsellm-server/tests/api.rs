@@ -501,6 +501,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let (s, v) = post(&format!("{base}/v1/completions"), &json!({"prompt": huge}));
     let e = error_object(s, 400, &v.to_string());
     assert_eq!(e["code"], "context_length_exceeded");
+    assert_eq!(e["param"], "prompt");
     assert!(e["message"].as_str().unwrap().contains("512"), "{e}");
     // A body over the 4 MiB cap: refused on its Content-Length, before it is sent.
     let (s, b) = announce_body(base, 5 << 20);
@@ -517,15 +518,19 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     error_object(s, 404, &b);
     let (s, b) = get(&chat_url, &[]);
     error_object(s, 405, &b);
-    // Unknown fields are ignored; the server still answers.
+    // Unknown fields are ignored; the server still answers. max_completion_tokens wins
+    // over max_tokens.
     let v = ok(
         &chat_url,
         &chat(
             "Say yes.",
-            json!({"max_tokens": 3, "user": "u1", "tools": []}),
+            json!({"max_tokens": 9, "max_completion_tokens": 3, "ignore_eos": true,
+                   "user": "u1", "tools": []}),
         ),
     );
     assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
 }
 
 #[test]
