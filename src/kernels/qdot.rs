@@ -780,6 +780,25 @@ fn hsum256(acc: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(v, _mm_movehdup_ps(v)))
 }
 
+/// The chunks a chunk kernel reads per row (`idx.len()` when gathering), after checking
+/// that `rows` rows of `w`, the indices and every activation vector hold them.
+#[cfg(target_arch = "x86_64")]
+fn checked_chunks(
+    fmt: QFormat,
+    gather: bool,
+    w: &[u8],
+    row_bytes: usize,
+    idx: &[u32],
+    x: &[&[QPair]],
+    rows: usize,
+) -> usize {
+    let per_row = row_chunks(fmt, row_bytes);
+    let chunks = if gather { idx.len() } else { per_row };
+    assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= chunks));
+    assert!(idx.iter().all(|&k| (k as usize) < per_row));
+    chunks
+}
+
 /// The chunk kernel on AVX2 (`chunks_avx2`; AVX-512 VNNI has [`chunks_vnni`]): for each
 /// chunk, its quants unpacked to 32 bytes, the integer sums of each 4 products (`$idot`),
 /// scaled per 16-element group by `a·dx`; the groups' offsets `b·(dx·Σq)` summed in scalar
@@ -804,17 +823,7 @@ macro_rules! chunk_kernel {
             out: &mut [f32],
         ) {
             let fmt = chunk_format_of(F);
-            let chunks = if GATHER {
-                idx.len()
-            } else {
-                row_chunks(fmt, row_bytes)
-            };
-            let rows = out.len() / T;
-            assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= chunks));
-            assert!(
-                idx.iter()
-                    .all(|&k| (k as usize) < row_chunks(fmt, row_bytes))
-            );
+            let chunks = checked_chunks(fmt, GATHER, w, row_bytes, idx, &x, out.len() / T);
             for (r, o) in out.chunks_exact_mut(T).enumerate() {
                 let row = &w[r * row_bytes..(r + 1) * row_bytes];
                 let mut acc = [_mm256_setzero_ps(); T];
@@ -889,17 +898,7 @@ unsafe fn chunks_vnni<const F: u8, const GATHER: bool, const T: usize>(
     out: &mut [f32],
 ) {
     let fmt = chunk_format_of(F);
-    let chunks = if GATHER {
-        idx.len()
-    } else {
-        row_chunks(fmt, row_bytes)
-    };
-    let rows = out.len() / T;
-    assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= chunks));
-    assert!(
-        idx.iter()
-            .all(|&k| (k as usize) < row_chunks(fmt, row_bytes))
-    );
+    let chunks = checked_chunks(fmt, GATHER, w, row_bytes, idx, &x, out.len() / T);
     // Lanes 4g..4g + 4 hold the sums of 16-weight group g of the pair.
     let spread4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     for (r, o) in out.chunks_exact_mut(T).enumerate() {
