@@ -136,7 +136,9 @@ pub fn hf_checkpoint(dtype: &str) -> PathBuf {
 
 /// `$SPARSELLM_MODELS_DIR`, default ./models under the repository root.
 pub fn models_dir() -> PathBuf {
+    // Empty counts as unset, as for the engine (`fetch::models_dir_from`).
     std::env::var_os("SPARSELLM_MODELS_DIR")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("models"))
 }

@@ -15,7 +15,8 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[4]
 # As the Rust tests: the default model lives in $SPARSELLM_MODELS_DIR, default ./models.
-os.environ.setdefault("SPARSELLM_MODELS_DIR", str(REPO / "models"))
+if not os.environ.get("SPARSELLM_MODELS_DIR"):  # empty counts as unset, as for the engine
+    os.environ["SPARSELLM_MODELS_DIR"] = str(REPO / "models")
 API_KEY = "sk-test-0123456789"
 
 
