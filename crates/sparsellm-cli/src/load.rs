@@ -34,7 +34,7 @@ pub(crate) fn load_as(run: &RunArgs, layout: WeightLayout) -> Result<Loaded> {
 }
 
 /// The sparse setting the flags spell.
-fn sparse_settings(run: &RunArgs) -> Result<SparseSettings> {
+pub(crate) fn sparse_settings(run: &RunArgs) -> Result<SparseSettings> {
     Ok(SparseSettings {
         spec: run.sparsity.clone(),
         scorer: run.scorer.clone(),

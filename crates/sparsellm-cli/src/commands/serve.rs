@@ -3,7 +3,6 @@
 
 use anyhow::Result;
 use clap::Args;
-use sparsellm::session::SparseSettings;
 use sparsellm_server::ServerOptions;
 
 use crate::args::*;
@@ -57,12 +56,7 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     if a.api_key.as_deref() == Some("") {
         anyhow::bail!("--api-key must not be empty");
     }
-    let sparse = SparseSettings {
-        spec: a.run.sparsity.clone(),
-        scorer: a.run.scorer.clone(),
-        predictor: a.run.predictor.clone(),
-        mode: a.run.sparse_mode.parse()?,
-    };
+    let sparse = sparse_settings(&a.run)?;
     let model = load_as(&a.run, sparse.layout())?;
     if let Some(t) = a.ctx_size
         && t > model.model.config.max_position_embeddings
