@@ -799,6 +799,43 @@ fn checked_chunks(
     chunks
 }
 
+/// Chunk `$k` of `$row` for the chunk kernels (`$gather`: the `$k`-th of the indices
+/// `$idx`): its block, its index in the block, and its two multipliers and offsets. A
+/// block's parameters are decoded into `$pa`, `$pb` (per 16 weights) at its first chunk
+/// and read from there for the others. A macro, not a function or closure: expanded in
+/// the kernels, under their CPU features, with their registers live across it (as a
+/// closure the AVX-512 kernel ran 3x slower).
+#[cfg(target_arch = "x86_64")]
+macro_rules! chunk_params {
+    ($fmt:expr, $row:expr, $gather:expr, $idx:expr, $k:expr, $pa:expr, $pb:expr) => {{
+        let ck = if $gather { $idx[$k] as usize } else { $k };
+        let (blk, c) = row_chunk($fmt, $row, ck);
+        if $gather {
+            let p = blocks::chunk_params($fmt, blk, c);
+            (blk, c, p.a, p.offsets())
+        } else {
+            if c == 0 {
+                blocks::block_params(
+                    $fmt,
+                    blk,
+                    |h| {
+                        let v = _mm_cvtsi32_si128(u16::from_le_bytes(h) as i32);
+                        _mm_cvtss_f32(_mm_cvtph_ps(v))
+                    },
+                    $pa,
+                    $pb,
+                );
+            }
+            (
+                blk,
+                c,
+                [$pa[2 * c], $pa[2 * c + 1]],
+                [$pb[2 * c], $pb[2 * c + 1]],
+            )
+        }
+    }};
+}
+
 /// The chunk kernel on AVX2 (`chunks_avx2`; AVX-512 VNNI has [`chunks_vnni`]): for each
 /// chunk, its quants unpacked to 32 bytes, the integer sums of each 4 products (`$idot`),
 /// scaled per 16-element group by `a·dx`; the groups' offsets `b·(dx·Σq)` summed in scalar
@@ -831,29 +868,7 @@ macro_rules! chunk_kernel {
                 // The current block's multipliers and offsets per 16 weights.
                 let (mut pa, mut pb) = ([0f32; 16], [0f32; 16]);
                 for k in 0..chunks {
-                    let ck = if GATHER { idx[k] as usize } else { k };
-                    let (blk, c) = row_chunk(fmt, row, ck);
-                    let g = if GATHER {
-                        let p = blocks::chunk_params(fmt, blk, c);
-                        (pa[0], pa[1]) = (p.a[0], p.a[1]);
-                        [pb[0], pb[1]] = p.offsets();
-                        0
-                    } else {
-                        if c == 0 {
-                            blocks::block_params(
-                                fmt,
-                                blk,
-                                |h| {
-                                    let v = _mm_cvtsi32_si128(u16::from_le_bytes(h) as i32);
-                                    _mm_cvtss_f32(_mm_cvtph_ps(v))
-                                },
-                                &mut pa,
-                                &mut pb,
-                            );
-                        }
-                        2 * c
-                    };
-                    let (a, b) = ([pa[g], pa[g + 1]], [pb[g], pb[g + 1]]);
+                    let (blk, c, a, b) = chunk_params!(fmt, row, GATHER, idx, k, &mut pa, &mut pb);
                     // SAFETY: `blk` is a whole block and `c` one of its chunks
                     // (row_chunk).
                     let u = unsafe { unpack_chunk::<F>(blk.as_ptr(), c) };
@@ -907,36 +922,10 @@ unsafe fn chunks_vnni<const F: u8, const GATHER: bool, const T: usize>(
         let mut cst = [_mm_setzero_ps(); T];
         // The current block's multipliers and offsets per 16 weights.
         let (mut pa, mut pb) = ([0f32; 16], [0f32; 16]);
-        // Chunk k's block, index in it, multipliers and offsets (a macro, not a closure:
-        // the kernel's registers stay live across it).
         macro_rules! chunk {
-            ($k:expr) => {{
-                let ck = if GATHER { idx[$k] as usize } else { $k };
-                let (blk, c) = row_chunk(fmt, row, ck);
-                if GATHER {
-                    let p = blocks::chunk_params(fmt, blk, c);
-                    (blk, c, p.a, p.offsets())
-                } else {
-                    if c == 0 {
-                        blocks::block_params(
-                            fmt,
-                            blk,
-                            |h| {
-                                let v = _mm_cvtsi32_si128(u16::from_le_bytes(h) as i32);
-                                _mm_cvtss_f32(_mm_cvtph_ps(v))
-                            },
-                            &mut pa,
-                            &mut pb,
-                        );
-                    }
-                    (
-                        blk,
-                        c,
-                        [pa[2 * c], pa[2 * c + 1]],
-                        [pb[2 * c], pb[2 * c + 1]],
-                    )
-                }
-            }};
+            ($k:expr) => {
+                chunk_params!(fmt, row, GATHER, idx, $k, &mut pa, &mut pb)
+            };
         }
         for p in 0..chunks / 2 {
             let (blk0, c0, a0, b0) = chunk!(2 * p);
