@@ -744,26 +744,25 @@ impl Chunks for ChatChunks {
                 prompt_tokens,
                 completion_tokens,
             } => {
-                let mut out = vec![self.chunk(
-                    vec![Self::choice(
-                        ChatDelta::default(),
-                        None,
-                        Some(finish_reason),
-                    )],
-                    None,
-                )];
-                if self.include_usage {
-                    out.push(self.chunk(
-                        Vec::new(),
-                        Some(Usage::new(prompt_tokens, completion_tokens)),
-                    ));
-                }
-                out.push("[DONE]".into());
-                (out, true)
+                let last = Self::choice(ChatDelta::default(), None, Some(finish_reason));
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                let usage = self
+                    .include_usage
+                    .then(|| self.chunk(Vec::new(), Some(usage)));
+                closing(self.chunk(vec![last], None), usage)
             }
             Event::Error(m) => (vec![error_payload(m)], true),
         }
     }
+}
+
+/// A stream's last payloads: the chunk with the finish reason, the usage chunk when asked
+/// for (`stream_options.include_usage`), then `[DONE]`; the stream ends.
+fn closing(last: String, usage: Option<String>) -> (Vec<String>, bool) {
+    let mut out = vec![last];
+    out.extend(usage);
+    out.push("[DONE]".into());
+    (out, true)
 }
 
 struct CompletionChunks {
@@ -827,15 +826,11 @@ impl Chunks for CompletionChunks {
                     logprobs: None,
                     finish_reason: Some(finish_reason),
                 };
-                let mut out = vec![self.chunk(vec![choice], None)];
-                if self.include_usage {
-                    out.push(self.chunk(
-                        Vec::new(),
-                        Some(Usage::new(prompt_tokens, completion_tokens)),
-                    ));
-                }
-                out.push("[DONE]".into());
-                (out, true)
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                let usage = self
+                    .include_usage
+                    .then(|| self.chunk(Vec::new(), Some(usage)));
+                closing(self.chunk(vec![choice], None), usage)
             }
             Event::Error(m) => (vec![error_payload(m)], true),
         }

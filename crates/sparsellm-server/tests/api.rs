@@ -94,8 +94,8 @@ fn ok(url: &str, body: &Value) -> Value {
     v
 }
 
-/// The `data:` payloads of an SSE response, in order.
-fn stream(url: &str, body: &Value) -> Vec<String> {
+/// POSTs a streaming request; the SSE body, once the answer is a 200 event stream.
+fn open_sse(url: &str, body: &Value) -> impl BufRead {
     let r = agent()
         .post(url)
         .header("content-type", "application/json")
@@ -107,7 +107,12 @@ fn stream(url: &str, body: &Value) -> Vec<String> {
         .get("content-type")
         .map(|v| v.to_str().unwrap_or("").to_owned());
     assert_eq!(ct.as_deref(), Some("text/event-stream"));
-    let reader = BufReader::new(r.into_body().into_reader());
+    BufReader::new(r.into_body().into_reader())
+}
+
+/// The `data:` payloads of an SSE response, in order.
+fn stream(url: &str, body: &Value) -> Vec<String> {
+    let reader = open_sse(url, body);
     let mut out = Vec::new();
     for line in reader.lines() {
         let line = line.expect("read the stream");
@@ -570,13 +575,7 @@ fn the_api_key_guards_everything_but_health() {
 
 /// Opens a stream and reads its first chunk (the request is then running).
 fn open_stream(url: &str, body: &Value) -> impl BufRead {
-    let r = agent()
-        .post(url)
-        .header("content-type", "application/json")
-        .send(body.to_string().as_bytes())
-        .expect("POST");
-    assert_eq!(r.status().as_u16(), 200);
-    let mut reader = BufReader::new(r.into_body().into_reader());
+    let mut reader = open_sse(url, body);
     let mut first = String::new();
     reader.read_line(&mut first).unwrap();
     assert!(first.starts_with("data: "), "{first:?}");
