@@ -833,7 +833,7 @@ impl Llama {
                 let ws = [&m.gate_proj, &m.up_proj].map(|l| (l.weight.view(), l.weight.rows));
                 matmul_many(pool, per_token, &ws, h, xn, n, &mut [&mut *g, &mut *u]);
                 timer.end(Phase::GateUp);
-                if let Seqs::Many(_) = seqs {
+                if per_token {
                     // Row by row, as decode does it: the SIMD body and scalar tail of
                     // each row then cover the same elements.
                     for (g, u) in g.chunks_exact_mut(inter).zip(u.chunks_exact(inter)) {
