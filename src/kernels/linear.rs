@@ -10,7 +10,7 @@ use super::gemm_avx512;
 use super::pool::ThreadPool;
 use super::qdot::{
     QPair, TOKENS_PER_STEP, quantize_activations, quantize_activations_for, rows_q, rows_q_blocks,
-    rows_q_tokens,
+    rows_q_tokens_by_row,
 };
 use crate::quant::{QFormat, QK};
 
@@ -682,27 +682,29 @@ fn matmul_quant(
     let rb = f.row_bytes(cols);
     let dst = SharedMut(out.as_mut_ptr());
     pool.for_ranges(rows, ROW_ALIGN, &|range| {
-        let mut tmp = vec![vec![0f32; QUANT_TILE_ROWS]; TOKENS_PER_STEP];
+        // The tile's products by weight row (`buf[r * k + t]` for k tokens), on the stack.
+        let mut buf = [0f32; QUANT_TILE_ROWS * TOKENS_PER_STEP];
         let mut r0 = range.start;
         while r0 < range.end {
             let r1 = (r0 + QUANT_TILE_ROWS).min(range.end);
             let tile = &wq[r0 * rb..r1 * rb];
             for t0 in (0..n).step_by(TOKENS_PER_STEP) {
                 let t1 = (t0 + TOKENS_PER_STEP).min(n);
-                let xs: Vec<&[QPair]> = xq[t0..t1].iter().map(|v| &v[..]).collect();
-                let mut views: Vec<&mut [f32]> = tmp[..t1 - t0]
-                    .iter_mut()
-                    .map(|v| &mut v[..r1 - r0])
-                    .collect();
-                rows_q_tokens(f, tile, rb, &xs, &mut views);
-                for (t, v) in (t0..t1).zip(&tmp) {
+                let k = t1 - t0;
+                let xs: [&[QPair]; TOKENS_PER_STEP] =
+                    std::array::from_fn(|t| xq.get(t0 + t).map_or(&[][..], |v| &v[..]));
+                let tb = &mut buf[..(r1 - r0) * k];
+                rows_q_tokens_by_row(f, tile, rb, &xs[..k], tb);
+                for t in 0..k {
                     // SAFETY: this thread writes columns r0..r1 (inside its range, disjoint
-                    // from other threads') of row t of `out` ([n, rows]); in bounds by the
-                    // asserted sizes; `out` outlives the call.
+                    // from other threads') of row t0 + t of `out` ([n, rows]); in bounds by
+                    // the asserted sizes; `out` outlives the call.
                     let o = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add(t * rows + r0), r1 - r0)
+                        std::slice::from_raw_parts_mut(dst.get().add((t0 + t) * rows + r0), r1 - r0)
                     };
-                    o.copy_from_slice(&v[..r1 - r0]);
+                    for (r, v) in o.iter_mut().enumerate() {
+                        *v = tb[r * k + t];
+                    }
                 }
             }
             r0 = r1;
