@@ -466,6 +466,85 @@ unsafe fn transpose8x8(src: *const u16, ld_src: usize, dst: *mut u16, ld_dst: us
     }
 }
 
+/// The inputs whose score passes a threshold, ascending: `out = [i : |x_i| · w_i > t]`
+/// (`w` None: `|x_i| > t`), a calibrated input mask's selection (NaN scores are never
+/// kept). On AVX-512 sixteen inputs per compare, their indices compressed into `out`;
+/// the same comparisons as the scalar loop, so the same list.
+pub fn indices_above(x: &[f32], w: Option<&[f32]>, t: f32, out: &mut Vec<u32>) {
+    if let Some(w) = w {
+        assert_eq!(w.len(), x.len(), "indices_above: weights");
+    }
+    out.clear();
+    #[cfg(target_arch = "x86_64")]
+    if super::dot::isa() == super::dot::Isa::Avx512 {
+        out.resize(x.len(), 0);
+        // SAFETY: isa() checked AVX-512F; `out` holds x.len() slots, at least the
+        // number of kept inputs; `w` (when given) is as long as `x` (asserted).
+        let kept = unsafe { indices_above_avx512(x, w, t, out) };
+        out.truncate(kept);
+        return;
+    }
+    indices_above_scalar(x, w, t, out);
+}
+
+/// Scalar [`indices_above`].
+pub fn indices_above_scalar(x: &[f32], w: Option<&[f32]>, t: f32, out: &mut Vec<u32>) {
+    out.clear();
+    match w {
+        Some(w) => out.extend(
+            x.iter()
+                .zip(w)
+                .enumerate()
+                .filter(|&(_, (&v, &c))| v.abs() * c > t)
+                .map(|(i, _)| i as u32),
+        ),
+        None => out.extend(
+            x.iter()
+                .enumerate()
+                .filter(|&(_, &v)| v.abs() > t)
+                .map(|(i, _)| i as u32),
+        ),
+    }
+}
+
+/// [`indices_above`] on AVX-512; returns how many indices it wrote to `out`.
+///
+/// # Safety
+/// AVX-512F; `out.len() >= x.len()`, and `w` as long as `x` when given.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn indices_above_avx512(x: &[f32], w: Option<&[f32]>, t: f32, out: &mut [u32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = x.len();
+    let tv = _mm512_set1_ps(t);
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let sixteen = _mm512_set1_epi32(16);
+    let mut kept = 0;
+    let mut i = 0;
+    while i < n {
+        let lanes: __mmask16 = if n - i >= 16 {
+            0xFFFF
+        } else {
+            ((1u32 << (n - i)) - 1) as u16
+        };
+        // SAFETY: the loads are masked to the n - i valid lanes of x (and w); the
+        // compressed store writes popcount(m) <= n - i slots at out[kept..], and
+        // kept + (n - i) <= n <= out.len() because kept <= i.
+        unsafe {
+            let mut s = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, x.as_ptr().add(i)));
+            if let Some(w) = w {
+                s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lanes, w.as_ptr().add(i)));
+            }
+            let m = _mm512_mask_cmp_ps_mask::<_CMP_GT_OQ>(lanes, s, tv);
+            _mm512_mask_compressstoreu_epi32(out.as_mut_ptr().add(kept) as *mut _, m, idx);
+            kept += m.count_ones() as usize;
+        }
+        idx = _mm512_add_epi32(idx, sixteen);
+        i += 16;
+    }
+    kept
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -636,6 +715,27 @@ mod tests {
                         let what = format!("{name} {in_dim}x{out_dim} n{n} t{threads} token {t}");
                         assert_close(&got[t * out_dim..(t + 1) * out_dim], &want, 1e-5, &what);
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn indices_above_equals_the_scalar_selection_on_odd_sizes() {
+        for n in [1, 15, 16, 17, 33, 576, 1537] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0)
+                .collect();
+            let mut x = x;
+            x[n / 2] = f32::NAN;
+            let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 13) as f32 / 7.0).collect();
+            for t in [-1.0, 0.0, 1.0, 2.5, 1e9] {
+                for w in [None, Some(&w[..])] {
+                    let (mut got, mut want) = (Vec::new(), Vec::new());
+                    indices_above(&x, w, t, &mut got);
+                    indices_above_scalar(&x, w, t, &mut want);
+                    assert_eq!(got, want, "n {n} t {t} weighted {}", w.is_some());
+                    assert!(!want.contains(&((n / 2) as u32)), "NaN kept");
                 }
             }
         }

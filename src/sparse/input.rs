@@ -14,6 +14,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::kernels::input_major::indices_above;
 use crate::model::llama::{Layer, Linear};
 use crate::model::{InputGroup, InputMask, KvCache, Llama, Logits, MlpOverride, WeightLayout};
 use crate::sparse::threshold::{select_top_k, top_k_count};
@@ -261,32 +262,26 @@ impl InputSparsity {
     /// Selects the kept inputs of one token's `x` for (layer, group) into `self.kept`.
     fn select(&mut self, layer: usize, g: usize, x: &[f32]) {
         let n = x.len();
-        self.scores.clear();
-        match &self.col_norms {
-            Some(norms) => {
-                let w = &norms[layer][g];
-                self.scores
-                    .extend(x.iter().zip(w).map(|(&v, &c)| v.abs() * c));
-            }
-            None => self.scores.extend(x.iter().map(|v| v.abs())),
-        }
         self.kept.clear();
         match &self.thresholds {
             Some(t) => {
-                let t = t[layer][g];
-                self.kept.extend(
-                    self.scores
-                        .iter()
-                        .enumerate()
-                        .filter(|&(_, &s)| s > t)
-                        .map(|(i, _)| i as u32),
-                );
+                let norms = self.col_norms.as_ref().map(|c| &c[layer][g][..]);
+                indices_above(x, norms, t[layer][g], &mut self.kept);
             }
             None => {
                 let s = match self.spec {
                     InputSpec::Teal(s) | InputSpec::Wina(s) => s,
                     InputSpec::TealCalibrated => unreachable!("has thresholds"),
                 };
+                self.scores.clear();
+                match &self.col_norms {
+                    Some(norms) => {
+                        let w = &norms[layer][g];
+                        self.scores
+                            .extend(x.iter().zip(w).map(|(&v, &c)| v.abs() * c));
+                    }
+                    None => self.scores.extend(x.iter().map(|v| v.abs())),
+                }
                 let k = top_k_count(1.0 - s, n);
                 select_top_k(&self.scores, k, &mut self.keys, &mut self.kept);
             }
