@@ -9,7 +9,10 @@
 - ppl_all: exp(mean NLL) of every prediction in each window (positions 0..w-2 predicting
   1..w-1); ppl_second_half: only positions w/2..w-2 (llama.cpp's own perplexity method).
 
-    /tmp/peer/bin/python scripts/llamacpp_ppl.py MODEL.gguf [--text FILE] [--window 512] [--threads 2]
+    /tmp/peer/bin/python scripts/llamacpp_ppl.py MODEL.gguf [--text FILE] [--window 512] [--threads 2] [--kv f16|f32]
+
+llama.cpp keeps its KV cache in f16 by default; sparsellm's is f32 (`--kv f32` makes
+llama.cpp's the same, to separate that rounding from the rest).
 
 Prints one JSON object with the keys of `sparsellm eval --json` that it shares.
 """
@@ -23,11 +26,14 @@ ap.add_argument("--text", default="/usr/share/common-licenses/GPL-3")
 ap.add_argument("--window", type=int, default=512)
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--bos", action="store_true", help="windows start with BOS (Gemma)")
+ap.add_argument("--kv", choices=["f16", "f32"], default="f16",
+                help="llama.cpp's KV cache type (its default f16)")
 a = ap.parse_args()
 
 w = a.window
 llm = Llama(model_path=a.model, n_threads=a.threads, n_threads_batch=a.threads, n_ctx=w,
-            n_batch=w, n_ubatch=w, logits_all=True, verbose=False, seed=0)
+            n_batch=w, n_ubatch=w, logits_all=True, verbose=False, seed=0,
+            type_k={"f16": 1, "f32": 0}[a.kv], type_v={"f16": 1, "f32": 0}[a.kv])
 ids = llm.tokenize(open(a.text, encoding="utf-8").read().encode(), add_bos=a.bos, special=False)
 if a.bos:
     for k in range(0, len(ids), w):

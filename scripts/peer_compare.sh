@@ -5,6 +5,8 @@
 #   build the peer once as docs/peer.md says (llama-cpp-python in the venv /tmp/peer), then
 #   scripts/peer_compare.sh [ROUNDS]        # prints one markdown row per configuration
 #   DTYPES="native" scripts/peer_compare.sh # only some dtypes (native = the Q4_1 file)
+#   MODEL=models/gemma-3-270m-q4_k_m.gguf DTYPES=native THREADS=2 scripts/peer_compare.sh 3
+#                                           # another GGUF file, as stored, at 2 threads
 #
 # llama.cpp's prefill figure from llamacpp_peer.py includes Python overhead (about half
 # of llama-bench's pp128, per docs/peer.md); decode figures are comparable.
@@ -15,23 +17,24 @@ PY=${PEER_PYTHON:-/tmp/peer/bin/python}
 PEER=scripts/llamacpp_peer.py
 BIN=target/release/sparsellm
 cargo build --release --quiet
-MODEL=$($BIN fetch)
-for dt in f32 bf16; do
-  [ -f /tmp/model-$dt.gguf ] || $PY $PEER "$MODEL" --convert $dt /tmp/model-$dt.gguf >/dev/null 2>&1
+MODEL=${MODEL:-$($BIN fetch)}
+DTYPES=${DTYPES:-native f32 bf16}
+for dt in $DTYPES; do
+  [ "$dt" = native ] && continue
+  [ -f /tmp/$(basename "$MODEL" .gguf)-$dt.gguf ] || $PY $PEER "$MODEL" --convert $dt /tmp/$(basename "$MODEL" .gguf)-$dt.gguf >/dev/null 2>&1
 done
 echo "| dtype | threads | sparsellm decode tok/s | llama.cpp decode tok/s | ratio | sparsellm prefill tok/s | llama.cpp prefill tok/s (python) |"
 echo "|---|---|---|---|---|---|---|"
-# native: the default model's own Q4_1 file for both engines (ours computes on its blocks).
-DTYPES=${DTYPES:-native f32 bf16}
+# native: the file as stored for both engines (ours computes on its blocks).
 for dt in $DTYPES; do
-  if [ "$dt" = native ]; then PEER_MODEL=$MODEL; else PEER_MODEL=/tmp/model-$dt.gguf; fi
-  for t in 1 2; do
+  if [ "$dt" = native ]; then PEER_MODEL=$MODEL; else PEER_MODEL=/tmp/$(basename "$MODEL" .gguf)-$dt.gguf; fi
+  for t in ${THREADS:-1 2}; do
     ours_d=(); ours_p=(); peer_d=(); peer_p=()
     for r in $(seq "$ROUNDS"); do
       j=$($PY $PEER "$PEER_MODEL" --threads $t --runs 3 2>/dev/null)
       peer_d+=($(echo "$j" | python3 -c 'import json,sys;print(json.load(sys.stdin)["decode_tok_s"])'))
       peer_p+=($(echo "$j" | python3 -c 'import json,sys;print(json.load(sys.stdin)["prefill_tok_s"])'))
-      j=$($BIN bench --dtype $dt --threads $t --runs 3 --json 2>/dev/null)
+      j=$($BIN bench --model "$MODEL" --dtype $dt --threads $t --runs 3 --json 2>/dev/null)
       ours_d+=($(echo "$j" | python3 -c 'import json,sys;print(json.load(sys.stdin)["modes"]["dense"]["decode_tok_s"]["median"])'))
       ours_p+=($(echo "$j" | python3 -c 'import json,sys;print(json.load(sys.stdin)["modes"]["dense"]["prefill_tok_s"]["median"])'))
     done
