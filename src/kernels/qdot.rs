@@ -419,6 +419,17 @@ fn has_avx2() -> bool {
 /// a compute-bound 8-token pass (its weight loads stalled for a quarter of its time).
 const PREFETCH_BYTES: usize = 1024;
 
+/// Unaligned little-endian u16 at `p`.
+///
+/// # Safety
+/// `p..p + 2` must be readable.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn read_u16(p: *const u8) -> u16 {
+    // SAFETY: the caller guarantees 2 readable bytes; read_unaligned has no alignment need.
+    unsafe { std::ptr::read_unaligned(p as *const u16) }
+}
+
 /// Unaligned little-endian u32 at `p`.
 ///
 /// # Safety
@@ -980,25 +991,38 @@ macro_rules! chunk_kernel {
 
 chunk_kernel!(chunks_avx2, "avx2,fma,f16c", idot_avx2);
 
-/// Two consecutive Q5_0 blocks at `b0` for [`chunks_vnni`]: the 64 quants (block 0 in
-/// bytes 0..32, each block's low nibbles then high nibbles, bit 4 from `qh`), and the
-/// multipliers (spread as the kernel's lanes want them) and offsets of the four 16-weight
-/// groups, equal to what `block_params` computes (the same operations and hardware f16
-/// conversion). Decode of Q5_0 went from 26 to 21 ns per 256 weights. (The same for
-/// Q5_1 measured slower than its chunk-by-chunk path, 32 against 22 ns, so Q5_1 keeps
-/// that path.)
+/// Two consecutive Q5_0 (`F` = 5) or Q5_1 (6) blocks at `b0` for [`chunks_vnni`]: the 64
+/// quants (block 0 in bytes 0..32, each block's low nibbles then high nibbles, bit 4 from
+/// `qh`), and the multipliers (spread as the kernel's lanes want them) and offsets of the
+/// four 16-weight groups, equal to what `block_params` computes (the same operations and
+/// hardware f16 conversion). Decode went from 26 to 16 ns per 256 weights (Q5_0) and from
+/// 22 to 16 (Q5_1), one thread; building the f16 scales with 16-bit lane inserts cost more
+/// than it saved.
 ///
 /// # Safety
 /// AVX-512 F/BW/VL and F16C; two whole blocks readable at `b0`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn q5_0_pair(b0: *const u8, spread4: __m512i) -> (__m512i, __m512, __m128) {
+unsafe fn q5_pair<const F: u8>(b0: *const u8, spread4: __m512i) -> (__m512i, __m512, __m128) {
+    let q51 = F == 6;
+    let fmt = if q51 { QFormat::Q5_1 } else { QFormat::Q5_0 };
+    // Layouts: Q5_0 d (f16), qh (4 bytes), qs (16); Q5_1 d, m (f16 each), qh, qs.
+    let qh_at = if q51 { 4 } else { 2 };
+    // [v0, v0, v1, v1] of the two blocks' f16 at `o`, widened, in one 64-bit move.
+    let f16x4 = |b0: *const u8, b1: *const u8, o: usize| {
+        // SAFETY: o + 2 <= the block's header size (the caller's blocks).
+        let (v0, v1) = unsafe { (read_u16(b0.add(o)), read_u16(b1.add(o))) };
+        let v = (v0 as u64 * 0x1_0001) | (v1 as u64 * 0x1_0001) << 32;
+        _mm_cvtph_ps(_mm_cvtsi64_si128(v as i64))
+    };
     // SAFETY: every read lies inside the two blocks (the caller's guarantee).
     unsafe {
-        let b1 = b0.add(QFormat::Q5_0.block_bytes());
-        // Layout: d (f16), qh (4 bytes), qs (16 bytes).
-        let q = _mm256_loadu2_m128i(b1.add(6) as *const __m128i, b0.add(6) as *const __m128i);
+        let b1 = b0.add(fmt.block_bytes());
+        let q = _mm256_loadu2_m128i(
+            b1.add(qh_at + 4) as *const __m128i,
+            b0.add(qh_at + 4) as *const __m128i,
+        );
         let hi4 = _mm256_srli_epi16::<4>(q);
         // [q0, q1, q0 >> 4, q1 >> 4] -> [q0, q0 >> 4, q1, q1 >> 4]: each block's 32 quants.
         let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), hi4);
@@ -1007,14 +1031,16 @@ unsafe fn q5_0_pair(b0: *const u8, spread4: __m512i) -> (__m512i, __m512, __m128
             _mm512_set1_epi8(0x0f),
         );
         // Bit j of block k's qh is bit 4 of quant 32k + j.
-        let qh = read_u32(b0.add(2)) as u64 | (read_u32(b1.add(2)) as u64) << 32;
+        let qh = read_u32(b0.add(qh_at)) as u64 | (read_u32(b1.add(qh_at)) as u64) << 32;
         let u = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(qh, _mm512_set1_epi8(0x10)));
-        let d0 = u16::from_le_bytes([*b0, *b0.add(1)]) as i16;
-        let d1 = u16::from_le_bytes([*b1, *b1.add(1)]) as i16;
-        let d = _mm_cvtph_ps(_mm_set_epi16(0, 0, 0, 0, d1, d1, d0, d0));
+        let d = f16x4(b0, b1, 0);
         let av = _mm512_permutexvar_ps(spread4, _mm512_castps128_ps512(d));
-        // block_params: b = 0 - 16·d.
-        let bv = _mm_sub_ps(_mm_setzero_ps(), _mm_mul_ps(_mm_set1_ps(16.0), d));
+        // block_params: b = m - 0·d (Q5_1), 0 - 16·d (Q5_0).
+        let bv = if q51 {
+            _mm_sub_ps(f16x4(b0, b1, 2), _mm_mul_ps(_mm_setzero_ps(), d))
+        } else {
+            _mm_sub_ps(_mm_setzero_ps(), _mm_mul_ps(_mm_set1_ps(16.0), d))
+        };
         (u, av, bv)
     }
 }
@@ -1061,11 +1087,11 @@ unsafe fn chunks_vnni<const F: u8, const GATHER: bool, const T: usize>(
                 let at = p * row_bytes / (chunks / 2) + PREFETCH_BYTES;
                 _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at) as *const i8);
             }
-            let (u, av, bv) = if !GATHER && F == 5 {
-                // Q5_0: one block per chunk, so the pair is two whole blocks, unpacked
-                // together and their parameters computed as `block_params` does.
+            let (u, av, bv) = if !GATHER && (F == 5 || F == 6) {
+                // Q5_0, Q5_1: one block per chunk, so the pair is two whole blocks,
+                // unpacked together and their parameters computed as `block_params` does.
                 // SAFETY: blocks 2p and 2p + 1 lie inside the row (p < chunks / 2).
-                unsafe { q5_0_pair(row.as_ptr().add(2 * p * fmt.block_bytes()), spread4) }
+                unsafe { q5_pair::<F>(row.as_ptr().add(2 * p * fmt.block_bytes()), spread4) }
             } else {
                 let (blk0, c0, a0, b0) = chunk!(2 * p);
                 // SAFETY: a whole block and one of its chunks (row_chunk).
