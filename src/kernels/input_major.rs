@@ -522,11 +522,7 @@ unsafe fn indices_above_avx512(x: &[f32], w: Option<&[f32]>, t: f32, out: &mut [
     let mut kept = 0;
     let mut i = 0;
     while i < n {
-        let lanes: __mmask16 = if n - i >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << (n - i)) - 1) as u16
-        };
+        let lanes = super::ops::lanes16(n - i);
         // SAFETY: the loads are masked to the n - i valid lanes of x (and w); the
         // compressed store writes popcount(m) <= n - i slots at out[kept..], and
         // kept + (n - i) <= n <= out.len() because kept <= i.

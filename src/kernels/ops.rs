@@ -44,7 +44,7 @@ pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// The mask of the first `min(left, 16)` lanes.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn lanes16(left: usize) -> __mmask16 {
+pub(crate) fn lanes16(left: usize) -> __mmask16 {
     if left >= 16 {
         0xFFFF
     } else {
