@@ -187,6 +187,9 @@ pub fn quantize_activations_for(fmt: QFormat, x: &[f32], out: &mut Vec<QPair>) {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: isa() checked AVX-512F/BW/VL; xb and qs hold QK elements each.
                 Isa::Avx512 => unsafe { quantize_block_k_avx512(xb, iscale, qs) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: isa() checked AVX2 (which implies SSE4.1).
+                Isa::Avx2 => unsafe { quantize_block_k_sse41(xb, iscale, qs) },
                 _ => quantize_block_k_scalar(xb, iscale, qs),
             };
             pair.ds[2 * half] = d;
@@ -231,6 +234,7 @@ unsafe fn first_abs_max_avx512(x: &[f32]) -> f32 {
 
 /// One 32-element block of q8_K: `q = round_half_even(v · iscale)` capped at 127, and the
 /// sums of each 16-element half.
+#[inline(always)]
 fn quantize_block_k_scalar(xb: &[f32], iscale: f32, qs: &mut [i8]) -> [i32; 2] {
     let mut sums = [0i32; 2];
     for (j, (q, &v)) in qs.iter_mut().zip(xb).enumerate() {
@@ -238,6 +242,17 @@ fn quantize_block_k_scalar(xb: &[f32], iscale: f32, qs: &mut [i8]) -> [i32; 2] {
         sums[j / 16] += *q as i32;
     }
     sums
+}
+
+/// [`quantize_block_k_scalar`] compiled with SSE4.1, where `round_ties_even` is one
+/// `roundss` instead of a call to libm's `rintf`: the same code, so the same quants.
+///
+/// # Safety
+/// The CPU must have SSE4.1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.1")]
+unsafe fn quantize_block_k_sse41(xb: &[f32], iscale: f32, qs: &mut [i8]) -> [i32; 2] {
+    quantize_block_k_scalar(xb, iscale, qs)
 }
 
 /// [`quantize_block_k_scalar`] on AVX-512, the same arithmetic lane by lane (libm's
