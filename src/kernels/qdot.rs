@@ -42,6 +42,15 @@ pub struct QPair {
 }
 
 impl QPair {
+    /// Records block `half`'s scale `d` and its 16-quant halves' sums (`ds`: d and d·Σq;
+    /// `s16`: d·Σq per half).
+    fn set_block(&mut self, half: usize, d: f32, sums: [i32; 2]) {
+        self.ds[2 * half] = d;
+        self.ds[2 * half + 1] = d * (sums[0] + sums[1]) as f32;
+        self.s16[2 * half] = d * sums[0] as f32;
+        self.s16[2 * half + 1] = d * sums[1] as f32;
+    }
+
     /// Fills `dx16` from the scales in `ds`.
     fn spread_scales(&mut self) {
         let (a, b) = self.dx16.split_at_mut(8);
@@ -75,10 +84,7 @@ pub fn quantize_activations(x: &[f32], out: &mut Vec<QPair>) {
             Isa::Avx512 => unsafe { quantize_block_avx512(xb, qs) },
             _ => quantize_block_scalar(xb, qs),
         };
-        pair.ds[2 * half] = d;
-        pair.ds[2 * half + 1] = d * (sums[0] + sums[1]) as f32;
-        pair.s16[2 * half] = d * sums[0] as f32;
-        pair.s16[2 * half + 1] = d * sums[1] as f32;
+        pair.set_block(half, d, sums);
     }
     out.iter_mut().for_each(QPair::spread_scales);
 }
@@ -192,10 +198,7 @@ pub fn quantize_activations_for(fmt: QFormat, x: &[f32], out: &mut Vec<QPair>) {
                 Isa::Avx2 => unsafe { quantize_block_k_sse41(xb, iscale, qs) },
                 _ => quantize_block_k_scalar(xb, iscale, qs),
             };
-            pair.ds[2 * half] = d;
-            pair.ds[2 * half + 1] = d * (sums[0] + sums[1]) as f32;
-            pair.s16[2 * half] = d * sums[0] as f32;
-            pair.s16[2 * half + 1] = d * sums[1] as f32;
+            pair.set_block(half, d, sums);
         }
     }
     out.iter_mut().for_each(QPair::spread_scales);
@@ -1098,8 +1101,9 @@ unsafe fn chunks_vnni<const F: u8, const GATHER: bool, const T: usize>(
         for p in 0..chunks / 2 {
             if !GATHER && T > 1 {
                 // As in rows_vnni: fetch the contiguous rows ahead of the tokens' work,
-                // pair p's share of the row so that every line gets fetched.
-                let at = p * row_bytes / (chunks / 2) + PREFETCH_BYTES;
+                // from pair p's offset in the row so that every line gets fetched (the
+                // format's constants: no division at run time).
+                let at = 2 * p * fmt.block_bytes() / fmt.chunks_per_block() + PREFETCH_BYTES;
                 _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at) as *const i8);
             }
             let (u, av, bv) = if !GATHER && (F == 5 || F == 6) {

@@ -103,17 +103,17 @@ fn scale_min_k4(s: &[u8], j: usize) -> (u8, u8) {
     }
 }
 
-/// Q3_K's six-bit scale `i` (0..16), minus 32.
-#[inline]
+/// Q3_K's six-bit scale `i` (0..16), minus 32, as ggml's reference spells it out: the
+/// tests' check of [`scales_q3k`].
+#[cfg(test)]
 fn scale_q3k(s: &[u8], i: usize) -> i32 {
     let lo = if i < 8 { s[i] & 0x0f } else { s[i - 8] >> 4 };
     let hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
     (lo | (hi << 4)) as i32 - 32
 }
 
-/// All sixteen of Q3_K's six-bit scales, minus 32 ([`scale_q3k`] for each `i`), unpacked
-/// four at a time in 32-bit words as ggml does (the per-scale form made Q3_K's decode the
-/// slowest format's).
+/// All sixteen of Q3_K's six-bit scales, minus 32, unpacked four at a time in 32-bit words
+/// as ggml does (decoding them one by one made Q3_K's decode the slowest format's).
 #[inline]
 fn scales_q3k(s: &[u8; 12]) -> [i8; 16] {
     let word = |k: usize| u32::from_le_bytes([s[4 * k], s[4 * k + 1], s[4 * k + 2], s[4 * k + 3]]);
@@ -190,12 +190,9 @@ pub fn chunk_params(fmt: QFormat, blk: &[u8], c: usize) -> ChunkParams {
         }
         QFormat::Q3K => {
             let d = f16_at(blk, 108);
-            let s = &blk[96..108];
+            let sc = scales_q3k(blk[96..108].try_into().expect("12 scale bytes"));
             ChunkParams {
-                a: [
-                    d * scale_q3k(s, 2 * c) as f32,
-                    d * scale_q3k(s, 2 * c + 1) as f32,
-                ],
+                a: [d * sc[2 * c] as f32, d * sc[2 * c + 1] as f32],
                 zero: 4,
                 m: [0.0; 2],
             }
