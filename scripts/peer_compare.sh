@@ -19,15 +19,17 @@ BIN=target/release/sparsellm
 cargo build --release --quiet
 MODEL=${MODEL:-$($BIN fetch)}
 DTYPES=${DTYPES:-native f32 bf16}
+# llama.cpp's copy of MODEL converted to a float dtype.
+converted() { echo "/tmp/$(basename "$MODEL" .gguf)-$1.gguf"; }
 for dt in $DTYPES; do
   [ "$dt" = native ] && continue
-  [ -f /tmp/$(basename "$MODEL" .gguf)-$dt.gguf ] || $PY $PEER "$MODEL" --convert $dt /tmp/$(basename "$MODEL" .gguf)-$dt.gguf >/dev/null 2>&1
+  [ -f "$(converted $dt)" ] || $PY $PEER "$MODEL" --convert $dt "$(converted $dt)" >/dev/null 2>&1
 done
 echo "| dtype | threads | sparsellm decode tok/s | llama.cpp decode tok/s | ratio | sparsellm prefill tok/s | llama.cpp prefill tok/s (python) |"
 echo "|---|---|---|---|---|---|---|"
 # native: the file as stored for both engines (ours computes on its blocks).
 for dt in $DTYPES; do
-  if [ "$dt" = native ]; then PEER_MODEL=$MODEL; else PEER_MODEL=/tmp/$(basename "$MODEL" .gguf)-$dt.gguf; fi
+  if [ "$dt" = native ]; then PEER_MODEL=$MODEL; else PEER_MODEL=$(converted $dt); fi
   for t in ${THREADS:-1 2}; do
     ours_d=(); ours_p=(); peer_d=(); peer_p=()
     for r in $(seq "$ROUNDS"); do

@@ -78,6 +78,11 @@ const FILES: [Reference; 7] = [
     },
 ];
 
+/// Position `t`'s logits in `[positions, vocab]` logits.
+fn position(logits: &[f32], t: usize, vocab: usize) -> &[f32] {
+    &logits[t * vocab..(t + 1) * vocab]
+}
+
 fn file(ty: &str) -> PathBuf {
     let p = common::test_data_dir()
         .parent()
@@ -163,9 +168,8 @@ fn requantized_files_load_and_prefill_equals_decode() {
         let max_diff =
             |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         let top = |v: &[f32]| sparsellm::generate::argmax(v);
-        let rows = |v: &[f32], t: usize| v[t * vocab..(t + 1) * vocab].to_vec();
         let agree = (0..ids.len())
-            .filter(|&t| top(&rows(&wide, t)) == top(&rows(&batched, t)))
+            .filter(|&t| top(position(&wide, t, vocab)) == top(position(&batched, t, vocab)))
             .count();
         assert!(
             agree * 10 >= ids.len() * 8,
@@ -185,10 +189,10 @@ fn requantized_files_load_and_prefill_equals_decode() {
             let row = native
                 .forward(&[id], &mut cache, Logits::Last, None)
                 .unwrap();
-            let b = rows(&batched, t);
-            apart += max_diff(&b, &row);
-            noise += max_diff(&b, &rows(&wide, t));
-            let (ab, ar) = (top(&b) as usize, top(&row) as usize);
+            let b = position(&batched, t, vocab);
+            apart += max_diff(b, &row);
+            noise += max_diff(b, position(&wide, t, vocab));
+            let (ab, ar) = (top(b) as usize, top(&row) as usize);
             if ab != ar {
                 let gaps = (b[ab] - b[ar], row[ar] - row[ab]);
                 eprintln!("{ty}: position {t}: top token {ab} vs {ar}, gaps {gaps:?}");
