@@ -3,7 +3,8 @@
 //!
 //!     cargo run --release --example teal_time -- MODEL DTYPE THREADS RUNS SPEC [PREDICTOR]
 //!
-//! e.g. `... models/SmolLM2-135M-Instruct.Q4_1.gguf bf16 2 7 teal:calibrated p.safetensors`.
+//! e.g. `... models/SmolLM2-135M-Instruct.Q4_1.gguf bf16 2 7 teal:calibrated p.safetensors`
+//! (DTYPE: native, f32, bf16 or f16; native works for float and Q8_0 files).
 //! Each run: a 128-token prefill (GPL-3 is not needed: fixed ids) and 64 greedy decode
 //! steps per mode. Prints medians and ranges per mode, and the ratios of medians.
 
@@ -12,7 +13,7 @@ use sparsellm::model::llama::{Llama, Logits};
 use sparsellm::model::{MlpOverride, WeightLayout};
 use sparsellm::sparse::input::{InputSparsity, InputSpec};
 use sparsellm::sparse::predictor::Predictor;
-use sparsellm::tensor::{DType, LoadDType};
+use sparsellm::tensor::LoadDType;
 
 /// Nanoseconds on a CPU, summed over the process's threads, in ms.
 fn cpu_ms() -> f64 {
@@ -61,11 +62,8 @@ fn one_run(model: &Llama, mut hook: Option<&mut dyn MlpOverride>) -> [f64; 4] {
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let path = std::path::Path::new(&a[1]);
-    let dtype = match a[2].as_str() {
-        "f32" => LoadDType::To(DType::F32),
-        "f16" => LoadDType::To(DType::F16),
-        _ => LoadDType::To(DType::BF16),
-    };
+    // native: each matrix as the file stores it (float, or Q8_0 re-quantized input-major).
+    let dtype: LoadDType = a[2].parse().unwrap();
     let threads: usize = a[3].parse().unwrap();
     let runs: usize = a[4].parse().unwrap();
     let spec: InputSpec = a[5].parse().unwrap();

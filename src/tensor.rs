@@ -366,10 +366,12 @@ impl WeightPlan {
     }
 
     /// Adds `raw`, a `[rows, cols]` matrix in the file, to be held transposed as a
-    /// `[cols, rows]` matrix in the float `dtype` (input-major: row `i` holds input `i`'s
-    /// weights for every output, which is what a column-sparse matvec reads). Always
-    /// converted into the arena (a transpose cannot be used in place); values move through
-    /// f32, so a float dtype that the file already holds is moved bit for bit.
+    /// `[cols, rows]` matrix in `dtype`, a float dtype or Q8_0 (input-major: row `i` holds
+    /// input `i`'s weights for every output, which is what a column-sparse matvec reads).
+    /// Always converted into the arena (a transpose cannot be used in place); values move
+    /// through f32, so a float dtype that the file already holds is moved bit for bit, and
+    /// Q8_0 is quantized again along the new rows (ggml's reference quantizer: the
+    /// measured cost is in docs/sparsity.md, "Input sparsity on quantized weights").
     pub fn add_transposed(
         &mut self,
         raw: RawTensor,
@@ -377,10 +379,18 @@ impl WeightPlan {
         cols: usize,
         dtype: DType,
     ) -> Result<usize> {
-        check_shape(&raw, rows, cols, dtype)?;
-        if dtype.qformat().is_some() {
+        check_shape(&raw, cols, rows, DType::F32)?;
+        if dtype.qformat().is_some() && dtype != DType::Q8_0 {
             return Err(raw.error(format!(
-                "an input-major layout needs a float dtype (f32, bf16 or f16), not {}",
+                "an input-major layout needs a float dtype (f32, bf16 or f16) or q8_0, not {}",
+                dtype.name()
+            )));
+        }
+        if !rows.is_multiple_of(dtype.block_elems()) {
+            return Err(raw.error(format!(
+                "held input-major, its rows of {rows} elements are not whole {}-element \
+                 blocks of {}",
+                dtype.block_elems(),
                 dtype.name()
             )));
         }
@@ -480,8 +490,11 @@ impl WeightPlan {
     }
 }
 
-/// Converts `raw` (`[rows, cols]`) into `out` as its transpose (`[cols, rows]`) in the
-/// float `dtype`, through f32, in 64 x 64 tiles.
+/// Converts `raw` (`[rows, cols]`) into `out` as its transpose (`[cols, rows]`) in
+/// `dtype` (float, or Q8_0 when `rows` is whole blocks), through f32, 32 source rows at a
+/// time: each output row then receives 32 consecutive values (one Q8_0 block), and the
+/// f32 intermediate stays at 32 rows (a whole-matrix copy per converting thread would
+/// raise the load's peak memory above the weights' own).
 fn convert_transposed_into(
     raw: &RawTensor,
     rows: usize,
@@ -489,13 +502,28 @@ fn convert_transposed_into(
     dtype: DType,
     out: &mut [u8],
 ) {
-    let n = rows * cols;
-    let mut f = vec![0f32; n];
-    quant::dequantize(raw.dtype, raw.bytes(), &mut f);
-    let mut t = vec![0f32; n];
-    transpose_into(&f, rows, cols, &mut t);
-    drop(f);
-    encode_f32(&t, dtype, out);
+    const STRIP: usize = 32;
+    let bytes = raw.bytes();
+    let src_row = raw.dtype.bytes_for(cols).expect("validated size");
+    let out_row = dtype.bytes_for(rows);
+    let mut strip = vec![0f32; STRIP * cols];
+    let mut column = [0f32; STRIP];
+    for r0 in (0..rows).step_by(STRIP) {
+        let r1 = (r0 + STRIP).min(rows);
+        let h = r1 - r0;
+        quant::dequantize(
+            raw.dtype,
+            &bytes[r0 * src_row..r1 * src_row],
+            &mut strip[..h * cols],
+        );
+        let (o0, o1) = (dtype.bytes_for(r0), dtype.bytes_for(r1));
+        for (c, dst) in out.chunks_exact_mut(out_row).enumerate() {
+            for (k, v) in column[..h].iter_mut().enumerate() {
+                *v = strip[k * cols + c];
+            }
+            encode_f32(&column[..h], dtype, &mut dst[o0..o1]);
+        }
+    }
 }
 
 /// `dst = src^T`: `src` is `[rows, cols]` row-major, `dst` `[cols, rows]`; in 64 x 64

@@ -18,6 +18,7 @@ use super::WeightView;
 use super::f16::f16_to_f32_slice;
 use super::pool::ThreadPool;
 use super::sparse::{Activation, Items, Strided, sparse_mlp};
+use crate::quant::QFormat;
 
 /// Reusable buffers of [`matvec_input_major`].
 #[derive(Default)]
@@ -53,6 +54,13 @@ pub fn matvec_input_major(
         && super::dot::has_avx512_bf16()
     {
         return pairs_bf16(pool, w, in_dim, out_dim, x, kept, out, scratch);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if let WeightView::Quant(QFormat::Q8_0, w) = wt
+        && super::dot::isa() == super::dot::Isa::Avx512
+        && super::qdot::has_avx2()
+    {
+        return rows_q8_0(pool, w, in_dim, out_dim, x, kept, out, scratch);
     }
     let down = Strided::matrix(wt, out_dim);
     match kept {
@@ -159,6 +167,223 @@ fn pairs_bf16(
         let (c, r) = (o / PAIR_CHUNK, o % PAIR_CHUNK);
         let (k, h, e) = (r / 8, (r / 4) % 2, r % 4);
         *y = first[c * PAIR_CHUNK + 16 * h + 4 * k + e];
+    }
+}
+
+/// [`matvec_input_major`] for Q8_0 weights on AVX-512: four kept inputs at a time, each
+/// output block's 32 sums held in two registers while the four rows' blocks are added
+/// (`acc += (x_i · d) · q` per element, one FMA, inputs in ascending order), so the
+/// accumulators are read and written once per four rows. The kept inputs are split into
+/// contiguous ranges, one chunk per thread; the threads' sums are added in thread order.
+/// Same arithmetic per element as [`super::qdot::axpy_q`] on the rows in order.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn rows_q8_0(
+    pool: &ThreadPool,
+    w: &[u8],
+    in_dim: usize,
+    out_dim: usize,
+    x: &[f32],
+    kept: Option<&[u32]>,
+    out: &mut [f32],
+    scratch: &mut InputMajorScratch,
+) {
+    let n = kept.map_or(in_dim, |k| k.len());
+    let row_bytes = QFormat::Q8_0.row_bytes(out_dim);
+    assert!(w.len() == in_dim * row_bytes && out_dim.is_multiple_of(QK));
+    if n == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let threads = pool.threads().min(n.div_ceil(16)).max(1);
+    scratch.values.clear();
+    scratch
+        .values
+        .extend((0..n).map(|j| x[kept.map_or(j, |k| k[j] as usize)]));
+    scratch.acc.clear();
+    scratch.acc.resize(threads * out_dim, 0.0);
+    let acc = SharedMut(scratch.acc.as_mut_ptr());
+    let xv = &scratch.values[..];
+    pool.for_chunks(threads, &|t, nt| {
+        let r = super::pool::split_range(n, 1, t, nt);
+        // SAFETY: chunk t writes only acc[t * out_dim..(t + 1) * out_dim] (resized above).
+        let acc = unsafe { std::slice::from_raw_parts_mut(acc.get().add(t * out_dim), out_dim) };
+        // SAFETY: isa() is Avx512 (F/BW/VL) and qdot::has_avx2() checked F16C; every item's row
+        // (kept indices are < in_dim, asserted by the caller) is inside `w` (asserted).
+        unsafe { accumulate_q8_0(w, row_bytes, kept, r, xv, acc) };
+    });
+    let (first, rest) = scratch.acc.split_at_mut(out_dim);
+    for t in 1..threads {
+        for (a, &b) in first.iter_mut().zip(&rest[(t - 1) * out_dim..t * out_dim]) {
+            *a += b;
+        }
+    }
+    out.copy_from_slice(first);
+}
+
+/// [`matmul_input_major`] for Q8_0 on AVX-512, reading the input-major blocks as they
+/// are (no transpose): the output blocks are split over the pool, and each block of 32
+/// outputs is computed for up to 8 tokens at a time as a sum of outer products,
+/// `acc[t] += x[t, i] · (d_i · q_i)` over the inputs i in order (the block's weights, one
+/// 34-byte block per input, stay in cache across the token blocks).
+#[cfg(target_arch = "x86_64")]
+fn prefill_q8_0(
+    pool: &ThreadPool,
+    w: &[u8],
+    in_dim: usize,
+    out_dim: usize,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+) {
+    let row_bytes = QFormat::Q8_0.row_bytes(out_dim);
+    assert!(w.len() == in_dim * row_bytes && out_dim.is_multiple_of(QK));
+    assert!(x.len() == n * in_dim && out.len() == n * out_dim);
+    let dst = SharedMut(out.as_mut_ptr());
+    pool.for_ranges(out_dim / QK, 1, &|blocks| {
+        for c in blocks {
+            let mut t0 = 0;
+            while t0 < n {
+                let tt = (n - t0).min(8);
+                // SAFETY: isa() is Avx512 and has_avx2() checked F16C; block column c <
+                // out_dim / 32 of every row is inside `w` (asserted); tokens t0..t0 + tt
+                // are rows of x and out; this thread alone writes out's block column c.
+                unsafe {
+                    let args = (
+                        w.as_ptr().add(c * Q8_0_BLOCK),
+                        row_bytes,
+                        in_dim,
+                        x.as_ptr().add(t0 * in_dim),
+                        dst.get().add(t0 * out_dim + c * QK),
+                        out_dim,
+                    );
+                    match tt {
+                        1 => outer_q8_0::<1>(args),
+                        2 => outer_q8_0::<2>(args),
+                        3 => outer_q8_0::<3>(args),
+                        4 => outer_q8_0::<4>(args),
+                        5 => outer_q8_0::<5>(args),
+                        6 => outer_q8_0::<6>(args),
+                        7 => outer_q8_0::<7>(args),
+                        _ => outer_q8_0::<8>(args),
+                    }
+                };
+                t0 += tt;
+            }
+        }
+    });
+}
+
+/// `out[t, 0..32] = sum over i < k of x[t, i] · (d_i · q_i[0..32])` for t < TT (<= 8):
+/// one Q8_0 block column (block i at `w + i * stride`), x rows of k, out row stride `ld`.
+///
+/// # Safety
+/// AVX-512F/BW/VL and F16C; the k blocks, TT rows of x and TT rows of 32 outputs are
+/// valid as described.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn outer_q8_0<const TT: usize>(
+    (w, stride, k, x, out, ld): (*const u8, usize, usize, *const f32, *mut f32, usize),
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; TT];
+    // SAFETY: the caller's contract; prefetches never fault (their address is computed
+    // with wrapping arithmetic, as it may pass the last block).
+    unsafe {
+        for i in 0..k {
+            let blk = w.add(i * stride);
+            _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(8 * stride) as *const i8);
+            let d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([
+                *blk,
+                *blk.add(1),
+            ]) as i32)));
+            let qs = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+            let q0 = _mm512_mul_ps(
+                d,
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qs))),
+            );
+            let q1 = _mm512_mul_ps(
+                d,
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(qs))),
+            );
+            for (t, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_set1_ps(*x.add(t * k + i));
+                a[0] = _mm512_fmadd_ps(xv, q0, a[0]);
+                a[1] = _mm512_fmadd_ps(xv, q1, a[1]);
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            _mm512_storeu_ps(out.add(t * ld), a[0]);
+            _mm512_storeu_ps(out.add(t * ld + 16), a[1]);
+        }
+    }
+}
+
+/// acc += the products of items `range` (rows `kept[j]`, or j, of `row_bytes` bytes) with
+/// their values `xv[j]`, four rows per pass over the output blocks.
+///
+/// # Safety
+/// AVX-512F/BW/VL and F16C; every item's row is inside `w`; `xv` covers `range`; `acc`
+/// has one slot per output (`row_bytes / 34 * 32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+unsafe fn accumulate_q8_0(
+    w: &[u8],
+    row_bytes: usize,
+    kept: Option<&[u32]>,
+    range: std::ops::Range<usize>,
+    xv: &[f32],
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let row = |j: usize| kept.map_or(j, |k| k[j] as usize);
+    let blocks = row_bytes / Q8_0_BLOCK;
+    debug_assert_eq!(acc.len(), blocks * QK);
+    let base = w.as_ptr();
+    let pa = acc.as_mut_ptr();
+    let mut j = range.start;
+    // SAFETY: (for the whole loop) row pointers are row * row_bytes into `w`, each block
+    // read (34 bytes at c * 34) lies inside its row; accumulator slots c * 32 .. c * 32 +
+    // 32 < acc.len(); prefetches never fault.
+    unsafe {
+        while j < range.end {
+            // Up to four items; a missing item repeats the last row with value 0.
+            let m = (range.end - j).min(4);
+            let rows: [*const u8; 4] =
+                std::array::from_fn(|q| base.add(row(j + q.min(m - 1)) * row_bytes));
+            let vals: [f32; 4] = std::array::from_fn(|q| if q < m { xv[j + q] } else { 0.0 });
+            let ahead: [*const u8; 4] = std::array::from_fn(|q| {
+                let a = j + 4 + q;
+                if a < range.end {
+                    base.add(row(a) * row_bytes)
+                } else {
+                    rows[q]
+                }
+            });
+            for c in 0..blocks {
+                let off = c * Q8_0_BLOCK;
+                let y = pa.add(c * QK);
+                let mut lo = _mm512_loadu_ps(y);
+                let mut hi = _mm512_loadu_ps(y.add(16));
+                for q in 0..m {
+                    let blk = rows[q].add(off);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead[q].add(off) as *const i8);
+                    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                        u16::from_le_bytes([*blk, *blk.add(1)]) as i32,
+                    ));
+                    let s = _mm512_broadcastss_ps(_mm_mul_ss(d, _mm_set_ss(vals[q])));
+                    let qs = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qs)));
+                    let q1 =
+                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(qs)));
+                    lo = _mm512_fmadd_ps(s, q0, lo);
+                    hi = _mm512_fmadd_ps(s, q1, hi);
+                }
+                _mm512_storeu_ps(y, lo);
+                _mm512_storeu_ps(y.add(16), hi);
+            }
+            j += m;
+        }
     }
 }
 
@@ -285,8 +510,15 @@ pub fn matmul_input_major(
         let mut s = InputMajorScratch::default();
         return matvec_input_major(pool, wt, in_dim, out_dim, x, None, out, &mut s);
     }
-    if matches!(wt, WeightView::Quant(..)) {
-        panic!("matmul_input_major: input-major weights are float (f32, bf16, f16)");
+    if let WeightView::Quant(f, w) = wt {
+        assert!(
+            f == QFormat::Q8_0,
+            "matmul_input_major: input-major weights are float (f32, bf16, f16) or q8_0"
+        );
+        #[cfg(target_arch = "x86_64")]
+        if super::dot::isa() == super::dot::Isa::Avx512 && super::qdot::has_avx2() {
+            return prefill_q8_0(pool, w, in_dim, out_dim, x, n, out);
+        }
     }
     if let WeightView::Bf16(w) = wt
         && super::linear::matmul_input_major_bf16(pool, &[(w, out_dim)], in_dim, x, n, &mut [out])
@@ -302,7 +534,13 @@ pub fn matmul_input_major(
             xb
         });
     let dst = SharedMut(out.as_mut_ptr());
-    pool.for_ranges(out_dim, 16, &|range| {
+    // Q8_0 tiles start on block boundaries.
+    let align = if matches!(wt, WeightView::Quant(..)) {
+        QK
+    } else {
+        16
+    };
+    pool.for_ranges(out_dim, align, &|range| {
         let mut tile_f32: Vec<f32> = Vec::new();
         #[cfg(target_arch = "x86_64")]
         let mut tile_bf16: Vec<u16> = Vec::new();
@@ -344,7 +582,9 @@ pub fn matmul_input_major(
                         f16_to_f32_slice(&t16, &mut tile_f32);
                     }
                 }
-                WeightView::Quant(..) => unreachable!("rejected above"),
+                WeightView::Quant(_, w) => {
+                    transpose_cols_q8_0(w, out_dim, in_dim, o0, o1, &mut tile_f32)
+                }
             }
             // SAFETY: as above: columns o0..o1 of `out` belong to this thread.
             unsafe {
@@ -374,6 +614,38 @@ pub fn transpose_cols<T: Copy + Default>(
         }
     }
 }
+
+/// Columns `o0..o1` (whole 32-element blocks) of the Q8_0 matrix `w` ([rows, cols])
+/// dequantized and transposed into `dst` (resized to [o1 - o0, rows] row-major).
+pub fn transpose_cols_q8_0(
+    w: &[u8],
+    cols: usize,
+    rows: usize,
+    o0: usize,
+    o1: usize,
+    dst: &mut Vec<f32>,
+) {
+    let m = o1 - o0;
+    let row_bytes = QFormat::Q8_0.row_bytes(cols);
+    assert!(w.len() == rows * row_bytes && o0 <= o1 && o1 <= cols);
+    assert!(o0.is_multiple_of(QK) && m.is_multiple_of(QK));
+    dst.resize(m * rows, 0.0);
+    for (i, row) in w.chunks_exact(row_bytes).enumerate() {
+        for (b, blk) in row[o0 / QK * Q8_0_BLOCK..o1 / QK * Q8_0_BLOCK]
+            .chunks_exact(Q8_0_BLOCK)
+            .enumerate()
+        {
+            let d = crate::kernels::f16::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
+            for (j, &q) in blk[2..].iter().enumerate() {
+                dst[(b * QK + j) * rows + i] = d * (q as i8) as f32;
+            }
+        }
+    }
+}
+
+/// Elements and bytes of a Q8_0 block.
+const QK: usize = 32;
+const Q8_0_BLOCK: usize = 34;
 
 /// [`transpose_cols`] for 16-bit elements (bf16, f16), in 8 x 8 blocks with SSE2
 /// unpacks where the CPU has them (every x86_64): the prefill of an input-major model
@@ -566,6 +838,19 @@ mod tests {
         }
     }
 
+    /// `w` ([rows, out_dim]) quantized to Q8_0 along its rows (out_dim whole blocks, or
+    /// nothing), and its dequantized values.
+    fn q8_0_of(w: &[f32], out_dim: usize) -> (Vec<u8>, Vec<f32>) {
+        if !out_dim.is_multiple_of(QK) {
+            return (Vec::new(), Vec::new());
+        }
+        let mut q = vec![0u8; QFormat::Q8_0.row_bytes(w.len())];
+        crate::quant::quantize(QFormat::Q8_0, w, &mut q);
+        let mut f = vec![0f32; w.len()];
+        crate::quant::dequantize(QFormat::Q8_0.source(), &q, &mut f);
+        (q, f)
+    }
+
     /// Every third input dropped plus a run at the start: kept indices ascending.
     fn kept_of(in_dim: usize, s: usize) -> Vec<u32> {
         (0..in_dim as u32)
@@ -575,7 +860,11 @@ mod tests {
 
     #[test]
     fn sparse_matvec_equals_masked_reference_on_odd_sizes() {
-        for (in_dim, out_dim) in [(1, 1), (7, 5), (33, 17), (64, 48), (129, 257), (577, 95)] {
+        let sizes = [(1, 1), (7, 5), (33, 17), (64, 48), (129, 257), (577, 95)];
+        // Q8_0 rows are whole 32-output blocks; 1, 5 and 7 kept inputs end the 4-row
+        // passes of the AVX-512 kernel at every remainder.
+        let q8_sizes = [(1, 32), (6, 64), (7, 96), (33, 32), (129, 288), (577, 64)];
+        for (in_dim, out_dim) in sizes.into_iter().chain(q8_sizes) {
             let w = data(in_dim * out_dim, 1);
             let x = data(in_dim, 2);
             let kept = kept_of(in_dim, 3);
@@ -587,15 +876,19 @@ mod tests {
             let wh: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
             let wbf: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
             let whf: Vec<f32> = wh.iter().map(|&b| f16_to_f32(b)).collect();
-            let cases: [(WeightView<'_>, &[f32], &str); 3] = [
+            let (wq, wqf) = q8_0_of(&w, out_dim);
+            let mut cases: Vec<(WeightView<'_>, &[f32], &str)> = vec![
                 (WeightView::F32(&w), &w, "f32"),
                 (WeightView::Bf16(&wb), &wbf, "bf16"),
                 (WeightView::F16(&wh), &whf, "f16"),
             ];
+            if out_dim % 32 == 0 {
+                cases.push((WeightView::Quant(QFormat::Q8_0, &wq), &wqf, "q8_0"));
+            }
             for threads in 1..=3 {
                 let pool = ThreadPool::new(threads);
                 let mut s = InputMajorScratch::default();
-                for (view, widened, name) in cases {
+                for &(view, widened, name) in &cases {
                     // bf16 on AVX-512 BF16 multiplies x rounded to bf16 (as the row-major
                     // decode does).
                     let round = name == "bf16" && crate::kernels::dot::has_avx512_bf16();
@@ -682,23 +975,29 @@ mod tests {
 
     #[test]
     fn prefill_matches_reference_on_odd_sizes() {
-        for (in_dim, out_dim, n) in [(7, 5, 2), (33, 70, 3), (64, 129, 17), (130, 65, 20)] {
+        let sizes = [(7, 5, 2), (33, 70, 3), (64, 129, 17), (130, 65, 20)];
+        let q8_sizes = [(7, 32, 2), (33, 96, 3), (130, 160, 17)];
+        for (in_dim, out_dim, n) in sizes.into_iter().chain(q8_sizes) {
             let w = data(in_dim * out_dim, 5);
             let x = data(n * in_dim, 6);
             let wb: Vec<u16> = w.iter().map(|&v| f32_to_bf16(v)).collect();
             let wh: Vec<u16> = w.iter().map(|&v| f32_to_f16(v)).collect();
             let wbf: Vec<f32> = wb.iter().map(|&b| bf16_to_f32(b)).collect();
             let whf: Vec<f32> = wh.iter().map(|&b| f16_to_f32(b)).collect();
+            let (wq, wqf) = q8_0_of(&w, out_dim);
             // The bf16 GEMM rounds x to bf16 (as the row-major prefill does).
             let bf16_x = crate::kernels::gemm_avx512::has_bf16();
-            let cases: [(WeightView<'_>, &[f32], bool, &str); 3] = [
+            let mut cases: Vec<(WeightView<'_>, &[f32], bool, &str)> = vec![
                 (WeightView::F32(&w), &w, false, "f32"),
                 (WeightView::Bf16(&wb), &wbf, bf16_x, "bf16"),
                 (WeightView::F16(&wh), &whf, false, "f16"),
             ];
+            if out_dim % 32 == 0 {
+                cases.push((WeightView::Quant(QFormat::Q8_0, &wq), &wqf, false, "q8_0"));
+            }
             for threads in 1..=3 {
                 let pool = ThreadPool::new(threads);
-                for (view, widened, round_x, name) in cases {
+                for &(view, widened, round_x, name) in &cases {
                     let mut got = vec![f32::NAN; n * out_dim];
                     matmul_input_major(&pool, view, in_dim, out_dim, &x, n, &mut got);
                     for t in 0..n {

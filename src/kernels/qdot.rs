@@ -420,7 +420,7 @@ pub fn has_vnni() -> bool {
 }
 
 /// Whether the AVX2 kernels run (AVX2 + FMA + F16C), when VNNI does not.
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]

@@ -7,6 +7,8 @@
 //! One `forward` serves decode (one token: matrix-vector kernels) and prefill (many tokens:
 //! matrix-matrix kernels). Weight names mirror the HuggingFace checkpoint's.
 
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::kernels::input_major::{InputMajorScratch, matmul_input_major, matvec_input_major};
 use crate::kernels::ops::{self, RopeTable};
@@ -107,6 +109,41 @@ impl Linear {
             None => self.forward(pool, x, n, out),
         }
     }
+}
+
+/// [`Llama::identity`] from the file: FNV-1a over the bf16 bits of the first 64 weights
+/// of the first 4 rows of layer 0's gate and of the last layer's down projection.
+fn source_identity(src: &dyn WeightSource, c: &ModelConfig) -> Result<String> {
+    let mut hash: u64 = 0xcbf29ce484222325;
+    let last = c.num_layers - 1;
+    for name in [
+        "model.layers.0.mlp.gate_proj.weight".to_string(),
+        format!("model.layers.{last}.mlp.down_proj.weight"),
+    ] {
+        let raw = src.tensor(&name)?;
+        let (rows, cols) = match raw.shape[..] {
+            [r, c] => (r.min(4), c),
+            _ => return Err(raw.error(format!("shape {:?}, expected a matrix", raw.shape))),
+        };
+        let len = raw
+            .dtype
+            .bytes_for(rows * cols)
+            .filter(|&l| l <= raw.len)
+            .ok_or_else(|| raw.error("rows are not whole blocks".to_string()))?;
+        let mut values = vec![0f32; rows * cols];
+        crate::quant::dequantize(raw.dtype, &raw.bytes()[..len], &mut values);
+        for row in values.chunks_exact(cols) {
+            for &v in &row[..cols.min(64)] {
+                for byte in kernels::dot::f32_to_bf16(v).to_le_bytes() {
+                    hash = (hash ^ byte as u64).wrapping_mul(0x100000001b3);
+                }
+            }
+        }
+    }
+    Ok(format!(
+        "llama-h{}-i{}-l{}-v{}-{hash:016x}",
+        c.hidden_size, c.intermediate_size, c.num_layers, c.vocab_size
+    ))
 }
 
 /// The groups of projections that share an input, the unit of input sparsity.
@@ -293,6 +330,8 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     /// The sliding-window layers' RoPE frequencies, when their base differs.
     inv_freq_local: Option<Vec<f32>>,
+    /// A fingerprint of the file's weights (see [`Llama::identity`]).
+    identity: String,
     pub pool: &'static ThreadPool,
 }
 
@@ -320,6 +359,8 @@ impl Llama {
         let input_major = layout == WeightLayout::InputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut plan = WeightPlan::default();
+        // The file ranges of the matrices held transposed (copied into the plan's arena).
+        let mut copied = Vec::new();
         let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<usize> {
             let raw = src.tensor(name)?;
             if raw.shape != [rows, cols] {
@@ -327,14 +368,18 @@ impl Llama {
             }
             let held = dtype.resolve(raw.dtype);
             if transpose {
-                if held.qformat().is_some() {
+                // Q8_0 is re-quantized along the inputs' rows at +0.35% perplexity; 4- and
+                // 5-bit blocks would cost x1.06-x1.19 that way, and skipping whole blocks in
+                // place x5 (docs/sparsity.md), so those are refused.
+                if held.qformat().is_some() && held != DType::Q8_0 {
                     return Err(Error::Input(format!(
-                        "input sparsity needs float weights, but {name} would be held as {} \
-                         (--dtype {}): use --dtype bf16, f32 or f16",
+                        "input sparsity needs float or q8_0 weights, but {name} would be held \
+                         as {} (--dtype {}): use --dtype bf16, f32 or f16",
                         held.name(),
                         dtype.name()
                     )));
                 }
+                copied.push((Arc::clone(&raw.map), raw.offset, raw.len));
                 plan.add_transposed(raw, rows, cols, held)
             } else {
                 plan.add(raw, rows, cols, held)
@@ -435,7 +480,14 @@ impl Llama {
             });
         }
         let lm_head = untied_head.then(|| next_as(false));
+        // Reading the norms faulted in the file's pages around them (the kernel maps a
+        // file in groups of pages), pages of matrices that live in the arena now: drop
+        // them again, so an input-major model's resident size stays its weights'.
+        for (map, offset, len) in &copied {
+            kernels::release_pages(map, *offset, *len);
+        }
         Ok(Llama {
+            identity: source_identity(src, &c)?,
             inv_freq: c.rope_inv_freq(),
             inv_freq_local: c.rope_inv_freq_local(),
             norm: load_norm(src, "model.norm.weight", h, off)?,
@@ -446,6 +498,16 @@ impl Llama {
             lm_head,
             pool,
         })
+    }
+
+    /// A string naming the model's shape and (by a fingerprint of a few MLP rows as the
+    /// file stores them, rounded to bf16) its weights, e.g.
+    /// `llama-h576-i1536-l30-v49152-3f9a0c1d2e4b5a69`: the same for every dtype and
+    /// layout the file is loaded in (a Q8_0 file held input-major is re-quantized, yet
+    /// the same model), so a predictor fitted to one load serves the others, and is
+    /// refused by any other model.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// How the layers' projections are held.

@@ -28,36 +28,9 @@ use crate::tensor::{DType, Matrix};
 /// The predictor file format this code writes and reads.
 pub const FORMAT_VERSION: &str = "1";
 
-/// A string naming the model's shape and (by a fingerprint of a few MLP rows rounded to
-/// bf16, so f32 and bf16 loads of the same weights agree) its weights, e.g.
-/// `llama-h576-i1536-l30-v49152-3f9a0c1d2e4b5a69`. A predictor fitted to one model is
-/// refused by any other.
+/// The model's identity, which a predictor file records: [`Llama::identity`].
 pub fn model_identity(model: &Llama) -> String {
-    let c = &model.config;
-    // FNV-1a over bf16 bits of the first 4 rows x 64 columns of layer 0's gate and the
-    // last layer's down projection: cheap, and distinct for distinct checkpoints.
-    let mut hash: u64 = 0xcbf29ce484222325;
-    let mut row = vec![0f32; c.hidden_size.max(c.intermediate_size)];
-    let last = model.layers.len() - 1;
-    for m in [
-        &model.layers[0].mlp.gate_proj,
-        &model.layers[last].mlp.down_proj,
-    ] {
-        let cols = m.in_features();
-        for r in 0..m.out_features().min(4) {
-            m.output_row_to_f32(r, &mut row[..cols]);
-            for &v in &row[..cols.min(64)] {
-                let b = crate::kernels::dot::f32_to_bf16(v);
-                for byte in b.to_le_bytes() {
-                    hash = (hash ^ byte as u64).wrapping_mul(0x100000001b3);
-                }
-            }
-        }
-    }
-    format!(
-        "llama-h{}-i{}-l{}-v{}-{hash:016x}",
-        c.hidden_size, c.intermediate_size, c.num_layers, c.vocab_size
-    )
+    model.identity().to_string()
 }
 
 /// A factor's values in a compute dtype.

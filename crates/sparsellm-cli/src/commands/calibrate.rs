@@ -163,8 +163,9 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     Ok(())
 }
 
-/// The input-sparsity tables of `calibrate`: the model loaded input-major (in bf16 when
-/// the requested dtype is quantized: activations' quantiles barely depend on it), the
+/// The input-sparsity tables of `calibrate`: the model loaded input-major (native when
+/// the file's projections can be held so, i.e. float or Q8_0; in bf16 otherwise:
+/// activations' quantiles barely depend on it, and the model's identity does not), the
 /// quantiles and the `teal:calibrated` allocation; prints the allocation's figures.
 pub(crate) fn calibrate_input_tables(
     a: &CalibrateArgs,
@@ -172,12 +173,16 @@ pub(crate) fn calibrate_input_tables(
     text: &str,
 ) -> Result<(Loaded, sparsellm::sparse::input::InputTables)> {
     use sparsellm::sparse::input::{InputCalibrationOptions, calibrate_input};
-    let mut run = run.clone();
-    if run.dtype == LoadDType::Native {
-        // Native weights may be quantized blocks, which are not held input-major.
-        run.dtype = LoadDType::To(DType::BF16);
-    }
-    let l = load_as(&run, WeightLayout::InputMajor)?;
+    let l = match load_as(run, WeightLayout::InputMajor) {
+        Ok(l) => l,
+        // Native 4- and 5-bit blocks are not held input-major.
+        Err(_) if run.dtype == LoadDType::Native => {
+            let mut run = run.clone();
+            run.dtype = LoadDType::To(DType::BF16);
+            load_as(&run, WeightLayout::InputMajor)?
+        }
+        Err(e) => return Err(e),
+    };
     let ids = l.tokenizer.encode(text)?;
     let opts = InputCalibrationOptions {
         budget: a.input_budget,
