@@ -8,7 +8,10 @@
 //!
 //! The settings are [`DEFAULT_SETTINGS`] (one place to change them) or a list given on the
 //! command line, each `SPEC[@SCORER]` (e.g. `density:0.5@exact`, `sigma:2@signed-gate`,
-//! `calibrated`; `off` is the dense model).
+//! `calibrated`; `off` is the dense model) for MLP neurons, or an input-sparsity SPEC
+//! (`teal:0.3`, `wina:0.3`, `teal:calibrated`), which runs on an input-major copy of the
+//! weights. Both kinds are placed by the weight bytes a token reads (every layer and the
+//! head), so the plot compares them on one axis.
 
 use std::path::Path;
 
@@ -19,13 +22,15 @@ use crate::error::{Error, Result};
 use crate::eval::{self, EvalReport, MlpBytes};
 use crate::model::{Llama, MlpOverride};
 use crate::progress::count;
+use crate::sparse::input::{InputSparsity, InputSpec};
 use crate::sparse::{Mode, Predictor, Scorer, SparseMlp, SparsityConfig, Threshold};
 
 /// The settings a sweep runs unless told otherwise, in order: dense; the oracle (exact
 /// scores) at three densities; the one-pass sigma rule on exact scores; the original
 /// project's rule (sigma:2 on the signed gate); and, with a predictor, the low-rank and
-/// cascade scorers and the calibrated thresholds. Those needing a predictor are skipped
-/// without one.
+/// cascade scorers and the calibrated thresholds; then input sparsity, uniform (TEAL at
+/// three fractions, WINA at one) and, with a predictor holding input tables, calibrated.
+/// Those needing a predictor are skipped without one.
 pub const DEFAULT_SETTINGS: &[&str] = &[
     "off",
     "density:0.25@exact",
@@ -40,22 +45,36 @@ pub const DEFAULT_SETTINGS: &[&str] = &[
     "density:0.75@lowrank",
     "density:0.5@cascade",
     "calibrated@lowrank",
+    "teal:0.2",
+    "teal:0.3",
+    "teal:0.4",
+    "wina:0.3",
+    "teal:calibrated",
 ];
 
-/// One setting of a sweep: a sparsity SPEC and a scorer.
+/// One setting of a sweep.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Setting {
-    pub config: SparsityConfig,
-    /// The scorer; None for dense (`off`), or when not named (then as `--scorer`'s default:
-    /// lowrank with a predictor, exact without).
-    pub scorer: Option<Scorer>,
+pub enum Setting {
+    /// MLP-neuron sparsity (or dense, `off`): a SPEC and a scorer (None for dense, or
+    /// when not named: then as `--scorer`'s default, lowrank with a predictor, exact
+    /// without).
+    Neurons {
+        config: SparsityConfig,
+        scorer: Option<Scorer>,
+    },
+    /// Input sparsity of every projection (TEAL/WINA), on the input-major weights.
+    Inputs(InputSpec),
 }
 
 impl std::str::FromStr for Setting {
     type Err = Error;
-    /// `SPEC[@SCORER]`: `off`, `density:0.5@exact`, `sigma:2@signed-gate`, `calibrated`.
+    /// `SPEC[@SCORER]`: `off`, `density:0.5@exact`, `sigma:2@signed-gate`, `calibrated`;
+    /// or `teal:S`, `wina:S`, `teal:calibrated`.
     fn from_str(s: &str) -> Result<Setting> {
         let s = s.trim();
+        if InputSpec::is_input_spec(s) {
+            return Ok(Setting::Inputs(s.parse()?));
+        }
         let (spec, scorer) = match s.split_once('@') {
             Some((a, b)) => (a, Some(b.parse::<Scorer>()?)),
             None => (s, None),
@@ -66,43 +85,64 @@ impl std::str::FromStr for Setting {
                 "sweep setting '{s}': the dense model (off) has no scorer"
             )));
         }
-        Ok(Setting { config, scorer })
+        Ok(Setting::Neurons { config, scorer })
     }
 }
 
 impl std::fmt::Display for Setting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.config.is_off() {
-            return f.write_str("dense");
+        match self {
+            Setting::Neurons { config, .. } if config.is_off() => f.write_str("dense"),
+            Setting::Neurons { config, scorer } => {
+                write!(f, "{}", config.threshold)?;
+                if let Some(s) = scorer {
+                    write!(f, " {s}")?;
+                }
+                Ok(())
+            }
+            Setting::Inputs(spec) => write!(f, "{spec}"),
         }
-        write!(f, "{}", self.config.threshold)?;
-        if let Some(s) = self.scorer {
-            write!(f, " {s}")?;
-        }
-        Ok(())
     }
 }
 
 impl Setting {
-    /// The scorer this setting uses given whether a predictor is at hand (None: dense).
+    /// The scorer this setting uses given whether a predictor is at hand (None: dense,
+    /// and input sparsity, which scores inputs by magnitude).
     pub fn effective_scorer(&self, have_predictor: bool) -> Option<Scorer> {
-        if self.config.is_off() {
-            return None;
+        match self {
+            Setting::Neurons { config, scorer } if !config.is_off() => {
+                Some(scorer.unwrap_or(if have_predictor {
+                    Scorer::LowRank
+                } else {
+                    Scorer::Exact
+                }))
+            }
+            _ => None,
         }
-        Some(self.scorer.unwrap_or(if have_predictor {
-            Scorer::LowRank
-        } else {
-            Scorer::Exact
-        }))
     }
 
     /// Whether this setting cannot run without a predictor file.
     pub fn needs_predictor(&self) -> bool {
-        self.config.threshold == Threshold::Calibrated
-            || matches!(
-                self.scorer,
-                Some(Scorer::LowRank) | Some(Scorer::Cascade { .. })
-            )
+        match self {
+            Setting::Neurons { config, scorer } => {
+                config.threshold == Threshold::Calibrated
+                    || matches!(scorer, Some(Scorer::LowRank) | Some(Scorer::Cascade { .. }))
+            }
+            Setting::Inputs(spec) => *spec == InputSpec::TealCalibrated,
+        }
+    }
+
+    /// Whether this setting runs on the input-major weights.
+    pub fn is_input(&self) -> bool {
+        matches!(self, Setting::Inputs(_))
+    }
+
+    /// The SPEC as `--sparsity` spells it (`off` for dense).
+    pub fn spec(&self) -> String {
+        match self {
+            Setting::Neurons { config, .. } => config.threshold.to_string(),
+            Setting::Inputs(spec) => spec.to_string(),
+        }
     }
 }
 
@@ -183,10 +223,15 @@ pub struct SweepRow {
     /// The SPEC (`off` for dense) and the scorer used (null for dense).
     pub sparsity: String,
     pub scorer: Option<String>,
-    /// Achieved MLP density over the evaluation (1 for dense).
+    /// Achieved MLP density over the evaluation (1 for dense and input sparsity, which
+    /// computes every neuron).
     pub mlp_density: f64,
     /// MLP bytes read per token relative to dense, predictor included (1 for dense).
     pub mlp_bytes_ratio: f64,
+    /// All weight bytes read per token (every layer and the head) relative to dense,
+    /// predictor included: the plot's axis, common to neuron and input sparsity.
+    #[serde(default)]
+    pub weight_bytes_ratio: f64,
     /// Of which the predictor's factors.
     pub predictor_bytes_ratio: f64,
     pub ppl_all: f64,
@@ -201,7 +246,8 @@ pub struct SweepRow {
     pub decode_tok_s: Stat,
     /// `decode_tok_s.median` over the dense row's (null without a dense row).
     pub decode_ratio: Option<f64>,
-    /// Achieved density per layer (empty for dense).
+    /// Achieved density per layer (empty for dense): of the MLP's neurons, or for input
+    /// sparsity of the MLP's inputs (gate/up and down, by bytes).
     pub layer_density: Vec<f64>,
 }
 
@@ -240,11 +286,47 @@ pub struct Progress<'a> {
     pub windows: usize,
 }
 
-/// Runs `settings` over `ids`. Settings needing a predictor are skipped (and listed) when
-/// none is given, and so are those the sparse mode cannot run. The report's descriptive fields (model, text, dtype, threads, predictor)
-/// are left empty for the caller to fill.
+/// What a setting decodes with: the row-major model with its sparse MLP (None: dense),
+/// or the input-major model with its input-sparsity hook.
+// A sweep holds one per setting: their sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+enum Hook {
+    Neurons(Option<SparseMlp>),
+    Inputs(InputSparsity),
+}
+
+impl Hook {
+    fn set_prefill_dense(&mut self, dense: bool) {
+        match self {
+            Hook::Neurons(sp) => sp.iter_mut().for_each(|s| s.set_prefill_dense(dense)),
+            Hook::Inputs(h) => h.set_prefill_dense(dense),
+        }
+    }
+    /// The model it runs on and the override to pass.
+    fn parts<'a>(
+        &'a mut self,
+        model: &'a Llama,
+        input_model: Option<&'a Llama>,
+    ) -> (&'a Llama, Option<&'a mut dyn MlpOverride>) {
+        match self {
+            Hook::Neurons(sp) => (model, sp.as_mut().map(|s| s as &mut dyn MlpOverride)),
+            Hook::Inputs(h) => (
+                input_model.expect("input settings run with the input-major model"),
+                Some(h as &mut dyn MlpOverride),
+            ),
+        }
+    }
+}
+
+/// Runs `settings` over `ids`: MLP-neuron settings on `model` (row-major), input-sparsity
+/// settings on `input_model` (the same weights held input-major; required when there are
+/// such settings). Settings needing a predictor are skipped (and listed) when none is
+/// given, and so are those the sparse mode or the predictor cannot run. The report's
+/// descriptive fields (model, text, dtype, threads, predictor) are left empty for the
+/// caller to fill.
 pub fn run(
     model: &Llama,
+    input_model: Option<&Llama>,
     ids: &[u32],
     settings: &[Setting],
     predictor: Option<&Predictor>,
@@ -270,6 +352,13 @@ pub fn run(
             model.config.max_position_embeddings
         )));
     }
+    if input_model.is_none()
+        && let Some(s) = settings.iter().find(|s| s.is_input())
+    {
+        return Err(Error::Input(format!(
+            "sweep setting '{s}' needs the weights held input-major"
+        )));
+    }
     let (run_list, skipped): (Vec<&Setting>, Vec<&Setting>) = settings
         .iter()
         .partition(|s| predictor.is_some() || !s.needs_predictor());
@@ -280,66 +369,97 @@ pub fn run(
         .map(|s| format!("{s} (needs --predictor)"))
         .collect();
     let (mut windows, mut tokens) = (0, 0);
-    // Each evaluated setting's sparse MLP (None: dense), kept for the timing rounds.
-    let mut timed: Vec<Option<SparseMlp>> = Vec::with_capacity(run_list.len());
+    let dense_bytes = model.weight_bytes_per_token() as f64;
+    // Each evaluated setting's hook, kept for the timing rounds.
+    let mut timed: Vec<Hook> = Vec::with_capacity(run_list.len());
     for (i, setting) in run_list.iter().enumerate() {
         let name = setting.to_string();
-        // A setting this sparse mode cannot run (cascade in block mode, block mode on
-        // float weights) is listed as skipped, not the end of the sweep.
-        let mut sp = match build_sparse(model, setting.config, setting.scorer, predictor, opts.mode)
-        {
-            Ok(sp) => sp,
+        // A setting this sparse mode or predictor cannot run (cascade in block mode,
+        // block mode on float weights, teal:calibrated without input tables) is listed
+        // as skipped, not the end of the sweep.
+        let hook = match setting {
+            Setting::Neurons { config, scorer } => {
+                build_sparse(model, *config, *scorer, predictor, opts.mode).map(Hook::Neurons)
+            }
+            Setting::Inputs(spec) => InputSparsity::new(
+                input_model.expect("checked above"),
+                *spec,
+                predictor.and_then(|p| p.input.as_ref()),
+            )
+            .map(Hook::Inputs),
+        };
+        let mut hook = match hook {
+            Ok(h) => h,
             Err(e @ Error::Input(_)) => {
                 skipped.push(format!("{name} ({e})"));
                 continue;
             }
             Err(e) => return Err(e),
         };
-        if let Some(s) = sp.as_mut() {
-            // Every position uses its own mask, as decoding would.
-            s.set_prefill_dense(false);
-        }
-        let r: EvalReport = eval::perplexity(
-            model,
-            ids,
-            opts.window,
-            sp.as_mut().map(|s| s as &mut dyn MlpOverride),
-            |w, n| {
-                progress(Progress {
-                    setting: i,
-                    settings: run_list.len(),
-                    name: &name,
-                    window: w,
-                    windows: n,
-                })
-            },
-        )?;
+        // Every position uses its own mask, as decoding would.
+        hook.set_prefill_dense(false);
+        let (m, over) = hook.parts(model, input_model);
+        let r: EvalReport = eval::perplexity(m, ids, opts.window, over, |w, n| {
+            progress(Progress {
+                setting: i,
+                settings: run_list.len(),
+                name: &name,
+                window: w,
+                windows: n,
+            })
+        })?;
         (windows, tokens) = (r.windows, r.tokens);
         // Achieved density and bytes over the evaluation only (before the timing runs).
-        let bytes = match sp.as_ref() {
-            Some(s) => eval::mlp_bytes(model, s, predictor).ok_or_else(|| {
-                Error::Input(format!("{name}: no MLP byte count (no sparse token?)"))
-            })?,
-            None => MlpBytes {
-                dense: 1.0,
-                sparse: 1.0,
-                predictor: 0.0,
-            },
+        let (density, bytes, layer_density) = match &hook {
+            Hook::Neurons(Some(s)) => {
+                let b = eval::mlp_bytes(model, s, predictor).ok_or_else(|| {
+                    Error::Input(format!("{name}: no MLP byte count (no sparse token?)"))
+                })?;
+                (s.density().unwrap_or(1.0), b, s.layer_density())
+            }
+            Hook::Neurons(None) => (
+                1.0,
+                MlpBytes {
+                    dense: 1.0,
+                    sparse: 1.0,
+                    predictor: 0.0,
+                },
+                Vec::new(),
+            ),
+            Hook::Inputs(h) => {
+                // gate, up and down hold the same number of weights in one dtype, so the
+                // MLP's bytes follow (2 gate/up + down) / 3 of the inputs kept.
+                let layers: Vec<f64> = h
+                    .layer_group_density()
+                    .iter()
+                    .map(|d| (2.0 * d[2] + d[3]) / 3.0)
+                    .collect();
+                let mean = layers.iter().sum::<f64>() / layers.len().max(1) as f64;
+                let b = MlpBytes {
+                    dense: 1.0,
+                    sparse: mean,
+                    predictor: 0.0,
+                };
+                (1.0, b, layers)
+            }
         };
-        let density = sp.as_ref().and_then(SparseMlp::density).unwrap_or(1.0);
-        let layer_density = sp
-            .as_ref()
-            .map(SparseMlp::layer_density)
-            .unwrap_or_default();
+        let weight_bytes_ratio = match &hook {
+            Hook::Inputs(h) => h.weight_bytes_ratio().unwrap_or(1.0),
+            // `bytes` in bytes per token here: the MLP's dense bytes give way to its
+            // sparse ones (predictor included).
+            Hook::Neurons(Some(_)) => (dense_bytes - bytes.dense + bytes.sparse) / dense_bytes,
+            Hook::Neurons(None) => 1.0,
+        };
         rows.push(SweepRow {
             setting: name,
-            sparsity: setting.config.threshold.to_string(),
+            sparsity: setting.spec(),
             scorer: setting
                 .effective_scorer(predictor.is_some())
                 .map(|s| s.to_string()),
             mlp_density: density,
             mlp_bytes_ratio: bytes.ratio(),
             predictor_bytes_ratio: bytes.predictor / bytes.dense,
+            weight_bytes_ratio,
             ppl_all: r.ppl_all,
             ppl_second_half: r.ppl_second_half,
             ppl_ratio: None,
@@ -349,18 +469,16 @@ pub fn run(
             decode_ratio: None,
             layer_density,
         });
-        // Decode timing with the same sparse MLP, prefill dense as generation runs it.
-        if let Some(s) = sp.as_mut() {
-            s.set_prefill_dense(true);
-        }
-        timed.push(sp);
+        // Decode timing with the same hook, prefill dense as generation runs it.
+        hook.set_prefill_dense(true);
+        timed.push(hook);
     }
     // Timing after every evaluation, in rounds that run each setting once, so that a
     // shared machine's drift over the minutes of a sweep hits every setting alike.
     let mut speeds: Vec<Vec<f64>> = vec![Vec::with_capacity(opts.runs); timed.len()];
     let settings = timed.len();
     for round in 0..opts.warmup + opts.runs {
-        for (k, sp) in timed.iter_mut().enumerate() {
+        for (k, hook) in timed.iter_mut().enumerate() {
             progress(Progress {
                 setting: k,
                 settings,
@@ -368,12 +486,8 @@ pub fn run(
                 window: windows,
                 windows,
             });
-            let sample = bench::measure(
-                model,
-                prompt,
-                opts.gen_tokens,
-                sp.as_mut().map(|s| s as &mut dyn MlpOverride),
-            )?;
+            let (m, over) = hook.parts(model, input_model);
+            let sample = bench::measure(m, prompt, opts.gen_tokens, over)?;
             if round >= opts.warmup {
                 speeds[k].push(sample.decode_tok_s);
             }
@@ -403,7 +517,7 @@ pub fn run(
         decode_gen_tokens: opts.gen_tokens,
         decode_runs: opts.runs,
         decode_note: format!(
-            "decode tok/s: median of {} of {} after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP, in rounds of one generation per setting",
+            "decode tok/s: median of {} of {} after a {}-token prompt ({} warm-up), each setting timed in this process with its own sparse MLP or input hook, in rounds of one generation per setting",
             count(opts.runs, "greedy generation"),
             count(opts.gen_tokens, "token"),
             opts.prompt_tokens,
@@ -435,17 +549,18 @@ pub fn markdown(r: &SweepReport) -> String {
         r.window
     ));
     s.push_str(
-        "| setting | MLP density | MLP bytes/token vs dense | of which predictor | ppl, second half | ppl, all | KL(dense‖sparse) | top-1 agreement | decode tok/s [min, max] |\n",
+        "| setting | MLP density | MLP bytes/token vs dense | of which predictor | weight bytes/token vs dense | ppl, second half | ppl, all | KL(dense‖sparse) | top-1 agreement | decode tok/s [min, max] |\n",
     );
-    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for row in &r.rows {
         let ratio = |x: Option<f64>| x.map(|v| format!(" (x{v:.3})")).unwrap_or_default();
         s.push_str(&format!(
-            "| {} | {:.3} | {:.3} | {:.3} | {:.3}{} | {:.3} | {:.4} | {:.3} | {:.1} [{:.1}, {:.1}]{} |\n",
+            "| {} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3}{} | {:.3} | {:.4} | {:.3} | {:.1} [{:.1}, {:.1}]{} |\n",
             row.setting,
             row.mlp_density,
             row.mlp_bytes_ratio,
             row.predictor_bytes_ratio,
+            row.weight_bytes_ratio,
             row.ppl_second_half,
             ratio(row.ppl_ratio),
             row.ppl_all,
@@ -459,7 +574,7 @@ pub fn markdown(r: &SweepReport) -> String {
     }
     s.push('\n');
     s.push_str(
-        "MLP bytes/token: the gate, up and down bytes a decoded token reads (exact scoring reads all of gate and up; a low-rank scorer its predictor's factors and the active rows; down rows from the transposed copy, Q8_0 for a quantized model, or in block mode from the model's own blocks; rows copied into the weight cache not counted), relative to the dense MLP's, from the achieved density over the evaluation.\n\n",
+        "MLP bytes/token: the gate, up and down bytes a decoded token reads (exact scoring reads all of gate and up; a low-rank scorer its predictor's factors and the active rows; down rows from the transposed copy, Q8_0 for a quantized model, or in block mode from the model's own blocks; rows copied into the weight cache not counted), relative to the dense MLP's, from the achieved density over the evaluation; for input sparsity (teal, wina), gate/up and down rows of the inputs kept (every neuron is computed). Weight bytes/token: all the weights a token reads (every layer and the output head, predictor included) relative to dense: the plot's axis. Input sparsity runs on an input-major copy of the weights (Q8_0 re-quantized along the inputs' rows, floats as they are), against the same dense row.\n\n",
     );
     s.push_str(&format!("{}.\n", r.decode_note));
     if !r.skipped.is_empty() {
@@ -482,8 +597,12 @@ pub fn write_outputs(r: &SweepReport, dir: &Path) -> Result<()> {
 /// The family a row belongs to in the plot (one colour and line each): the scorer and the
 /// kind of threshold.
 fn family(row: &SweepRow) -> String {
-    if row.sparsity == "off" {
-        return "dense".into();
+    match row.sparsity.as_str() {
+        "off" => return "dense".into(),
+        "teal:calibrated" => return "input |x|, calibrated".into(),
+        s if s.starts_with("teal:") => return "input |x|, teal:S".into(),
+        s if s.starts_with("wina:") => return "input |x|·‖W‖, wina:S".into(),
+        _ => {}
     }
     let kind = match row.sparsity.split(':').next().unwrap_or("") {
         "density" => "density:D",
@@ -632,12 +751,16 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
         let (r, g, b) = COLORS[i % COLORS.len()];
         RGBColor(r, g, b)
     };
-    let xmax = r
-        .rows
-        .iter()
-        .map(|x| x.mlp_bytes_ratio)
-        .fold(1.0f64, f64::max)
-        * 1.1;
+    // A report written before weight bytes were recorded places rows by MLP bytes.
+    let old_report = r.rows.iter().all(|x| x.weight_bytes_ratio == 0.0);
+    let x_of = |x: &SweepRow| {
+        if old_report {
+            x.mlp_bytes_ratio
+        } else {
+            x.weight_bytes_ratio
+        }
+    };
+    let xmax = r.rows.iter().map(x_of).fold(1.0f64, f64::max) * 1.1;
     let label_of = |x: &SweepRow| {
         if x.sparsity == "off" {
             "dense".to_string()
@@ -697,7 +820,9 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                 let decimals: usize = $decimals;
                 $chart
                     .configure_mesh()
-                    .x_desc("MLP bytes read per token, relative to dense (predictor included)")
+                    .x_desc(
+                        "weight bytes read per token (all layers and the head), relative to dense (predictor included)",
+                    )
                     .y_desc(ydesc)
                     .label_style(("sans-serif", 15))
                     .axis_desc_style(("sans-serif", 16))
@@ -712,7 +837,7 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                         .rows
                         .iter()
                         .filter(|x| &family(x) == f)
-                        .map(|x| (x.mlp_bytes_ratio, y_of(x)))
+                        .map(|x| (x_of(x), y_of(x)))
                         .collect();
                     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
                     if pts.len() > 1 {
@@ -724,13 +849,13 @@ fn draw(r: &SweepReport, path: &Path) -> std::result::Result<(), Box<dyn std::er
                     .rows
                     .iter()
                     .map(|x| {
-                        let p = $chart.backend_coord(&(x.mlp_bytes_ratio, y_of(x)));
+                        let p = $chart.backend_coord(&(x_of(x), y_of(x)));
                         (p, text_of(x).len())
                     })
                     .collect();
                 let offsets = place_labels(&pixels);
                 $chart.draw_series(r.rows.iter().zip(offsets).map(|(x, off)| {
-                    EmptyElement::at((x.mlp_bytes_ratio, y_of(x)))
+                    EmptyElement::at((x_of(x), y_of(x)))
                         + Text::new(text_of(x), off, ("sans-serif", 13).into_font())
                 }))?;
             }};
@@ -782,10 +907,20 @@ mod tests {
         assert_eq!(v.len(), 4);
         assert_eq!(v[0].to_string(), "dense");
         assert_eq!(v[1].to_string(), "density:0.5 exact");
-        assert_eq!(v[2].scorer, Some(Scorer::SignedGate));
+        assert_eq!(v[2].effective_scorer(false), Some(Scorer::SignedGate));
         assert!(v[3].needs_predictor() && !v[1].needs_predictor());
         assert_eq!(v[3].effective_scorer(true), Some(Scorer::LowRank));
         assert_eq!(v[1].effective_scorer(true), Some(Scorer::Exact));
+        let t = parse_settings("teal:0.3,wina:0.4,teal:calibrated").unwrap();
+        assert_eq!(t[0], Setting::Inputs(InputSpec::Teal(0.3)));
+        assert_eq!(
+            (t[1].to_string(), t[1].spec()),
+            ("wina:0.4".into(), "wina:0.4".into())
+        );
+        assert!(t.iter().all(Setting::is_input) && !v.iter().any(Setting::is_input));
+        assert!(t[2].needs_predictor() && !t[0].needs_predictor());
+        assert_eq!(t[0].effective_scorer(true), None);
+        assert!(parse_settings("teal:1").is_err());
         assert!(parse_settings("off@exact").is_err());
         assert!(parse_settings("density:2").is_err());
         assert!(parse_settings(" , ").is_err());
@@ -837,6 +972,7 @@ mod tests {
             mlp_density: 0.5,
             mlp_bytes_ratio: bytes,
             predictor_bytes_ratio: 0.0,
+            weight_bytes_ratio: 0.4 + 0.6 * bytes,
             ppl_all: ppl * 1.3,
             ppl_second_half: ppl,
             ppl_ratio: None,
@@ -859,6 +995,10 @@ mod tests {
             row("density:0.5", Some("lowrank"), 1.12, 22.0, 100.0),
             row("density:0.5", Some("cascade:0.7"), 1.3, 21.4, 95.0),
             row("calibrated", Some("lowrank"), 1.4, 18.9, 90.0),
+            row("teal:0.3", None, 0.7, 19.3, 160.0),
+            row("teal:0.4", None, 0.6, 21.0, 170.0),
+            row("wina:0.3", None, 0.7, 19.4, 158.0),
+            row("teal:calibrated", None, 0.72, 18.8, 165.0),
         ];
         let r = SweepReport {
             model: "m.gguf".into(),
@@ -891,7 +1031,10 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("sweep.json")).unwrap())
                 .unwrap();
-        assert_eq!(v["rows"].as_array().unwrap().len(), 8);
+        assert_eq!(v["rows"].as_array().unwrap().len(), 12);
+        assert_eq!(family(&r.rows[8]), "input |x|, teal:S");
+        assert_eq!(family(&r.rows[10]), "input |x|·‖W‖, wina:S");
+        assert_eq!(family(&r.rows[11]), "input |x|, calibrated");
         assert_eq!(family(&r.rows[1]), "exact scores, density:D");
         assert_eq!(family(&r.rows[0]), "dense");
     }

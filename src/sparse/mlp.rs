@@ -200,6 +200,19 @@ impl SparseMlp {
                 "scorer {scorer} needs low-rank factors, but the predictor file holds only input-sparsity tables"
             )));
         }
+        // A file of input-sparsity tables alone has nothing for the MLP: exact scoring
+        // does without it, calibrated cut-offs cannot.
+        let predictor = match predictor {
+            Some(p) if p.layers.is_empty() && p.input.is_some() => {
+                if config.threshold == Threshold::Calibrated {
+                    return Err(Error::Input(
+                        "calibrated (MLP neurons) needs a predictor file with MLP thresholds, but this one holds only input-sparsity tables (calibrate without --input-only)".into(),
+                    ));
+                }
+                None
+            }
+            p => p,
+        };
         if needs_predictor && predictor.is_none() && !config.is_off() {
             return Err(Error::Input(format!(
                 "scorer {scorer} needs a predictor file (--predictor)"

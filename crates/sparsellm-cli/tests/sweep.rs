@@ -77,7 +77,7 @@ fn sweep_writes_table_json_and_plot() {
         "--threads",
         "2",
         "--sweep-settings",
-        "off,density:0.5@exact",
+        "off,density:0.5@exact,teal:0.3",
         "--decode-tokens",
         "8",
         "--decode-runs",
@@ -87,6 +87,11 @@ fn sweep_writes_table_json_and_plot() {
     ]);
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.contains("| setting |"), "{o:?}");
+    // Q4_1 cannot be held input-major: the input setting is skipped, with the reason.
+    assert!(
+        o.stdout.contains("Skipped: teal:0.3 (") && o.stdout.contains("--dtype bf16"),
+        "{o:?}"
+    );
     for f in ["sweep.md", "sweep.json", "sweep.png"] {
         let p = out.join(f);
         assert!(p.is_file() && p.metadata().unwrap().len() > 0, "{f}: {o:?}");
@@ -153,6 +158,63 @@ fn sweep_writes_table_json_and_plot() {
             .unwrap()
             .starts_with(b"\x89PNG\r\n\x1a\n")
     );
+}
+
+#[test]
+fn sweep_places_input_and_neuron_sparsity_by_weight_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let text = text_file(d.path());
+    let out = d.path().join("sweep-out");
+    let o = run(&args![
+        "eval",
+        "--sweep",
+        "--out",
+        &out,
+        "--text",
+        &text,
+        "--window",
+        "64",
+        "--dtype",
+        "bf16",
+        "--sweep-settings",
+        "off,teal:0.3,wina:0.3,density:0.5@exact",
+        "--decode-tokens",
+        "8",
+        "--decode-runs",
+        "1",
+        "--model",
+        common::model_path()
+    ]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap())
+        .expect("sweep.json parses");
+    assert_eq!(v["skipped"].as_array().unwrap().len(), 0, "{v}");
+    let rows = v["rows"].as_array().expect("rows");
+    assert_eq!(rows.len(), 4, "{v}");
+    assert_eq!(num(&rows[0], "weight_bytes_ratio"), 1.0);
+    for r in &rows[1..3] {
+        // Every neuron computed; 30% of each projection's inputs skipped, the head dense.
+        assert_eq!(r["scorer"], Value::Null, "{r}");
+        assert_eq!(num(r, "mlp_density"), 1.0, "{r}");
+        let (w, m) = (num(r, "weight_bytes_ratio"), num(r, "mlp_bytes_ratio"));
+        assert!(w > 0.7 && w < 0.85 && m > 0.65 && m < 0.75, "{r}");
+        assert_eq!(r["layer_density"].as_array().unwrap().len(), 30, "{r}");
+        assert!(
+            num(r, "kl_vs_dense") > 0.0 && num(r, "ppl_ratio").is_finite(),
+            "{r}"
+        );
+    }
+    // A neuron setting's weight bytes: its MLP's change, diluted by the rest of the model.
+    let n = &rows[3];
+    let (w, m) = (num(n, "weight_bytes_ratio"), num(n, "mlp_bytes_ratio"));
+    let share = (1.0 - w) / (1.0 - m);
+    assert!(m < 1.0 && share > 0.3 && share < 0.8, "{n}");
+    let md = std::fs::read_to_string(out.join("sweep.md")).unwrap();
+    assert!(
+        md.contains("| teal:0.3 |") && md.contains("| wina:0.3 |"),
+        "{md}"
+    );
+    assert!(out.join("sweep.png").is_file());
 }
 
 #[test]

@@ -8,7 +8,7 @@ use clap::Args;
 use serde_json::json;
 use sparsellm::eval;
 use sparsellm::kernels::pool;
-use sparsellm::model::MlpOverride;
+use sparsellm::model::{MlpOverride, WeightLayout};
 use sparsellm::progress::count;
 use sparsellm::sparse::{InputSpec, Predictor, SparsityConfig};
 use sparsellm::sweep;
@@ -293,9 +293,28 @@ pub(crate) fn eval_sweep(
 ) -> Result<()> {
     let out = a.out.as_deref().context("--sweep needs --out DIR")?;
     // Settings needing a predictor without one were refused before loading.
-    let settings = match &a.sweep_settings {
+    let mut settings = match &a.sweep_settings {
         Some(list) => sweep::parse_settings(list)?,
         None => sweep::default_settings(),
+    };
+    // Input sparsity runs on a second copy of the weights, held input-major; where the
+    // dtype cannot be (4- and 5-bit blocks), those settings are skipped with the reason.
+    let mut cannot_run = Vec::new();
+    let input_model = if settings.iter().any(sweep::Setting::is_input) {
+        match load_as(&a.run, WeightLayout::InputMajor) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                settings.retain(|s| {
+                    if s.is_input() {
+                        cannot_run.push(format!("{s} ({e:#})"));
+                    }
+                    !s.is_input()
+                });
+                None
+            }
+        }
+    } else {
+        None
     };
     let opts = sweep::SweepOptions {
         window: a.window,
@@ -306,7 +325,8 @@ pub(crate) fn eval_sweep(
         mode,
     };
     let mut pb = progress_bar(settings.len() as u64, "sweep", "settings");
-    let mut report = sweep::run(&l.model, ids, &settings, predictor, &opts, |p| {
+    let input = input_model.as_ref().map(|m| &m.model);
+    let mut report = sweep::run(&l.model, input, ids, &settings, predictor, &opts, |p| {
         pb.set_length(p.settings as u64);
         if p.window < p.windows {
             pb.set_message(format!("{}, window {}/{}", p.name, p.window + 1, p.windows));
@@ -316,6 +336,7 @@ pub(crate) fn eval_sweep(
         pb.set_position(p.setting as u64);
     })?;
     pb.finish();
+    report.skipped.extend(cannot_run);
     note_unscored(ids.len() - report.tokens, a.window);
     let path = model_path(&a.run.model)?;
     report.model = path.file_name().map_or_else(
@@ -338,7 +359,7 @@ pub(crate) fn eval_sweep(
             .filter(|r| !r.layer_density.is_empty())
             .collect();
         if a.verbose && !sparse.is_empty() {
-            outln!("\nMLP density per layer:\n");
+            outln!("\nMLP density per layer (input sparsity: the MLP's inputs kept, by bytes):\n");
             let names: Vec<&str> = sparse.iter().map(|r| r.setting.as_str()).collect();
             outln!("| layer | {} |", names.join(" | "));
             outln!("|---|{}", "---|".repeat(names.len()));
