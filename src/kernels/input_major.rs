@@ -367,15 +367,21 @@ unsafe fn accumulate_q8_0(
                 let mut hi = _mm512_loadu_ps(y.add(16));
                 for q in 0..m {
                     let blk = rows[q].add(off);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead[q].add(off) as *const i8);
+                    // One prefetch per 64-byte line of the row ahead (blocks are 34 bytes).
+                    if (off & 63) < Q8_0_BLOCK {
+                        _mm_prefetch::<_MM_HINT_T0>(ahead[q].add(off) as *const i8);
+                    }
                     let d = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                        u16::from_le_bytes([*blk, *blk.add(1)]) as i32,
+                        (blk as *const u16).read_unaligned() as i32
                     ));
                     let s = _mm512_broadcastss_ps(_mm_mul_ss(d, _mm_set_ss(vals[q])));
-                    let qs = _mm256_loadu_si256(blk.add(2) as *const __m256i);
-                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qs)));
-                    let q1 =
-                        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256::<1>(qs)));
+                    // Sign-extending loads straight from memory (no 256-bit extract).
+                    let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(2) as *const __m128i
+                    )));
+                    let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        blk.add(18) as *const __m128i
+                    )));
                     lo = _mm512_fmadd_ps(s, q0, lo);
                     hi = _mm512_fmadd_ps(s, q1, hi);
                 }
