@@ -144,12 +144,15 @@ impl SparseSettings {
     }
 
     /// The weight layout the setting decodes with: input sparsity reads every projection
-    /// by input.
+    /// by input; the MLP-neuron modes read down by neuron (float down projections held so,
+    /// instead of a copy; block mode reads the quantized blocks in place).
     pub fn layout(&self) -> WeightLayout {
         if self.is_input() {
             WeightLayout::InputMajor
-        } else {
+        } else if self.is_off() || self.mode == Mode::Blocks {
             WeightLayout::RowMajor
+        } else {
+            WeightLayout::DownInputMajor
         }
     }
 

@@ -655,3 +655,66 @@ fn cached_mode_fills_its_cache_and_copies_only_what_changes() {
     }
     assert_eq!(s.churn(), Some(added as f64 / 144.0));
 }
+
+/// The MLP-neuron modes' layout: the model's own down projection held input-major, read
+/// by the sparse modes instead of a transposed copy. Dense and sparse decoding compute
+/// what they compute on the row-major model (the same down rows, the same values),
+/// without the copy's bytes.
+#[test]
+fn down_input_major_layout_serves_the_sparse_modes_without_a_copy() {
+    use sparsellm::model::WeightLayout;
+    let src = sparsellm::loader::open(&common::model_path()).expect("open model");
+    let dm = Llama::load_with_layout(
+        src.as_ref(),
+        DType::F32,
+        pool::global(),
+        WeightLayout::DownInputMajor,
+    )
+    .expect("load model");
+    let rm = model();
+    assert_eq!(dm.layout(), WeightLayout::DownInputMajor);
+    let d = &dm.layers[0];
+    assert!(d.mlp.down_proj.input_major && !d.mlp.up_proj.input_major);
+    assert!(!d.self_attn.q_proj.input_major);
+    assert_eq!(model_identity(&dm), model_identity(rm));
+    let ids: Vec<u32> = common::ids(&common::reference()["perplexity"]["ids"])[..12].to_vec();
+    let run = |m: &Llama, mut hook: Option<&mut SparseMlp>| {
+        let mut cache = m.new_cache();
+        // The prompt (prefill through the input-major down), then token by token.
+        let mut out = vec![
+            m.forward(&ids[..6], &mut cache, Logits::Last, None)
+                .unwrap(),
+        ];
+        for &t in &ids[6..] {
+            let h = hook.as_deref_mut().map(|s| s as &mut dyn MlpOverride);
+            out.push(m.forward(&[t], &mut cache, Logits::Last, h).unwrap());
+        }
+        out
+    };
+    for (a, b) in run(&dm, None).iter().zip(&run(rm, None)) {
+        assert!(rel_err(a, b) < 1e-4, "dense: {}", rel_err(a, b));
+    }
+    for mode in [Mode::Cached, Mode::Gather] {
+        let (mut sd, mut sr) = (
+            sparse(&dm, "density:0.5", Scorer::Exact, mode),
+            sparse(rm, "density:0.5", Scorer::Exact, mode),
+        );
+        // No transposed copy of down: the extra bytes shrink by exactly its size.
+        let down: usize = rm
+            .layers
+            .iter()
+            .map(|l| l.mlp.down_proj.weight.byte_len())
+            .sum();
+        assert_eq!(sd.extra_bytes() + down, sr.extra_bytes(), "{mode:?}");
+        let (a, b) = (run(&dm, Some(&mut sd)), run(rm, Some(&mut sr)));
+        // The prompt's logits differ in the last bits (prefill through either layout);
+        // the decoded tokens' sparse MLPs read the same rows.
+        for (t, (x, y)) in a.iter().zip(&b).enumerate().skip(1) {
+            assert!(
+                rel_err(x, y) < 1e-4,
+                "{mode:?} position {t}: {}",
+                rel_err(x, y)
+            );
+        }
+    }
+}

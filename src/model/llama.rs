@@ -28,8 +28,14 @@ pub enum WeightLayout {
     #[default]
     RowMajor,
     /// `[in, out]`: a row per input, so that input sparsity (TEAL/WINA) reads only the
-    /// rows of the inputs it keeps. Float dtypes only.
+    /// rows of the inputs it keeps. Float dtypes and Q8_0.
     InputMajor,
+    /// Row-major, except the MLP's down projection held input-major (`[inter, hidden]`,
+    /// a row per neuron): the rows the MLP-neuron sparse modes read, so that they need no
+    /// copy of their own. Float dtypes only (the values move bit for bit); a quantized
+    /// down projection stays row-major (its blocks run along the neurons, and a re-quantized
+    /// copy would change the dense model), and the sparse modes keep their Q8_0 copy.
+    DownInputMajor,
 }
 
 /// A linear layer `y = x · W^T` with `W: [out, in]`, held as `W` (`weight` is `[out, in]`)
@@ -357,16 +363,19 @@ impl Llama {
         let c = src.config().clone();
         c.validate()?;
         let input_major = layout == WeightLayout::InputMajor;
+        let down_input_major = layout == WeightLayout::DownInputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut plan = WeightPlan::default();
         // The file ranges of the matrices held transposed (copied into the plan's arena).
         let mut copied = Vec::new();
-        let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<usize> {
+        let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<bool> {
             let raw = src.tensor(name)?;
             if raw.shape != [rows, cols] {
                 return Err(raw.error(format!("shape {:?}, expected [{rows}, {cols}]", raw.shape)));
             }
             let held = dtype.resolve(raw.dtype);
+            // DownInputMajor asks for a float down projection only (see there).
+            let transpose = transpose && !(down_input_major && held.qformat().is_some());
             if transpose {
                 // Q8_0 is re-quantized along the inputs' rows at +0.35% perplexity; 4- and
                 // 5-bit blocks would cost x1.06-x1.19 that way, and skipping whole blocks in
@@ -380,10 +389,11 @@ impl Llama {
                     )));
                 }
                 copied.push((Arc::clone(&raw.map), raw.offset, raw.len));
-                plan.add_transposed(raw, rows, cols, held)
+                plan.add_transposed(raw, rows, cols, held)?;
             } else {
-                plan.add(raw, rows, cols, held)
+                plan.add(raw, rows, cols, held)?;
             }
+            Ok(transpose)
         };
         add("model.embed_tokens.weight", c.vocab_size, h, false)?;
         const PARTS: [&str; 7] = [
@@ -396,19 +406,22 @@ impl Llama {
             "mlp.down_proj",
         ];
         let dims = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
+        // Whether each planned matrix is held transposed, in plan order.
+        let mut transposed = vec![false];
         for l in 0..c.num_layers {
             for (part, (rows, cols)) in PARTS.iter().zip(dims) {
-                add(
+                let down = *part == "mlp.down_proj";
+                transposed.push(add(
                     &format!("model.layers.{l}.{part}.weight"),
                     rows,
                     cols,
-                    input_major,
-                )?;
+                    input_major || (down_input_major && down),
+                )?);
             }
         }
         let untied_head = src.has_tensor("lm_head.weight");
         if untied_head {
-            add("lm_head.weight", c.vocab_size, h, false)?;
+            transposed.push(add("lm_head.weight", c.vocab_size, h, false)?);
         } else if !c.tie_word_embeddings {
             return Err(Error::tensor(
                 src.path(),
@@ -416,13 +429,15 @@ impl Llama {
                 "missing, and the embeddings are not tied",
             ));
         }
-        let mut mats = plan.finish(pool)?.into_iter();
-        let mut next_as = |input_major: bool| Linear {
-            weight: mats.next().expect("one matrix per planned tensor"),
-            input_major,
+        let mut mats = plan.finish(pool)?.into_iter().zip(transposed);
+        let mut next = || {
+            let (weight, input_major) = mats.next().expect("one matrix per planned tensor");
+            Linear {
+                weight,
+                input_major,
+            }
         };
-        let embed_tokens = next_as(false).weight;
-        let mut next = || next_as(input_major);
+        let embed_tokens = next().weight;
         let mut layers = Vec::with_capacity(c.num_layers);
         let off = c.norm_weight_offset;
         let d = c.head_dim;
@@ -479,7 +494,7 @@ impl Llama {
                 mlp_output_norm: sandwich("post_feedforward_layernorm")?,
             });
         }
-        let lm_head = untied_head.then(|| next_as(false));
+        let lm_head = untied_head.then(&mut next);
         // Reading the norms faulted in the file's pages around them (the kernel maps a
         // file in groups of pages), pages of matrices that live in the arena now: drop
         // them again, so an input-major model's resident size stays its weights'.
@@ -514,6 +529,7 @@ impl Llama {
     pub fn layout(&self) -> WeightLayout {
         match self.layers.first() {
             Some(l) if l.self_attn.q_proj.input_major => WeightLayout::InputMajor,
+            Some(l) if l.mlp.down_proj.input_major => WeightLayout::DownInputMajor,
             _ => WeightLayout::RowMajor,
         }
     }
@@ -906,15 +922,24 @@ impl Llama {
                 }
                 timer.end(Phase::SiluMul);
                 row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
-                matmul_many(
-                    pool,
-                    per_token,
-                    &[m.down_proj.ws()],
-                    inter,
-                    g,
-                    n,
-                    &mut [tmp],
-                );
+                if !m.down_proj.input_major {
+                    matmul_many(
+                        pool,
+                        per_token,
+                        &[m.down_proj.ws()],
+                        inter,
+                        g,
+                        n,
+                        &mut [tmp],
+                    );
+                } else if per_token {
+                    // Token by token, as decode computes each (DownInputMajor).
+                    for (gt, yt) in g.chunks_exact(inter).zip(tmp.chunks_exact_mut(h)) {
+                        m.down_proj.project(pool, gt, 1, yt, None, im);
+                    }
+                } else {
+                    m.down_proj.forward(pool, g, n, tmp);
+                }
                 timer.end(Phase::Down);
             }
             if let Some(w) = &layer.mlp_output_norm {

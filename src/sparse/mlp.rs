@@ -37,12 +37,22 @@ use crate::tensor::{DType, Matrix};
 /// of churn, and the churn of real text (`eval --json`'s `mask_churn`: 9% to 63%) is above.
 pub const DEFAULT_MAX_CHURN: f64 = 0.02;
 
+/// Where a layer's down rows are read from: down_proj transposed, [inter, hidden], row i =
+/// neuron i's down column.
+enum DownRows {
+    /// The model's own down projection, held input-major
+    /// ([`crate::model::WeightLayout::DownInputMajor`]): no copy.
+    Model,
+    /// A transposed copy: one extra copy of the down projection (a third of the MLP's
+    /// weight bytes) per layer; Q8_0 for a quantized model (see `down_t_dtype`).
+    Copy(HugeMatrix),
+    /// `Mode::Blocks` reads the row-major down projection's blocks in place.
+    InPlace,
+}
+
 /// One layer's sparse state.
 struct LayerState {
-    /// down_proj transposed: [inter, hidden], row i = neuron i's down column. Costs one
-    /// extra copy of the down projection (a third of the MLP's weight bytes) per layer.
-    /// None in `Mode::Blocks`, which reads the down projection in place.
-    down_t: Option<HugeMatrix>,
+    down_t: DownRows,
     cache: WeightCache,
     /// Calibrated cut-off (`calibrated` only).
     cutoff: Option<f32>,
@@ -255,8 +265,15 @@ impl SparseMlp {
             mlps.iter()
                 .zip(cutoffs)
                 .map(|(m, cutoff)| LayerState {
-                    down_t: (config.mode != Mode::Blocks)
-                        .then(|| transpose_matrix(&m.down_proj.weight, down_t_dtype(dtype))),
+                    down_t: if config.mode == Mode::Blocks {
+                        DownRows::InPlace
+                    } else if m.down_proj.input_major {
+                        // Only float down projections are held so, in the MLP's dtype.
+                        debug_assert_eq!(m.down_proj.weight.dtype, down_t_dtype(dtype));
+                        DownRows::Model
+                    } else {
+                        DownRows::Copy(transpose_matrix(&m.down_proj.weight, down_t_dtype(dtype)))
+                    },
                     cache: WeightCache::new(hidden, inter, dtype, with_gate_up),
                     cutoff,
                     tokens: 0,
@@ -320,7 +337,13 @@ impl SparseMlp {
     pub fn extra_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| l.down_t.as_ref().map_or(0, |d| d.byte_len()) + l.cache.byte_len())
+            .map(|l| {
+                let copy = match &l.down_t {
+                    DownRows::Copy(d) => d.byte_len(),
+                    DownRows::Model | DownRows::InPlace => 0,
+                };
+                copy + l.cache.byte_len()
+            })
             .sum()
     }
 
@@ -405,7 +428,12 @@ impl SparseMlp {
         let st = &mut self.layers[layer];
         let gate = Strided::matrix(mlp.gate_proj.weight.view(), hd);
         let up = Strided::matrix(mlp.up_proj.weight.view(), hd);
-        let down_t = Strided::matrix(st.down_t.as_ref().expect("not block mode").view(), hd);
+        let down_view = match &st.down_t {
+            DownRows::Model => mlp.down_proj.weight.view(),
+            DownRows::Copy(d) => d.view(),
+            DownRows::InPlace => unreachable!("block mode does not run token()"),
+        };
+        let down_t = Strided::matrix(down_view, hd);
         s.scores.resize(inter, 0.0);
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
