@@ -126,7 +126,6 @@ fn pairs_bf16(
         return;
     }
     let stride = out_dim.next_multiple_of(PAIR_CHUNK);
-    let threads = pool.threads().min(n.div_ceil(16)).max(1);
     // The kept inputs' values as bf16, packed two per f32 slot (items 2p, 2p + 1), the
     // last odd item paired with 0.
     scratch.values.clear();
@@ -139,28 +138,14 @@ fn pairs_bf16(
         let hi = if 2 * p + 1 < n { value(2 * p + 1) } else { 0 };
         scratch.values.push(f32::from_bits(lo | (hi << 16)));
     }
-    scratch.acc.clear();
-    scratch.acc.resize(threads * stride, 0.0);
-    let acc = SharedMut(scratch.acc.as_mut_ptr());
     let xv = &scratch.values[..];
-    // A chunked job (one chunk per thread): under a competing load the caller runs the
-    // chunks a descheduled worker has not claimed, and the sums stay in chunk order.
-    pool.for_chunks(threads, &|t, nt| {
-        // Even range boundaries: each chunk takes whole pairs.
-        let r = super::pool::split_range(n, 2, t, nt);
-        // SAFETY: chunk t writes only acc[t * stride..(t + 1) * stride] (resized above).
-        let acc = unsafe { std::slice::from_raw_parts_mut(acc.get().add(t * stride), stride) };
+    // Even range boundaries: each chunk takes whole pairs.
+    let first = sum_by_chunks(pool, n, 2, stride, &mut scratch.acc, &|r, acc| {
         // SAFETY: has_avx512_bf16() checked the CPU; every item's row (kept indices are
         // < in_dim, asserted by the caller) has out_dim elements in `w`; pairs r.start / 2
-        // .. r.end.div_ceil(2) are in `xv`.
+        // .. r.end.div_ceil(2) are in `xv`; acc has `stride` slots.
         unsafe { accumulate_pairs(w, out_dim, kept, r, xv, acc) };
     });
-    let (first, rest) = scratch.acc.split_at_mut(stride);
-    for t in 1..threads {
-        for (a, &b) in first.iter_mut().zip(&rest[(t - 1) * stride..t * stride]) {
-            *a += b;
-        }
-    }
     // Lane order back to output order: in chunk c, slot 16 h + 4 k + e holds output
     // 32 c + 8 k + 4 h + e (k: 128-bit lane, h: low/high interleave).
     for (o, y) in out.iter_mut().enumerate() {
@@ -195,30 +180,49 @@ fn rows_q8_0(
         out.fill(0.0);
         return;
     }
-    let threads = pool.threads().min(n.div_ceil(16)).max(1);
     scratch.values.clear();
     scratch
         .values
         .extend((0..n).map(|j| x[kept.map_or(j, |k| k[j] as usize)]));
-    scratch.acc.clear();
-    scratch.acc.resize(threads * out_dim, 0.0);
-    let acc = SharedMut(scratch.acc.as_mut_ptr());
     let xv = &scratch.values[..];
-    pool.for_chunks(threads, &|t, nt| {
-        let r = super::pool::split_range(n, 1, t, nt);
-        // SAFETY: chunk t writes only acc[t * out_dim..(t + 1) * out_dim] (resized above).
-        let acc = unsafe { std::slice::from_raw_parts_mut(acc.get().add(t * out_dim), out_dim) };
-        // SAFETY: isa() is Avx512 (F/BW/VL) and qdot::has_avx2() checked F16C; every item's row
-        // (kept indices are < in_dim, asserted by the caller) is inside `w` (asserted).
+    let first = sum_by_chunks(pool, n, 1, out_dim, &mut scratch.acc, &|r, acc| {
+        // SAFETY: isa() is Avx512 (F/BW/VL) and qdot::has_avx2() checked F16C; every
+        // item's row (kept indices are < in_dim, asserted by the caller) is inside `w`
+        // (asserted); acc has out_dim slots.
         unsafe { accumulate_q8_0(w, row_bytes, kept, r, xv, acc) };
     });
-    let (first, rest) = scratch.acc.split_at_mut(out_dim);
-    for t in 1..threads {
-        for (a, &b) in first.iter_mut().zip(&rest[(t - 1) * out_dim..t * out_dim]) {
+    out.copy_from_slice(first);
+}
+
+/// Splits `n` items into contiguous ranges (boundaries multiples of `align`), one chunk
+/// per thread (at most one per 16 items), each adding its items' products into its own
+/// `stride` slots of `acc` through `body`; returns the chunks' sums added in chunk order.
+/// A chunked job: under a competing load the caller runs the chunks a descheduled worker
+/// has not claimed, and which thread ran a chunk never changes the result.
+fn sum_by_chunks<'a>(
+    pool: &ThreadPool,
+    n: usize,
+    align: usize,
+    stride: usize,
+    acc: &'a mut Vec<f32>,
+    body: &(dyn Fn(std::ops::Range<usize>, &mut [f32]) + Sync),
+) -> &'a [f32] {
+    let chunks = pool.threads().min(n.div_ceil(16)).max(1);
+    acc.clear();
+    acc.resize(chunks * stride, 0.0);
+    let base = SharedMut(acc.as_mut_ptr());
+    pool.for_chunks(chunks, &|t, nt| {
+        // SAFETY: chunk t alone writes acc[t * stride..(t + 1) * stride] (resized above).
+        let a = unsafe { std::slice::from_raw_parts_mut(base.get().add(t * stride), stride) };
+        body(super::pool::split_range(n, align, t, nt), a);
+    });
+    let (first, rest) = acc.split_at_mut(stride);
+    for t in 1..chunks {
+        for (a, &b) in first.iter_mut().zip(&rest[(t - 1) * stride..t * stride]) {
             *a += b;
         }
     }
-    out.copy_from_slice(first);
+    first
 }
 
 /// [`matmul_input_major`] for Q8_0 on AVX-512, reading the input-major blocks as they

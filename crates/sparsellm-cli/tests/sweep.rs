@@ -39,6 +39,31 @@ fn json_of(o: &Out) -> Value {
     serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {o:?}"))
 }
 
+/// `eval --sweep` into `out` over `text` (windows of 64, 2 threads, one decode run of 8
+/// tokens per setting), with `extra` flags.
+fn sweep(out: &Path, text: &Path, extra: &[&str]) -> Out {
+    let mut a = args![
+        "eval",
+        "--sweep",
+        "--out",
+        out,
+        "--text",
+        text,
+        "--window",
+        "64",
+        "--threads",
+        "2",
+        "--decode-tokens",
+        "8",
+        "--decode-runs",
+        "1",
+        "--model",
+        common::model_path()
+    ];
+    a.extend(extra.iter().map(OsString::from));
+    run(&a)
+}
+
 fn eval_json(text: &Path, extra: &[&str]) -> Value {
     let mut a = args![
         "eval",
@@ -65,26 +90,11 @@ fn sweep_writes_table_json_and_plot() {
     let d = tempfile::tempdir().unwrap();
     let text = text_file(d.path());
     let out = d.path().join("sweep-out");
-    let o = run(&args![
-        "eval",
-        "--sweep",
-        "--out",
+    let o = sweep(
         &out,
-        "--text",
         &text,
-        "--window",
-        "64",
-        "--threads",
-        "2",
-        "--sweep-settings",
-        "off,density:0.5@exact,teal:0.3",
-        "--decode-tokens",
-        "8",
-        "--decode-runs",
-        "1",
-        "--model",
-        common::model_path()
-    ]);
+        &["--sweep-settings", "off,density:0.5@exact,teal:0.3"],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(o.stdout.contains("| setting |"), "{o:?}");
     // Q4_1 cannot be held input-major: the input setting is skipped, with the reason.
@@ -165,26 +175,12 @@ fn sweep_places_input_and_neuron_sparsity_by_weight_bytes() {
     let d = tempfile::tempdir().unwrap();
     let text = text_file(d.path());
     let out = d.path().join("sweep-out");
-    let o = run(&args![
-        "eval",
-        "--sweep",
-        "--out",
+    let settings = "off,teal:0.3,wina:0.3,density:0.5@exact";
+    let o = sweep(
         &out,
-        "--text",
         &text,
-        "--window",
-        "64",
-        "--dtype",
-        "bf16",
-        "--sweep-settings",
-        "off,teal:0.3,wina:0.3,density:0.5@exact",
-        "--decode-tokens",
-        "8",
-        "--decode-runs",
-        "1",
-        "--model",
-        common::model_path()
-    ]);
+        &["--dtype", "bf16", "--sweep-settings", settings],
+    );
     assert_eq!(o.code, Some(0), "{o:?}");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap())
         .expect("sweep.json parses");
