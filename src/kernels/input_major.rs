@@ -340,7 +340,6 @@ unsafe fn accumulate_q8_0(
     acc: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let row = |j: usize| kept.map_or(j, |k| k[j] as usize);
     let blocks = row_bytes / Q8_0_BLOCK;
     debug_assert_eq!(acc.len(), blocks * QK);
     let base = w.as_ptr();
@@ -352,18 +351,8 @@ unsafe fn accumulate_q8_0(
     unsafe {
         while j < range.end {
             // Up to four items; a missing item repeats the last row with value 0.
-            let m = (range.end - j).min(4);
-            let rows: [*const u8; 4] =
-                std::array::from_fn(|q| base.add(row(j + q.min(m - 1)) * row_bytes));
+            let (m, rows, ahead) = four_rows(base, row_bytes, kept, j, range.end);
             let vals: [f32; 4] = std::array::from_fn(|q| if q < m { xv[j + q] } else { 0.0 });
-            let ahead: [*const u8; 4] = std::array::from_fn(|q| {
-                let a = j + 4 + q;
-                if a < range.end {
-                    base.add(row(a) * row_bytes)
-                } else {
-                    rows[q]
-                }
-            });
             for c in 0..blocks {
                 let off = c * Q8_0_BLOCK;
                 let y = pa.add(c * QK);
@@ -397,6 +386,37 @@ unsafe fn accumulate_q8_0(
     }
 }
 
+/// The next group of the input-major kernels: items `j..j + m` (m = min(4, end - j)),
+/// their rows (`kept[i]`, or i, `stride` elements apart from `base`; a missing item
+/// repeats the group's last row) and the rows of the four items after them, to prefetch
+/// (a missing one repeats its own group's row).
+///
+/// # Safety
+/// Every item's row start lies inside the allocation `base` points into.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn four_rows<T>(
+    base: *const T,
+    stride: usize,
+    kept: Option<&[u32]>,
+    j: usize,
+    end: usize,
+) -> (usize, [*const T; 4], [*const T; 4]) {
+    let row = |i: usize| kept.map_or(i, |k| k[i] as usize);
+    let m = (end - j).min(4);
+    // SAFETY: the caller's contract: each item's row start is inside the allocation.
+    let at = |i: usize| unsafe { base.add(row(i) * stride) };
+    let rows: [*const T; 4] = std::array::from_fn(|q| at(j + q.min(m - 1)));
+    let ahead = std::array::from_fn(|q| {
+        if j + 4 + q < end {
+            at(j + 4 + q)
+        } else {
+            rows[q]
+        }
+    });
+    (m, rows, ahead)
+}
+
 /// acc (lane order, see [`pairs_bf16`]) += the products of items `range` (rows `kept[j]`,
 /// or j) with their bf16 values, two items per `vdpbf16ps`.
 ///
@@ -415,7 +435,6 @@ unsafe fn accumulate_pairs(
     acc: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    let row = |j: usize| kept.map_or(j, |k| k[j] as usize);
     let chunks = out_dim.div_ceil(PAIR_CHUNK);
     let tail = out_dim - (chunks - 1) * PAIR_CHUNK;
     let tail_mask: __mmask32 = if tail == PAIR_CHUNK {
@@ -433,17 +452,7 @@ unsafe fn accumulate_pairs(
         while j < range.end {
             // Up to four items: pairs (j, j + 1) and (j + 2, j + 3); a missing item's row
             // is its partner's, with value 0 (the pair's packed value has 0 there).
-            let m = (range.end - j).min(4);
-            let items: [usize; 4] = std::array::from_fn(|q| row(j + q.min(m - 1)));
-            let rows = items.map(|r| base.add(r * out_dim));
-            let ahead: [*const u16; 4] = std::array::from_fn(|q| {
-                let a = j + 4 + q;
-                if a < range.end {
-                    base.add(row(a) * out_dim)
-                } else {
-                    rows[q]
-                }
-            });
+            let (m, rows, ahead) = four_rows(base, out_dim, kept, j, range.end);
             let x01 = _mm512_castps_si512(_mm512_set1_ps(xv[j / 2]));
             let x23 = if m > 2 {
                 _mm512_castps_si512(_mm512_set1_ps(xv[j / 2 + 1]))
@@ -640,22 +649,19 @@ pub fn transpose_cols_q8_0(
     assert!(w.len() == rows * row_bytes && o0 <= o1 && o1 <= cols);
     assert!(o0.is_multiple_of(QK) && m.is_multiple_of(QK));
     dst.resize(m * rows, 0.0);
+    let mut values = vec![0f32; m];
     for (i, row) in w.chunks_exact(row_bytes).enumerate() {
-        for (b, blk) in row[o0 / QK * Q8_0_BLOCK..o1 / QK * Q8_0_BLOCK]
-            .chunks_exact(Q8_0_BLOCK)
-            .enumerate()
-        {
-            let d = crate::kernels::f16::f16_to_f32(u16::from_le_bytes([blk[0], blk[1]]));
-            for (j, &q) in blk[2..].iter().enumerate() {
-                dst[(b * QK + j) * rows + i] = d * (q as i8) as f32;
-            }
+        let blocks = &row[o0 / QK * Q8_0_BLOCK..o1 / QK * Q8_0_BLOCK];
+        crate::quant::dequantize(QFormat::Q8_0.source(), blocks, &mut values);
+        for (j, &v) in values.iter().enumerate() {
+            dst[j * rows + i] = v;
         }
     }
 }
 
 /// Elements and bytes of a Q8_0 block.
-const QK: usize = 32;
-const Q8_0_BLOCK: usize = 34;
+const QK: usize = crate::quant::QK;
+const Q8_0_BLOCK: usize = QFormat::Q8_0.block_bytes();
 
 /// [`transpose_cols`] for 16-bit elements (bf16, f16), in 8 x 8 blocks with SSE2
 /// unpacks where the CPU has them (every x86_64): the prefill of an input-major model

@@ -362,6 +362,9 @@ impl Llama {
         let dtype = dtype.into();
         let c = src.config().clone();
         c.validate()?;
+        // Before the plan converts anything: the pages this reads are then released with
+        // the rest of their matrix's.
+        let identity = source_identity(src, &c)?;
         let input_major = layout == WeightLayout::InputMajor;
         let down_input_major = layout == WeightLayout::DownInputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -502,7 +505,7 @@ impl Llama {
             kernels::release_pages(map, *offset, *len);
         }
         Ok(Llama {
-            identity: source_identity(src, &c)?,
+            identity,
             inv_freq: c.rope_inv_freq(),
             inv_freq_local: c.rope_inv_freq_local(),
             norm: load_norm(src, "model.norm.weight", h, off)?,

@@ -42,30 +42,23 @@ fn json_of(o: &Out) -> Value {
 /// `eval --sweep` into `out` over `text` (windows of 64, 2 threads, one decode run of 8
 /// tokens per setting), with `extra` flags.
 fn sweep(out: &Path, text: &Path, extra: &[&str]) -> Out {
-    let mut a = args![
-        "eval",
+    let mut a = eval_args(text);
+    a.extend(args![
         "--sweep",
         "--out",
         out,
-        "--text",
-        text,
-        "--window",
-        "64",
-        "--threads",
-        "2",
         "--decode-tokens",
         "8",
         "--decode-runs",
-        "1",
-        "--model",
-        common::model_path()
-    ];
+        "1"
+    ]);
     a.extend(extra.iter().map(OsString::from));
     run(&a)
 }
 
-fn eval_json(text: &Path, extra: &[&str]) -> Value {
-    let mut a = args![
+/// `eval` over `text` with windows of 64, 2 threads, the default model.
+fn eval_args(text: &Path) -> Vec<OsString> {
+    args![
         "eval",
         "--text",
         text,
@@ -73,10 +66,14 @@ fn eval_json(text: &Path, extra: &[&str]) -> Value {
         "64",
         "--threads",
         "2",
-        "--json",
         "--model",
         common::model_path()
-    ];
+    ]
+}
+
+fn eval_json(text: &Path, extra: &[&str]) -> Value {
+    let mut a = eval_args(text);
+    a.push("--json".into());
     a.extend(extra.iter().map(OsString::from));
     json_of(&run(&a))
 }

@@ -304,12 +304,10 @@ pub(crate) fn eval_sweep(
         match load_as(&a.run, WeightLayout::InputMajor) {
             Ok(m) => Some(m),
             Err(e) => {
-                settings.retain(|s| {
-                    if s.is_input() {
-                        cannot_run.push(format!("{s} ({e:#})"));
-                    }
-                    !s.is_input()
-                });
+                let (input, rest): (Vec<_>, Vec<_>) =
+                    settings.into_iter().partition(sweep::Setting::is_input);
+                settings = rest;
+                cannot_run = input.iter().map(|s| format!("{s} ({e:#})")).collect();
                 None
             }
         }
