@@ -122,15 +122,17 @@ impl Linear {
 fn source_identity(src: &dyn WeightSource, c: &ModelConfig) -> Result<String> {
     let mut hash: u64 = 0xcbf29ce484222325;
     let last = c.num_layers - 1;
-    for name in [
-        "model.layers.0.mlp.gate_proj.weight".to_string(),
-        format!("model.layers.{last}.mlp.down_proj.weight"),
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    for (name, shape) in [
+        ("model.layers.0.mlp.gate_proj.weight".to_string(), [i, h]),
+        (format!("model.layers.{last}.mlp.down_proj.weight"), [h, i]),
     ] {
         let raw = src.tensor(&name)?;
-        let (rows, cols) = match raw.shape[..] {
-            [r, c] => (r.min(4), c),
-            _ => return Err(raw.error(format!("shape {:?}, expected a matrix", raw.shape))),
-        };
+        // Checked here too, so that this never depends on the caller's checks.
+        if raw.shape != shape {
+            return Err(raw.error(format!("shape {:?}, expected {shape:?}", raw.shape)));
+        }
+        let (rows, cols) = (shape[0].min(4), shape[1]);
         let len = raw
             .dtype
             .bytes_for(rows * cols)
@@ -362,9 +364,6 @@ impl Llama {
         let dtype = dtype.into();
         let c = src.config().clone();
         c.validate()?;
-        // Before the plan converts anything: the pages this reads are then released with
-        // the rest of their matrix's.
-        let identity = source_identity(src, &c)?;
         let input_major = layout == WeightLayout::InputMajor;
         let down_input_major = layout == WeightLayout::DownInputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -432,6 +431,9 @@ impl Llama {
                 "missing, and the embeddings are not tied",
             ));
         }
+        // After every tensor's checks (their errors come first), before the plan converts
+        // anything: the pages this reads are then released with the rest of their matrix's.
+        let identity = source_identity(src, &c)?;
         let mut mats = plan.finish(pool)?.into_iter().zip(transposed);
         let mut next = || {
             let (weight, input_major) = mats.next().expect("one matrix per planned tensor");
