@@ -3,17 +3,26 @@
 //! of the quants, scaled once per block.
 //!
 //! The activations are quantized once per matrix-vector product into [`QPair`]s (two
-//! blocks each: 64 signed quants plus each block's scale `dx` and `s = dx·Σq`). For a
-//! weight block with scale `dw` and quants `w_j`, and an activation block `(dx, q_j)`:
-//! - Q4_1 (`w = dw·n + m`, n a nibble): `dw·dx·Σ n_j q_j + m·s`
-//! - Q4_0 (`w = dw·(n - 8)`):           `dw·(dx·Σ n_j q_j - 8·s)`
-//! - Q8_0 (`w = dw·c`, c signed):       `dw·dx·Σ c_j q_j`
+//! blocks each: 64 signed quants plus each block's scale `dx`, `s = dx·Σq` and the
+//! integer `Σq`). For a weight block with scale `dw` and an activation block `(dx, q_j)`,
+//! with `isum` the exact integer sum of the products of the quants:
+//! - Q4_1 (`w = dw·n + m`, n a nibble): `isum = Σ n_j q_j`, adds `dw·dx·isum + m·s`
+//! - Q4_0 (`w = dw·(n - 8)`):           `isum = Σ (n_j - 8) q_j`, adds `dw·dx·isum`
+//! - Q8_0 (`w = dw·c`, c signed):       `isum = Σ c_j q_j`, adds `dw·dx·isum`
 //!
-//! The integer sums run on AVX-512 VNNI (`vpdpbusd`: unsigned x signed bytes, two blocks
-//! per instruction; Q8_0's signed quants are offset by 128 and the offset's `128·s` taken
-//! back per block), on AVX2 (`vpmaddubsw`, one block at a time) or in scalar code, picked
-//! at run time. Quantizing the activations is the only approximation beyond the weights'
-//! own: each activation moves by at most `dx/2`, which bounds the error the tests check.
+//! Every kernel adds the blocks in row order with the same fused multiply-adds
+//! ([`block_acc`]), and the integer sums are exact, so every kernel (decode, prefill,
+//! batched decode, the scalar reference) gives the same result bit for bit.
+//!
+//! On AVX-512 VNNI, 16 rows run at once as outer products ([`group_vnni`]): each block's
+//! quants are transposed into vectors of four bytes per row and `vpdpbusd` takes four of
+//! an activation's quants broadcast, so each row's block sum lands in its own lane and
+//! one convert and one FMA serve 16 rows (the weight side is unpacked once for up to 8
+//! activation vectors). Q8_0's quants are offset by 128 (and Q4_0's nibbles by 8) to
+//! make them unsigned; `Σq` takes the offset back in integers. AVX2 (`vpmaddubsw`, one
+//! block at a time) and scalar code are the fallbacks, picked at run time. Quantizing the
+//! activations is the only approximation beyond the weights' own: each activation moves
+//! by at most `dx/2`, which bounds the error the tests check.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -36,9 +45,13 @@ pub struct QPair {
     /// `scale · sum of the quants` of each 16-element half of each block (the offsets of
     /// the formats with one scale per 16 weights multiply these).
     pub s16: [f32; 4],
-    /// Block 0's scale in lanes 0..8, block 1's in 8..16: the layout of the VNNI kernel's
+    /// Block 0's scale in lanes 0..8, block 1's in 8..16: the layout of `chunks_vnni`'s
     /// sums, stored once here rather than shuffled into place for every weight row.
     pub dx16: [f32; 16],
+    /// `[Σq0, Σq1, 0, 0]`: each block's integer quant sum, which turns the legacy
+    /// kernels' offset products (Q8_0's quants + 128, Q4_0's nibbles) back into exact
+    /// signed sums.
+    pub qsum: [i32; 4],
 }
 
 impl QPair {
@@ -49,6 +62,7 @@ impl QPair {
         self.ds[2 * half + 1] = d * (sums[0] + sums[1]) as f32;
         self.s16[2 * half] = d * sums[0] as f32;
         self.s16[2 * half + 1] = d * sums[1] as f32;
+        self.qsum[half] = sums[0].wrapping_add(sums[1]);
     }
 
     /// Fills `dx16` from the scales in `ds`.
@@ -144,7 +158,12 @@ unsafe fn quantize_block_avx512(xb: &[f32], qs: &mut [i8]) -> (f32, [i32; 2]) {
                 one,
                 _mm512_and_ps(r, _mm512_castsi512_ps(_mm512_set1_epi32(i32::MIN))),
             );
-            let q = _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step));
+            // NaN converts to i32::MIN; Rust's cast (the scalar path) gives 0.
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(r, r);
+            let q = _mm512_maskz_mov_epi32(
+                ordered,
+                _mm512_cvttps_epi32(_mm512_mask_add_ps(t, away, t, step)),
+            );
             sums[h] = _mm512_reduce_add_epi32(q);
             _mm_storeu_si128(
                 qs.as_mut_ptr().add(16 * h) as *mut __m128i,
@@ -346,35 +365,54 @@ fn row_chunks(fmt: QFormat, row_bytes: usize) -> usize {
     row_bytes / fmt.block_bytes() * fmt.chunks_per_block()
 }
 
-/// One weight block times one activation block, in scalar code.
+/// The exact signed integer product of one legacy weight block's quants with one
+/// activation block's: `Σ c·q` (Q8_0), `Σ (n - 8)·q` (Q4_0), `Σ n·q` (Q4_1).
 #[inline]
-fn block_dot_scalar(fmt: QFormat, wb: &[u8], dx: f32, s: f32, q: &[i8]) -> f32 {
-    let dw = f16_le([wb[0], wb[1]]);
+fn block_isum_scalar(fmt: QFormat, wb: &[u8], q: &[i8]) -> i32 {
     let qs = &wb[fmt.qs_offset()..fmt.block_bytes()];
     match fmt {
-        QFormat::Q8_0 => {
-            let sum: i32 = qs
-                .iter()
-                .zip(q)
-                .map(|(&c, &q)| c as i8 as i32 * q as i32)
-                .sum();
-            dw * dx * sum as f32
-        }
+        QFormat::Q8_0 => qs
+            .iter()
+            .zip(q)
+            .map(|(&c, &q)| c as i8 as i32 * q as i32)
+            .sum(),
         QFormat::Q4_0 | QFormat::Q4_1 => {
-            let mut sum = 0i32;
-            for j in 0..QK / 2 {
-                sum += (qs[j] & 0x0f) as i32 * q[j] as i32;
-                sum += (qs[j] >> 4) as i32 * q[j + QK / 2] as i32;
-            }
-            if fmt == QFormat::Q4_1 {
-                let m = f16_le([wb[2], wb[3]]);
-                dw * dx * sum as f32 + m * s
-            } else {
-                dw * (dx * sum as f32 - 8.0 * s)
-            }
+            let off = if fmt == QFormat::Q4_0 { 8 } else { 0 };
+            (0..QK / 2)
+                .map(|j| {
+                    ((qs[j] & 0x0f) as i32 - off) * q[j] as i32
+                        + ((qs[j] >> 4) as i32 - off) * q[j + QK / 2] as i32
+                })
+                .sum()
         }
         _ => unreachable!("{} runs on the chunk kernels", fmt.name()),
     }
+}
+
+/// One legacy weight block times one activation block `(dx, s, isum)`, added to `acc`
+/// in the one order every legacy kernel follows: `acc = fma(isum, dw·dx, acc)`, then for
+/// Q4_1 `acc = fma(m, s, acc)`. The integer sum is exact, so this order (and the order
+/// of the blocks) fixes the result bit for bit, whichever kernel computed the sum.
+#[inline(always)]
+fn block_acc(fmt: QFormat, dw: f32, m: f32, dx: f32, s: f32, isum: i32, acc: f32) -> f32 {
+    let acc = (isum as f32).mul_add(dw * dx, acc);
+    if fmt == QFormat::Q4_1 {
+        m.mul_add(s, acc)
+    } else {
+        acc
+    }
+}
+
+/// [`block_acc`] on a weight block's bytes, in scalar code.
+#[inline]
+fn block_acc_scalar(fmt: QFormat, wb: &[u8], dx: f32, s: f32, q: &[i8], acc: f32) -> f32 {
+    let dw = f16_le([wb[0], wb[1]]);
+    let m = if fmt == QFormat::Q4_1 {
+        f16_le([wb[2], wb[3]])
+    } else {
+        0.0
+    };
+    block_acc(fmt, dw, m, dx, s, block_isum_scalar(fmt, wb, q), acc)
 }
 
 /// Scalar reference: the dot product of one quantized row (`w`: whole blocks) with the
@@ -395,12 +433,10 @@ pub fn dot_scalar(fmt: QFormat, w: &[u8], x: &[QPair]) -> f32 {
     }
     let blocks = w.len() / bb;
     assert!(x.len() * 2 >= blocks, "activations shorter than the row");
-    (0..blocks)
-        .map(|b| {
-            let (dx, s, q) = act_block(x, b);
-            block_dot_scalar(fmt, &w[b * bb..(b + 1) * bb], dx, s, q)
-        })
-        .sum()
+    (0..blocks).fold(0.0, |acc, b| {
+        let (dx, s, q) = act_block(x, b);
+        block_acc_scalar(fmt, &w[b * bb..(b + 1) * bb], dx, s, q, acc)
+    })
 }
 
 /// Whether the AVX-512 VNNI kernels run (AVX-512 F/BW/VL + VNNI + F16C); `SPARSELLM_ISA`
@@ -432,9 +468,9 @@ pub(crate) fn has_avx2() -> bool {
     })
 }
 
-/// How far ahead of the current weight pair the block kernels prefetch when several
-/// tokens share each pair (prefill, batched decode): the hardware prefetcher fell behind
-/// a compute-bound 8-token pass (its weight loads stalled for a quarter of its time).
+/// How far ahead of the current weight pair the chunk kernel prefetches: the hardware
+/// prefetcher fell behind a compute-bound 8-token pass (its weight loads stalled for a
+/// quarter of its time), and behind one vector's decode on this host too.
 const PREFETCH_BYTES: usize = 1024;
 
 /// Unaligned little-endian u16 at `p`.
@@ -459,15 +495,22 @@ unsafe fn read_u32(p: *const u8) -> u32 {
     unsafe { std::ptr::read_unaligned(p as *const u32) }
 }
 
+/// Weight rows per group of [`group_vnni`]: one 512-bit vector holds a block's integer
+/// sum for each of 16 rows.
+#[cfg(target_arch = "x86_64")]
+const GROUP_ROWS: usize = 16;
+
 /// Rows of `w` (each `row_bytes` long) dotted with the `T` activation vectors `x`, AVX-512
-/// VNNI: `out[r·T + t] = row r · x[t]` for `out.len() / T` rows. Each weight pair of
-/// blocks is unpacked once for the `T` vectors (prefill), and the arithmetic for each
-/// (row, vector) is the same whatever `T` is, so a prefill product equals decode's.
+/// VNNI: `out[r·T + t] = row r · x[t]` for `out.len() / T` rows. Every (row, vector)
+/// product is [`block_acc`] over the blocks in turn on exact integer sums, so it is the
+/// same bit for bit whatever `T` is, whichever rows share its group and whichever kernel
+/// ran: a prefill or batched product equals decode's, and equals [`dot_scalar`].
+///
+/// Whole groups of 16 rows run as outer products ([`group_vnni`]), the rows left over
+/// one at a time ([`row_vnni`]).
 ///
 /// # Safety
-/// The CPU must have AVX-512 F/BW/VL, VNNI and F16C; `w` holds `out.len() / T` rows of
-/// `row_bytes` bytes, a whole number of blocks, and every `x[t]` at least as many blocks
-/// (or `idx.len()` blocks when gathering).
+/// The CPU must have AVX-512 F/BW/VL, VNNI and F16C.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,avx2,fma")]
 unsafe fn rows_vnni<const F: u8, const GATHER: bool, const T: usize>(
@@ -477,112 +520,263 @@ unsafe fn rows_vnni<const F: u8, const GATHER: bool, const T: usize>(
     x: [&[QPair]; T],
     out: &mut [f32],
 ) {
-    let fmt = format_of(F);
-    let bb = fmt.block_bytes();
-    let qo = fmt.qs_offset();
+    let bb = format_of(F).block_bytes();
     let blocks = if GATHER { idx.len() } else { row_bytes / bb };
-    let pairs = blocks / 2;
     let rows = out.len() / T;
     assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= blocks));
     assert!(!GATHER || idx.iter().all(|&b| (b as usize + 1) * bb <= row_bytes));
-    let nib = _mm256_set1_epi8(0x0f);
-    let flip = _mm512_set1_epi8(-128);
-    // Lanes 0..8 take element 0 of a 4-vector, lanes 8..16 element 2.
-    let spread = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-    // The per-block constant term's weight: Q4_1 m, Q4_0 -8·dw, Q8_0 -128·dw.
-    let cmul = match fmt {
-        QFormat::Q4_1 => _mm_set1_ps(1.0),
-        QFormat::Q4_0 => _mm_set_ps(-8.0, 1.0, -8.0, 1.0),
-        _ => _mm_set_ps(-128.0, 1.0, -128.0, 1.0),
-    };
-    for (r, o) in out.chunks_exact_mut(T).enumerate() {
-        let row = w[r * row_bytes..(r + 1) * row_bytes].as_ptr();
-        let mut acc = [_mm512_setzero_ps(); T];
-        let mut cacc = [_mm_setzero_ps(); T];
-        for p in 0..pairs {
-            // SAFETY: blocks 2p and 2p + 1 (or idx[2p], idx[2p + 1]) lie inside the row
-            // (p < blocks / 2; indices asserted), and pair p inside every x[t] (asserted);
-            // every load below stays inside those blocks.
-            unsafe {
-                let (b0, b1) = if GATHER {
-                    let (i0, i1) = (*idx.get_unchecked(2 * p), *idx.get_unchecked(2 * p + 1));
-                    (row.add(i0 as usize * bb), row.add(i1 as usize * bb))
-                } else {
-                    (row.add(2 * p * bb), row.add((2 * p + 1) * bb))
-                };
-                if !GATHER && T > 1 {
-                    // Rows run contiguously: fetch ahead while the tokens keep this pair
-                    // busy (a prefetch never faults, and wrapping_add keeps the address
-                    // computation defined past the slice's end).
-                    _mm_prefetch::<_MM_HINT_T0>(b0.wrapping_add(PREFETCH_BYTES) as *const i8);
-                }
-                let wq = match fmt {
-                    QFormat::Q8_0 => _mm512_xor_si512(
-                        _mm512_inserti64x4::<1>(
-                            _mm512_castsi256_si512(_mm256_loadu_si256(b0.add(qo) as *const _)),
-                            _mm256_loadu_si256(b1.add(qo) as *const _),
-                        ),
-                        flip,
-                    ),
-                    _ => {
-                        let q = _mm256_loadu2_m128i(
-                            b1.add(qo) as *const __m128i,
-                            b0.add(qo) as *const __m128i,
-                        );
-                        let lo = _mm256_and_si256(q, nib);
-                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
-                        // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: block order.
-                        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                        _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
-                    }
-                };
-                // f16 [d0, c0, d1, c1] (c = m for Q4_1, d again otherwise).
-                let dc = match fmt {
-                    QFormat::Q4_1 => _mm_set_epi32(0, 0, read_u32(b1) as i32, read_u32(b0) as i32),
-                    _ => {
-                        let d0 = u16::from_le_bytes([*b0, *b0.add(1)]) as u32 * 0x1_0001;
-                        let d1 = u16::from_le_bytes([*b1, *b1.add(1)]) as u32 * 0x1_0001;
-                        _mm_set_epi32(0, 0, d1 as i32, d0 as i32)
-                    }
-                };
-                // [d0, c0, d1, c1]: the weight scales, and the constant terms' weights.
-                let dcm = _mm_mul_ps(_mm_cvtph_ps(dc), cmul);
-                // d0 in lanes 0..8, d1 in 8..16, as the sums lie (once per row, not token).
-                let dw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(dcm));
-                for t in 0..T {
-                    let xp = x[t].get_unchecked(p);
-                    let xq = _mm512_loadu_si512(xp.qs.as_ptr() as *const _);
-                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
-                    // Lanes 1 and 3: c·s (0 and 2 hold d·dx, unused).
-                    cacc[t] = _mm_fmadd_ps(dcm, _mm_load_ps(xp.ds.as_ptr()), cacc[t]);
-                    let scale = _mm512_mul_ps(dw, _mm512_loadu_ps(xp.dx16.as_ptr()));
-                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
-                }
-            }
-        }
-        for t in 0..T {
-            // [_, c0·s0, _, c1·s1]: the constant terms sit in the odd lanes.
-            let mut c = [0f32; 4];
-            // SAFETY: c has 4 floats.
-            unsafe { _mm_storeu_ps(c.as_mut_ptr(), cacc[t]) };
-            let mut s = _mm512_reduce_add_ps(acc[t]) + c[1] + c[3];
-            if blocks % 2 == 1 {
-                let b = blocks - 1;
-                let wb = if GATHER { idx[b] as usize } else { b };
-                let (dx, sx, q) = act_block(x[t], b);
-                let start = r * row_bytes + wb * bb;
-                s += block_dot_scalar(fmt, &w[start..start + bb], dx, sx, q);
-            }
-            o[t] = s;
+    let groups = rows / GROUP_ROWS;
+    assert!(
+        groups == 0 || row_bytes * GROUP_ROWS <= i32::MAX as usize,
+        "rows_q: row too long"
+    );
+    for (g, o) in out.chunks_exact_mut(GROUP_ROWS * T).enumerate() {
+        // SAFETY: group g's 16 rows lie inside w (asserted above), each with `blocks`
+        // blocks (or the asserted indices); the features are the caller's.
+        unsafe {
+            group_vnni::<F, GATHER, T>(
+                w.as_ptr().add(g * GROUP_ROWS * row_bytes),
+                row_bytes,
+                idx,
+                blocks,
+                x,
+                o,
+            )
         }
     }
+    for r in groups * GROUP_ROWS..rows {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for t in 0..T {
+            // SAFETY: as above, for one row.
+            out[r * T + t] = unsafe { row_vnni::<F, GATHER>(row, idx, blocks, x[t]) };
+        }
+    }
+}
+
+/// The 16-byte runs at `p + r·row_bytes` (r < 16) transposed by 32-bit words: word i of
+/// the result's lane r is word i of run r.
+///
+/// # Safety
+/// AVX-512F; the 16 runs must be readable.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn words_by_row(p: *const u8, row_bytes: usize) -> [__m512i; 4] {
+    // SAFETY: the caller guarantees the 16 runs.
+    let ld = |r: usize| unsafe { _mm_loadu_si128(p.add(r * row_bytes) as *const __m128i) };
+    // Lane L of z[j] holds run 4L + j; a 4x4 transpose within each lane follows.
+    let z: [__m512i; 4] = std::array::from_fn(|j| {
+        let v = _mm512_castsi128_si512(ld(j));
+        let v = _mm512_inserti32x4::<1>(v, ld(4 + j));
+        let v = _mm512_inserti32x4::<2>(v, ld(8 + j));
+        _mm512_inserti32x4::<3>(v, ld(12 + j))
+    });
+    let t0 = _mm512_unpacklo_epi32(z[0], z[1]);
+    let t1 = _mm512_unpackhi_epi32(z[0], z[1]);
+    let t2 = _mm512_unpacklo_epi32(z[2], z[3]);
+    let t3 = _mm512_unpackhi_epi32(z[2], z[3]);
+    [
+        _mm512_unpacklo_epi64(t0, t2),
+        _mm512_unpackhi_epi64(t0, t2),
+        _mm512_unpacklo_epi64(t1, t3),
+        _mm512_unpackhi_epi64(t1, t3),
+    ]
+}
+
+/// 16 rows from `w` (`row_bytes` apart) times the `T` vectors `x` as outer products: for
+/// each block, the rows' quants are transposed into eight vectors of four bytes per row,
+/// and each holds against four of a vector's quants broadcast (`vpdpbusd`), which leaves
+/// every row's exact block sum in its own lane; one scale per lane follows.
+/// `out[r·T + t]` for r < 16.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, VNNI and F16C; the 16 rows of `row_bytes` bytes at `w` are readable
+/// and hold `blocks` blocks each (or the blocks `idx`, inside the row); every `x[t]` has
+/// `blocks` blocks; `row_bytes · 16` fits an i32; `out` has `16·T` elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,avx2,fma")]
+unsafe fn group_vnni<const F: u8, const GATHER: bool, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    idx: &[u32],
+    blocks: usize,
+    x: [&[QPair]; T],
+    out: &mut [f32],
+) {
+    let fmt = format_of(F);
+    let (bb, qo) = (fmt.block_bytes(), fmt.qs_offset());
+    let offsets = _mm512_mullo_epi32(
+        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+        _mm512_set1_epi32(row_bytes as i32),
+    );
+    let nib = _mm512_set1_epi8(0x0f);
+    let flip = _mm512_set1_epi8(-128);
+    // The offset products' correction per unit of Σq: Q8_0's quants come in as c + 128,
+    // Q4_0's as n = c + 8; Q4_1's nibbles are its own quants.
+    let offset = match fmt {
+        QFormat::Q8_0 => -128,
+        QFormat::Q4_0 => -8,
+        _ => 0,
+    };
+    let mut acc = [_mm512_setzero_ps(); T];
+    for j in 0..blocks {
+        // SAFETY: block b of each of the 16 rows is inside the rows (the caller's
+        // guarantee); pair j / 2 inside every x[t]; every load below stays in those.
+        unsafe {
+            let b = if GATHER {
+                *idx.get_unchecked(j) as usize
+            } else {
+                j
+            };
+            let p = w.add(b * bb);
+            if !GATHER {
+                // The next group's bytes, a block's share per block: the group's rows
+                // are read as 16 streams at once, which the hardware prefetcher follows
+                // too late (one vector: 200 -> 260 tok/s decode; 8 vectors: 550 -> 700;
+                // wrapping_add keeps the address defined past the slice's end, and a
+                // prefetch never faults).
+                let ahead = w.wrapping_add(GROUP_ROWS * row_bytes + j * GROUP_ROWS * bb);
+                for l in (0..GROUP_ROWS * bb).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(l) as *const i8);
+                }
+            }
+            // Each row's first four bytes: d, then Q4_1's m (the others' first quants).
+            let head = _mm512_i32gather_epi32::<1>(offsets, p as *const _);
+            let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head));
+            let m = if fmt == QFormat::Q4_1 {
+                _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(head)))
+            } else {
+                _mm512_setzero_ps()
+            };
+            // wv[k]: the quants k·4 .. k·4 + 4 of each row, as unsigned bytes.
+            let wv: [__m512i; 8] = if fmt == QFormat::Q8_0 {
+                let lo = words_by_row(p.add(qo), row_bytes);
+                let hi = words_by_row(p.add(qo + 16), row_bytes);
+                std::array::from_fn(|k| {
+                    _mm512_xor_si512(if k < 4 { lo[k] } else { hi[k - 4] }, flip)
+                })
+            } else {
+                // Byte i holds quant i (low nibble) and quant i + 16 (high nibble).
+                let v = words_by_row(p.add(qo), row_bytes);
+                std::array::from_fn(|k| {
+                    if k < 4 {
+                        _mm512_and_si512(v[k], nib)
+                    } else {
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v[k - 4]), nib)
+                    }
+                })
+            };
+            let h = j % 2;
+            for t in 0..T {
+                let xp = x[t].get_unchecked(j / 2);
+                let xq = xp.qs.as_ptr().add(h * QK);
+                let bc = |k: usize| _mm512_set1_epi32(read_u32(xq.add(4 * k) as *const u8) as i32);
+                // Two chains of four, so one vector's sums need not wait on eight in turn.
+                let mut i0 = _mm512_set1_epi32(offset * xp.qsum[h]);
+                let mut i1 = _mm512_setzero_si512();
+                for k in 0..4 {
+                    i0 = _mm512_dpbusd_epi32(i0, wv[k], bc(k));
+                    i1 = _mm512_dpbusd_epi32(i1, wv[k + 4], bc(k + 4));
+                }
+                let isum = _mm512_add_epi32(i0, i1);
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xp.ds[2 * h]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, acc[t]);
+                if fmt == QFormat::Q4_1 {
+                    acc[t] = _mm512_fmadd_ps(m, _mm512_set1_ps(xp.ds[2 * h + 1]), acc[t]);
+                }
+            }
+        }
+    }
+    for (t, a) in acc.iter().enumerate() {
+        let mut v = [0f32; GROUP_ROWS];
+        // SAFETY: v holds 16 floats.
+        unsafe { _mm512_storeu_ps(v.as_mut_ptr(), *a) };
+        for (r, &s) in v.iter().enumerate() {
+            out[r * T + t] = s;
+        }
+    }
+}
+
+/// One row of [`rows_vnni`] times one vector: each pair of blocks' integer sums from one
+/// `vpdpbusd`, then [`block_acc`] per block, the same arithmetic as [`group_vnni`]'s lanes.
+///
+/// # Safety
+/// AVX-512 F/BW/VL, VNNI and F16C; `row` holds `blocks` blocks (or the blocks `idx`,
+/// inside it) and `x` at least `blocks` blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,f16c,avx2,fma")]
+unsafe fn row_vnni<const F: u8, const GATHER: bool>(
+    row: &[u8],
+    idx: &[u32],
+    blocks: usize,
+    x: &[QPair],
+) -> f32 {
+    let fmt = format_of(F);
+    let (bb, qo) = (fmt.block_bytes(), fmt.qs_offset());
+    let nib = _mm256_set1_epi8(0x0f);
+    let flip = _mm512_set1_epi8(-128);
+    let offset = match fmt {
+        QFormat::Q8_0 => -128,
+        QFormat::Q4_0 => -8,
+        _ => 0,
+    };
+    let block_at = |j: usize| if GATHER { idx[j] as usize } else { j };
+    let mut acc = 0f32;
+    for (p, xp) in x[..blocks / 2].iter().enumerate() {
+        let (b0, b1) = (block_at(2 * p) * bb, block_at(2 * p + 1) * bb);
+        let (w0, w1) = (&row[b0..b0 + bb], &row[b1..b1 + bb]);
+        // SAFETY: w0 and w1 are whole blocks (slices checked above), xp holds 64 quants.
+        let sums = unsafe {
+            let (q0, q1) = (w0.as_ptr().add(qo), w1.as_ptr().add(qo));
+            let wq = if fmt == QFormat::Q8_0 {
+                _mm512_xor_si512(
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(q0 as *const _)),
+                        _mm256_loadu_si256(q1 as *const _),
+                    ),
+                    flip,
+                )
+            } else {
+                let q = _mm256_loadu2_m128i(q1 as *const __m128i, q0 as *const __m128i);
+                let lo = _mm256_and_si256(q, nib);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), nib);
+                // [lo0, lo1, hi0, hi1] -> [lo0, hi0, lo1, hi1]: block order.
+                let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
+            };
+            let xq = _mm512_loadu_si512(xp.qs.as_ptr() as *const _);
+            let v = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+            [
+                _mm512_mask_reduce_add_epi32(0x00ff, v),
+                _mm512_mask_reduce_add_epi32(0xff00, v),
+            ]
+        };
+        for (h, wb) in [w0, w1].into_iter().enumerate() {
+            let dw = f16_le([wb[0], wb[1]]);
+            let m = if fmt == QFormat::Q4_1 {
+                f16_le([wb[2], wb[3]])
+            } else {
+                0.0
+            };
+            let isum = sums[h] + offset * xp.qsum[h];
+            acc = block_acc(fmt, dw, m, xp.ds[2 * h], xp.ds[2 * h + 1], isum, acc);
+        }
+    }
+    if blocks % 2 == 1 {
+        let j = blocks - 1;
+        let b = block_at(j) * bb;
+        let (dx, s, q) = act_block(x, j);
+        acc = block_acc_scalar(fmt, &row[b..b + bb], dx, s, q, acc);
+    }
+    acc
 }
 
 /// As [`rows_vnni`] with AVX2: one block per step, `vpmaddubsw` on unsigned x signed
 /// bytes (Q8_0 by the sign trick: |w| times x with w's sign).
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; sizes as for [`rows_vnni`].
+/// The CPU must have AVX2, FMA and F16C; `w` holds `out.len()` rows of `row_bytes`
+/// bytes, a whole number of blocks, and `x` at least as many blocks (or `idx.len()`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
@@ -600,12 +794,13 @@ unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
     assert!(!GATHER || idx.iter().all(|&b| (b as usize + 1) * bb <= row_bytes));
     let nib = _mm256_set1_epi8(0x0f);
     let ones = _mm256_set1_epi16(1);
+    let offset = if fmt == QFormat::Q4_0 { -8 } else { 0 };
     for (r, o) in out.iter_mut().enumerate() {
         let row = w[r * row_bytes..(r + 1) * row_bytes].as_ptr();
-        let mut acc = _mm256_setzero_ps();
-        let mut cst = 0f32;
+        let mut acc = 0f32;
         for b in 0..blocks {
             let (dx, sx, q) = act_block(x, b);
+            let h = b % 2;
             // SAFETY: block b (or idx[b], asserted) lies inside the row; q has 32 quants.
             unsafe {
                 let blk = row.add(
@@ -618,6 +813,7 @@ unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
                 let xq = _mm256_loadu_si256(q.as_ptr() as *const __m256i);
                 let prod16 = match fmt {
                     QFormat::Q8_0 => {
+                        // |w| times x with w's sign: the signed products, exactly.
                         let wq = _mm256_loadu_si256(blk.add(qo) as *const __m256i);
                         _mm256_maddubs_epi16(_mm256_sign_epi8(wq, wq), _mm256_sign_epi8(xq, wq))
                     }
@@ -627,22 +823,21 @@ unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
                         _mm256_maddubs_epi16(_mm256_and_si256(q, nib), xq)
                     }
                 };
-                let isum = _mm256_madd_epi16(prod16, ones);
+                let v = _mm256_madd_epi16(prod16, ones);
+                let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
+                let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01>(v));
+                let isum = _mm_cvtsi128_si32(v).wrapping_add(offset * x[b / 2].qsum[h]);
                 let dw = f16_le([*blk, *blk.add(1)]);
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dw * dx), acc);
-                cst += match fmt {
-                    QFormat::Q4_1 => f16_le([*blk.add(2), *blk.add(3)]) * sx,
-                    QFormat::Q4_0 => -8.0 * dw * sx,
-                    _ => 0.0,
+                let m = if fmt == QFormat::Q4_1 {
+                    f16_le([*blk.add(2), *blk.add(3)])
+                } else {
+                    0.0
                 };
+                acc = block_acc(fmt, dw, m, dx, sx, isum, acc);
             }
         }
-        let lo = _mm256_castps256_ps128(acc);
-        let hi = _mm256_extractf128_ps::<1>(acc);
-        let v = _mm_add_ps(lo, hi);
-        let v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        let v = _mm_add_ss(v, _mm_movehdup_ps(v));
-        *o = _mm_cvtss_f32(v) + cst;
+        *o = acc;
     }
 }
 
@@ -1099,10 +1294,10 @@ unsafe fn chunks_vnni<const F: u8, const GATHER: bool, const T: usize>(
             };
         }
         for p in 0..chunks / 2 {
-            if !GATHER && T > 1 {
-                // As in rows_vnni: fetch the contiguous rows ahead of the tokens' work,
-                // from pair p's offset in the row so that every line gets fetched (the
-                // format's constants: no division at run time).
+            if !GATHER {
+                // Fetch the contiguous rows ahead of the work, from pair p's offset in
+                // the row so that every line gets fetched (the format's constants: no
+                // division at run time). Decode too: Q4_K_M 85-95 -> 105-127 tok/s.
                 let at = 2 * p * fmt.block_bytes() / fmt.chunks_per_block() + PREFETCH_BYTES;
                 _mm_prefetch::<_MM_HINT_T0>(row.as_ptr().wrapping_add(at) as *const i8);
             }
@@ -1163,7 +1358,7 @@ unsafe fn chunks_vnni<const F: u8, const GATHER: bool, const T: usize>(
 }
 
 /// Tokens per step of [`rows_q_tokens`]: each unpacked weight block serves this many
-/// activation vectors (the registers hold 2 accumulators per token).
+/// activation vectors (the chunk kernel's registers hold 2 accumulators per token).
 pub const TOKENS_PER_STEP: usize = 8;
 
 /// `out[t][r] = row r of w · x[t]` for up to [`TOKENS_PER_STEP`] activation vectors (each
@@ -1325,14 +1520,17 @@ pub fn dot_blocks_scalar(fmt: QFormat, w: &[u8], blocks: &[u32], x: &[QPair]) ->
             .sum();
     }
     let bb = fmt.block_bytes();
-    blocks
-        .iter()
-        .enumerate()
-        .map(|(j, &b)| {
-            let (dx, s, q) = act_block(x, j);
-            block_dot_scalar(fmt, &w[b as usize * bb..(b as usize + 1) * bb], dx, s, q)
-        })
-        .sum()
+    blocks.iter().enumerate().fold(0.0, |acc, (j, &b)| {
+        let (dx, s, q) = act_block(x, j);
+        block_acc_scalar(
+            fmt,
+            &w[b as usize * bb..(b as usize + 1) * bb],
+            dx,
+            s,
+            q,
+            acc,
+        )
+    })
 }
 
 /// The dot product of one quantized row with `x`, the fastest available version.
@@ -1830,6 +2028,66 @@ mod tests {
                         (got[r] - want).abs() <= 1e-4 * (1.0 + want.abs()),
                         "{fmt:?} {idx:?} row {r}: {} vs {want}",
                         got[r]
+                    );
+                }
+            }
+        }
+    }
+
+    /// The legacy formats' kernels (groups of 16 rows, the rows left over, gathered
+    /// blocks, 1 to 8 vectors) against the scalar reference, bit for bit: every kernel
+    /// adds exact block sums in one order, so no tolerance is needed. Rows 37 = two
+    /// groups and five single rows; activations of mixed sign and scale.
+    #[test]
+    fn legacy_kernels_equal_the_scalar_reference_bit_for_bit() {
+        for fmt in [QFormat::Q8_0, QFormat::Q4_0, QFormat::Q4_1] {
+            for (blocks, rows) in [(1, 16), (2, 37), (5, 17), (18, 32), (7, 3)] {
+                let w = random_row(fmt, blocks * rows, 41);
+                let rb = blocks * fmt.block_bytes();
+                let xs: Vec<Vec<QPair>> = (0..TOKENS_PER_STEP)
+                    .map(|t| {
+                        let mut v = data(blocks * QK, 50 + t as u64);
+                        v.iter_mut()
+                            .enumerate()
+                            .for_each(|(i, e)| *e *= (1 + i % 7) as f32);
+                        let mut q = Vec::new();
+                        quantize_activations(&v, &mut q);
+                        q
+                    })
+                    .collect();
+                let want: Vec<Vec<f32>> = xs
+                    .iter()
+                    .map(|x| {
+                        (0..rows)
+                            .map(|r| dot_scalar(fmt, &w[r * rb..(r + 1) * rb], x))
+                            .collect()
+                    })
+                    .collect();
+                for n in 1..=TOKENS_PER_STEP {
+                    let refs: Vec<&[QPair]> = xs[..n].iter().map(|x| &x[..]).collect();
+                    let mut got = vec![0f32; rows * n];
+                    rows_q_tokens_by_row(fmt, &w, rb, &refs, &mut got);
+                    for t in 0..n {
+                        for r in 0..rows {
+                            assert_eq!(
+                                got[r * n + t].to_bits(),
+                                want[t][r].to_bits(),
+                                "{fmt:?} {blocks} blocks, row {r} of {rows}, token {t} of {n}: {} vs {}",
+                                got[r * n + t],
+                                want[t][r]
+                            );
+                        }
+                    }
+                }
+                let idx: Vec<u32> = (0..blocks as u32).rev().step_by(2).collect();
+                let mut got = vec![0f32; rows];
+                rows_q_blocks(fmt, &w, rb, &idx, &xs[0], &mut got);
+                for r in 0..rows {
+                    let want = dot_blocks_scalar(fmt, &w[r * rb..(r + 1) * rb], &idx, &xs[0]);
+                    assert_eq!(
+                        got[r].to_bits(),
+                        want.to_bits(),
+                        "{fmt:?} gathered, row {r}"
                     );
                 }
             }
