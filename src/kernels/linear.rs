@@ -387,6 +387,25 @@ pub fn matmul_many(
         assert_eq!(x.len(), n * cols, "matmul_many: input size");
         return matmul_bf16_packed(pool, x, n, cols, &parts);
     }
+    if n > 1 && ws.iter().all(|(w, _)| matches!(w, WeightView::Quant(..))) {
+        let parts: Vec<QuantPart<'_>> = ws
+            .iter()
+            .zip(outs.iter_mut())
+            .map(|(&(w, rows), out)| {
+                let WeightView::Quant(f, wq) = w else {
+                    unreachable!("checked above")
+                };
+                assert_eq!(out.len(), n * rows, "matmul_many: output size");
+                QuantPart {
+                    f,
+                    w: wq,
+                    rows,
+                    out: SharedMut(out.as_mut_ptr()),
+                }
+            })
+            .collect();
+        return matmul_quant_many(pool, &parts, cols, x, n);
+    }
     for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
         matmul(pool, w, rows, cols, x, n, out);
     }
@@ -671,45 +690,108 @@ fn matmul_quant(
     n: usize,
     out: &mut [f32],
 ) {
-    let xq: Vec<Vec<QPair>> = x
-        .chunks_exact(cols)
-        .map(|r| {
-            let mut q = Vec::new();
-            quantize_activations_for(f, r, &mut q);
-            q
-        })
-        .collect();
-    let rb = f.row_bytes(cols);
-    let dst = SharedMut(out.as_mut_ptr());
-    pool.for_ranges(rows, ROW_ALIGN, &|range| {
-        // The tile's products by weight row (`buf[r * k + t]` for k tokens), on the stack.
-        let mut buf = [0f32; QUANT_TILE_ROWS * TOKENS_PER_STEP];
-        let mut r0 = range.start;
-        while r0 < range.end {
-            let r1 = (r0 + QUANT_TILE_ROWS).min(range.end);
-            let tile = &wq[r0 * rb..r1 * rb];
-            for t0 in (0..n).step_by(TOKENS_PER_STEP) {
-                let t1 = (t0 + TOKENS_PER_STEP).min(n);
-                let k = t1 - t0;
-                let xs: [&[QPair]; TOKENS_PER_STEP] =
-                    std::array::from_fn(|t| xq.get(t0 + t).map_or(&[][..], |v| &v[..]));
-                let tb = &mut buf[..(r1 - r0) * k];
-                rows_q_tokens_by_row(f, tile, rb, &xs[..k], tb);
-                for t in 0..k {
-                    // SAFETY: this thread writes columns r0..r1 (inside its range, disjoint
-                    // from other threads') of row t0 + t of `out` ([n, rows]); in bounds by
-                    // the asserted sizes; `out` outlives the call.
-                    let o = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add((t0 + t) * rows + r0), r1 - r0)
-                    };
-                    for (r, v) in o.iter_mut().enumerate() {
-                        *v = tb[r * k + t];
-                    }
-                }
+    assert_eq!(out.len(), n * rows, "matmul: output size");
+    let part = QuantPart {
+        f,
+        w: wq,
+        rows,
+        out: SharedMut(out.as_mut_ptr()),
+    };
+    matmul_quant_many(pool, &[part], cols, x, n);
+}
+
+/// One quantized matrix of [`matmul_quant_many`]: format, blocks (`rows` rows), and the
+/// output `[n, rows]` it writes.
+struct QuantPart<'a> {
+    f: QFormat,
+    w: &'a [u8],
+    rows: usize,
+    out: SharedMut,
+}
+
+/// [`matmul_quant`] for several matrices that share the input `x` ([n, cols]), as one pool
+/// job over all their rows: q/k/v or gate/up of a prefill or a batched decode step pay one
+/// fork and join, and each activation quantization the formats need is done once. Every
+/// (row, token) product is still decode's, bit for bit.
+fn matmul_quant_many(pool: &ThreadPool, parts: &[QuantPart<'_>], cols: usize, x: &[f32], n: usize) {
+    assert_eq!(x.len(), n * cols, "matmul: input size");
+    // The activations per quantization: one scale per 32 elements, or ggml's q8_K for the
+    // 256-element formats (quantize_activations_for depends only on the block size).
+    let mut kinds: Vec<(usize, Vec<Vec<QPair>>)> = Vec::new();
+    for p in parts {
+        assert_eq!(
+            p.w.len(),
+            p.rows * p.f.row_bytes(cols),
+            "matmul: weight size"
+        );
+        let be = p.f.block_elems();
+        if !kinds.iter().any(|k| k.0 == be) {
+            let xq = x
+                .chunks_exact(cols)
+                .map(|r| {
+                    let mut q = Vec::new();
+                    quantize_activations_for(p.f, r, &mut q);
+                    q
+                })
+                .collect();
+            kinds.push((be, xq));
+        }
+    }
+    let total: usize = parts.iter().map(|p| p.rows).sum();
+    pool.for_ranges(total, ROW_ALIGN, &|range| {
+        let mut first = 0;
+        for p in parts {
+            let (lo, hi) = (range.start.max(first), range.end.min(first + p.rows));
+            if lo < hi {
+                let xq = &kinds
+                    .iter()
+                    .find(|k| k.0 == p.f.block_elems())
+                    .expect("quantized above")
+                    .1;
+                quant_rows(p, lo - first..hi - first, cols, xq, n);
             }
-            r0 = r1;
+            first += p.rows;
         }
     });
+}
+
+/// Rows `range` of one [`QuantPart`] for all `n` tokens, tile by tile.
+fn quant_rows(
+    p: &QuantPart<'_>,
+    range: std::ops::Range<usize>,
+    cols: usize,
+    xq: &[Vec<QPair>],
+    n: usize,
+) {
+    let (f, rows, dst) = (p.f, p.rows, p.out);
+    let rb = f.row_bytes(cols);
+    // The tile's products by weight row (`buf[r * k + t]` for k tokens), on the stack.
+    let mut buf = [0f32; QUANT_TILE_ROWS * TOKENS_PER_STEP];
+    let mut r0 = range.start;
+    while r0 < range.end {
+        let r1 = (r0 + QUANT_TILE_ROWS).min(range.end);
+        let tile = &p.w[r0 * rb..r1 * rb];
+        for t0 in (0..n).step_by(TOKENS_PER_STEP) {
+            let t1 = (t0 + TOKENS_PER_STEP).min(n);
+            let k = t1 - t0;
+            let xs: [&[QPair]; TOKENS_PER_STEP] =
+                std::array::from_fn(|t| xq.get(t0 + t).map_or(&[][..], |v| &v[..]));
+            let tb = &mut buf[..(r1 - r0) * k];
+            rows_q_tokens_by_row(f, tile, rb, &xs[..k], tb);
+            for t in 0..k {
+                // SAFETY: this thread writes columns r0..r1 (inside its range, disjoint
+                // from other threads') of row t0 + t of the part's output ([n, rows]); in
+                // bounds by the asserted sizes; the output outlives the pool job.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(dst.get().add((t0 + t) * rows + r0), r1 - r0)
+                };
+                for (r, v) in o.iter_mut().enumerate() {
+                    *v = tb[r * k + t];
+                }
+            }
+        }
+        r0 = r1;
+    }
 }
 
 /// `dst[t, j] = sum_k x[t, k] * w[j, k]` for t < n, j < m; dst has row stride `ld`.

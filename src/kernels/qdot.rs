@@ -495,6 +495,18 @@ unsafe fn read_u32(p: *const u8) -> u32 {
     unsafe { std::ptr::read_unaligned(p as *const u32) }
 }
 
+/// What the VNNI kernels add per unit of an activation block's `Σq` to turn their
+/// unsigned products back into the signed ones: Q8_0's quants enter `vpdpbusd` as
+/// c + 128, Q4_0's as n = c + 8; Q4_1's nibbles are its own quants.
+#[cfg(target_arch = "x86_64")]
+const fn unsigned_offset(fmt: QFormat) -> i32 {
+    match fmt {
+        QFormat::Q8_0 => -128,
+        QFormat::Q4_0 => -8,
+        _ => 0,
+    }
+}
+
 /// Weight rows per group of [`group_vnni`]: one 512-bit vector holds a block's integer
 /// sum for each of 16 rows.
 #[cfg(target_arch = "x86_64")]
@@ -611,13 +623,7 @@ unsafe fn group_vnni<const F: u8, const GATHER: bool, const T: usize>(
     );
     let nib = _mm512_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
-    // The offset products' correction per unit of Σq: Q8_0's quants come in as c + 128,
-    // Q4_0's as n = c + 8; Q4_1's nibbles are its own quants.
-    let offset = match fmt {
-        QFormat::Q8_0 => -128,
-        QFormat::Q4_0 => -8,
-        _ => 0,
-    };
+    let offset = unsigned_offset(fmt);
     let mut acc = [_mm512_setzero_ps(); T];
     for j in 0..blocks {
         // SAFETY: block b of each of the 16 rows is inside the rows (the caller's
@@ -715,11 +721,7 @@ unsafe fn row_vnni<const F: u8, const GATHER: bool>(
     let (bb, qo) = (fmt.block_bytes(), fmt.qs_offset());
     let nib = _mm256_set1_epi8(0x0f);
     let flip = _mm512_set1_epi8(-128);
-    let offset = match fmt {
-        QFormat::Q8_0 => -128,
-        QFormat::Q4_0 => -8,
-        _ => 0,
-    };
+    let offset = unsigned_offset(fmt);
     let block_at = |j: usize| if GATHER { idx[j] as usize } else { j };
     let mut acc = 0f32;
     for (p, xp) in x[..blocks / 2].iter().enumerate() {

@@ -1040,7 +1040,9 @@ fn matmul_many(
     n: usize,
     outs: &mut [&mut [f32]],
 ) {
-    if !per_token {
+    // Quantized products are decode's per token in every kernel, so a batch of
+    // sequences can share matmul_many's one job.
+    if !per_token || ws.iter().all(|(w, _)| matches!(w, WeightView::Quant(..))) {
         return kernels::matmul_many(pool, ws, cols, x, n, outs);
     }
     for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
