@@ -142,6 +142,25 @@ fn matvec_rows(
     }
 }
 
+/// [`matmul_many`] with every (row, token) product equal to decode's, as
+/// [`matmul_per_token`]: quantized matrices share [`matmul_many`]'s one job (their
+/// products are decode's in every kernel), float ones run [`matmul_per_token`] each.
+pub fn matmul_many_per_token(
+    pool: &ThreadPool,
+    ws: &[(WeightView<'_>, usize)],
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+) {
+    if ws.iter().all(|(w, _)| matches!(w, WeightView::Quant(..))) {
+        return matmul_many(pool, ws, cols, x, n, outs);
+    }
+    for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
+        matmul_per_token(pool, w, rows, cols, x, n, out);
+    }
+}
+
 /// Rows per tile of [`matmul_per_token`]: 64 rows of a 2048-wide bf16 matrix are 256 KiB,
 /// which stay in L2 while every token passes over them.
 const PER_TOKEN_TILE_ROWS: usize = 64;

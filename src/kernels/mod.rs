@@ -62,7 +62,9 @@ pub mod pool;
 pub mod qdot;
 pub mod sparse;
 
-pub use linear::{WeightView, matmul, matmul_many, matmul_per_token, matvec, matvec_blocks};
+pub use linear::{
+    WeightView, matmul, matmul_many, matmul_many_per_token, matmul_per_token, matvec, matvec_blocks,
+};
 pub use pool::ThreadPool;
 
 /// A byte buffer that the pool's threads fill in disjoint ranges.

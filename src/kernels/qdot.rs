@@ -403,15 +403,22 @@ fn block_acc(fmt: QFormat, dw: f32, m: f32, dx: f32, s: f32, isum: i32, acc: f32
     }
 }
 
-/// [`block_acc`] on a weight block's bytes, in scalar code.
-#[inline]
-fn block_acc_scalar(fmt: QFormat, wb: &[u8], dx: f32, s: f32, q: &[i8], acc: f32) -> f32 {
-    let dw = f16_le([wb[0], wb[1]]);
+/// A legacy block's scale `dw` and Q4_1's minimum `m` (0 for the others), from its first
+/// four bytes.
+#[inline(always)]
+fn block_dm(fmt: QFormat, head: [u8; 4]) -> (f32, f32) {
     let m = if fmt == QFormat::Q4_1 {
-        f16_le([wb[2], wb[3]])
+        f16_le([head[2], head[3]])
     } else {
         0.0
     };
+    (f16_le([head[0], head[1]]), m)
+}
+
+/// [`block_acc`] on a weight block's bytes, in scalar code.
+#[inline]
+fn block_acc_scalar(fmt: QFormat, wb: &[u8], dx: f32, s: f32, q: &[i8], acc: f32) -> f32 {
+    let (dw, m) = block_dm(fmt, [wb[0], wb[1], wb[2], wb[3]]);
     block_acc(fmt, dw, m, dx, s, block_isum_scalar(fmt, wb, q), acc)
 }
 
@@ -754,12 +761,7 @@ unsafe fn row_vnni<const F: u8, const GATHER: bool>(
             ]
         };
         for (h, wb) in [w0, w1].into_iter().enumerate() {
-            let dw = f16_le([wb[0], wb[1]]);
-            let m = if fmt == QFormat::Q4_1 {
-                f16_le([wb[2], wb[3]])
-            } else {
-                0.0
-            };
+            let (dw, m) = block_dm(fmt, [wb[0], wb[1], wb[2], wb[3]]);
             let isum = sums[h] + offset * xp.qsum[h];
             acc = block_acc(fmt, dw, m, xp.ds[2 * h], xp.ds[2 * h + 1], isum, acc);
         }
@@ -830,12 +832,7 @@ unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
                 let v = _mm_add_epi32(v, _mm_unpackhi_epi64(v, v));
                 let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b01>(v));
                 let isum = _mm_cvtsi128_si32(v).wrapping_add(offset * x[b / 2].qsum[h]);
-                let dw = f16_le([*blk, *blk.add(1)]);
-                let m = if fmt == QFormat::Q4_1 {
-                    f16_le([*blk.add(2), *blk.add(3)])
-                } else {
-                    0.0
-                };
+                let (dw, m) = block_dm(fmt, read_u32(blk).to_le_bytes());
                 acc = block_acc(fmt, dw, m, dx, sx, isum, acc);
             }
         }

@@ -1028,9 +1028,8 @@ enum Seqs<'a, 'b> {
     Many(&'a mut [BatchItem<'b>]),
 }
 
-/// [`kernels::matmul_many`], or with `per_token` each matrix by
-/// [`kernels::matmul_per_token`] (a batch of sequences: each token's products as its
-/// decode step alone computes them).
+/// [`kernels::matmul_many`], or with `per_token` [`kernels::matmul_many_per_token`] (a
+/// batch of sequences: each token's products as its decode step alone computes them).
 fn matmul_many(
     pool: &ThreadPool,
     per_token: bool,
@@ -1040,13 +1039,10 @@ fn matmul_many(
     n: usize,
     outs: &mut [&mut [f32]],
 ) {
-    // Quantized products are decode's per token in every kernel, so a batch of
-    // sequences can share matmul_many's one job.
-    if !per_token || ws.iter().all(|(w, _)| matches!(w, WeightView::Quant(..))) {
-        return kernels::matmul_many(pool, ws, cols, x, n, outs);
-    }
-    for (&(w, rows), out) in ws.iter().zip(outs.iter_mut()) {
-        kernels::matmul_per_token(pool, w, rows, cols, x, n, out);
+    if per_token {
+        kernels::matmul_many_per_token(pool, ws, cols, x, n, outs)
+    } else {
+        kernels::matmul_many(pool, ws, cols, x, n, outs)
     }
 }
 
