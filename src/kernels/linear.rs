@@ -378,8 +378,8 @@ pub fn matmul(
 /// `outs[i] = x · ws[i]^T` for weight matrices that share their input (a layer's q, k and
 /// v projections; gate and up): x: [n, cols], `ws[i]`: [rows_i, cols], `outs[i]`:
 /// [n, rows_i]. With bf16 weights on AVX-512 BF16 this is one pool job (the activations
-/// packed once, the rows of all matrices dealt out in chunks); otherwise one [`matmul`]
-/// per matrix.
+/// packed once, the rows of all matrices dealt out in chunks), and with quantized weights
+/// and several tokens too ([`matmul_quant_many`]); otherwise one [`matmul`] per matrix.
 pub fn matmul_many(
     pool: &ThreadPool,
     ws: &[(WeightView<'_>, usize)],
