@@ -7,7 +7,7 @@ mod common;
 use sparsellm::generate::argmax;
 use sparsellm::kernels::pool;
 use sparsellm::loader;
-use sparsellm::model::{BatchItem, KvCache, Llama, Logits};
+use sparsellm::model::{BatchItem, KvCache, KvDType, Llama, Logits};
 use sparsellm::tensor::{DType, LoadDType};
 
 fn load(dtype: LoadDType) -> Llama {
@@ -152,6 +152,14 @@ fn gemma3_k_quant_batches_equal_decoding_alone() {
     let model = load_file(&common::gemma3_model_path(), LoadDType::Native);
     assert!(model.batches_in_one_pass());
     check_batches_equal_alone(&model, "gemma3-270m Q4_K_M");
+}
+
+/// Caches in f16: every sequence's keys and values are rounded once, alone or batched.
+#[test]
+fn f16_kv_cache_batches_equal_decoding_alone() {
+    let mut model = load(LoadDType::Native);
+    model.kv_dtype = KvDType::F16;
+    check_batches_equal_alone(&model, "native, f16 KV cache");
 }
 
 #[test]

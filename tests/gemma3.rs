@@ -13,7 +13,7 @@ use serde_json::Value;
 use sparsellm::eval;
 use sparsellm::kernels::pool;
 use sparsellm::loader;
-use sparsellm::model::{Llama, Logits};
+use sparsellm::model::{KvDType, Llama, Logits};
 use sparsellm::tensor::LoadDType;
 use sparsellm::tokenizer::Tokenizer;
 
@@ -70,15 +70,23 @@ fn token_ids_equal_llama_cpp_on_reference_strings_and_whole_licenses() {
 }
 
 /// Greedy continuations of three prompts, 32 tokens: equal to llama.cpp's up to the
-/// first token where they part, which must be one of llama.cpp's near-ties.
+/// first token where they part, which must be one of llama.cpp's near-ties; with the KV
+/// cache in f32 and in f16 (llama.cpp's default, which made the fixture).
 #[test]
 fn greedy_continuations_follow_llama_cpp_up_to_its_near_ties() {
     let t = tokenizer();
     let src = loader::open(&model_path()).unwrap();
-    let m = Llama::load(src.as_ref(), LoadDType::Native, pool::global()).unwrap();
+    let mut m = Llama::load(src.as_ref(), LoadDType::Native, pool::global()).unwrap();
     let template = src.chat_template().expect("a Gemma chat template");
     assert!(template.contains("<start_of_turn>"), "{template}");
-    for case in fixture()["greedy"].as_array().unwrap() {
+    for (kv, case) in [KvDType::F32, KvDType::F16].into_iter().flat_map(|kv| {
+        fixture()["greedy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(move |c| (kv, c))
+    }) {
+        m.kv_dtype = kv;
         let prompt = case["prompt"].as_str().unwrap();
         let prompt_ids = t.encode_prompt(prompt).unwrap();
         assert_eq!(
@@ -105,7 +113,8 @@ fn greedy_continuations_follow_llama_cpp_up_to_its_near_ties() {
         }
         let parted = got.iter().zip(&want).position(|(a, b)| a != b);
         eprintln!(
-            "{prompt:?}: {} of {} tokens as llama.cpp{}",
+            "{} KV cache, {prompt:?}: {} of {} tokens as llama.cpp{}",
+            kv.name(),
             parted.unwrap_or(want.len()),
             want.len(),
             parted.map_or(String::new(), |i| format!(

@@ -4,7 +4,7 @@ mod common;
 
 use sparsellm::kernels::pool;
 use sparsellm::loader;
-use sparsellm::model::{Llama, Logits};
+use sparsellm::model::{KvDType, Llama, Logits};
 use sparsellm::tensor::DType;
 
 fn load(dtype: DType) -> Llama {
@@ -49,6 +49,20 @@ fn f32_logits_match_transformers() {
     eprintln!("f32: top-1 {agree}/{total}, worst top-20 logit difference {worst}");
     assert_eq!(agree, total, "top-1 must agree at every position");
     assert!(worst < 1e-2, "worst top-20 logit difference {worst}");
+}
+
+/// An f16 KV cache (llama.cpp's default) on f32 weights: each key and value rounded to
+/// f16 once moves the logits by far less than bf16 weights do.
+#[test]
+fn f32_logits_with_an_f16_kv_cache_match_transformers() {
+    let mut model = load(DType::F32);
+    model.kv_dtype = KvDType::F16;
+    assert_eq!(model.new_cache().dtype(), KvDType::F16);
+    let (agree, total, worst) = check_logits(&model);
+    eprintln!("f32, f16 KV cache: top-1 {agree}/{total}, worst top-20 logit difference {worst}");
+    assert_eq!(agree, total, "top-1 must agree at every position");
+    assert!(worst < 0.05, "worst top-20 logit difference {worst}");
+    assert!(worst > 1e-4, "{worst}: the cache did not round to f16");
 }
 
 #[test]

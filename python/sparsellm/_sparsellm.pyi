@@ -60,6 +60,7 @@ class Model:
         scorer: Optional[str] = None,
         predictor: Optional[_Path] = None,
         sparse_mode: Literal["cached", "gather", "blocks"] = "cached",
+        kv_dtype: Literal["f32", "f16"] = "f32",
     ) -> None: ...
     def generate(
         self,

@@ -332,7 +332,7 @@ class AutoModelForCausalLM:
     """``AutoModelForCausalLM.from_pretrained(path, sparsity=..., ...)``: a sparsellm model
     (path None: the default model) with transformers' ``generate`` and ``__call__``.
     Keyword arguments: dtype ("native", "f32", "bf16", "f16"; torch_dtype is accepted
-    and ignored), threads, sparsity, scorer, predictor, sparse_mode, as
+    and ignored), threads, sparsity, scorer, predictor, sparse_mode, kv_dtype, as
     :class:`sparsellm.Model`."""
 
     @classmethod
@@ -346,6 +346,7 @@ class AutoModelForCausalLM:
         scorer: Optional[str] = None,
         predictor: _Path = None,
         sparse_mode: str = "cached",
+        kv_dtype: str = "f32",
         **kwargs: Any,
     ) -> SparseCausalLM:
         _only(kwargs, ("torch_dtype", "trust_remote_code", "low_cpu_mem_usage", "device_map", "revision", "cache_dir"))
@@ -358,5 +359,6 @@ class AutoModelForCausalLM:
                 scorer=scorer,
                 predictor=predictor,
                 sparse_mode=sparse_mode,
+                kv_dtype=kv_dtype,
             )
         )

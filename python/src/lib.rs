@@ -20,7 +20,7 @@ use sparsellm::bench;
 use sparsellm::generate::{self, GenerateOptions, SamplingOptions, StopReason};
 use sparsellm::kernels::pool;
 use sparsellm::loader;
-use sparsellm::model::Logits;
+use sparsellm::model::{KvDType, Logits};
 use sparsellm::session::{self, LoadedModel, SparseSettings};
 use sparsellm::sparse::Sparsity;
 use sparsellm::tensor::LoadDType;
@@ -272,7 +272,7 @@ fn render(
 /// A LLaMA-family model on the CPU, optionally with contextual sparsity at decode.
 ///
 /// Model(path=None, dtype="native", threads=None, sparsity=None, scorer=None,
-///       predictor=None, sparse_mode="cached")
+///       predictor=None, sparse_mode="cached", kv_dtype="f32")
 ///
 /// path: a GGUF file or a HuggingFace directory (config.json, safetensors,
 ///     tokenizer.json); None loads the default model (SmolLM2-135M-Instruct Q4_1),
@@ -286,6 +286,7 @@ fn render(
 /// scorer: "exact", "lowrank", "cascade[:F]" or "signed-gate", as --scorer.
 /// predictor: a predictor file written by `sparsellm calibrate`, as --predictor.
 /// sparse_mode: "cached", "gather" or "blocks", as --sparse-mode.
+/// kv_dtype: the KV cache's element type, "f32" or "f16" (half the memory), as --kv-dtype.
 ///
 /// Raises ValueError for bad arguments and sparsellm.ModelError for files that cannot be
 /// used. Calls on one Model from several threads are serialized (each runs whole, in
@@ -298,7 +299,7 @@ struct Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path=None, dtype="native", threads=None, sparsity=None, scorer=None, predictor=None, sparse_mode="cached"))]
+    #[pyo3(signature = (path=None, dtype="native", threads=None, sparsity=None, scorer=None, predictor=None, sparse_mode="cached", kv_dtype="f32"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -309,8 +310,10 @@ impl Model {
         scorer: Option<String>,
         predictor: Option<PathBuf>,
         sparse_mode: &str,
+        kv_dtype: &str,
     ) -> PyResult<Model> {
         let dtype: LoadDType = dtype.parse().map_err(value_error)?;
+        let kv_dtype: KvDType = kv_dtype.parse().map_err(value_error)?;
         let threads = threads
             .map(|t| match usize::try_from(t) {
                 Ok(t) if t >= 1 => Ok(t),
@@ -326,7 +329,9 @@ impl Model {
         settings.check().map_err(to_py)?;
         let engine = py
             .detach(|| -> sparsellm::Result<Engine> {
-                let loaded = LoadedModel::load(path.as_deref(), dtype, threads, settings.layout())?;
+                let mut loaded =
+                    LoadedModel::load(path.as_deref(), dtype, threads, settings.layout())?;
+                loaded.model.kv_dtype = kv_dtype;
                 let sparse = settings.build(&loaded.model)?;
                 Ok(Engine {
                     loaded,
@@ -711,6 +716,7 @@ impl Model {
         let v = json!({
             "model": e.loaded.identity,
             "dtype": e.dtype.name(),
+            "kv_dtype": e.loaded.model.kv_dtype.name(),
             "threads": pool::global().threads(),
             "cpu": bench::cpu_name(),
             "isa": format!("{:?}", sparsellm::kernels::dot::isa()),

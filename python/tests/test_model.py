@@ -49,6 +49,12 @@ def test_sparse_generate_gives_the_clis_tokens(sparse_model):
     assert 0.4 < got["mlp_density"] < 0.6
 
 
+def test_f16_kv_cache_gives_the_clis_tokens():
+    want = cli_json("generate", "--prompt", PROMPT, "--max-tokens", "24", "--kv-dtype", "f16")
+    got = sparsellm.Model(kv_dtype="f16").generate_detailed(PROMPT, max_tokens=24)
+    assert got["output_ids"] == want["output_ids"]
+
+
 def test_stop_strings_end_the_text_as_the_cli(model):
     want = cli_json("generate", "--prompt", PROMPT, "--max-tokens", "24", "--stop", "\n")
     got = model.generate_detailed(PROMPT, max_tokens=24, stop=["\n"])
@@ -159,6 +165,7 @@ def test_bad_files_raise_model_error(tmp_path, model):
     ({"scorer": "exact"}, "sparsity setting other than off"),
     ({"sparse_mode": "fast"}, "bad sparse mode 'fast'"),
     ({"threads": 0}, "at least 1"),
+    ({"kv_dtype": "f8"}, "unknown KV cache type 'f8'"),
 ])
 def test_bad_model_arguments_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):

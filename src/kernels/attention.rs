@@ -5,9 +5,16 @@
 //! head) pairs, so that each key and value row, once loaded, serves every query row of
 //! the block; the items are handed out largest first from a shared counter, which
 //! balances the threads although later tokens attend to more positions.
+//!
+//! Keys and values come as the KV cache holds them ([`KvRows`]): f32 rows are read in
+//! place; f16 rows are widened (exactly) into a per-thread buffer, one KV head's rows per
+//! item, so that the same f32 kernels run on them while memory is read at 2 bytes per
+//! element. The widened rows of an item are a few hundred KB at most at these models'
+//! contexts, and stay in cache between the scores and the weighted sum.
 
 use super::SharedMut;
 use super::dot::dot_f32;
+use super::f16::f16_rows_to_f32;
 #[cfg(target_arch = "x86_64")]
 use super::ops::exp512;
 use super::ops::softmax;
@@ -16,6 +23,52 @@ use super::pool::{CHUNKS_PER_THREAD, ThreadPool, split_range};
 use std::arch::x86_64::*;
 #[cfg(target_arch = "x86_64")]
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Keys or values of one sequence, `[positions, kv_heads * d]`, in the KV cache's
+/// element type (f16 as IEEE half bits).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u16]),
+}
+
+impl KvRows<'_> {
+    /// Elements (positions x kv_heads x d).
+    pub fn len(&self) -> usize {
+        match self {
+            KvRows::F32(v) => v.len(),
+            KvRows::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn is_f16(&self) -> bool {
+        matches!(self, KvRows::F16(_))
+    }
+}
+
+/// Rows `lo..hi` of KV head `kvh` (d wide) of `kv` as f32, and their stride: f32 rows in
+/// place (stride `kv_dim`), f16 rows widened into `buf` (stride `d`).
+fn head_rows<'b>(
+    kv: KvRows<'b>,
+    kv_dim: usize,
+    kvh: usize,
+    d: usize,
+    (lo, hi): (usize, usize),
+    buf: &'b mut Vec<f32>,
+) -> (&'b [f32], usize) {
+    match kv {
+        KvRows::F32(v) => (&v[lo * kv_dim + kvh * d..], kv_dim),
+        KvRows::F16(v) => {
+            buf.resize((hi - lo) * d, 0.0);
+            f16_rows_to_f32(&v[lo * kv_dim + kvh * d..], kv_dim, d, buf);
+            (&buf[..], d)
+        }
+    }
+}
 
 /// For each new token t (at position `start + t`) and head h: softmax(scale·q·K^T)·V
 /// over the positions `p <= start + t` with `start + t - p < window` (a sliding window;
@@ -27,6 +80,26 @@ pub fn attend(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
+    shape: Shape,
+    out: &mut [f32],
+) {
+    attend_path(
+        pool,
+        q,
+        KvRows::F32(keys),
+        KvRows::F32(values),
+        shape,
+        true,
+        out,
+    );
+}
+
+/// [`attend`] on keys and values as a KV cache holds them (both of one type).
+pub fn attend_kv(
+    pool: &ThreadPool,
+    q: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     shape: Shape,
     out: &mut [f32],
 ) {
@@ -42,7 +115,7 @@ pub fn attend(
 pub fn attend_sequences(
     pool: &ThreadPool,
     q: &[f32],
-    seqs: &[(&[f32], &[f32])],
+    seqs: &[(KvRows<'_>, KvRows<'_>)],
     shape: Shape,
     out: &mut [f32],
 ) {
@@ -56,6 +129,7 @@ pub fn attend_sequences(
     let mut max_len = 0;
     for (k, v) in seqs {
         assert!(k.len() == v.len() && k.len() >= kv_dim && k.len().is_multiple_of(kv_dim));
+        assert_eq!(k.is_f16(), v.is_f16(), "keys and values of one type");
         max_len = max_len.max(k.len() / kv_dim);
     }
     let alone = |b: usize| Shape {
@@ -67,7 +141,7 @@ pub fn attend_sequences(
     if heads.is_multiple_of(kv_heads) && heads / kv_heads >= 16 {
         for (b, (k, v)) in seqs.iter().enumerate() {
             let rows = b * row..(b + 1) * row;
-            attend(pool, &q[rows.clone()], k, v, alone(b), &mut out[rows]);
+            attend_kv(pool, &q[rows.clone()], *k, *v, alone(b), &mut out[rows]);
         }
         return;
     }
@@ -83,8 +157,8 @@ pub fn attend_sequences(
 fn attend_path(
     pool: &ThreadPool,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     shape: Shape,
     blocked: bool,
     out: &mut [f32],
@@ -102,6 +176,11 @@ fn attend_path(
     assert_eq!(q.len(), n * heads * d);
     assert_eq!(out.len(), n * heads * d);
     assert!(keys.len() >= (start + n) * kv_dim && values.len() >= (start + n) * kv_dim);
+    assert_eq!(
+        keys.is_f16(),
+        values.is_f16(),
+        "keys and values of one type"
+    );
     assert!(window > 0, "attention window of 0 positions");
     let group = heads / kv_heads;
     // The blocked path masks only the causal limit: it runs when no window cuts in.
@@ -123,7 +202,7 @@ fn attend_path(
 
 /// Where a token of [`attend_tokens`] looks: its sequence's keys and values (`[positions,
 /// kv_heads * d]`) and its own position in them.
-type TokenSeq<'a> = dyn Fn(usize) -> (&'a [f32], &'a [f32], usize) + Sync + 'a;
+type TokenSeq<'a> = dyn Fn(usize) -> (KvRows<'a>, KvRows<'a>, usize) + Sync + 'a;
 
 /// The per-token paths of [`attend`] (every path but the blocked one): `shape.n` tokens,
 /// token t over `token(t)`, which sees at most `max_len` positions.
@@ -150,6 +229,17 @@ fn attend_tokens(
     let first_pos = |pos: usize| (pos + 1).saturating_sub(window);
     let dst = SharedMut(out.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
+    if super::gemm_avx512::has_f32()
+        && d.is_multiple_of(16)
+        && heads.is_multiple_of(kv_heads)
+        && (0..n).any(|t| {
+            let pos = token(t).2;
+            pos + 1 - first_pos(pos) > SPLIT_POSITIONS
+        })
+    {
+        return attend_split(pool, q, shape, token, out);
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::gemm_avx512::has_f32() && d.is_multiple_of(16) && heads.is_multiple_of(kv_heads) {
         // One item per (token, KV head): the `group` query heads sharing a KV head are
         // scored together, so each key and value row is loaded once for all of them.
@@ -157,24 +247,28 @@ fn attend_tokens(
         pool.for_chunks(chunks(pool, items), &|c, chunks| {
             let range = split_range(items, 1, c, chunks);
             let mut scores = vec![0f32; group * max_len];
+            let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
             for item in range {
                 let (t, kvh) = (item / kv_heads, item % kv_heads);
                 let (keys, values, pos) = token(t);
                 let lo = first_pos(pos);
                 let len = pos + 1 - lo;
                 let first = t * heads + kvh * group;
+                let (k, stride) = head_rows(keys, kv_dim, kvh, d, (lo, pos + 1), &mut kbuf);
+                let (v, _) = head_rows(values, kv_dim, kvh, d, (lo, pos + 1), &mut vbuf);
                 // SAFETY: has_f32() checked the CPU. Item (t, kvh) owns the `group`
                 // output rows of heads kvh * group.. of token t ([first * d..][..group *
                 // d]); items are disjoint across chunks (split_range) and `out`
-                // outlives the call. q, keys and values hold the rows read (positions
-                // lo..=pos, asserted sizes in the callers), and `scores` holds group * len
-                // <= group * max_len floats.
+                // outlives the call. q holds the query rows, k and v the positions
+                // lo..=pos of head kvh at `stride` (asserted sizes in the callers, or
+                // widened by head_rows), and `scores` holds group * len <= group *
+                // max_len floats.
                 unsafe {
                     attend_item_avx512(
                         q.as_ptr().add(first * d),
-                        keys.as_ptr().add(lo * kv_dim + kvh * d),
-                        values.as_ptr().add(lo * kv_dim + kvh * d),
-                        kv_dim,
+                        k.as_ptr(),
+                        v.as_ptr(),
+                        stride,
                         len,
                         group,
                         d,
@@ -191,30 +285,194 @@ fn attend_tokens(
     pool.for_chunks(chunks(pool, items), &|c, chunks| {
         let range = split_range(items, 1, c, chunks);
         let mut scores = Vec::with_capacity(max_len);
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         for item in range {
             let (t, h) = (item / heads, item % heads);
             let (keys, values, pos) = token(t);
             let kvh = h / group;
             let qh = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
             let lo = first_pos(pos);
+            let (keys, stride) = head_rows(keys, kv_dim, kvh, d, (lo, pos + 1), &mut kbuf);
+            let (values, _) = head_rows(values, kv_dim, kvh, d, (lo, pos + 1), &mut vbuf);
             scores.clear();
-            scores.extend((lo..pos + 1).map(|p| {
-                dot_f32(qh, &keys[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d]) * scale
-            }));
+            scores.extend((0..pos + 1 - lo).map(|r| dot_f32(qh, &keys[r * stride..][..d]) * scale));
             softmax(&mut scores);
             // SAFETY: item (t, h) owns out[(t * heads + h) * d ..][..d]; items are
             // disjoint across chunks (split_range) and `out` outlives the call.
             let o =
                 unsafe { std::slice::from_raw_parts_mut(dst.get().add((t * heads + h) * d), d) };
             o.fill(0.0);
-            for (p, &s) in (lo..).zip(scores.iter()) {
-                let vr = &values[p * kv_dim + kvh * d..p * kv_dim + (kvh + 1) * d];
+            for (r, &s) in scores.iter().enumerate() {
+                let vr = &values[r * stride..][..d];
                 for (a, &b) in o.iter_mut().zip(vr) {
                     *a += s * b;
                 }
             }
         }
     });
+}
+
+/// Positions per item of [`attend_split`]: a token that sees more is split.
+const SPLIT_POSITIONS: usize = 256;
+
+/// The per-token AVX-512 path of [`attend_tokens`] when some token sees more than
+/// [`SPLIT_POSITIONS`] positions (long contexts): an item is (token, KV head, run of at
+/// most `SPLIT_POSITIONS` positions), so that one token's attention spreads over every
+/// thread (with one token and three KV heads, two threads would otherwise share three
+/// items), and an f16 item's widened rows stay in L1/L2. Each run leaves its
+/// unnormalised softmax (maximum, sum, weighted values) per query head; the runs of a
+/// (token, KV head) are then merged in position order. Runs start at fixed positions,
+/// so the result does not depend on the thread count or on the other tokens.
+#[cfg(target_arch = "x86_64")]
+fn attend_split(pool: &ThreadPool, q: &[f32], shape: Shape, token: &TokenSeq<'_>, out: &mut [f32]) {
+    let Shape {
+        n,
+        heads,
+        kv_heads,
+        d,
+        window,
+        scale,
+        ..
+    } = shape;
+    assert!(
+        scale > 0.0,
+        "attention scale {scale}: the split softmax needs a positive one"
+    );
+    let kv_dim = kv_heads * d;
+    let group = heads / kv_heads;
+    let first_pos = |pos: usize| (pos + 1).saturating_sub(window);
+    // Items (t, kvh, run), runs in position order; a partial is group x (d + 2) floats:
+    // the weighted values, then the scaled maximum and the sum of each head.
+    let mut items: Vec<(u32, u32, u32)> = Vec::new();
+    for t in 0..n {
+        let pos = token(t).2;
+        let runs = (pos + 1 - first_pos(pos)).div_ceil(SPLIT_POSITIONS);
+        for kvh in 0..kv_heads {
+            items.extend((0..runs).map(|r| (t as u32, kvh as u32, r as u32)));
+        }
+    }
+    let part = group * (d + 2);
+    let mut partials = vec![0f32; items.len() * part];
+    let parts = SharedMut(partials.as_mut_ptr());
+    pool.for_chunks(chunks(pool, items.len()), &|c, chunks| {
+        let range = split_range(items.len(), 1, c, chunks);
+        let mut scores = vec![0f32; group * SPLIT_POSITIONS];
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
+        for i in range {
+            let (t, kvh, run) = items[i];
+            let (t, kvh) = (t as usize, kvh as usize);
+            let (keys, values, pos) = token(t);
+            let lo = first_pos(pos) + run as usize * SPLIT_POSITIONS;
+            let hi = (lo + SPLIT_POSITIONS).min(pos + 1);
+            let (k, stride) = head_rows(keys, kv_dim, kvh, d, (lo, hi), &mut kbuf);
+            let (v, _) = head_rows(values, kv_dim, kvh, d, (lo, hi), &mut vbuf);
+            // SAFETY: has_f32() was checked by the caller. Item i owns partial i
+            // ([i * part..][..part], disjoint across items); `partials` outlives the
+            // job. q holds the query rows of token t; k and v the positions lo..hi of
+            // head kvh at `stride`; `scores` holds group * (hi - lo) floats.
+            unsafe {
+                let p = parts.get().add(i * part);
+                attend_run_avx512(
+                    q.as_ptr().add((t * heads + kvh * group) * d),
+                    k.as_ptr(),
+                    v.as_ptr(),
+                    stride,
+                    hi - lo,
+                    group,
+                    d,
+                    scale,
+                    &mut scores[..group * (hi - lo)],
+                    p,
+                );
+            }
+        }
+    });
+    // Merge each (token, KV head)'s runs, in order.
+    let mut i = 0;
+    while i < items.len() {
+        let (t, kvh, _) = items[i];
+        let runs = items[i..]
+            .iter()
+            .take_while(|x| (x.0, x.1) == (t, kvh))
+            .count();
+        let (t, kvh) = (t as usize, kvh as usize);
+        for h in 0..group {
+            let at = |r: usize| &partials[(i + r) * part..][..part];
+            let stat = |r: usize, j: usize| at(r)[group * d + 2 * h + j];
+            let m = (0..runs)
+                .map(|r| stat(r, 0))
+                .fold(f32::NEG_INFINITY, f32::max);
+            let w: Vec<f32> = (0..runs).map(|r| (stat(r, 0) - m).exp()).collect();
+            let sum: f32 = (0..runs).map(|r| w[r] * stat(r, 1)).sum();
+            let o = &mut out[(t * heads + kvh * group + h) * d..][..d];
+            o.fill(0.0);
+            for (r, &wr) in w.iter().enumerate() {
+                for (a, &b) in o.iter_mut().zip(&at(r)[h * d..][..d]) {
+                    *a += wr * b;
+                }
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|a| *a *= inv);
+        }
+        i += runs;
+    }
+}
+
+/// One run of [`attend_split`]: `group` query heads over `len` positions of one KV head,
+/// unnormalised: `part[h * d..][..d] = sum_p e_hp v_p` with `e_hp = exp(scale * (s_hp -
+/// max_h))`, then `part[group * d + 2h] = scale * max_h` and `[.. + 1] = sum_p e_hp`.
+///
+/// # Safety
+/// As [`attend_item_avx512`], with `part` writable for group x (d + 2) floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_run_avx512(
+    q: *const f32,
+    k: *const f32,
+    v: *const f32,
+    kv_dim: usize,
+    len: usize,
+    group: usize,
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+    part: *mut f32,
+) {
+    debug_assert!(scores.len() >= group * len && d.is_multiple_of(16));
+    let sp = scores.as_mut_ptr();
+    // SAFETY: the caller's contract covers every pointer range used below.
+    unsafe {
+        super::gemm_avx512::gemm_f32_strided(group, len, d, q, d, k, kv_dim, sp, len);
+        let stats = part.add(group * d);
+        for h in 0..group {
+            let (mx, sum) = softmax_run(sp.add(h * len), len, scale);
+            *stats.add(2 * h) = mx;
+            *stats.add(2 * h + 1) = sum;
+        }
+        let mut g = 0;
+        while g < group {
+            let pair = if group - g >= 2 { 2 } else { 1 };
+            let mut c = 0;
+            while c < d {
+                let chunks = ((d - c) / 16).min(4);
+                let (s, o) = (sp.add(g * len) as *const f32, part.add(g * d + c));
+                let args = (s, len, v.add(c), kv_dim, o, d, [1.0, 1.0]);
+                match (pair, chunks) {
+                    (1, 1) => weighted_rows::<1, 1>(args),
+                    (1, 2) => weighted_rows::<1, 2>(args),
+                    (1, 3) => weighted_rows::<1, 3>(args),
+                    (1, 4) => weighted_rows::<1, 4>(args),
+                    (2, 1) => weighted_rows::<2, 1>(args),
+                    (2, 2) => weighted_rows::<2, 2>(args),
+                    (2, 3) => weighted_rows::<2, 3>(args),
+                    _ => weighted_rows::<2, 4>(args),
+                }
+                c += 16 * chunks;
+            }
+            g += pair;
+        }
+    }
 }
 
 /// Chunks for `items` independent items on `pool` (each chunk a contiguous run of items,
@@ -262,8 +520,8 @@ pub struct Shape {
 fn attend_blocked(
     pool: &ThreadPool,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
+    keys: KvRows<'_>,
+    values: KvRows<'_>,
     sh: Shape,
     scale: f32,
     out: &mut [f32],
@@ -289,6 +547,7 @@ fn attend_blocked(
         let mut st = vec![0f32; (start + n) * rs];
         let mut pos = vec![-1i32; rs];
         let mut inv = vec![0f32; rs];
+        let (mut kbuf, mut vbuf) = (Vec::new(), Vec::new());
         loop {
             let it = next.fetch_add(1, Ordering::Relaxed);
             if it >= items {
@@ -298,12 +557,15 @@ fn attend_blocked(
             let t0 = b * tb;
             let t1 = (t0 + tb).min(n);
             let rows = (t1 - t0) * group;
+            let len = start + t1;
+            let (k, stride) = head_rows(keys, kv_dim, kvh, d, (0, len), &mut kbuf);
+            let (v, _) = head_rows(values, kv_dim, kvh, d, (0, len), &mut vbuf);
             let item = Item {
                 rs,
                 rv: rows.div_ceil(16),
                 rows,
-                len: start + t1,
-                kv_dim,
+                len,
+                kv_dim: stride,
                 d,
                 group,
                 heads,
@@ -314,16 +576,16 @@ fn attend_blocked(
             // SAFETY: has_f32() was checked by `attend`. The item reads the query rows
             // of heads kvh * group.. of tokens t0..t1 (inside q, [n, heads * d]) and
             // writes the same rows of `out` only (disjoint across items, each taken once
-            // off the counter); `out` outlives the call. Keys and values hold start + n
-            // >= len rows (asserted by `attend`); qt, st, pos and inv are sized for rs
-            // rows above.
+            // off the counter); `out` outlives the call. k and v hold len <= start + n
+            // rows of head kvh at `stride` (asserted by `attend`, or widened by
+            // head_rows); qt, st, pos and inv are sized for rs rows above.
             unsafe {
                 item_blocked(
                     &item,
                     q.as_ptr().add(first),
                     qt.as_mut_ptr(),
-                    keys.as_ptr().add(kvh * d),
-                    values.as_ptr().add(kvh * d),
+                    k.as_ptr(),
+                    v.as_ptr(),
                     st.as_mut_ptr(),
                     pos.as_mut_ptr(),
                     inv.as_mut_ptr(),
@@ -344,6 +606,7 @@ struct Item {
     rows: usize,
     /// Positions the item's last row sees.
     len: usize,
+    /// Row stride of the keys and values.
     kv_dim: usize,
     d: usize,
     group: usize,
@@ -721,6 +984,17 @@ unsafe fn weighted_rows<const G: usize, const C: usize>(a: WeightedArgs) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn softmax_unnormalised(s: *mut f32, len: usize, scale: f32) -> f32 {
+    // SAFETY: forwarded contract.
+    unsafe { softmax_run(s, len, scale).1 }
+}
+
+/// [`softmax_unnormalised`], also returning `max * scale` (the exponent's offset).
+///
+/// # Safety
+/// AVX-512F; `s` valid for `len` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn softmax_run(s: *mut f32, len: usize, scale: f32) -> (f32, f32) {
     // SAFETY: full loads/stores stay below len (loop bounds); tails are masked.
     unsafe {
         let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
@@ -734,7 +1008,8 @@ unsafe fn softmax_unnormalised(s: *mut f32, len: usize, scale: f32) -> f32 {
             mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, s.add(i)));
             i += 16;
         }
-        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let top = _mm512_reduce_max_ps(mx);
+        let mx = _mm512_set1_ps(top);
         let sc = _mm512_set1_ps(scale);
         let mut sum = _mm512_setzero_ps();
         let mut i = 0;
@@ -750,7 +1025,7 @@ unsafe fn softmax_unnormalised(s: *mut f32, len: usize, scale: f32) -> f32 {
             sum = _mm512_mask_add_ps(sum, m, sum, e);
             i += 16;
         }
-        _mm512_reduce_add_ps(sum)
+        (top * scale, _mm512_reduce_add_ps(sum))
     }
 }
 
@@ -827,6 +1102,10 @@ mod tests {
                         .collect();
                     let seqs: Vec<(&[f32], &[f32])> =
                         kv.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+                    let rows: Vec<_> = seqs
+                        .iter()
+                        .map(|&(k, v)| (KvRows::F32(k), KvRows::F32(v)))
+                        .collect();
                     let row = heads * d;
                     let q = data(lens.len() * row, 99);
                     let shape = |n, start| Shape {
@@ -839,7 +1118,7 @@ mod tests {
                         scale: 0.125,
                     };
                     let mut got = vec![0f32; lens.len() * row];
-                    attend_sequences(&pool, &q, &seqs, shape(0, 0), &mut got);
+                    attend_sequences(&pool, &q, &rows, shape(0, 0), &mut got);
                     for (b, &len) in lens.iter().enumerate() {
                         let mut one = vec![0f32; row];
                         let (k, v) = seqs[b];
@@ -874,9 +1153,20 @@ mod tests {
                 (5, 1, 16),
                 (64, 1, 16),
             ] {
-                for (n, start) in [(1, 0), (1, 37), (9, 0), (17, 5), (40, 0), (100, 7)] {
-                    // No window, one that cuts in, one that cuts in only late.
-                    for window in [usize::MAX, 1, 7, 60] {
+                // Decode past SPLIT_POSITIONS (runs merged), a short prefill beyond it.
+                for (n, start) in [
+                    (1, 0),
+                    (1, 37),
+                    (9, 0),
+                    (17, 5),
+                    (40, 0),
+                    (100, 7),
+                    (1, 700),
+                    (3, 520),
+                ] {
+                    // No window, one that cuts in, one that cuts in only late, one that
+                    // leaves exactly two runs.
+                    for window in [usize::MAX, 1, 7, 60, 512] {
                         let sh = Shape {
                             n,
                             start,
@@ -899,6 +1189,97 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// f16 keys and values (as an f16 KV cache holds them) give, bit for bit, what the
+    /// same values widened to f32 give: on every path (per-token items, the blocked
+    /// prefill, windows that cut in, batched sequences) and at 1-3 threads.
+    #[test]
+    fn f16_rows_attend_exactly_as_their_f32_values() {
+        let narrow = |x: &[f32]| -> (Vec<u16>, Vec<f32>) {
+            let h: Vec<u16> = x
+                .iter()
+                .map(|&v| crate::kernels::f16::f32_to_f16(v))
+                .collect();
+            let f = h
+                .iter()
+                .map(|&b| crate::kernels::f16::f16_to_f32(b))
+                .collect();
+            (h, f)
+        };
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            for (heads, kv_heads, d) in [(9, 3, 64), (6, 2, 48), (5, 1, 16), (3, 1, 8)] {
+                for (n, start) in [(1, 0), (1, 37), (17, 5), (40, 0), (1, 600)] {
+                    for window in [usize::MAX, 7] {
+                        let sh = Shape {
+                            n,
+                            start,
+                            heads,
+                            kv_heads,
+                            d,
+                            window,
+                            scale: 0.7 / (d as f32).sqrt(),
+                        };
+                        let q = data(n * heads * d, 1);
+                        let (kh, kf) = narrow(&data((start + n) * kv_heads * d, 2));
+                        let (vh, vf) = narrow(&data((start + n) * kv_heads * d, 3));
+                        let mut want = vec![0f32; n * heads * d];
+                        attend(&pool, &q, &kf, &vf, sh, &mut want);
+                        let mut got = vec![f32::NAN; want.len()];
+                        let (k16, v16) = (KvRows::F16(&kh), KvRows::F16(&vh));
+                        attend_kv(&pool, &q, k16, v16, sh, &mut got);
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{threads} threads, {heads}/{kv_heads}x{d} n {n} start {start} window {window}"
+                        );
+                    }
+                }
+                // A batched step over sequences of several lengths.
+                let kv_dim = kv_heads * d;
+                let lens = [1, 7, 33, 300];
+                let kv: Vec<_> = lens
+                    .iter()
+                    .map(|&len| {
+                        let (k, _) = narrow(&data(len * kv_dim, len as u64));
+                        let (v, _) = narrow(&data(len * kv_dim, len as u64 + 50));
+                        (k, v)
+                    })
+                    .collect();
+                let rows: Vec<_> = kv
+                    .iter()
+                    .map(|(k, v)| (KvRows::F16(k), KvRows::F16(v)))
+                    .collect();
+                let row = heads * d;
+                let q = data(lens.len() * row, 9);
+                let sh = Shape {
+                    n: 0,
+                    start: 0,
+                    heads,
+                    kv_heads,
+                    d,
+                    window: usize::MAX,
+                    scale: 0.125,
+                };
+                let mut got = vec![0f32; lens.len() * row];
+                attend_sequences(&pool, &q, &rows, sh, &mut got);
+                for (b, &len) in lens.iter().enumerate() {
+                    let mut one = vec![0f32; row];
+                    let alone = Shape {
+                        n: 1,
+                        start: len - 1,
+                        ..sh
+                    };
+                    let (k, v) = rows[b];
+                    attend_kv(&pool, &q[b * row..][..row], k, v, alone, &mut one);
+                    assert_eq!(&got[b * row..][..row], &one[..], "sequence {b}");
                 }
             }
         }
@@ -965,7 +1346,8 @@ mod tests {
             for _ in 0..200 {
                 for (b, best) in best.iter_mut().enumerate() {
                     let t0 = std::time::Instant::now();
-                    attend_path(&pool, &q, &k, &v, shape, b == 1, &mut out);
+                    let (kr, vr) = (KvRows::F32(&k), KvRows::F32(&v));
+                    attend_path(&pool, &q, kr, vr, shape, b == 1, &mut out);
                     *best = best.min(t0.elapsed().as_secs_f64());
                 }
             }

@@ -81,6 +81,13 @@ pub fn f16_to_f32_slice_scalar(w: &[u16], out: &mut [f32]) {
     }
 }
 
+pub fn f32_to_f16_slice_scalar(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len());
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = f32_to_f16(v);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn dot_f16_avx512(w: &[u16], x: &[f32]) -> f32 {
@@ -230,6 +237,59 @@ unsafe fn f16_to_f32_slice_avx512(w: &[u16], out: &mut [f32]) {
     }
 }
 
+/// [`f16_rows_to_f32`]'s loop, compiled for AVX-512 so the row conversion inlines.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn f16_rows_to_f32_avx512(src: &[u16], stride: usize, width: usize, out: &mut [f32]) {
+    for (r, o) in out.chunks_exact_mut(width).enumerate() {
+        // SAFETY: the caller's CPU check; slices are bounds-checked.
+        unsafe { f16_to_f32_slice_avx512(&src[r * stride..][..width], o) };
+    }
+}
+
+/// `vcvtps2ph` rounds to nearest even like [`f32_to_f16`]: equal on every finite input
+/// and infinity (NaN stays NaN, its payload may differ).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn f32_to_f16_slice_avx512(x: &[f32], out: &mut [u16]) {
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    let n = x.len().min(out.len());
+    let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: full vectors at i + 16 <= n by the loop bound; the tail is masked to the
+    // n - i valid lanes.
+    unsafe {
+        while i + 16 <= n {
+            let h = _mm512_cvtps_ph::<RNE>(_mm512_loadu_ps(px.add(i)));
+            _mm256_storeu_si256(po.add(i) as *mut __m256i, h);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = ((1u32 << (n - i)) - 1) as u16;
+            let h = _mm512_cvtps_ph::<RNE>(_mm512_maskz_loadu_ps(m, px.add(i)));
+            _mm256_mask_storeu_epi16(po.add(i) as *mut i16, m, h);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f32_to_f16_slice_avx2(x: &[f32], out: &mut [u16]) {
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT;
+    let n = x.len().min(out.len());
+    let (px, po) = (x.as_ptr(), out.as_mut_ptr());
+    let mut i = 0;
+    // SAFETY: every access covers 8 elements at i + 8 <= n; the tail is scalar.
+    unsafe {
+        while i + 8 <= n {
+            let h = _mm256_cvtps_ph::<RNE>(_mm256_loadu_ps(px.add(i)));
+            _mm_storeu_si128(po.add(i) as *mut __m128i, h);
+            i += 8;
+        }
+    }
+    f32_to_f16_slice_scalar(&x[i..n], &mut out[i..n]);
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn f16_to_f32_slice_avx2(w: &[u16], out: &mut [f32]) {
@@ -304,6 +364,47 @@ pub fn f16_to_f32_slice(w: &[u16], out: &mut [f32]) {
         // SAFETY: level() checked the CPU has AVX2 and F16C.
         Level::Avx2F16c => unsafe { f16_to_f32_slice_avx2(w, out) },
         Level::Scalar => f16_to_f32_slice_scalar(w, out),
+    }
+}
+
+/// Rows of a strided f16 matrix widened to f32 (exact): row r of `out` (`width` wide,
+/// packed) is `src[r * stride..][..width]`, for `out.len() / width` rows. One call for
+/// many short rows (an f16 KV cache's head rows), so the version is chosen once.
+pub fn f16_rows_to_f32(src: &[u16], stride: usize, width: usize, out: &mut [f32]) {
+    if width == 0 {
+        return;
+    }
+    let rows = out.len() / width;
+    assert_eq!(out.len(), rows * width);
+    assert!(
+        rows == 0 || (rows - 1) * stride + width <= src.len(),
+        "f16_rows_to_f32: source too short"
+    );
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: level() checked the CPU has AVX-512F/BW/VL; every row read lies in
+        // `src` (asserted above) and every row written in `out`.
+        Level::Avx512 => unsafe { f16_rows_to_f32_avx512(src, stride, width, out) },
+        _ => {
+            for (r, o) in out.chunks_exact_mut(width).enumerate() {
+                f16_to_f32_slice(&src[r * stride..][..width], o);
+            }
+        }
+    }
+}
+
+/// `out[i] = x[i]` rounded to f16 (nearest even), fastest available version.
+#[inline]
+pub fn f32_to_f16_slice(x: &[f32], out: &mut [u16]) {
+    assert_eq!(x.len(), out.len());
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: level() checked the CPU has AVX-512F/BW/VL.
+        Level::Avx512 => unsafe { f32_to_f16_slice_avx512(x, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: level() checked the CPU has AVX2 and F16C.
+        Level::Avx2F16c => unsafe { f32_to_f16_slice_avx2(x, out) },
+        Level::Scalar => f32_to_f16_slice_scalar(x, out),
     }
 }
 
@@ -446,6 +547,84 @@ mod tests {
         f16_to_f32_slice(&w, &mut a);
         f16_to_f32_slice_scalar(&w, &mut b);
         assert_eq!(a, b);
+    }
+
+    fn narrow_at(l: Level, x: &[f32], out: &mut [u16]) {
+        match l {
+            Level::Scalar => f32_to_f16_slice_scalar(x, out),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `levels()` lists only what the CPU has.
+            Level::Avx2F16c => unsafe { f32_to_f16_slice_avx2(x, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Level::Avx512 => unsafe { f32_to_f16_slice_avx512(x, out) },
+        }
+    }
+
+    #[test]
+    fn narrowing_rounds_as_the_scalar_reference_at_every_level() {
+        // Values around every rounding case: halfway points (ties to even), subnormals,
+        // overflow to infinity, signed zeros; then odd lengths and tails.
+        let mut x: Vec<f32> = Vec::new();
+        for b in (0..=u16::MAX).step_by(7) {
+            let f = f16_to_f32(b);
+            if f.is_finite() {
+                let up = f32::from_bits(f.to_bits() + 1);
+                x.extend([f, up, f + (up - f) * 4096.0, -f]);
+            }
+        }
+        x.extend([
+            65519.0,
+            65520.0,
+            1e9,
+            -1e9,
+            f32::INFINITY,
+            -0.0,
+            1e-30,
+            2.9802322e-8,
+        ]);
+        x.extend(data(1000, 5).iter().map(|v| v * 100.0));
+        let mut want = vec![0u16; x.len()];
+        f32_to_f16_slice_scalar(&x, &mut want);
+        for l in levels() {
+            let mut got = vec![0u16; x.len()];
+            narrow_at(l, &x, &mut got);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(a, b, "{l:?} {}: {a:#06x} vs {b:#06x}", x[i]);
+            }
+            let nan = [f32::NAN];
+            let mut h = [0u16];
+            narrow_at(l, &nan, &mut h);
+            assert!(f16_to_f32(h[0]).is_nan(), "{l:?}: NaN");
+            for n in SIZES {
+                let v = data(n, 6);
+                let mut got = vec![7u16; n + 1];
+                narrow_at(l, &v, &mut got[..n]);
+                let mut want = vec![0u16; n];
+                f32_to_f16_slice_scalar(&v, &mut want);
+                assert_eq!(&got[..n], &want[..], "{l:?} n={n}");
+                assert_eq!(got[n], 7, "{l:?} n={n}: wrote past the end");
+            }
+        }
+    }
+
+    #[test]
+    fn strided_rows_widen_as_each_row_alone() {
+        for (width, stride, rows) in [(64, 192, 5), (17, 17, 3), (1, 4, 9), (33, 40, 1), (8, 8, 0)]
+        {
+            let src = weights(stride * rows.max(1), 8);
+            let mut got = vec![0f32; width * rows];
+            f16_rows_to_f32(&src, stride, width, &mut got);
+            for r in 0..rows {
+                let mut want = vec![0f32; width];
+                f16_to_f32_slice_scalar(&src[r * stride..][..width], &mut want);
+                assert_eq!(
+                    &got[r * width..][..width],
+                    &want[..],
+                    "{width}/{stride} row {r}"
+                );
+            }
+        }
     }
 
     #[test]

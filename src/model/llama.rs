@@ -15,7 +15,7 @@ use crate::kernels::ops::{self, RopeTable};
 use crate::kernels::{self, ThreadPool, WeightView};
 use crate::loader::WeightSource;
 use crate::model::config::{Activation, ModelConfig, RopeStyle};
-use crate::model::kv_cache::KvCache;
+use crate::model::kv_cache::{KvCache, KvDType};
 use crate::profile::{ForwardTimer, Phase};
 use crate::tensor::{DType, LoadDType, Matrix, WeightPlan};
 
@@ -341,6 +341,8 @@ pub struct Llama {
     /// A fingerprint of the file's weights (see [`Llama::identity`]).
     identity: String,
     pub pool: &'static ThreadPool,
+    /// The element type of the KV caches [`Llama::new_cache`] makes (f32 unless set).
+    pub kv_dtype: KvDType,
 }
 
 impl Llama {
@@ -508,6 +510,7 @@ impl Llama {
         }
         Ok(Llama {
             identity,
+            kv_dtype: KvDType::F32,
             inv_freq: c.rope_inv_freq(),
             inv_freq_local: c.rope_inv_freq_local(),
             norm: load_norm(src, "model.norm.weight", h, off)?,
@@ -539,8 +542,15 @@ impl Llama {
         }
     }
 
+    /// An empty KV cache for one sequence, of [`Llama::kv_dtype`] elements.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.num_layers, self.config.kv_dim())
+        KvCache::with_dtype(self.config.num_layers, self.config.kv_dim(), self.kv_dtype)
+    }
+
+    /// Bytes of keys and values one position takes in the caches [`Llama::new_cache`]
+    /// makes (every layer).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.config.num_layers * self.config.kv_dim() * 2 * self.kv_dtype.size()
     }
 
     /// Bytes of weights one decode step reads: every layer, the final norm and the output
@@ -822,18 +832,16 @@ impl Llama {
             match seqs {
                 Seqs::One(cache) => {
                     let start = cache.len();
+                    cache.seal(li);
                     let (kc, vc) = cache.layer(li);
-                    kernels::attention::attend(pool, q, kc, vc, shape(n, start), att);
+                    kernels::attention::attend_kv(pool, q, kc, vc, shape(n, start), att);
                 }
                 Seqs::Many(items) => {
                     for (b, item) in items.iter_mut().enumerate() {
                         let rows = b * kv_dim..(b + 1) * kv_dim;
-                        let (kr, vr) = item.cache.append_rows(li, 1);
-                        kr.copy_from_slice(&k_new[rows.clone()]);
-                        vr.copy_from_slice(&v_new[rows]);
+                        item.cache.append(li, &k_new[rows.clone()], &v_new[rows]);
                     }
-                    let seqs: Vec<(&[f32], &[f32])> =
-                        items.iter().map(|i| i.cache.layer(li)).collect();
+                    let seqs: Vec<_> = items.iter().map(|i| i.cache.layer(li)).collect();
                     kernels::attention::attend_sequences(pool, q, &seqs, shape(1, 0), att);
                 }
             }

@@ -5,5 +5,5 @@ pub mod kv_cache;
 pub mod llama;
 
 pub use config::ModelConfig;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDType};
 pub use llama::{BatchItem, InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};

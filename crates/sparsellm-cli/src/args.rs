@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use sparsellm::loader::fetch;
+use sparsellm::model::KvDType;
 use sparsellm::sparse::{InputSpec, Scorer, SparsityConfig};
 use sparsellm::tensor::{DType, LoadDType};
 
@@ -26,6 +27,11 @@ pub(crate) struct RunArgs {
     /// they are), or every matrix converted to f32, bf16 or f16.
     #[arg(long, default_value = "native", value_parser = parse_load_dtype)]
     pub(crate) dtype: LoadDType,
+    /// KV cache element type: f32 (attention sees exactly what the projections computed)
+    /// or f16 (as llama.cpp's default: half the cache memory and half the bytes attention
+    /// reads per position; each key and value rounded once).
+    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
+    pub(crate) kv_dtype: KvDType,
     /// Worker threads (default: the number of physical cores).
     #[arg(long, value_parser = parse_threads)]
     pub(crate) threads: Option<usize>,
@@ -54,6 +60,10 @@ pub(crate) struct RunArgs {
 }
 
 pub(crate) fn parse_load_dtype(s: &str) -> std::result::Result<LoadDType, String> {
+    s.parse()
+}
+
+pub(crate) fn parse_kv_dtype(s: &str) -> std::result::Result<KvDType, String> {
     s.parse()
 }
 

@@ -21,13 +21,15 @@ pub(crate) fn load(run: &RunArgs) -> Result<Loaded> {
 pub(crate) fn load_as(run: &RunArgs, layout: WeightLayout) -> Result<Loaded> {
     let path = model_path(&run.model)?;
     let start = Instant::now();
-    let l = LoadedModel::load(Some(&path), run.dtype, run.threads, layout)?;
+    let mut l = LoadedModel::load(Some(&path), run.dtype, run.threads, layout)?;
+    l.model.kv_dtype = run.kv_dtype;
     eprintln!(
-        "sparsellm: {} ({}, {}, {}) loaded in {:.2} s",
+        "sparsellm: {} ({}, {}, {}, KV cache {}) loaded in {:.2} s",
         path.display(),
         count(l.model.config.num_layers, "layer"),
         run.dtype.name(),
         count(l.model.pool.threads(), "thread"),
+        run.kv_dtype.name(),
         start.elapsed().as_secs_f64()
     );
     Ok(l)

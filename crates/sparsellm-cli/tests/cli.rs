@@ -554,6 +554,7 @@ fn bad_cli_values() {
         run(&a)
     };
     assert_clap_rejects(&gen_(&["--dtype", "f64"]), "--dtype", "f64");
+    assert_clap_rejects(&gen_(&["--kv-dtype", "bf16"]), "--kv-dtype", "f32 or f16");
     assert_clap_rejects(&gen_(&["--threads", "0"]), "--threads", "at least 1");
     assert_clap_rejects(&gen_(&["--threads", "many"]), "--threads", "many");
     assert_clap_rejects(&gen_(&["--max-tokens", "0"]), "--max-tokens", "at least 1");
@@ -847,12 +848,16 @@ fn json_bench() {
         "--json",
         "--threads",
         "2",
+        "--kv-dtype",
+        "f16",
         "--model",
         model()
     ]);
     let v = parse_json(&o);
     assert!(v["model"].is_string(), "{v}");
     assert!(v["dtype"].is_string(), "{v}");
+    // The measured runs (child processes) ran with the flags given.
+    assert_eq!(v["kv_dtype"], json!("f16"), "{v}");
     assert_eq!(v["threads"], json!(2), "{v}");
     assert_eq!(v["prompt_tokens"], json!(16), "{v}");
     assert_eq!(v["gen_tokens"], json!(4), "{v}");
@@ -1501,7 +1506,7 @@ fn help_texts_and_messages_name_what_they_should() {
     ]);
     assert_eq!(o.code, Some(0), "{o:?}");
     assert!(
-        o.stderr.contains("1 layer,") && o.stderr.contains("1 thread)"),
+        o.stderr.contains("1 layer,") && o.stderr.contains("1 thread, KV cache f32)"),
         "{o:?}"
     );
     assert!(o.stderr.contains("1 generated"), "{o:?}");

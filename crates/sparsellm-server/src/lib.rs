@@ -124,8 +124,8 @@ impl Server {
         if o.api_key.as_deref() == Some("") {
             bail!("--api-key must not be empty");
         }
-        // Keys and values in f32 for every layer.
-        let kv_bytes_per_token = (config.num_layers * config.kv_dim() * 2 * 4) as u64;
+        // Keys and values for every layer, in the model's KV cache type.
+        let kv_bytes_per_token = o.model.model.kv_bytes_per_token() as u64;
         let model_id = o.model_id.clone().unwrap_or_else(|| {
             o.model.path.file_name().map_or_else(
                 || o.model.identity.clone(),

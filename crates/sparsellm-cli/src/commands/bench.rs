@@ -108,6 +108,8 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
                 .args([
                     "--dtype",
                     a.run.dtype.name(),
+                    "--kv-dtype",
+                    a.run.kv_dtype.name(),
                     "--sparsity",
                     &a.run.sparsity,
                     "--sparse-mode",
@@ -182,9 +184,10 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     outln!(
-        "model {} | {} | {} | {} | sparsity {}",
+        "model {} | {}, KV cache {} | {} | {} | sparsity {}",
         header["model"].as_str().unwrap_or(""),
         a.run.dtype.name(),
+        a.run.kv_dtype.name(),
         count(header["threads"].as_u64().unwrap_or(0) as usize, "thread"),
         header["cpu"].as_str().unwrap_or(""),
         a.run.sparsity
@@ -470,6 +473,7 @@ pub(crate) fn bench_child(a: BenchArgs, mode: &str) -> Result<()> {
     let header = json!({
         "model": l.identity,
         "dtype": a.run.dtype.name(),
+        "kv_dtype": l.model.kv_dtype.name(),
         "threads": pool::global().threads(),
         "cpu": bench::cpu_name(),
         "isa": format!("{:?}", sparsellm::kernels::dot::isa()),

@@ -71,6 +71,7 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
     let run = RunArgs {
         model: a.model.clone(),
         dtype: a.dtype,
+        kv_dtype: Default::default(),
         threads: a.threads,
         sparsity: "off".into(),
         scorer: None,
