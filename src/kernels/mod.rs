@@ -59,6 +59,7 @@ pub mod input_major;
 pub mod linear;
 pub mod ops;
 pub mod pool;
+pub mod qcols;
 pub mod qdot;
 pub mod sparse;
 
