@@ -44,7 +44,7 @@ fn main() {
     let passes: usize = std::env::args()
         .nth(1)
         .map_or(30, |s| s.parse().expect("passes"));
-    let shapes: Vec<(usize, usize)> = (0..80)
+    let shapes: Vec<(usize, usize)> = (0..240)
         .map(|i| if i % 2 == 0 { (576, 1536) } else { (1536, 576) })
         .collect();
     let rows: Vec<Vec<u8>> = shapes
