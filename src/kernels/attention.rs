@@ -445,33 +445,14 @@ unsafe fn attend_run_avx512(
     unsafe {
         super::gemm_avx512::gemm_f32_strided(group, len, d, q, d, k, kv_dim, sp, len);
         let stats = part.add(group * d);
-        for h in 0..group {
+        // Unnormalised: the merge of the runs divides.
+        let softmax = |h: usize| {
             let (mx, sum) = softmax_run(sp.add(h * len), len, scale);
             *stats.add(2 * h) = mx;
             *stats.add(2 * h + 1) = sum;
-        }
-        let mut g = 0;
-        while g < group {
-            let pair = if group - g >= 2 { 2 } else { 1 };
-            let mut c = 0;
-            while c < d {
-                let chunks = ((d - c) / 16).min(4);
-                let (s, o) = (sp.add(g * len) as *const f32, part.add(g * d + c));
-                let args = (s, len, v.add(c), kv_dim, o, d, [1.0, 1.0]);
-                match (pair, chunks) {
-                    (1, 1) => weighted_rows::<1, 1>(args),
-                    (1, 2) => weighted_rows::<1, 2>(args),
-                    (1, 3) => weighted_rows::<1, 3>(args),
-                    (1, 4) => weighted_rows::<1, 4>(args),
-                    (2, 1) => weighted_rows::<2, 1>(args),
-                    (2, 2) => weighted_rows::<2, 2>(args),
-                    (2, 3) => weighted_rows::<2, 3>(args),
-                    _ => weighted_rows::<2, 4>(args),
-                }
-                c += 16 * chunks;
-            }
-            g += pair;
-        }
+            1.0
+        };
+        weighted_heads(sp, len, v, kv_dim, group, d, &softmax, part);
     }
 }
 
@@ -900,18 +881,45 @@ unsafe fn attend_item_avx512(
     // SAFETY: the caller's contract covers every pointer range used below.
     unsafe {
         super::gemm_avx512::gemm_f32_strided(group, len, d, q, d, k, kv_dim, sp, len);
+        let softmax = |h: usize| 1.0 / softmax_unnormalised(sp.add(h * len), len, scale);
+        weighted_heads(sp, len, v, kv_dim, group, d, &softmax, out);
+    }
+}
+
+/// `out[h] = w(h) * sum_p s[h][p] * v[p]` for the `group` heads' score rows `s` (stride
+/// `len`), two heads at a time so that each value row, loaded once, feeds independent FMA
+/// chains; `w(h)` runs just before head h's sums (the callers' softmax of its row).
+///
+/// # Safety
+/// AVX-512F; s holds group x len floats, v `len` rows of stride kv_dim (d wide, d % 16 ==
+/// 0), out group x d floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weighted_heads(
+    s: *mut f32,
+    len: usize,
+    v: *const f32,
+    kv_dim: usize,
+    group: usize,
+    d: usize,
+    w: &dyn Fn(usize) -> f32,
+    out: *mut f32,
+) {
+    // SAFETY: the caller's contract covers every range read and written.
+    unsafe {
         let mut inv = [0f32; 2];
         let mut g = 0;
         while g < group {
             let pair = if group - g >= 2 { 2 } else { 1 };
             for (h, inv) in inv.iter_mut().enumerate().take(pair) {
-                *inv = 1.0 / softmax_unnormalised(sp.add((g + h) * len), len, scale);
+                *inv = w(g + h);
             }
             let mut c = 0;
             while c < d {
                 let chunks = ((d - c) / 16).min(4);
-                let (s, o) = (sp.add(g * len) as *const f32, out.add(g * d + c));
-                let args = (s, len, v.add(c), kv_dim, o, d, inv);
+                let (sg, o) = (s.add(g * len) as *const f32, out.add(g * d + c));
+                let args = (sg, len, v.add(c), kv_dim, o, d, inv);
                 match (pair, chunks) {
                     (1, 1) => weighted_rows::<1, 1>(args),
                     (1, 2) => weighted_rows::<1, 2>(args),
