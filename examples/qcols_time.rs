@@ -55,7 +55,7 @@ fn main() {
     let cols: Vec<QColMatrix> = shapes
         .iter()
         .zip(&rows)
-        .map(|(&(o, k), w)| QColMatrix::from_row_major(QFormat::Q4_1, w, o, k))
+        .map(|(&(o, k), w)| QColMatrix::from_row_major(QFormat::Q4_1, w, o, k, 2))
         .collect();
     let xs: Vec<Vec<f32>> = shapes
         .iter()
@@ -78,11 +78,16 @@ fn main() {
     let mut out: Vec<Vec<f32>> = shapes.iter().map(|&(o, _)| vec![0f32; o]).collect();
     let mut pairs = Vec::new();
     let mut s = QColScratch::new();
+    let pool2 = sparsellm::kernels::pool::ThreadPool::new(2);
     let names = [
         "row-major (GGUF blocks)",
         "by column, all kept",
         "by column, 60% kept",
         "by column, 40% kept",
+        "row-major, 2 threads",
+        "by column, 2 threads",
+        "by column, 2 threads, 60% kept",
+        "by column, 2 threads, 40% kept",
     ];
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..passes {
@@ -102,7 +107,18 @@ fn main() {
                     }
                     1 => cols[i].matvec(&xs[i], None, &mut out[i], &mut s),
                     2 => cols[i].matvec(&xs[i], Some(&k60[i]), &mut out[i], &mut s),
-                    _ => cols[i].matvec(&xs[i], Some(&k40[i]), &mut out[i], &mut s),
+                    3 => cols[i].matvec(&xs[i], Some(&k40[i]), &mut out[i], &mut s),
+                    4 => sparsellm::kernels::linear::matvec(
+                        &pool2,
+                        sparsellm::kernels::WeightView::Quant(QFormat::Q4_1, &rows[i]),
+                        shapes[i].0,
+                        shapes[i].1,
+                        &xs[i],
+                        &mut out[i],
+                    ),
+                    5 => cols[i].matvec_pool(&pool2, &xs[i], None, &mut out[i], &mut s),
+                    6 => cols[i].matvec_pool(&pool2, &xs[i], Some(&k60[i]), &mut out[i], &mut s),
+                    _ => cols[i].matvec_pool(&pool2, &xs[i], Some(&k40[i]), &mut out[i], &mut s),
                 }
             }
             t.push(start.elapsed().as_secs_f64());

@@ -359,19 +359,49 @@ fn top_k_selection_matches_a_sort() {
 }
 
 #[test]
-fn quantized_weights_are_refused_input_major() {
-    let src = sparsellm::loader::open(&common::model_path()).unwrap();
-    let e = Llama::load_with_layout(
-        src.as_ref(),
-        LoadDType::Native,
-        pool::global(),
-        WeightLayout::InputMajor,
-    )
-    .err()
-    .expect("Q4_1 cannot be held input-major")
-    .to_string();
-    assert!(e.contains("--dtype bf16"), "{e}");
-    // And the hook refuses a row-major model.
+fn q4_1_weights_are_held_by_input_column_losslessly() {
+    let ids = tokens(16);
+    let native = |layout| {
+        let src = sparsellm::loader::open(&common::model_path()).expect("open model");
+        Llama::load_with_layout(src.as_ref(), LoadDType::Native, pool::global(), layout)
+            .expect("load model")
+    };
+    let (rm, bc) = (
+        native(WeightLayout::RowMajor),
+        native(WeightLayout::InputMajor),
+    );
+    assert_eq!(bc.layout(), WeightLayout::InputMajor);
+    let q = &bc.layers[0].self_attn.q_proj;
+    assert!(
+        q.by_column.is_some() && !q.input_major,
+        "q_proj held by column"
+    );
+    assert_eq!(bc.weight_bytes_per_token(), rm.weight_bytes_per_token());
+    // The same numbers and the same arithmetic: decode and prefill equal the row-major
+    // Q4_1 model's bit for bit.
+    let (dr, db) = (decode(&rm, &ids, None), decode(&bc, &ids, None));
+    assert_eq!(db, dr, "decode by column");
+    let logits = |m: &Llama| {
+        m.forward(&ids, &mut m.new_cache(), Logits::All, None)
+            .unwrap()
+    };
+    assert_eq!(logits(&bc), logits(&rm), "prefill by column");
+    // A sparse token equals the row-major kernels on the masked input, bit for bit.
+    for spec in ["teal:0.4", "wina:0.5"] {
+        let spec: InputSpec = spec.parse().unwrap();
+        let mut hook = Logged(InputSparsity::new(&bc, spec, None).unwrap(), Vec::new());
+        let sparse = decode(&bc, &ids, Some(&mut hook));
+        let mut reference = Replay(hook.1.drain(..).collect());
+        let masked = decode(&rm, &ids, Some(&mut reference));
+        assert!(reference.0.is_empty());
+        assert_eq!(sparse, masked, "{spec}: the masked reference");
+        assert_ne!(sparse, dr, "{spec} changes the output");
+    }
+}
+
+#[test]
+fn the_hook_refuses_what_it_cannot_serve() {
+    // A row-major model.
     let e = InputSparsity::new(row_major(), InputSpec::Teal(0.3), None)
         .err()
         .unwrap()

@@ -39,6 +39,7 @@ fn random_mlp(hidden: usize, inter: usize, dtype: DType, seed: u64) -> Mlp {
     let m = |r, c, s| Linear {
         weight: Matrix::from_f32(&rand_vec(r * c, s, (3.0 / c as f32).sqrt()), r, c, dtype),
         input_major: false,
+        by_column: None,
     };
     Mlp {
         gate_proj: m(inter, hidden, seed),

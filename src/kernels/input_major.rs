@@ -27,6 +27,15 @@ pub struct InputMajorScratch {
     values: Vec<f32>,
     /// The per-thread accumulators.
     acc: Vec<f32>,
+    /// The by-column Q4 kernels' buffers.
+    qcols: super::qcols::QColScratch,
+}
+
+impl InputMajorScratch {
+    /// The buffers of [`super::qcols::QColMatrix`]'s products.
+    pub fn qcols(&mut self) -> &mut super::qcols::QColScratch {
+        &mut self.qcols
+    }
 }
 
 /// `out = x · wt` over the inputs `kept` (ascending indices into `x`; None: every input).

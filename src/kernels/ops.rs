@@ -18,6 +18,73 @@ use std::arch::x86_64::*;
 // RMSNorm
 
 /// Scalar reference: `out = x / sqrt(mean(x^2) + eps) * weight`. x, weight, out: [n].
+/// How many of `v` are at least `t`: the counting step of a selection by bisection
+/// ([`crate::sparse::threshold::select_top_k`]); AVX-512 where the CPU has it (the same
+/// loop, vectorised 16 lanes wide by the compiler), else the portable loop.
+pub fn count_at_least(v: &[u32], t: u32) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: isa() checked AVX-512F/BW; the function only reads `v`.
+        return unsafe { count_at_least_avx512(v, t) };
+    }
+    count_at_least_scalar(v, t)
+}
+
+/// The indices of `v`'s elements at least `t`, ascending, into `out` (cleared first):
+/// AVX-512 compress-stores where the CPU has them.
+pub fn indices_at_least(v: &[u32], t: u32, out: &mut Vec<u32>) {
+    out.clear();
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        out.resize(v.len(), 0);
+        // SAFETY: isa() checked AVX-512F; `out` holds v.len() slots, at least the number
+        // of indices written.
+        let kept = unsafe { indices_at_least_avx512(v, t, out) };
+        out.truncate(kept);
+        return;
+    }
+    out.extend((0..v.len() as u32).filter(|&i| v[i as usize] >= t));
+}
+
+/// # Safety
+/// AVX-512F; `out.len() >= v.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn indices_at_least_avx512(v: &[u32], t: u32, out: &mut [u32]) -> usize {
+    let n = v.len();
+    let tv = _mm512_set1_epi32(t as i32);
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let sixteen = _mm512_set1_epi32(16);
+    let (mut kept, mut i) = (0, 0);
+    while i < n {
+        let lanes = lanes16(n - i);
+        // SAFETY: the load is masked to the n - i valid lanes; the compressed store
+        // writes popcount(m) <= n - i slots at out[kept..], and kept <= i.
+        unsafe {
+            let x = _mm512_maskz_loadu_epi32(lanes, v.as_ptr().add(i) as *const i32);
+            let m = _mm512_mask_cmpge_epu32_mask(lanes, x, tv);
+            _mm512_mask_compressstoreu_epi32(out.as_mut_ptr().add(kept) as *mut _, m, idx);
+            kept += m.count_ones() as usize;
+        }
+        idx = _mm512_add_epi32(idx, sixteen);
+        i += 16;
+    }
+    kept
+}
+
+#[inline(always)]
+fn count_at_least_scalar(v: &[u32], t: u32) -> usize {
+    v.iter().map(|&b| u32::from(b >= t)).sum::<u32>() as usize
+}
+
+/// # Safety
+/// AVX-512F and BW.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn count_at_least_avx512(v: &[u32], t: u32) -> usize {
+    count_at_least_scalar(v, t)
+}
+
 pub fn rmsnorm_scalar(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     assert!(x.len() == weight.len() && out.len() == x.len());
     let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
@@ -990,6 +1057,23 @@ mod tests {
                 }
                 close(&got, &want, 2e-6, &format!("silu_mul {isa:?} n={n}"));
                 close(&got_s, &want_s, 2e-6, &format!("softmax {isa:?} n={n}"));
+            }
+        }
+    }
+
+    #[test]
+    fn count_at_least_matches_the_scalar_count_on_odd_sizes() {
+        for n in [0usize, 1, 15, 16, 17, 577, 1537] {
+            let v: Vec<u32> = (0..n as u32)
+                .map(|i| i.wrapping_mul(2_654_435_761))
+                .collect();
+            for t in [0, 1, u32::MAX / 3, u32::MAX / 2, u32::MAX] {
+                let want = v.iter().filter(|&&b| b >= t).count();
+                assert_eq!(count_at_least(&v, t), want, "n {n} t {t}");
+                let mut got = Vec::new();
+                indices_at_least(&v, t, &mut got);
+                let want: Vec<u32> = (0..n as u32).filter(|&i| v[i as usize] >= t).collect();
+                assert_eq!(got, want, "indices: n {n} t {t}");
             }
         }
     }

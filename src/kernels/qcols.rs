@@ -1,14 +1,16 @@
-//! Q4_0 and Q4_1 matrices held by input column, losslessly: the layout input sparsity
-//! (TEAL/WINA) would need on 4-bit files, measured here before the engine adopts it.
+//! Q4_0 and Q4_1 matrices held by input column, losslessly: the layout of input sparsity
+//! (TEAL/WINA) on 4-bit files (`Linear::by_column`; the loader repacks each projection
+//! once and releases the file's pages, so the sparse modes hold one copy).
 //!
 //! A GGUF Q4 matrix `[out, in]` stores, per row, blocks of 32 inputs (a scale `d`, Q4_1's
 //! minimum `m`, 32 nibbles). Skipping an input then saves nothing (its nibble shares a
 //! block with 31 others), and re-quantizing the matrix along the other axis doubles its
 //! quantization error (docs/sparsity.md). This layout moves the same numbers: per block
 //! column (32 inputs), the scales of every output row (`d[out]`, then Q4_1's `m[out]`),
-//! then one row of `out` nibbles per input. An input's weights are contiguous, so a kernel
-//! that skips it skips its bytes; the scales (a fifth of a Q4_1 file, a ninth of Q4_0)
-//! are read for every block column with an input kept.
+//! then, per 32 outputs, 16 bytes of nibbles for each input. An input's weights for 32
+//! outputs are contiguous, so a kernel that skips it skips its bytes, and a thread that
+//! computes a range of outputs reads one stretch per block column; the scales (a fifth
+//! of a Q4_1 file, a ninth of Q4_0) are read for every block column with an input kept.
 //!
 //! Arithmetic: exactly the row-major kernels' ([`super::qdot`]): the kept inputs of a
 //! block are quantized to 8 bits as the whole block with the dropped inputs zeroed would
@@ -16,15 +18,20 @@
 //! (then Q4_1's `fma(m, dx·Σq, acc)`) runs block after block. So the product equals, bit
 //! for bit, the row-major product of `x` with the dropped inputs zeroed (the tests check).
 //!
-//! Nibble order within an input's row: each 16 bytes hold 32 consecutive outputs, output
-//! `j` in the low nibble of byte `j` and output `j + 16` in the high one (ggml's order
-//! within a block), so one 128-bit load and two masks give two vectors of 16 outputs.
-
-use bytemuck::Zeroable;
+//! Products: one token over its kept inputs ([`QColMatrix::matvec_pool`]); the matrices
+//! of one input together, prepared once and in one pool job ([`matvec_group_pool`]:
+//! q/k/v, gate/up); and several tokens with every input (prefill, [`matmul_group_pool`]),
+//! each weight quad permuted once per 8 tokens. All three give each token the same bits.
+//!
+//! Nibble order within an input's 16 bytes: output `j` of the 32 in the low nibble of byte
+//! `j`, output `j + 16` in the high one (ggml's order within a block), so one 128-bit load
+//! and two masks give two vectors of 16 outputs.
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
+use super::SharedMut;
+use super::pool::ThreadPool;
 use super::qdot::{QPair, quantize_activations};
 use crate::quant::{QFormat, QK, f16_le};
 
@@ -35,7 +42,12 @@ pub struct QColMatrix {
     in_dim: usize,
     /// Per block column: `d[out]` (f16 bits), then for Q4_1 `m[out]`.
     scales: Vec<u16>,
-    /// Per input: `out / 2` bytes of nibbles.
+    /// The output tiles, as ranges of 32-output chunks: one per thread, fixed at load.
+    tiles: Vec<(usize, usize)>,
+    /// Per block column, per output tile, per input of the block: 16 bytes of nibbles per
+    /// 32 outputs of the tile. A thread computes one tile: per block column it reads one
+    /// stretch, in which each input's weights are contiguous (so a skipped input is a
+    /// skipped run of bytes, several cache lines long).
     quants: Vec<u8>,
 }
 
@@ -44,14 +56,42 @@ pub struct QColMatrix {
 pub struct QColScratch {
     block: Vec<f32>,
     pairs: Vec<QPair>,
-    /// The kept inputs of one block column (indices within it), padded to quads.
-    kept: Vec<u8>,
+    cols: Vec<PreparedColumn>,
+    /// Several tokens' columns, token after token (every block of each).
+    many: Vec<PreparedColumn>,
+}
+
+/// A block column with an input kept, ready for the kernels.
+struct PreparedColumn {
+    block: usize,
+    /// Its 8-bit activations (the block with the dropped inputs zeroed): scale, scale times
+    /// the quant sum, the integer quant sum, the quants.
+    dx: f32,
+    sx: f32,
+    qsum: i32,
+    qs: [i8; QK],
+    /// The kept inputs (indices within the block), `len` of them, a multiple of 4.
+    kept: [u8; QK],
+    len: usize,
+    /// Per quad of kept inputs: their four activation quants, as `vpdpbusd` takes them.
+    words: [i32; QK / 4],
 }
 
 impl QColMatrix {
     /// Repacks row-major GGUF blocks (`out` rows of `in / 32` blocks) without changing a
     /// value. `out` must be a multiple of 32 (every projection of the models here is).
-    pub fn from_row_major(fmt: QFormat, rows: &[u8], out_dim: usize, in_dim: usize) -> QColMatrix {
+    pub fn from_row_major(
+        fmt: QFormat,
+        rows: &[u8],
+        out_dim: usize,
+        in_dim: usize,
+        tiles: usize,
+    ) -> QColMatrix {
+        let chunks = out_dim / 32;
+        let n = tiles.clamp(1, chunks.max(1));
+        let tiles: Vec<(usize, usize)> = (0..n)
+            .map(|t| (chunks * t / n, chunks * (t + 1) / n))
+            .collect();
         assert!(matches!(fmt, QFormat::Q4_0 | QFormat::Q4_1), "{fmt:?}");
         assert!(out_dim.is_multiple_of(32) && in_dim.is_multiple_of(QK));
         let (bb, blocks) = (fmt.block_bytes(), in_dim / QK);
@@ -73,8 +113,7 @@ impl QColMatrix {
                     } else {
                         qs[k - 16] >> 4
                     };
-                    let i = b * QK + k;
-                    let byte = &mut quants[i * out_dim / 2 + (o / 32) * 16 + o % 16];
+                    let byte = &mut quants[quant_at(out_dim, &tiles, b, k, o)];
                     *byte |= if o % 32 < 16 { q } else { q << 4 };
                 }
             }
@@ -84,6 +123,7 @@ impl QColMatrix {
             out_dim,
             in_dim,
             scales,
+            tiles,
             quants,
         }
     }
@@ -103,64 +143,122 @@ impl QColMatrix {
 
     /// `out = W · x` over the inputs `kept` (ascending; None: every input), on one thread.
     pub fn matvec(&self, x: &[f32], kept: Option<&[u32]>, out: &mut [f32], s: &mut QColScratch) {
-        assert_eq!(x.len(), self.in_dim, "QColMatrix::matvec: input size");
         assert_eq!(out.len(), self.out_dim, "QColMatrix::matvec: output size");
-        if let Some(k) = kept {
-            assert!(
-                k.windows(2).all(|w| w[0] < w[1])
-                    && k.last().is_none_or(|&i| (i as usize) < self.in_dim),
-                "QColMatrix::matvec: kept inputs must ascend and lie below {}",
-                self.in_dim
-            );
+        self.prepare(x, kept, s);
+        for &(c0, c1) in &self.tiles {
+            self.columns(&s.cols, c0, c1, &mut out[c0 * 32..c1 * 32]);
         }
+    }
+
+    /// [`QColMatrix::matvec`] on `pool`: a job per output tile, each running every block
+    /// column over its own outputs; the same result on any thread count.
+    pub fn matvec_pool(
+        &self,
+        pool: &ThreadPool,
+        x: &[f32],
+        kept: Option<&[u32]>,
+        out: &mut [f32],
+        s: &mut QColScratch,
+    ) {
+        assert_eq!(out.len(), self.out_dim, "QColMatrix::matvec: output size");
+        self.prepare(x, kept, s);
+        let dst = SharedMut(out.as_mut_ptr());
+        let s = &*s;
+        pool.for_chunks(self.tiles.len(), &|c, _| {
+            let (c0, c1) = self.tiles[c];
+            // SAFETY: job c writes tile c's outputs c0 * 32 .. c1 * 32 only (the tiles are
+            // disjoint), inside `out`, which outlives the call.
+            let part =
+                unsafe { std::slice::from_raw_parts_mut(dst.get().add(c0 * 32), (c1 - c0) * 32) };
+            self.columns(&s.cols, c0, c1, part);
+        });
+    }
+
+    /// Each block column with an input kept: its 8-bit activations (the block with the
+    /// dropped inputs zeroed, quantized as the row-major kernels quantize it) and its kept
+    /// inputs padded to whole quads, into `s`.
+    fn prepare(&self, x: &[f32], kept: Option<&[u32]>, s: &mut QColScratch) {
+        prepare_input(self.in_dim, x, kept, s);
+    }
+
+    /// Tile `c0..c1`'s outputs `c0 * 32 .. c1 * 32` (into `out`, that long) from the
+    /// prepared columns.
+    fn columns(&self, cols: &[PreparedColumn], c0: usize, c1: usize, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), (c1 - c0) * 32);
         out.fill(0.0);
-        let mut next = 0;
-        for b in 0..self.in_dim / QK {
-            // This block column's kept inputs, and the block with the others zeroed.
-            s.kept.clear();
-            s.block.clear();
-            s.block.resize(QK, 0.0);
-            match kept {
-                None => {
-                    s.kept.extend(0..QK as u8);
-                    s.block.copy_from_slice(&x[b * QK..][..QK]);
-                }
-                Some(k) => {
-                    while next < k.len() && (k[next] as usize) < (b + 1) * QK {
-                        let j = k[next] as usize - b * QK;
-                        s.kept.push(j as u8);
-                        s.block[j] = x[b * QK + j];
-                        next += 1;
-                    }
-                }
+        let column = |b: usize| self.column(b);
+        #[cfg(target_arch = "x86_64")]
+        if has_vbmi_vnni() {
+            // SAFETY: checked the CPU; every prepared column's kept inputs are a multiple
+            // of 4 indices below 32, chunks c0..c1 lie in out_dim / 32 and `out` holds
+            // their (c1 - c0) * 32 floats.
+            unsafe { columns_vbmi(cols, &column, c0, c1, out) };
+            return;
+        }
+        for p in cols {
+            let col = column(p.block);
+            column_scalar(&col, p, c0, c1, out);
+        }
+    }
+
+    /// Block column `b`.
+    fn column(&self, b: usize) -> Column<'_> {
+        let per_col = self.scales_per_col();
+        Column {
+            fmt: self.fmt,
+            out_dim: self.out_dim,
+            tiles: &self.tiles,
+            scales: &self.scales[b * per_col..][..per_col],
+            quants: &self.quants[b * QK * self.out_dim / 2..][..QK * self.out_dim / 2],
+        }
+    }
+
+    /// `TOKENS` tokens' outputs `c0 * 32 .. c1 * 32` of tile `c0..c1` from their prepared
+    /// columns (`cols`: every block of token 0, then of token 1, ...), into rows of
+    /// `out_dim` at `out` (row t at `out + t * out_dim`): each token's as [`columns`]
+    /// computes it alone.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `tokens` rows of `out_dim` floats, which nothing
+    /// else accesses at outputs `c0 * 32 .. c1 * 32` during the call.
+    unsafe fn columns_many(
+        &self,
+        cols: &[PreparedColumn],
+        tokens: usize,
+        c0: usize,
+        c1: usize,
+        out: *mut f32,
+    ) {
+        let blocks = self.in_dim / QK;
+        debug_assert_eq!(cols.len(), tokens * blocks);
+        let row = |t: usize| {
+            // SAFETY: the caller's contract: row t's outputs c0 * 32 .. c1 * 32 are ours.
+            unsafe {
+                std::slice::from_raw_parts_mut(out.add(t * self.out_dim + c0 * 32), (c1 - c0) * 32)
             }
-            if s.kept.is_empty() {
-                continue;
+        };
+        let mut t = 0;
+        #[cfg(target_arch = "x86_64")]
+        if has_vbmi_vnni() {
+            while t + MANY <= tokens {
+                let rows: [&mut [f32]; MANY] = std::array::from_fn(|k| row(t + k));
+                // SAFETY: checked the CPU; each token's columns are every block of the
+                // matrix with all 32 inputs kept (a dense preparation), in block order.
+                unsafe {
+                    columns_vbmi_many(
+                        &cols[t * blocks..(t + MANY) * blocks],
+                        blocks,
+                        self,
+                        c0,
+                        c1,
+                        rows,
+                    )
+                };
+                t += MANY;
             }
-            quantize_activations(&s.block, &mut s.pairs);
-            let pair = &s.pairs[0];
-            // Pad to whole quads with an input whose quant is zero (a partial block has
-            // one: its dropped inputs were quantized as zeros; a whole block needs none).
-            let pad = (0..QK as u8)
-                .find(|&j| pair.qs[j as usize] == 0)
-                .unwrap_or(0);
-            while !s.kept.len().is_multiple_of(4) {
-                s.kept.push(pad);
-            }
-            let col = Column {
-                fmt: self.fmt,
-                out_dim: self.out_dim,
-                scales: &self.scales[b * self.scales_per_col()..][..self.scales_per_col()],
-                quants: &self.quants[b * QK * self.out_dim / 2..][..QK * self.out_dim / 2],
-            };
-            #[cfg(target_arch = "x86_64")]
-            if has_vbmi_vnni() {
-                // SAFETY: checked the CPU; `col` holds the block column's scales and 32
-                // rows of out / 2 bytes, `kept` indices below 32, `out` out_dim floats.
-                unsafe { column_vbmi(&col, &s.kept, pair, out) };
-                continue;
-            }
-            column_scalar(&col, &s.kept, pair, out);
+        }
+        for t in t..tokens {
+            self.columns(&cols[t * blocks..(t + 1) * blocks], c0, c1, row(t));
         }
     }
 
@@ -169,10 +267,187 @@ impl QColMatrix {
     }
 }
 
+/// [`QColMatrix::prepare`] for any matrix of `in_dim` inputs (the preparation does not
+/// depend on the matrix): `x` with the dropped inputs zeroed is quantized in one pass (each
+/// 32-input block on its own, so each block is as the row-major kernels quantize it), then
+/// each block with an input kept becomes a column.
+fn prepare_input(in_dim: usize, x: &[f32], kept: Option<&[u32]>, s: &mut QColScratch) {
+    assert_eq!(x.len(), in_dim, "QColMatrix::matvec: input size");
+    s.block.clear();
+    match kept {
+        None => s.block.extend_from_slice(x),
+        Some(k) => {
+            assert!(
+                k.windows(2).all(|w| w[0] < w[1])
+                    && k.last().is_none_or(|&i| (i as usize) < in_dim),
+                "QColMatrix::matvec: kept inputs must ascend and lie below {in_dim}"
+            );
+            s.block.resize(in_dim, 0.0);
+            for &i in k {
+                s.block[i as usize] = x[i as usize];
+            }
+        }
+    }
+    quantize_activations(&s.block, &mut s.pairs);
+    s.cols.clear();
+    let mut next = 0;
+    for b in 0..in_dim / QK {
+        let mut ks = [0u8; QK];
+        let mut len = 0;
+        match kept {
+            None => {
+                ks = std::array::from_fn(|j| j as u8);
+                len = QK;
+            }
+            Some(k) => {
+                while next < k.len() && (k[next] as usize) < (b + 1) * QK {
+                    ks[len] = (k[next] as usize - b * QK) as u8;
+                    len += 1;
+                    next += 1;
+                }
+            }
+        }
+        if len == 0 {
+            continue;
+        }
+        let (pair, half) = (&s.pairs[b / 2], b % 2);
+        let qs: [i8; QK] = pair.qs[half * QK..][..QK].try_into().expect("a block");
+        // Pad to whole quads with an input whose quant is zero (a partial block has one:
+        // its dropped inputs were quantized as zeros; a whole block needs none).
+        let pad = (0..QK as u8).find(|&j| qs[j as usize] == 0).unwrap_or(0);
+        while !len.is_multiple_of(4) {
+            ks[len] = pad;
+            len += 1;
+        }
+        let mut words = [0i32; QK / 4];
+        for (g, q) in ks[..len].chunks_exact(4).enumerate() {
+            words[g] = i32::from_le_bytes([0, 1, 2, 3].map(|k| qs[q[k] as usize] as u8));
+        }
+        s.cols.push(PreparedColumn {
+            block: b,
+            dx: pair.ds[2 * half],
+            sx: pair.ds[2 * half + 1],
+            qsum: pair.qsum[half],
+            qs,
+            kept: ks,
+            len,
+            words,
+        });
+    }
+}
+
+/// `outs[m] = mats[m] · x` over the inputs `kept`, for matrices that share one input (q/k/v,
+/// gate/up): the input prepared once, one pool job over every matrix's output tiles. Each
+/// output equals [`QColMatrix::matvec`]'s.
+pub fn matvec_group_pool(
+    pool: &ThreadPool,
+    mats: &[&QColMatrix],
+    x: &[f32],
+    kept: Option<&[u32]>,
+    outs: &mut [&mut [f32]],
+    s: &mut QColScratch,
+) {
+    assert_eq!(
+        mats.len(),
+        outs.len(),
+        "matvec_group_pool: one output per matrix"
+    );
+    let Some(first) = mats.first() else { return };
+    for (m, o) in mats.iter().zip(outs.iter()) {
+        assert_eq!(m.in_dim, first.in_dim, "matvec_group_pool: one input size");
+        assert_eq!(o.len(), m.out_dim, "QColMatrix::matvec: output size");
+    }
+    prepare_input(first.in_dim, x, kept, s);
+    // (matrix, tile) per job chunk, the matrices in order.
+    let jobs: Vec<(usize, usize)> = mats
+        .iter()
+        .enumerate()
+        .flat_map(|(m, mat)| (0..mat.tiles.len()).map(move |t| (m, t)))
+        .collect();
+    let dsts: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
+    let s = &*s;
+    pool.for_chunks(jobs.len(), &|c, _| {
+        let (m, t) = jobs[c];
+        let (mat, (c0, c1)) = (mats[m], mats[m].tiles[t]);
+        // SAFETY: chunk c writes tile t of output m only (outputs c0 * 32 .. c1 * 32 of
+        // outs[m], whose length is mats[m].out_dim, asserted); the tiles of one matrix are
+        // disjoint and each (m, t) is one chunk; `outs` outlives the call.
+        let part =
+            unsafe { std::slice::from_raw_parts_mut(dsts[m].get().add(c0 * 32), (c1 - c0) * 32) };
+        mat.columns(&s.cols, c0, c1, part);
+    });
+}
+
+/// Tokens per pass of the many-token kernel: each quad of weights, once permuted into
+/// place, serves this many tokens (two accumulators each).
+const MANY: usize = 8;
+
+/// `outs[m] = x · mats[m]^T` for `n` tokens (`x`: `[n, in]`, `outs[m]`: `[n, out_m]`), every
+/// input kept (prefill): each token's outputs equal [`QColMatrix::matvec`]'s bit for bit,
+/// but each weight quad is loaded and permuted once per [`MANY`] tokens. One pool job:
+/// a chunk per (matrix, tile, group of tokens).
+pub fn matmul_group_pool(
+    pool: &ThreadPool,
+    mats: &[&QColMatrix],
+    x: &[f32],
+    n: usize,
+    outs: &mut [&mut [f32]],
+    s: &mut QColScratch,
+) {
+    assert_eq!(
+        mats.len(),
+        outs.len(),
+        "matmul_group_pool: one output per matrix"
+    );
+    let Some(first) = mats.first() else { return };
+    let in_dim = first.in_dim;
+    assert_eq!(x.len(), n * in_dim, "matmul_group_pool: input size");
+    for (m, o) in mats.iter().zip(outs.iter()) {
+        assert_eq!(m.in_dim, in_dim, "matmul_group_pool: one input size");
+        assert_eq!(o.len(), n * m.out_dim, "matmul_group_pool: output size");
+    }
+    let mut many = std::mem::take(&mut s.many);
+    many.clear();
+    for xt in x.chunks_exact(in_dim) {
+        prepare_input(in_dim, xt, None, s);
+        many.append(&mut s.cols);
+    }
+    let groups = n.div_ceil(MANY);
+    let jobs: Vec<(usize, usize, usize)> = mats
+        .iter()
+        .enumerate()
+        .flat_map(|(m, mat)| {
+            (0..mat.tiles.len()).flat_map(move |t| (0..groups).map(move |g| (m, t, g)))
+        })
+        .collect();
+    let dsts: Vec<SharedMut> = outs.iter_mut().map(|o| SharedMut(o.as_mut_ptr())).collect();
+    let blocks = in_dim / QK;
+    let cols = &many[..];
+    pool.for_chunks(jobs.len(), &|c, _| {
+        let (m, t, g) = jobs[c];
+        let (mat, (c0, c1)) = (mats[m], mats[m].tiles[t]);
+        let (t0, t1) = (g * MANY, ((g + 1) * MANY).min(n));
+        // SAFETY: chunk c writes outputs c0 * 32 .. c1 * 32 of rows t0..t1 of outs[m]
+        // (n rows of out_dim, asserted) and nothing else; each (matrix, tile, group) is
+        // one chunk, the tiles of a matrix are disjoint, and `outs` outlives the call.
+        unsafe {
+            mat.columns_many(
+                &cols[t0 * blocks..t1 * blocks],
+                t1 - t0,
+                c0,
+                c1,
+                dsts[m].get().add(t0 * mat.out_dim),
+            )
+        };
+    });
+    s.many = many;
+}
+
 /// One block column of a [`QColMatrix`].
 struct Column<'a> {
     fmt: QFormat,
     out_dim: usize,
+    tiles: &'a [(usize, usize)],
     scales: &'a [u16],
     quants: &'a [u8],
 }
@@ -189,9 +464,20 @@ impl Column<'_> {
     }
 
     fn nibble(&self, input: usize, o: usize) -> i32 {
-        let byte = self.quants[input * self.out_dim / 2 + (o / 32) * 16 + o % 16];
+        let byte = self.quants[quant_at(self.out_dim, self.tiles, 0, input, o)];
         (if o % 32 < 16 { byte & 0x0f } else { byte >> 4 }) as i32
     }
+}
+
+/// Where output `o`'s nibble of input `k` of block column `b` lies in `quants` (within
+/// one block column's bytes when `b` is 0).
+fn quant_at(out_dim: usize, tiles: &[(usize, usize)], b: usize, k: usize, o: usize) -> usize {
+    let c = o / 32;
+    let &(c0, c1) = tiles
+        .iter()
+        .find(|t| t.0 <= c && c < t.1)
+        .expect("a tile per chunk");
+    b * QK * out_dim / 2 + c0 * QK * 16 + k * (c1 - c0) * 16 + (c - c0) * 16 + o % 16
 }
 
 /// The row-major kernels' `unsigned_offset`: Q4_0's nibbles are `q + 8`.
@@ -200,12 +486,12 @@ fn offset(fmt: QFormat) -> i32 {
 }
 
 /// [`column_vbmi`] in scalar code: the same integer sums and the same FMAs.
-fn column_scalar(col: &Column<'_>, kept: &[u8], x: &QPair, out: &mut [f32]) {
-    let (dx, s) = (x.ds[0], x.ds[1]);
-    for (o, acc) in out.iter_mut().enumerate() {
-        let mut isum = offset(col.fmt).wrapping_mul(x.qsum[0]);
+fn column_scalar(col: &Column<'_>, p: &PreparedColumn, c0: usize, c1: usize, out: &mut [f32]) {
+    let (dx, s, kept) = (p.dx, p.sx, &p.kept[..p.len]);
+    for (o, acc) in (c0 * 32..c1 * 32).zip(out.iter_mut()) {
+        let mut isum = offset(col.fmt).wrapping_mul(p.qsum);
         for &j in kept {
-            isum += col.nibble(j as usize, o) * x.qs[j as usize] as i32;
+            isum += col.nibble(j as usize, o) * p.qs[j as usize] as i32;
         }
         // A padding input has quant 0: the sum above counts it for nothing.
         let (d, m) = col.dm(o);
@@ -228,77 +514,180 @@ pub fn has_vbmi_vnni() -> bool {
     })
 }
 
-/// One block column into `out`: for every 32 outputs, two vectors of 16 integer sums
-/// over the kept inputs, four at a time (`vpermb` gathers four inputs' nibbles of 16
-/// outputs into the 4-byte lanes `vpdpbusd` multiplies by the four activation quants).
+/// Every prepared column into `out` (outputs `c0 * 32 .. c1 * 32`): for every 32 outputs,
+/// two vectors of 16 integer sums over the kept inputs, four at a time (`vpermb` gathers
+/// four inputs' nibbles of 16 outputs into the 4-byte lanes `vpdpbusd` multiplies by the
+/// four activation quants), then the block's FMAs; columns in ascending order.
 ///
 /// # Safety
-/// AVX-512 F/BW/VL/VBMI/VNNI and F16C; `col` as [`QColMatrix`] builds it, `kept` a
-/// multiple of 4 indices below 32, `out` `col.out_dim` floats.
+/// AVX-512 F/BW/VL/VBMI/VNNI and F16C; `column(b)` as [`QColMatrix`] builds it, every
+/// column's kept inputs a multiple of 4 indices below 32, `c0 <= c1 <= out_dim / 32`,
+/// `out` `(c1 - c0) * 32` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
-unsafe fn column_vbmi(col: &Column<'_>, kept: &[u8], x: &QPair, out: &mut [f32]) {
-    debug_assert!(kept.len().is_multiple_of(4) && out.len() == col.out_dim);
-    let row = col.out_dim / 2;
+unsafe fn columns_vbmi<'a>(
+    cols: &[PreparedColumn],
+    column: &dyn Fn(usize) -> Column<'a>,
+    c0: usize,
+    c1: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() == (c1 - c0) * 32);
+    out.fill(0.0);
     // Lane byte 4o + k takes byte 16k + o: input k's nibble of output o.
     let idx: [u8; 64] = std::array::from_fn(|i| ((i % 4) * 16 + i / 4) as u8);
-    // SAFETY: every load below reads 16 bytes at `chunk * 16` of an input row (chunk <
-    // out_dim / 32) or 16 scales at output `chunk * 32 (+ 16)`; stores write out's 32
-    // floats of the chunk; all inside the slices (sizes set by `from_row_major`).
+    // SAFETY: every load below reads 16 bytes of a kept input's run in the tile c0..c1
+    // (c1 <= out_dim / 32, the tile's layout), or 16 scales at output
+    // `chunk * 32 (+ 16)`; stores write out's 32 floats of the chunk; all inside the
+    // slices (sizes set by `from_row_major`). Prefetches stay in the next column's tile.
     unsafe {
         let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
+        // This tile's bytes in a column, and one input's run in them.
+        let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
         let nib = _mm512_set1_epi8(0x0f);
-        let init = _mm512_set1_epi32(offset(col.fmt).wrapping_mul(x.qsum[0]));
-        let (dx, s) = (_mm512_set1_ps(x.ds[0]), _mm512_set1_ps(x.ds[1]));
-        let quads = kept.len() / 4;
-        let mut words = [0i32; QK / 4];
-        let mut rows = [std::ptr::null::<u8>(); QK];
-        for (g, q) in kept.chunks_exact(4).enumerate() {
-            words[g] = i32::from_le_bytes([0, 1, 2, 3].map(|k| x.qs[q[k] as usize] as u8));
-        }
-        for (r, &j) in rows.iter_mut().zip(kept) {
-            *r = col.quants.as_ptr().add(j as usize * row);
-        }
-        for chunk in 0..col.out_dim / 32 {
-            let (mut lo, mut hi) = (init, init);
-            for (g, &w) in words[..quads].iter().enumerate() {
-                let r = &rows[4 * g..4 * g + 4];
-                let v =
-                    _mm512_castsi128_si512(_mm_loadu_si128(r[0].add(chunk * 16) as *const __m128i));
-                let v = _mm512_inserti32x4::<1>(
-                    v,
-                    _mm_loadu_si128(r[1].add(chunk * 16) as *const __m128i),
-                );
-                let v = _mm512_inserti32x4::<2>(
-                    v,
-                    _mm_loadu_si128(r[2].add(chunk * 16) as *const __m128i),
-                );
-                let v = _mm512_inserti32x4::<3>(
-                    v,
-                    _mm_loadu_si128(r[3].add(chunk * 16) as *const __m128i),
-                );
-                let wl = _mm512_permutexvar_epi8(idx, _mm512_and_si512(v, nib));
-                let wh =
-                    _mm512_permutexvar_epi8(idx, _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib));
-                let b = _mm512_set1_epi32(w);
-                lo = _mm512_dpbusd_epi32(lo, wl, b);
-                hi = _mm512_dpbusd_epi32(hi, wh, b);
-            }
-            for (half, isum) in [lo, hi].into_iter().enumerate() {
-                let o = chunk * 32 + half * 16;
-                let d = _mm512_cvtph_ps(_mm256_loadu_si256(
-                    col.scales.as_ptr().add(o) as *const __m256i
-                ));
-                let p = out.as_mut_ptr().add(o);
-                let mut acc = _mm512_loadu_ps(p);
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), acc);
-                if col.fmt == QFormat::Q4_1 {
-                    let m = _mm512_cvtph_ps(_mm256_loadu_si256(
-                        col.scales.as_ptr().add(col.out_dim + o) as *const __m256i,
-                    ));
-                    acc = _mm512_fmadd_ps(m, s, acc);
+        for (ci, p) in cols.iter().enumerate() {
+            let col = column(p.block);
+            let next = cols.get(ci + 1).map(|n| (column(n.block), n));
+            let init = _mm512_set1_epi32(offset(col.fmt).wrapping_mul(p.qsum));
+            let (dx, s) = (_mm512_set1_ps(p.dx), _mm512_set1_ps(p.sx));
+            let quads = p.len / 4;
+            let base = col.quants.as_ptr();
+            for chunk in c0..c1 {
+                // The next column's stretch, a line per kept input and chunk, spread over
+                // this column's chunks (the hardware prefetcher follows each run once it
+                // has started).
+                if let Some(n) = &next {
+                    let line = (chunk - c0) * 64;
+                    if line < tile_row {
+                        for &j in &n.1.kept[..n.1.len] {
+                            let a =
+                                n.0.quants
+                                    .as_ptr()
+                                    .add(tile_base + j as usize * tile_row + line);
+                            _mm_prefetch::<_MM_HINT_T0>(a as *const i8);
+                        }
+                    }
                 }
-                _mm512_storeu_ps(p, acc);
+                let cb = base.add(tile_base + (chunk - c0) * 16);
+                let (mut lo, mut hi) = (init, init);
+                for g in 0..quads {
+                    let q = &p.kept[4 * g..4 * g + 4];
+                    let at = |k: usize| cb.add(q[k] as usize * tile_row) as *const __m128i;
+                    let v = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
+                    let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(at(1)));
+                    let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(at(2)));
+                    let v = _mm512_inserti32x4::<3>(v, _mm_loadu_si128(at(3)));
+                    let wl = _mm512_permutexvar_epi8(idx, _mm512_and_si512(v, nib));
+                    let wh = _mm512_permutexvar_epi8(
+                        idx,
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib),
+                    );
+                    let b = _mm512_set1_epi32(p.words[g]);
+                    lo = _mm512_dpbusd_epi32(lo, wl, b);
+                    hi = _mm512_dpbusd_epi32(hi, wh, b);
+                }
+                for (half, isum) in [lo, hi].into_iter().enumerate() {
+                    let o = chunk * 32 + half * 16;
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(
+                        col.scales.as_ptr().add(o) as *const __m256i
+                    ));
+                    let po = out.as_mut_ptr().add(o - c0 * 32);
+                    let mut acc = _mm512_loadu_ps(po);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, dx), acc);
+                    if col.fmt == QFormat::Q4_1 {
+                        let m = _mm512_cvtph_ps(_mm256_loadu_si256(
+                            col.scales.as_ptr().add(col.out_dim + o) as *const __m256i,
+                        ));
+                        acc = _mm512_fmadd_ps(m, s, acc);
+                    }
+                    _mm512_storeu_ps(po, acc);
+                }
+            }
+        }
+    }
+}
+
+/// [`columns_vbmi`] for [`MANY`] tokens whose columns are every block with every input
+/// kept (`cols`: token after token, `blocks` each): each quad of weights is loaded and
+/// permuted once, then multiplied by each token's four quants; per token, the integer
+/// sums and the FMAs are [`columns_vbmi`]'s, in its order.
+///
+/// # Safety
+/// As [`columns_vbmi`]; `cols` holds `MANY * blocks` dense columns in block order, and
+/// each of `out` is `(c1 - c0) * 32` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
+unsafe fn columns_vbmi_many(
+    cols: &[PreparedColumn],
+    blocks: usize,
+    mat: &QColMatrix,
+    c0: usize,
+    c1: usize,
+    mut out: [&mut [f32]; MANY],
+) {
+    let idx: [u8; 64] = std::array::from_fn(|i| ((i % 4) * 16 + i / 4) as u8);
+    for o in out.iter_mut() {
+        debug_assert_eq!(o.len(), (c1 - c0) * 32);
+        o.fill(0.0);
+    }
+    // SAFETY: loads read 16 bytes of input k's run in tile c0..c1 of a block column (the
+    // layout `from_row_major` built: 32 inputs per column, all kept here) or 16 scales at
+    // output `chunk * 32 (+ 16)`; stores write each token's 32 floats of the chunk.
+    unsafe {
+        let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
+        let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
+        let nib = _mm512_set1_epi8(0x0f);
+        for b in 0..blocks {
+            let col = mat.column(b);
+            let p: [&PreparedColumn; MANY] = std::array::from_fn(|t| &cols[t * blocks + b]);
+            let init: [__m512i; MANY] =
+                std::array::from_fn(|t| _mm512_set1_epi32(offset(col.fmt).wrapping_mul(p[t].qsum)));
+            let base = col.quants.as_ptr();
+            for chunk in c0..c1 {
+                let cb = base.add(tile_base + (chunk - c0) * 16);
+                let (mut lo, mut hi) = (init, init);
+                for g in 0..QK / 4 {
+                    let at = |k: usize| cb.add((4 * g + k) * tile_row) as *const __m128i;
+                    let v = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
+                    let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(at(1)));
+                    let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(at(2)));
+                    let v = _mm512_inserti32x4::<3>(v, _mm_loadu_si128(at(3)));
+                    let wl = _mm512_permutexvar_epi8(idx, _mm512_and_si512(v, nib));
+                    let wh = _mm512_permutexvar_epi8(
+                        idx,
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib),
+                    );
+                    for t in 0..MANY {
+                        let w = _mm512_set1_epi32(p[t].words[g]);
+                        lo[t] = _mm512_dpbusd_epi32(lo[t], wl, w);
+                        hi[t] = _mm512_dpbusd_epi32(hi[t], wh, w);
+                    }
+                }
+                for half in 0..2 {
+                    let o = chunk * 32 + half * 16;
+                    let d = _mm512_cvtph_ps(_mm256_loadu_si256(
+                        col.scales.as_ptr().add(o) as *const __m256i
+                    ));
+                    let m = (col.fmt == QFormat::Q4_1).then(|| {
+                        _mm512_cvtph_ps(_mm256_loadu_si256(
+                            col.scales.as_ptr().add(col.out_dim + o) as *const __m256i,
+                        ))
+                    });
+                    for t in 0..MANY {
+                        let isum = if half == 0 { lo[t] } else { hi[t] };
+                        let po = out[t].as_mut_ptr().add(o - c0 * 32);
+                        let mut acc = _mm512_loadu_ps(po);
+                        acc = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(isum),
+                            _mm512_mul_ps(d, _mm512_set1_ps(p[t].dx)),
+                            acc,
+                        );
+                        if let Some(m) = m {
+                            acc = _mm512_fmadd_ps(m, _mm512_set1_ps(p[t].sx), acc);
+                        }
+                        _mm512_storeu_ps(po, acc);
+                    }
+                }
             }
         }
     }
@@ -308,8 +697,9 @@ impl QColScratch {
     pub fn new() -> QColScratch {
         QColScratch {
             block: Vec::new(),
-            pairs: vec![QPair::zeroed()],
-            kept: Vec::new(),
+            pairs: Vec::new(),
+            cols: Vec::new(),
+            many: Vec::new(),
         }
     }
 }
@@ -365,28 +755,126 @@ mod tests {
         for fmt in [QFormat::Q4_0, QFormat::Q4_1] {
             for (out_dim, in_dim) in [(32, 32), (96, 160), (576, 192), (64, 1536)] {
                 let w = blocks(fmt, out_dim, in_dim, out_dim as u64 + in_dim as u64);
-                let m = QColMatrix::from_row_major(fmt, &w, out_dim, in_dim);
-                assert_eq!(m.byte_len(), w.len(), "{fmt:?}: same bytes");
-                let x = data(in_dim, 7);
-                let mut s = QColScratch::new();
-                for keep in [1.0, 0.6, 0.3, 0.02, 0.0] {
-                    // Keep the largest |x| (as TEAL does), a fraction `keep` of them.
-                    let mut order: Vec<u32> = (0..in_dim as u32).collect();
-                    order.sort_by(|&a, &b| x[b as usize].abs().total_cmp(&x[a as usize].abs()));
-                    let mut kept: Vec<u32> = order[..(keep * in_dim as f64) as usize].to_vec();
-                    kept.sort_unstable();
-                    let kept = (keep < 1.0).then_some(&kept[..]);
-                    let want = masked_reference(fmt, &w, out_dim, &x, kept);
-                    let mut got = vec![f32::NAN; out_dim];
-                    m.matvec(&x, kept, &mut got, &mut s);
-                    assert_eq!(got, want, "{fmt:?} {out_dim}x{in_dim} keep {keep}");
-                    let mut scalar = vec![0f32; out_dim];
-                    scalar_matvec(&m, &x, kept, &mut scalar);
-                    assert_eq!(
-                        scalar, want,
-                        "{fmt:?} {out_dim}x{in_dim} keep {keep}: scalar"
-                    );
+                for tiles in [1, 2, 3] {
+                    let m = QColMatrix::from_row_major(fmt, &w, out_dim, in_dim, tiles);
+                    assert_eq!(m.byte_len(), w.len(), "{fmt:?}: same bytes");
+                    let x = data(in_dim, 7);
+                    let mut s = QColScratch::new();
+                    for keep in [1.0, 0.6, 0.3, 0.02, 0.0] {
+                        // Keep the largest |x| (as TEAL does), a fraction `keep` of them.
+                        let mut order: Vec<u32> = (0..in_dim as u32).collect();
+                        order.sort_by(|&a, &b| x[b as usize].abs().total_cmp(&x[a as usize].abs()));
+                        let mut kept: Vec<u32> = order[..(keep * in_dim as f64) as usize].to_vec();
+                        kept.sort_unstable();
+                        let kept = (keep < 1.0).then_some(&kept[..]);
+                        let want = masked_reference(fmt, &w, out_dim, &x, kept);
+                        let mut got = vec![f32::NAN; out_dim];
+                        m.matvec(&x, kept, &mut got, &mut s);
+                        assert_eq!(got, want, "{fmt:?} {out_dim}x{in_dim} keep {keep}");
+                        for pool in [1, 2, 3].map(crate::kernels::pool::ThreadPool::new) {
+                            let mut par = vec![f32::NAN; out_dim];
+                            m.matvec_pool(&pool, &x, kept, &mut par, &mut s);
+                            assert_eq!(
+                                par,
+                                want,
+                                "{fmt:?} {out_dim}x{in_dim} keep {keep}: {} threads",
+                                pool.threads()
+                            );
+                        }
+                        let mut scalar = vec![0f32; out_dim];
+                        scalar_matvec(&m, &x, kept, &mut scalar);
+                        assert_eq!(
+                            scalar, want,
+                            "{fmt:?} {out_dim}x{in_dim} keep {keep}: scalar"
+                        );
+                    }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_product_equals_each_matrix_alone_at_1_to_3_threads() {
+        // q/k/v-like: one input, three output sizes, mixed formats and tile counts.
+        let in_dim = 192;
+        let shapes = [
+            (QFormat::Q4_1, 96, 2),
+            (QFormat::Q4_0, 32, 1),
+            (QFormat::Q4_1, 64, 3),
+        ];
+        let ws: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&(f, o, _)| blocks(f, o, in_dim, o as u64 * 3))
+            .collect();
+        let mats: Vec<QColMatrix> = shapes
+            .iter()
+            .zip(&ws)
+            .map(|(&(f, o, t), w)| QColMatrix::from_row_major(f, w, o, in_dim, t))
+            .collect();
+        let refs: Vec<&QColMatrix> = mats.iter().collect();
+        let x = data(in_dim, 11);
+        let kept: Vec<u32> = (0..in_dim as u32).filter(|i| i % 3 != 1).collect();
+        let mut s = QColScratch::new();
+        for kept in [None, Some(&kept[..])] {
+            let want: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|m| {
+                    let mut y = vec![0f32; m.out_dim()];
+                    m.matvec(&x, kept, &mut y, &mut s);
+                    y
+                })
+                .collect();
+            for pool in [1, 2, 3].map(crate::kernels::pool::ThreadPool::new) {
+                let mut got: Vec<Vec<f32>> =
+                    mats.iter().map(|m| vec![f32::NAN; m.out_dim()]).collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| &mut v[..]).collect();
+                matvec_group_pool(&pool, &refs, &x, kept, &mut outs, &mut s);
+                assert_eq!(
+                    got,
+                    want,
+                    "{} threads, kept {}",
+                    pool.threads(),
+                    kept.is_some()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_many_token_product_equals_each_token_alone_at_1_to_3_threads() {
+        let in_dim = 96;
+        let shapes = [(QFormat::Q4_1, 64, 2), (QFormat::Q4_0, 96, 3)];
+        let ws: Vec<Vec<u8>> = shapes
+            .iter()
+            .map(|&(f, o, _)| blocks(f, o, in_dim, o as u64 + 5))
+            .collect();
+        let mats: Vec<QColMatrix> = shapes
+            .iter()
+            .zip(&ws)
+            .map(|(&(f, o, t), w)| QColMatrix::from_row_major(f, w, o, in_dim, t))
+            .collect();
+        let refs: Vec<&QColMatrix> = mats.iter().collect();
+        let mut s = QColScratch::new();
+        for n in [1, 7, 8, 9, 17] {
+            let x = data(n * in_dim, n as u64);
+            let want: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|m| {
+                    let mut y = vec![0f32; n * m.out_dim()];
+                    for (xt, yt) in x.chunks_exact(in_dim).zip(y.chunks_exact_mut(m.out_dim())) {
+                        m.matvec(xt, None, yt, &mut s);
+                    }
+                    y
+                })
+                .collect();
+            for pool in [1, 2, 3].map(crate::kernels::pool::ThreadPool::new) {
+                let mut got: Vec<Vec<f32>> = mats
+                    .iter()
+                    .map(|m| vec![f32::NAN; n * m.out_dim()])
+                    .collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| &mut v[..]).collect();
+                matmul_group_pool(&pool, &refs, &x, n, &mut outs, &mut s);
+                assert_eq!(got, want, "{n} tokens, {} threads", pool.threads());
             }
         }
     }
@@ -394,28 +882,18 @@ mod tests {
     /// [`QColMatrix::matvec`] forced onto the scalar column kernel.
     fn scalar_matvec(m: &QColMatrix, x: &[f32], kept: Option<&[u32]>, out: &mut [f32]) {
         out.fill(0.0);
-        for b in 0..m.in_dim / QK {
-            let mut block = vec![0f32; QK];
-            let mut ks: Vec<u8> = Vec::new();
-            for (j, v) in block.iter_mut().enumerate() {
-                let i = (b * QK + j) as u32;
-                if kept.is_none_or(|k| k.contains(&i)) {
-                    *v = x[i as usize];
-                    ks.push(j as u8);
-                }
-            }
-            if ks.is_empty() {
-                continue;
-            }
-            let mut pairs = Vec::new();
-            quantize_activations(&block, &mut pairs);
+        let mut s = QColScratch::new();
+        prepare_input(m.in_dim, x, kept, &mut s);
+        for p in &s.cols {
+            let b = p.block;
             let col = Column {
                 fmt: m.fmt,
                 out_dim: m.out_dim,
+                tiles: &m.tiles,
                 scales: &m.scales[b * m.scales_per_col()..][..m.scales_per_col()],
                 quants: &m.quants[b * QK * m.out_dim / 2..][..QK * m.out_dim / 2],
             };
-            column_scalar(&col, &ks, &pairs[0], out);
+            column_scalar(&col, p, 0, m.out_dim / 32, out);
         }
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::kernels::input_major::{InputMajorScratch, matmul_input_major, matvec_input_major};
 use crate::kernels::ops::{self, RopeTable};
+use crate::kernels::qcols::{QColMatrix, QColScratch, matmul_group_pool, matvec_group_pool};
 use crate::kernels::{self, ThreadPool, WeightView};
 use crate::loader::WeightSource;
 use crate::model::config::{Activation, ModelConfig, RopeStyle};
@@ -28,7 +29,8 @@ pub enum WeightLayout {
     #[default]
     RowMajor,
     /// `[in, out]`: a row per input, so that input sparsity (TEAL/WINA) reads only the
-    /// rows of the inputs it keeps. Float dtypes and Q8_0.
+    /// rows of the inputs it keeps. Float dtypes and Q8_0; Q4_0 and Q4_1 blocks are held
+    /// by input column instead, losslessly ([`crate::kernels::qcols`]).
     InputMajor,
     /// Row-major, except the MLP's down projection held input-major (`[inter, hidden]`,
     /// a row per neuron): the rows the MLP-neuron sparse modes read, so that they need no
@@ -38,14 +40,84 @@ pub enum WeightLayout {
     DownInputMajor,
 }
 
+/// How the loader holds one planned matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    AsStored,
+    /// Transposed into the weight arena (`Linear::input_major`).
+    Transposed,
+    /// Q4_0/Q4_1 repacked by input column (`Linear::by_column`).
+    ByColumn,
+}
+
 /// A linear layer `y = x · W^T` with `W: [out, in]`, held as `W` (`weight` is `[out, in]`)
 /// or input-major (`weight` is `W^T`, `[in, out]`; see [`WeightLayout`]).
 pub struct Linear {
     pub weight: Matrix,
     pub input_major: bool,
+    /// Q4_0/Q4_1 blocks held by input column: the products run on this, and `weight` (the
+    /// file's row-major blocks, memory-mapped, pages released) is read only by code that
+    /// wants one output's row.
+    pub by_column: Option<QColMatrix>,
 }
 
 impl Linear {
+    /// Whether the layer computes over a subset of its inputs (input sparsity).
+    pub fn takes_kept(&self) -> bool {
+        self.input_major || self.by_column.is_some()
+    }
+
+    /// `outs[m] = x · lins[m]^T` over the inputs `kept` for layers that share one input
+    /// (q/k/v, gate/up), when every one is held by column: the input prepared once per
+    /// token and one pool job per token for all of them. Returns false (nothing done)
+    /// otherwise.
+    pub fn project_group(
+        pool: &ThreadPool,
+        lins: &[&Linear],
+        x: &[f32],
+        n: usize,
+        outs: &mut [&mut [f32]],
+        kept: Option<&[u32]>,
+        scratch: &mut InputMajorScratch,
+    ) -> bool {
+        let Some(mats) = lins
+            .iter()
+            .map(|l| l.by_column.as_ref())
+            .collect::<Option<Vec<&QColMatrix>>>()
+        else {
+            return false;
+        };
+        assert!(kept.is_none() || n == 1, "input sparsity needs one token");
+        if n > 1 {
+            matmul_group_pool(
+                pool,
+                &mats,
+                &x[..n * mats[0].in_dim()],
+                n,
+                outs,
+                scratch.qcols(),
+            );
+            return true;
+        }
+        let width = mats[0].in_dim();
+        for t in 0..n {
+            let mut rows: Vec<&mut [f32]> = outs
+                .iter_mut()
+                .zip(&mats)
+                .map(|(o, m)| &mut o[t * m.out_dim()..(t + 1) * m.out_dim()])
+                .collect();
+            matvec_group_pool(
+                pool,
+                &mats,
+                &x[t * width..(t + 1) * width],
+                kept,
+                &mut rows,
+                scratch.qcols(),
+            );
+        }
+        true
+    }
+
     pub fn out_features(&self) -> usize {
         if self.input_major {
             self.weight.cols
@@ -64,7 +136,17 @@ impl Linear {
     /// x: [n, in] -> out: [n, out].
     pub fn forward(&self, pool: &ThreadPool, x: &[f32], n: usize, out: &mut [f32]) {
         let w = &self.weight;
-        if self.input_major {
+        if let Some(c) = &self.by_column {
+            let (i, o) = (c.in_dim(), c.out_dim());
+            matmul_group_pool(
+                pool,
+                &[c],
+                &x[..n * i],
+                n,
+                &mut [&mut out[..n * o]],
+                &mut QColScratch::new(),
+            );
+        } else if self.input_major {
             matmul_input_major(pool, w.view(), w.rows, w.cols, x, n, out);
         } else {
             kernels::matmul(pool, w.view(), w.rows, w.cols, x, n, out);
@@ -101,6 +183,20 @@ impl Linear {
         scratch: &mut InputMajorScratch,
     ) {
         let w = &self.weight;
+        if let Some(c) = &self.by_column {
+            let s = scratch.qcols();
+            match kept {
+                Some(kept) => {
+                    assert_eq!(n, 1, "input sparsity needs one token");
+                    c.matvec_pool(pool, x, Some(kept), out, s);
+                }
+                None => {
+                    let (i, o) = (c.in_dim(), c.out_dim());
+                    matmul_group_pool(pool, &[c], &x[..n * i], n, &mut [&mut out[..n * o]], s);
+                }
+            }
+            return;
+        }
         match kept {
             Some(kept) => {
                 assert!(
@@ -370,9 +466,11 @@ impl Llama {
         let down_input_major = layout == WeightLayout::DownInputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut plan = WeightPlan::default();
-        // The file ranges of the matrices held transposed (copied into the plan's arena).
+        // The file ranges of the matrices held transposed (copied into the plan's arena)
+        // or by column (repacked below).
         let mut copied = Vec::new();
-        let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<bool> {
+        let mut repacked = std::collections::VecDeque::new();
+        let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<Held> {
             let raw = src.tensor(name)?;
             if raw.shape != [rows, cols] {
                 return Err(raw.error(format!("shape {:?}, expected [{rows}, {cols}]", raw.shape)));
@@ -380,24 +478,33 @@ impl Llama {
             let held = dtype.resolve(raw.dtype);
             // DownInputMajor asks for a float down projection only (see there).
             let transpose = transpose && !(down_input_major && held.qformat().is_some());
+            if transpose && matches!(held, DType::Q4_0 | DType::Q4_1) && rows.is_multiple_of(32) {
+                // Held by input column, the same numbers (`kernels::qcols`); the file's
+                // pages are released as each matrix is repacked, so that the load's peak
+                // holds one matrix twice, not all of them.
+                repacked.push_back((Arc::clone(&raw.map), raw.offset, raw.len));
+                plan.add(raw, rows, cols, held)?;
+                return Ok(Held::ByColumn);
+            }
             if transpose {
-                // Q8_0 is re-quantized along the inputs' rows at +0.35% perplexity; 4- and
-                // 5-bit blocks would cost x1.06-x1.19 that way, and skipping whole blocks in
-                // place x5 (docs/sparsity.md), so those are refused.
+                // Q8_0 is re-quantized along the inputs' rows at +0.35% perplexity; 5-bit
+                // blocks would cost x1.06 that way, and skipping whole blocks in place x5
+                // (docs/sparsity.md), so those are refused.
                 if held.qformat().is_some() && held != DType::Q8_0 {
                     return Err(Error::Input(format!(
-                        "input sparsity needs float or q8_0 weights, but {name} would be held \
-                         as {} (--dtype {}): use --dtype bf16, f32 or f16",
+                        "input sparsity needs float, q8_0, q4_0 or q4_1 weights, but {name} \
+                         would be held as {} (--dtype {}): use --dtype bf16, f32 or f16",
                         held.name(),
                         dtype.name()
                     )));
                 }
                 copied.push((Arc::clone(&raw.map), raw.offset, raw.len));
                 plan.add_transposed(raw, rows, cols, held)?;
+                Ok(Held::Transposed)
             } else {
                 plan.add(raw, rows, cols, held)?;
+                Ok(Held::AsStored)
             }
-            Ok(transpose)
         };
         add("model.embed_tokens.weight", c.vocab_size, h, false)?;
         const PARTS: [&str; 7] = [
@@ -411,7 +518,7 @@ impl Llama {
         ];
         let dims = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)];
         // Whether each planned matrix is held transposed, in plan order.
-        let mut transposed = vec![false];
+        let mut transposed = vec![Held::AsStored];
         for l in 0..c.num_layers {
             for (part, (rows, cols)) in PARTS.iter().zip(dims) {
                 let down = *part == "mlp.down_proj";
@@ -438,10 +545,26 @@ impl Llama {
         let identity = source_identity(src, &c)?;
         let mut mats = plan.finish(pool)?.into_iter().zip(transposed);
         let mut next = || {
-            let (weight, input_major) = mats.next().expect("one matrix per planned tensor");
+            let (weight, held) = mats.next().expect("one matrix per planned tensor");
+            let by_column = (held == Held::ByColumn).then(|| {
+                let m = match weight.view() {
+                    WeightView::Quant(fmt, bytes) => QColMatrix::from_row_major(
+                        fmt,
+                        bytes,
+                        weight.rows,
+                        weight.cols,
+                        pool.threads(),
+                    ),
+                    _ => unreachable!("only Q4_0/Q4_1 are held by column"),
+                };
+                let (map, offset, len) = repacked.pop_front().expect("a range per repack");
+                kernels::release_pages(&map, offset, len);
+                m
+            });
             Linear {
                 weight,
-                input_major,
+                input_major: held == Held::Transposed,
+                by_column,
             }
         };
         let embed_tokens = next().weight;
@@ -536,7 +659,7 @@ impl Llama {
     /// How the layers' projections are held.
     pub fn layout(&self) -> WeightLayout {
         match self.layers.first() {
-            Some(l) if l.self_attn.q_proj.input_major => WeightLayout::InputMajor,
+            Some(l) if l.self_attn.q_proj.takes_kept() => WeightLayout::InputMajor,
             Some(l) if l.mlp.down_proj.input_major => WeightLayout::DownInputMajor,
             _ => WeightLayout::RowMajor,
         }
@@ -763,7 +886,7 @@ impl Llama {
                 Seqs::One(cache) => cache.append_rows(li, n),
                 Seqs::Many(_) => (grow(k_new, n * kv_dim), grow(v_new, n * kv_dim)),
             };
-            if a.q_proj.input_major {
+            if a.q_proj.takes_kept() {
                 let mask = input_mask(&mut mlp, li, InputGroup::Qkv, xn, n);
                 timer.end(Phase::Threshold);
                 let kept = mask.kept();
@@ -786,7 +909,17 @@ impl Llama {
                     }
                     _ => false,
                 };
-                if !packed {
+                if !packed
+                    && !Linear::project_group(
+                        pool,
+                        &[&a.q_proj, &a.k_proj, &a.v_proj],
+                        xn,
+                        n,
+                        &mut [&mut *q, &mut *k, &mut *v],
+                        kept,
+                        im,
+                    )
+                {
                     a.q_proj.project(pool, xn, n, q, kept, im);
                     a.k_proj.project(pool, xn, n, k, kept, im);
                     a.v_proj.project(pool, xn, n, v, kept, im);
@@ -846,7 +979,7 @@ impl Llama {
                 }
             }
             timer.end(Phase::Attention);
-            if a.o_proj.input_major {
+            if a.o_proj.takes_kept() {
                 let mask = input_mask(&mut mlp, li, InputGroup::O, att, n);
                 timer.end(Phase::Threshold);
                 a.o_proj.project(pool, att, n, tmp, mask.kept(), im);
@@ -904,12 +1037,23 @@ impl Llama {
                     m.down_proj.input_major,
                 );
                 timer.end(Phase::Down);
-            } else if m.gate_proj.input_major {
+            } else if m.gate_proj.takes_kept() {
                 let (g, u) = (grow(g, n * inter), grow(u, n * inter));
                 let mask = input_mask(&mut mlp, li, InputGroup::GateUp, xn, n);
                 timer.end(Phase::Threshold);
-                m.gate_proj.project(pool, xn, n, g, mask.kept(), im);
-                m.up_proj.project(pool, xn, n, u, mask.kept(), im);
+                let kept = mask.kept();
+                if !Linear::project_group(
+                    pool,
+                    &[&m.gate_proj, &m.up_proj],
+                    xn,
+                    n,
+                    &mut [&mut *g, &mut *u],
+                    kept,
+                    im,
+                ) {
+                    m.gate_proj.project(pool, xn, n, g, kept, im);
+                    m.up_proj.project(pool, xn, n, u, kept, im);
+                }
                 timer.end(Phase::GateUp);
                 ops::act_mul_par(pool, m.activation, g, u);
                 timer.end(Phase::SiluMul);

@@ -345,11 +345,22 @@ fn column_norms(model: &Llama) -> Vec<[Vec<f32>; 4]> {
         let n = ls[0].in_features();
         let mut acc = vec![0f64; n];
         for lin in ls {
-            let mut row = vec![0f32; lin.out_features()];
-            for (i, a) in acc.iter_mut().enumerate() {
-                // Input-major: row i of the held matrix is input i's weights.
-                lin.weight.row_to_f32(i, &mut row);
-                *a += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+            if lin.input_major {
+                let mut row = vec![0f32; lin.out_features()];
+                for (i, a) in acc.iter_mut().enumerate() {
+                    // Input-major: row i of the held matrix is input i's weights.
+                    lin.weight.row_to_f32(i, &mut row);
+                    *a += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+                }
+            } else {
+                // Held by column (Q4): `weight` keeps the file's rows, one per output.
+                let mut row = vec![0f32; n];
+                for r in 0..lin.out_features() {
+                    lin.weight.row_to_f32(r, &mut row);
+                    for (a, &v) in acc.iter_mut().zip(&row) {
+                        *a += (v as f64) * (v as f64);
+                    }
+                }
             }
         }
         acc.into_iter().map(|v| v.sqrt() as f32).collect()

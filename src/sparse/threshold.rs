@@ -1,6 +1,7 @@
 //! Threshold rules: which neurons of one layer stay active for one token, given their
 //! scores. Owns the SPEC grammar (`off`, `sigma:K`, `density:D`, `calibrated`).
 
+use crate::kernels::ops::{count_at_least, indices_at_least};
 use std::fmt;
 use std::str::FromStr;
 
@@ -124,11 +125,12 @@ impl Threshold {
     }
 }
 
-/// The `k` highest-scoring indices, ascending, in O(n) (select_nth, not a sort of all n).
-/// Order: score descending (`total_cmp`), then index ascending, a total order, so the set
-/// is exactly `k` and deterministic even with ties. Each candidate is one u64 key (the
-/// score's total-order bits inverted, then the index), so the selection compares plain
-/// integers instead of indirecting through the scores.
+/// The `k` highest-scoring indices, ascending, in O(n) (no sort). Order: score
+/// descending (`total_cmp`), then index ascending, a total order, so the set is exactly
+/// `k` and deterministic even with ties. The k-th score is found by bisection on the
+/// scores' total-order bits (at most 32 vectorised counting passes over `n` integers held
+/// in `keys`); a last scan lists the indices above it, and as many of those equal to it
+/// as the count asks for, lowest index first.
 pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec<u32>) {
     out.clear();
     let n = scores.len();
@@ -140,32 +142,112 @@ pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec
         return;
     }
     keys.clear();
-    keys.extend(scores.iter().enumerate().map(|(i, &v)| {
-        // total_cmp's order as an unsigned integer: flip all bits of negatives, the sign
-        // bit of the rest; then invert for descending scores.
-        let b = v.to_bits();
-        let ord = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
-        ((!ord as u64) << 32) | i as u64
-    }));
-    let (_, &mut kth, _) = keys.select_nth_unstable(k - 1);
-    // Keys are distinct (the index is part of each), so exactly k are <= the k-th; a scan
-    // lists them in ascending index order (gathers walk memory forward) without a sort.
-    out.extend(
-        scores
-            .iter()
-            .enumerate()
-            .filter(|&(i, &v)| {
-                let b = v.to_bits();
-                let ord = if b >> 31 == 1 { !b } else { b | 0x8000_0000 };
-                (((!ord as u64) << 32) | i as u64) <= kth
-            })
-            .map(|(i, _)| i as u32),
-    );
+    keys.resize(n.div_ceil(2), 0);
+    let ords = &mut bytemuck::cast_slice_mut::<u64, u32>(keys)[..n];
+    let (mut lo, mut hi) = (u32::MAX, 0u32);
+    for (o, &v) in ords.iter_mut().zip(scores) {
+        *o = order_bits(v);
+        lo = lo.min(*o);
+        hi = hi.max(*o);
+    }
+    // The largest t with at least k scores >= t: the k-th score's bits.
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if count_at_least(ords, mid) >= k {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let kth = lo;
+    // Of the scores equal to the k-th, the lowest indices fill the count: usually that
+    // is all of them (one compress pass), else a scan takes the first few.
+    let mut ties = k - if kth == u32::MAX {
+        0
+    } else {
+        count_at_least(ords, kth + 1)
+    };
+    if count_at_least(ords, kth) == k {
+        return indices_at_least(ords, kth, out);
+    }
+    for (i, &o) in ords.iter().enumerate() {
+        if o > kth {
+            out.push(i as u32);
+        } else if o == kth && ties > 0 {
+            ties -= 1;
+            out.push(i as u32);
+        }
+    }
+}
+
+/// `total_cmp`'s order as an unsigned integer: all bits of negatives flipped, the sign
+/// bit of the rest set.
+#[inline]
+fn order_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
+/// The selection [`select_top_k`] makes, by sorting (the tests' reference).
+#[cfg(test)]
+fn select_top_k_sorted(scores: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx.sort_unstable();
+    idx
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn radix_selection_equals_the_sorted_one_with_ties_signs_and_nans() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut keys, mut out) = (Vec::new(), Vec::new());
+        for n in [1usize, 2, 3, 17, 64, 577, 1536] {
+            for case in 0..6 {
+                let scores: Vec<f32> = (0..n)
+                    .map(|_| {
+                        let r = next();
+                        match case {
+                            // Few distinct values: many ties.
+                            0 => (r % 4) as f32,
+                            // Signed, spread over exponents.
+                            1 => f32::from_bits(
+                                (r as u32 & 0x3fff_ffff) | ((r >> 40) as u32 & 1) << 31,
+                            ),
+                            // Values close together (one top byte).
+                            2 => 1.0 + (r % 1000) as f32 * 1e-6,
+                            3 if r % 7 == 0 => f32::NAN,
+                            3 if r % 11 == 0 => -0.0,
+                            4 => 0.0,
+                            _ => (r % 100_000) as f32 / 997.0,
+                        }
+                    })
+                    .collect();
+                for k in [0, 1, n / 3, n / 2, n.saturating_sub(1), n] {
+                    select_top_k(&scores, k, &mut keys, &mut out);
+                    assert_eq!(
+                        out,
+                        select_top_k_sorted(&scores, k),
+                        "n {n} case {case} k {k}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn parses_specs() {

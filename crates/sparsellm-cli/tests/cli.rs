@@ -1780,11 +1780,28 @@ fn input_sparsity_through_the_binary() {
     assert_eq!(v["mlp_density"].as_f64(), Some(1.0));
     let w = v["weight_bytes_ratio"].as_f64().unwrap();
     assert!(w > 0.6 && w < 0.9, "weight bytes x{w}");
-    // Quantized weights cannot be held input-major: one line naming the fix.
+    // Q4_1 (the default file) is held by input column, natively.
+    let o = run(args![
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "8",
+        "--sparsity",
+        "teal:0.3",
+        "--json"
+    ]);
+    assert_eq!(o.code, Some(0), "{o:?}");
+    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("json");
+    let d = v["input_density"].as_f64().unwrap();
+    assert!((d - 0.7).abs() < 0.01, "Q4_1: inputs kept {d}");
+    // K-quant blocks cannot be held by input: one line naming the fix.
     let o = run(args![
         "generate",
         "--prompt",
         "hi",
+        "--model",
+        "gemma3-270m",
         "--sparsity",
         "teal:0.3"
     ]);
