@@ -4,7 +4,7 @@
 //!     cargo run --release --example teal_time -- MODEL DTYPE THREADS RUNS SPEC [PREDICTOR]
 //!
 //! e.g. `... models/SmolLM2-135M-Instruct.Q4_1.gguf bf16 2 7 teal:calibrated p.safetensors`
-//! (DTYPE: native, f32, bf16 or f16; native works for float and Q8_0 files).
+//! (DTYPE: native, f32, bf16 or f16; native works for float, Q8_0, Q4_0 and Q4_1 files).
 //! Each run: a 128-token prefill (GPL-3 is not needed: fixed ids) and 64 greedy decode
 //! steps per mode. Prints medians and ranges per mode, and the ratios of medians.
 

@@ -544,7 +544,6 @@ unsafe fn columns_vbmi<'a>(
         let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
         // This tile's bytes in a column, and one input's run in them.
         let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
-        let nib = _mm512_set1_epi8(0x0f);
         for (ci, p) in cols.iter().enumerate() {
             let col = column(p.block);
             let next = cols.get(ci + 1).map(|n| (column(n.block), n));
@@ -572,15 +571,9 @@ unsafe fn columns_vbmi<'a>(
                 let (mut lo, mut hi) = (init, init);
                 for g in 0..quads {
                     let q = &p.kept[4 * g..4 * g + 4];
-                    let at = |k: usize| cb.add(q[k] as usize * tile_row) as *const __m128i;
-                    let v = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
-                    let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(at(1)));
-                    let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(at(2)));
-                    let v = _mm512_inserti32x4::<3>(v, _mm_loadu_si128(at(3)));
-                    let wl = _mm512_permutexvar_epi8(idx, _mm512_and_si512(v, nib));
-                    let wh = _mm512_permutexvar_epi8(
+                    let (wl, wh) = quad_nibbles(
+                        std::array::from_fn(|k| cb.add(q[k] as usize * tile_row)),
                         idx,
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib),
                     );
                     let b = _mm512_set1_epi32(p.words[g]);
                     lo = _mm512_dpbusd_epi32(lo, wl, b);
@@ -605,6 +598,31 @@ unsafe fn columns_vbmi<'a>(
             }
         }
     }
+}
+
+/// Four inputs' nibbles of 16 outputs (16 bytes at each of `rows`) as `vpdpbusd`'s
+/// lanes: lane byte `4o + k` holds input k's weight of output o, low nibbles (outputs
+/// 0..16 of the 32) in the first vector, high nibbles (16..32) in the second.
+///
+/// # Safety
+/// AVX-512 F/BW/VBMI; each of `rows` readable for 16 bytes; `idx` the permutation
+/// `idx[4o + k] = 16k + o`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+#[inline]
+unsafe fn quad_nibbles(rows: [*const u8; 4], idx: __m512i) -> (__m512i, __m512i) {
+    let nib = _mm512_set1_epi8(0x0f);
+    // SAFETY: the caller's contract: 16 readable bytes at each row.
+    let v = unsafe {
+        let at = |k: usize| rows[k] as *const __m128i;
+        let v = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
+        let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(at(1)));
+        let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(at(2)));
+        _mm512_inserti32x4::<3>(v, _mm_loadu_si128(at(3)))
+    };
+    let lo = _mm512_permutexvar_epi8(idx, _mm512_and_si512(v, nib));
+    let hi = _mm512_permutexvar_epi8(idx, _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib));
+    (lo, hi)
 }
 
 /// [`columns_vbmi`] for [`MANY`] tokens whose columns are every block with every input
@@ -636,7 +654,6 @@ unsafe fn columns_vbmi_many(
     unsafe {
         let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
         let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
-        let nib = _mm512_set1_epi8(0x0f);
         for b in 0..blocks {
             let col = mat.column(b);
             let p: [&PreparedColumn; MANY] = std::array::from_fn(|t| &cols[t * blocks + b]);
@@ -647,16 +664,8 @@ unsafe fn columns_vbmi_many(
                 let cb = base.add(tile_base + (chunk - c0) * 16);
                 let (mut lo, mut hi) = (init, init);
                 for g in 0..QK / 4 {
-                    let at = |k: usize| cb.add((4 * g + k) * tile_row) as *const __m128i;
-                    let v = _mm512_castsi128_si512(_mm_loadu_si128(at(0)));
-                    let v = _mm512_inserti32x4::<1>(v, _mm_loadu_si128(at(1)));
-                    let v = _mm512_inserti32x4::<2>(v, _mm_loadu_si128(at(2)));
-                    let v = _mm512_inserti32x4::<3>(v, _mm_loadu_si128(at(3)));
-                    let wl = _mm512_permutexvar_epi8(idx, _mm512_and_si512(v, nib));
-                    let wh = _mm512_permutexvar_epi8(
-                        idx,
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(v), nib),
-                    );
+                    let (wl, wh) =
+                        quad_nibbles(std::array::from_fn(|k| cb.add((4 * g + k) * tile_row)), idx);
                     for t in 0..MANY {
                         let w = _mm512_set1_epi32(p[t].words[g]);
                         lo[t] = _mm512_dpbusd_epi32(lo[t], wl, w);

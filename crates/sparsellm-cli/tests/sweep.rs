@@ -156,7 +156,7 @@ fn sweep_writes_table_json_and_plot() {
     let report: sparsellm::sweep::SweepReport =
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap())
             .expect("sweep.json reads back");
-    assert_eq!(report.rows.len(), 2);
+    assert_eq!(report.rows.len(), 3);
     let again = out.join("again.png");
     sparsellm::sweep::plot(&report, &again).unwrap();
     assert!(
