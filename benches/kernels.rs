@@ -10,20 +10,9 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use sparsellm::kernels::dot::f32_to_bf16;
+use sparsellm::kernels::test_data::data;
 use sparsellm::kernels::{WeightView, matmul, matvec, pool};
 use sparsellm::quant::{QFormat, quantize};
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn linear(c: &mut Criterion) {
     let pool = pool::global();

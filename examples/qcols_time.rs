@@ -10,23 +10,12 @@ use std::time::Instant;
 
 use sparsellm::kernels::qcols::{QColMatrix, QColScratch};
 use sparsellm::kernels::qdot::{quantize_activations, rows_q};
+use sparsellm::kernels::test_data::data;
 use sparsellm::quant::{QFormat, QK};
-
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn q4_1(out_dim: usize, in_dim: usize, seed: u64) -> Vec<u8> {
     let n = out_dim * in_dim / QK;
-    let v = noise(n * 20, seed);
+    let v = data(n * 20, seed);
     let mut w = vec![0u8; n * 20];
     for (b, blk) in w.chunks_exact_mut(20).enumerate() {
         let d = half::f16::from_f32(0.01 + v[b * 20].abs() * 0.02).to_bits();
@@ -60,7 +49,7 @@ fn main() {
     let xs: Vec<Vec<f32>> = shapes
         .iter()
         .enumerate()
-        .map(|(i, &(_, k))| noise(k, 1000 + i as u64))
+        .map(|(i, &(_, k))| data(k, 1000 + i as u64))
         .collect();
     let kept_at = |frac: f64| -> Vec<Vec<u32>> {
         xs.iter()

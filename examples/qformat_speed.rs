@@ -9,19 +9,8 @@
 use std::time::Instant;
 
 use sparsellm::kernels::qdot::{QPair, quantize_activations, rows_q, rows_q_tokens};
+use sparsellm::kernels::test_data::data;
 use sparsellm::quant::{QFormat, quantize};
-
-fn data(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
 
 fn best(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -128,9 +128,10 @@ impl SharedMut {
     }
 }
 
-/// Deterministic test inputs shared by the kernels' tests.
-#[cfg(test)]
-pub(crate) mod test_data {
+/// Deterministic test inputs shared by the kernels' tests, the examples and the
+/// benchmarks (not part of the engine's API).
+#[doc(hidden)]
+pub mod test_data {
     /// `n` values in [-1, 1) from a seeded xorshift.
     pub fn data(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;

@@ -54,7 +54,8 @@ pub struct QColMatrix {
 /// Reusable buffers of [`QColMatrix::matvec`].
 #[derive(Default)]
 pub struct QColScratch {
-    block: Vec<f32>,
+    /// The input with the dropped inputs zeroed.
+    masked: Vec<f32>,
     pairs: Vec<QPair>,
     cols: Vec<PreparedColumn>,
     /// Several tokens' columns, token after token (every block of each).
@@ -144,7 +145,7 @@ impl QColMatrix {
     /// `out = W · x` over the inputs `kept` (ascending; None: every input), on one thread.
     pub fn matvec(&self, x: &[f32], kept: Option<&[u32]>, out: &mut [f32], s: &mut QColScratch) {
         assert_eq!(out.len(), self.out_dim, "QColMatrix::matvec: output size");
-        self.prepare(x, kept, s);
+        prepare_input(self.in_dim, x, kept, s);
         for &(c0, c1) in &self.tiles {
             self.columns(&s.cols, c0, c1, &mut out[c0 * 32..c1 * 32]);
         }
@@ -161,7 +162,7 @@ impl QColMatrix {
         s: &mut QColScratch,
     ) {
         assert_eq!(out.len(), self.out_dim, "QColMatrix::matvec: output size");
-        self.prepare(x, kept, s);
+        prepare_input(self.in_dim, x, kept, s);
         let dst = SharedMut(out.as_mut_ptr());
         let s = &*s;
         pool.for_chunks(self.tiles.len(), &|c, _| {
@@ -174,30 +175,21 @@ impl QColMatrix {
         });
     }
 
-    /// Each block column with an input kept: its 8-bit activations (the block with the
-    /// dropped inputs zeroed, quantized as the row-major kernels quantize it) and its kept
-    /// inputs padded to whole quads, into `s`.
-    fn prepare(&self, x: &[f32], kept: Option<&[u32]>, s: &mut QColScratch) {
-        prepare_input(self.in_dim, x, kept, s);
-    }
-
     /// Tile `c0..c1`'s outputs `c0 * 32 .. c1 * 32` (into `out`, that long) from the
     /// prepared columns.
     fn columns(&self, cols: &[PreparedColumn], c0: usize, c1: usize, out: &mut [f32]) {
         debug_assert_eq!(out.len(), (c1 - c0) * 32);
         out.fill(0.0);
-        let column = |b: usize| self.column(b);
         #[cfg(target_arch = "x86_64")]
         if has_vbmi_vnni() {
             // SAFETY: checked the CPU; every prepared column's kept inputs are a multiple
             // of 4 indices below 32, chunks c0..c1 lie in out_dim / 32 and `out` holds
             // their (c1 - c0) * 32 floats.
-            unsafe { columns_vbmi(cols, &column, c0, c1, out) };
+            unsafe { columns_vbmi(cols, self, c0, c1, out) };
             return;
         }
         for p in cols {
-            let col = column(p.block);
-            column_scalar(&col, p, c0, c1, out);
+            column_scalar(&self.column(p.block), p, c0, c1, out);
         }
     }
 
@@ -267,28 +259,28 @@ impl QColMatrix {
     }
 }
 
-/// [`QColMatrix::prepare`] for any matrix of `in_dim` inputs (the preparation does not
-/// depend on the matrix): `x` with the dropped inputs zeroed is quantized in one pass (each
-/// 32-input block on its own, so each block is as the row-major kernels quantize it), then
-/// each block with an input kept becomes a column.
+/// Each block column with an input kept, for any matrix of `in_dim` inputs (the
+/// preparation does not depend on the matrix), into `s.cols`: its 8-bit activations and
+/// its kept inputs padded to whole quads. `x` with the dropped inputs zeroed is quantized
+/// in one pass, each 32-input block on its own, as the row-major kernels quantize it.
 fn prepare_input(in_dim: usize, x: &[f32], kept: Option<&[u32]>, s: &mut QColScratch) {
     assert_eq!(x.len(), in_dim, "QColMatrix::matvec: input size");
-    s.block.clear();
     match kept {
-        None => s.block.extend_from_slice(x),
+        None => quantize_activations(x, &mut s.pairs),
         Some(k) => {
             assert!(
                 k.windows(2).all(|w| w[0] < w[1])
                     && k.last().is_none_or(|&i| (i as usize) < in_dim),
                 "QColMatrix::matvec: kept inputs must ascend and lie below {in_dim}"
             );
-            s.block.resize(in_dim, 0.0);
+            s.masked.clear();
+            s.masked.resize(in_dim, 0.0);
             for &i in k {
-                s.block[i as usize] = x[i as usize];
+                s.masked[i as usize] = x[i as usize];
             }
+            quantize_activations(&s.masked, &mut s.pairs);
         }
     }
-    quantize_activations(&s.block, &mut s.pairs);
     s.cols.clear();
     let mut next = 0;
     for b in 0..in_dim / QK {
@@ -519,21 +511,22 @@ pub fn has_vbmi_vnni() -> bool {
 /// four inputs' nibbles of 16 outputs into the 4-byte lanes `vpdpbusd` multiplies by the
 /// four activation quants), then the block's FMAs; columns in ascending order.
 ///
+/// Accumulates into `out` (zeroed by the caller).
+///
 /// # Safety
-/// AVX-512 F/BW/VL/VBMI/VNNI and F16C; `column(b)` as [`QColMatrix`] builds it, every
+/// AVX-512 F/BW/VL/VBMI/VNNI and F16C; `cols` prepared for `mat`'s inputs, every
 /// column's kept inputs a multiple of 4 indices below 32, `c0 <= c1 <= out_dim / 32`,
 /// `out` `(c1 - c0) * 32` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,f16c")]
-unsafe fn columns_vbmi<'a>(
+unsafe fn columns_vbmi(
     cols: &[PreparedColumn],
-    column: &dyn Fn(usize) -> Column<'a>,
+    mat: &QColMatrix,
     c0: usize,
     c1: usize,
     out: &mut [f32],
 ) {
     debug_assert!(out.len() == (c1 - c0) * 32);
-    out.fill(0.0);
     // Lane byte 4o + k takes byte 16k + o: input k's nibble of output o.
     let idx: [u8; 64] = std::array::from_fn(|i| ((i % 4) * 16 + i / 4) as u8);
     // SAFETY: every load below reads 16 bytes of a kept input's run in the tile c0..c1
@@ -545,8 +538,8 @@ unsafe fn columns_vbmi<'a>(
         // This tile's bytes in a column, and one input's run in them.
         let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
         for (ci, p) in cols.iter().enumerate() {
-            let col = column(p.block);
-            let next = cols.get(ci + 1).map(|n| (column(n.block), n));
+            let col = mat.column(p.block);
+            let next = cols.get(ci + 1).map(|n| (mat.column(n.block), n));
             let init = _mm512_set1_epi32(offset(col.fmt).wrapping_mul(p.qsum));
             let (dx, s) = (_mm512_set1_ps(p.dx), _mm512_set1_ps(p.sx));
             let quads = p.len / 4;
@@ -704,12 +697,7 @@ unsafe fn columns_vbmi_many(
 
 impl QColScratch {
     pub fn new() -> QColScratch {
-        QColScratch {
-            block: Vec::new(),
-            pairs: Vec::new(),
-            cols: Vec::new(),
-            many: Vec::new(),
-        }
+        QColScratch::default()
     }
 }
 
@@ -802,6 +790,16 @@ mod tests {
         }
     }
 
+    /// Random matrices of one input size, each `(format, outputs, tiles)`.
+    fn matrices(shapes: &[(QFormat, usize, usize)], in_dim: usize, seed: u64) -> Vec<QColMatrix> {
+        shapes
+            .iter()
+            .map(|&(f, o, t)| {
+                QColMatrix::from_row_major(f, &blocks(f, o, in_dim, o as u64 + seed), o, in_dim, t)
+            })
+            .collect()
+    }
+
     #[test]
     fn a_group_product_equals_each_matrix_alone_at_1_to_3_threads() {
         // q/k/v-like: one input, three output sizes, mixed formats and tile counts.
@@ -811,15 +809,7 @@ mod tests {
             (QFormat::Q4_0, 32, 1),
             (QFormat::Q4_1, 64, 3),
         ];
-        let ws: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&(f, o, _)| blocks(f, o, in_dim, o as u64 * 3))
-            .collect();
-        let mats: Vec<QColMatrix> = shapes
-            .iter()
-            .zip(&ws)
-            .map(|(&(f, o, t), w)| QColMatrix::from_row_major(f, w, o, in_dim, t))
-            .collect();
+        let mats = matrices(&shapes, in_dim, 3);
         let refs: Vec<&QColMatrix> = mats.iter().collect();
         let x = data(in_dim, 11);
         let kept: Vec<u32> = (0..in_dim as u32).filter(|i| i % 3 != 1).collect();
@@ -853,15 +843,7 @@ mod tests {
     fn a_many_token_product_equals_each_token_alone_at_1_to_3_threads() {
         let in_dim = 96;
         let shapes = [(QFormat::Q4_1, 64, 2), (QFormat::Q4_0, 96, 3)];
-        let ws: Vec<Vec<u8>> = shapes
-            .iter()
-            .map(|&(f, o, _)| blocks(f, o, in_dim, o as u64 + 5))
-            .collect();
-        let mats: Vec<QColMatrix> = shapes
-            .iter()
-            .zip(&ws)
-            .map(|(&(f, o, t), w)| QColMatrix::from_row_major(f, w, o, in_dim, t))
-            .collect();
+        let mats = matrices(&shapes, in_dim, 5);
         let refs: Vec<&QColMatrix> = mats.iter().collect();
         let mut s = QColScratch::new();
         for n in [1, 7, 8, 9, 17] {

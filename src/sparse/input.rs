@@ -147,7 +147,7 @@ pub struct InputSparsity {
     kept: Vec<u32>,
     scores: Vec<f32>,
     /// Selection keys of `select_top_k`.
-    keys: Vec<u64>,
+    keys: Vec<u32>,
 }
 
 impl InputSparsity {

@@ -101,7 +101,7 @@ struct Scratch {
     u: Vec<f32>,
     cand: Vec<u32>,
     local: Vec<u32>,
-    keys: Vec<u64>,
+    keys: Vec<u32>,
     coefs: Vec<f32>,
     slots: Vec<u32>,
     acc: Vec<f32>,

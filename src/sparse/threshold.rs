@@ -89,7 +89,7 @@ pub fn top_k_count(density: f64, n: usize) -> usize {
 /// Scratch buffers reused across tokens so selection does not allocate.
 #[derive(Default)]
 pub struct SelectScratch {
-    keys: Vec<u64>,
+    keys: Vec<u32>,
 }
 
 impl Threshold {
@@ -128,10 +128,10 @@ impl Threshold {
 /// The `k` highest-scoring indices, ascending, in O(n) (no sort). Order: score
 /// descending (`total_cmp`), then index ascending, a total order, so the set is exactly
 /// `k` and deterministic even with ties. The k-th score is found by bisection on the
-/// scores' total-order bits (at most 32 vectorised counting passes over `n` integers held
-/// in `keys`); a last scan lists the indices above it, and as many of those equal to it
-/// as the count asks for, lowest index first.
-pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec<u32>) {
+/// scores' total-order bits (held in `keys`; at most 32 vectorised counting passes); a
+/// last pass lists the indices above it, and as many of those equal to it as the count
+/// asks for, lowest index first.
+pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u32>, out: &mut Vec<u32>) {
     out.clear();
     let n = scores.len();
     if k == 0 {
@@ -142,19 +142,18 @@ pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec
         return;
     }
     keys.clear();
-    keys.resize(n.div_ceil(2), 0);
-    let ords = &mut bytemuck::cast_slice_mut::<u64, u32>(keys)[..n];
-    let (mut lo, mut hi) = (u32::MAX, 0u32);
-    for (o, &v) in ords.iter_mut().zip(scores) {
-        *o = order_bits(v);
-        lo = lo.min(*o);
-        hi = hi.max(*o);
-    }
-    // The largest t with at least k scores >= t: the k-th score's bits.
+    keys.extend(scores.iter().map(|&v| order_bits(v)));
+    let (mut lo, mut hi) = keys
+        .iter()
+        .fold((u32::MAX, 0), |(lo, hi), &o| (lo.min(o), hi.max(o)));
+    // The largest t with at least k scores >= t: the k-th score's bits; `at_lo` counts
+    // the scores >= lo (all of them at the minimum).
+    let mut at_lo = n;
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);
-        if count_at_least(ords, mid) >= k {
-            lo = mid;
+        let at_mid = count_at_least(keys, mid);
+        if at_mid >= k {
+            (lo, at_lo) = (mid, at_mid);
         } else {
             hi = mid - 1;
         }
@@ -162,15 +161,11 @@ pub fn select_top_k(scores: &[f32], k: usize, keys: &mut Vec<u64>, out: &mut Vec
     let kth = lo;
     // Of the scores equal to the k-th, the lowest indices fill the count: usually that
     // is all of them (one compress pass), else a scan takes the first few.
-    let mut ties = k - if kth == u32::MAX {
-        0
-    } else {
-        count_at_least(ords, kth + 1)
-    };
-    if count_at_least(ords, kth) == k {
-        return indices_at_least(ords, kth, out);
+    if at_lo == k {
+        return indices_at_least(keys, kth, out);
     }
-    for (i, &o) in ords.iter().enumerate() {
+    let mut ties = k - kth.checked_add(1).map_or(0, |t| count_at_least(keys, t));
+    for (i, &o) in keys.iter().enumerate() {
         if o > kth {
             out.push(i as u32);
         } else if o == kth && ties > 0 {
@@ -231,6 +226,8 @@ mod tests {
                             // Values close together (one top byte).
                             2 => 1.0 + (r % 1000) as f32 * 1e-6,
                             3 if r % 7 == 0 => f32::NAN,
+                            // The largest order bits there are: a tie at the top.
+                            3 if r % 5 == 0 => f32::from_bits(0x7fff_ffff),
                             3 if r % 11 == 0 => -0.0,
                             4 => 0.0,
                             _ => (r % 100_000) as f32 / 997.0,
