@@ -142,6 +142,43 @@ impl QColMatrix {
         self.scales.len() * 2 + self.quants.len()
     }
 
+    /// Adds to `acc[i]` the squares of input i's weights (as `quant::dequantize` gives
+    /// them), in f64, outputs in ascending order: WINA's column norms, read from this
+    /// layout (the file's pages stay released).
+    pub fn add_column_squares(&self, acc: &mut [f64]) {
+        assert_eq!(
+            acc.len(),
+            self.in_dim,
+            "add_column_squares: one sum per input"
+        );
+        for (b, sums) in acc.chunks_exact_mut(QK).enumerate() {
+            let col = self.column(b);
+            let dm: Vec<(f32, f32)> = (0..self.out_dim).map(|o| col.dm(o)).collect();
+            let q4_0 = self.fmt == QFormat::Q4_0;
+            for &(c0, c1) in &self.tiles {
+                let tile = &col.quants[c0 * QK * 16..][..QK * (c1 - c0) * 16];
+                for (k, sum) in sums.iter_mut().enumerate() {
+                    let run = &tile[k * (c1 - c0) * 16..][..(c1 - c0) * 16];
+                    for (c, bytes) in (c0..c1).zip(run.chunks_exact(16)) {
+                        // Outputs c * 32 .. + 16 (low nibbles), then + 16 .. + 32 (high).
+                        let (lo, hi) = dm[c * 32..][..32].split_at(16);
+                        for (shift, dm) in [(0, lo), (4, hi)] {
+                            for (&byte, &(d, m)) in bytes.iter().zip(dm) {
+                                let q = ((byte >> shift) & 0x0f) as i32;
+                                let v = if q4_0 {
+                                    d * (q - 8) as f32
+                                } else {
+                                    d * q as f32 + m
+                                };
+                                *sum += (v as f64) * (v as f64);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// `out = W · x` over the inputs `kept` (ascending; None: every input), on one thread.
     pub fn matvec(&self, x: &[f32], kept: Option<&[u32]>, out: &mut [f32], s: &mut QColScratch) {
         assert_eq!(out.len(), self.out_dim, "QColMatrix::matvec: output size");
@@ -885,6 +922,27 @@ mod tests {
                 quants: &m.quants[b * QK * m.out_dim / 2..][..QK * m.out_dim / 2],
             };
             column_scalar(&col, p, 0, m.out_dim / 32, out);
+        }
+    }
+
+    #[test]
+    fn column_squares_equal_the_dequantized_row_major_columns() {
+        for fmt in [QFormat::Q4_0, QFormat::Q4_1] {
+            for (out_dim, in_dim, tiles) in [(32, 32, 1), (96, 160, 2), (160, 64, 3)] {
+                let w = blocks(fmt, out_dim, in_dim, 9 + out_dim as u64);
+                let m = QColMatrix::from_row_major(fmt, &w, out_dim, in_dim, tiles);
+                let mut rows = vec![0f32; out_dim * in_dim];
+                crate::quant::dequantize(fmt.source(), &w, &mut rows);
+                let mut want = vec![0.5f64; in_dim];
+                for row in rows.chunks_exact(in_dim) {
+                    for (a, &v) in want.iter_mut().zip(row) {
+                        *a += (v as f64) * (v as f64);
+                    }
+                }
+                let mut got = vec![0.5f64; in_dim];
+                m.add_column_squares(&mut got);
+                assert_eq!(got, want, "{fmt:?} {out_dim}x{in_dim}, {tiles} tiles");
+            }
         }
     }
 }

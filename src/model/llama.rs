@@ -544,6 +544,9 @@ impl Llama {
         // anything: the pages this reads are then released with the rest of their matrix's.
         let identity = source_identity(src, &c)?;
         let mut mats = plan.finish(pool)?.into_iter().zip(transposed);
+        // Every range the model holds elsewhere now (repacked by column or copied into
+        // the arena), to release once more when the load ends.
+        let held_elsewhere: Vec<_> = repacked.iter().chain(&copied).cloned().collect();
         let mut next = || {
             let (weight, held) = mats.next().expect("one matrix per planned tensor");
             let by_column = (held == Held::ByColumn).then(|| {
@@ -625,10 +628,12 @@ impl Llama {
             });
         }
         let lm_head = untied_head.then(&mut next);
-        // Reading the norms faulted in the file's pages around them (the kernel maps a
-        // file in groups of pages), pages of matrices that live in the arena now: drop
-        // them again, so an input-major model's resident size stays its weights'.
-        for (map, offset, len) in &copied {
+        let norm = load_norm(src, "model.norm.weight", h, off)?;
+        // Reading the next matrix and the norms faulted in the file's pages around them
+        // (the kernel maps a file in groups of pages, 64 KiB by default), pages of
+        // matrices held elsewhere now: drop them again, so a model held input-major or by
+        // column keeps its weights resident once.
+        for (map, offset, len) in &held_elsewhere {
             kernels::release_pages(map, *offset, *len);
         }
         Ok(Llama {
@@ -636,7 +641,7 @@ impl Llama {
             kv_dtype: KvDType::F32,
             inv_freq: c.rope_inv_freq(),
             inv_freq_local: c.rope_inv_freq_local(),
-            norm: load_norm(src, "model.norm.weight", h, off)?,
+            norm,
             config: c,
             dtype,
             embed_tokens,

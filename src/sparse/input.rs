@@ -352,8 +352,9 @@ fn column_norms(model: &Llama) -> Vec<[Vec<f32>; 4]> {
                     lin.weight.row_to_f32(i, &mut row);
                     *a += row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
                 }
+            } else if let Some(by_column) = &lin.by_column {
+                by_column.add_column_squares(&mut acc);
             } else {
-                // Held by column (Q4): `weight` keeps the file's rows, one per output.
                 let mut row = vec![0f32; n];
                 for r in 0..lin.out_features() {
                     lin.weight.row_to_f32(r, &mut row);

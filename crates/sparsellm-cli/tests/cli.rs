@@ -886,6 +886,45 @@ fn json_bench() {
     }
 }
 
+/// Issue 15's memory bound: input sparsity holds the Q4_1 projections once (repacked by
+/// input column, the file's pages released), so its peak RSS is at most 1.05x dense's on
+/// a 128-token prompt, WINA's column norms included.
+#[test]
+fn input_sparsity_peak_rss_is_within_1_05x_of_dense_on_the_q4_1_file() {
+    for spec in ["teal:0.3", "wina:0.3"] {
+        let o = run(args![
+            "bench",
+            "--sparsity",
+            spec,
+            "--runs",
+            "1",
+            "--gen-tokens",
+            "4",
+            "--prompt-tokens",
+            "128",
+            "--warmup",
+            "0",
+            "--json",
+            "--threads",
+            "2",
+            "--model",
+            model()
+        ]);
+        let v = parse_json(&o);
+        let rss = |mode: &str| {
+            v["modes"][mode]["peak_rss_mb"]
+                .as_f64()
+                .unwrap_or_else(|| panic!("modes.{mode}.peak_rss_mb: {v}"))
+        };
+        let (dense, sparse) = (rss("dense"), rss("sparse"));
+        assert!(dense > 10.0, "{v}");
+        assert!(
+            sparse <= 1.05 * dense,
+            "{spec}: peak RSS {sparse} MB against dense {dense} MB"
+        );
+    }
+}
+
 #[test]
 fn json_bench_components_breaks_the_decode_step_down() {
     let o = run(args![
