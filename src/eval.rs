@@ -240,7 +240,9 @@ pub fn mlp_bytes(model: &Llama, sp: &SparseMlp, predictor: Option<&Predictor>) -
         let hidden = m.gate_proj.weight.cols;
         let n = inter as f64;
         let (gate_row, up_row) = (gate / n, up / n);
-        let down_row = if blocks {
+        // Block mode reads the model's own blocks, and so does a down projection held
+        // by column (its active neurons' columns, scales included: about down / n each).
+        let down_row = if blocks || m.down_proj.by_column.is_some() {
             down / n
         } else {
             down_t_dtype(m.down_proj.weight.dtype).bytes_for(hidden) as f64

@@ -34,9 +34,11 @@ pub enum WeightLayout {
     InputMajor,
     /// Row-major, except the MLP's down projection held input-major (`[inter, hidden]`,
     /// a row per neuron): the rows the MLP-neuron sparse modes read, so that they need no
-    /// copy of their own. Float dtypes only (the values move bit for bit); a quantized
-    /// down projection stays row-major (its blocks run along the neurons, and a re-quantized
-    /// copy would change the dense model), and the sparse modes keep their Q8_0 copy.
+    /// copy of their own. Float dtypes move bit for bit; Q4_0 and Q4_1 down projections
+    /// are held by input column (losslessly, [`crate::kernels::qcols`]), and the sparse
+    /// modes compute them over the active neurons. Other quantized down projections stay
+    /// row-major (a re-quantized copy would change the dense model), and the sparse modes
+    /// keep their Q8_0 copy.
     DownInputMajor,
 }
 
@@ -476,9 +478,12 @@ impl Llama {
                 return Err(raw.error(format!("shape {:?}, expected [{rows}, {cols}]", raw.shape)));
             }
             let held = dtype.resolve(raw.dtype);
-            // DownInputMajor asks for a float down projection only (see there).
-            let transpose = transpose && !(down_input_major && held.qformat().is_some());
-            if transpose && matches!(held, DType::Q4_0 | DType::Q4_1) && rows.is_multiple_of(32) {
+            let by_column = matches!(held, DType::Q4_0 | DType::Q4_1) && rows.is_multiple_of(32);
+            // DownInputMajor asks for a float down projection or a Q4 one held by column
+            // (see there): other blocks stay as stored (the MLP-neuron modes copy them).
+            let transpose =
+                transpose && !(down_input_major && held.qformat().is_some() && !by_column);
+            if transpose && by_column {
                 // Held by input column, the same numbers (`kernels::qcols`); the file's
                 // pages are released as each matrix is repacked, so that the load's peak
                 // holds one matrix twice, not all of them.
@@ -665,7 +670,7 @@ impl Llama {
     pub fn layout(&self) -> WeightLayout {
         match self.layers.first() {
             Some(l) if l.self_attn.q_proj.takes_kept() => WeightLayout::InputMajor,
-            Some(l) if l.mlp.down_proj.input_major => WeightLayout::DownInputMajor,
+            Some(l) if l.mlp.down_proj.takes_kept() => WeightLayout::DownInputMajor,
             _ => WeightLayout::RowMajor,
         }
     }
@@ -1084,7 +1089,7 @@ impl Llama {
                 }
                 timer.end(Phase::SiluMul);
                 row_major_mask(&mut mlp, li, InputGroup::Down, g, n);
-                if !m.down_proj.input_major {
+                if !m.down_proj.takes_kept() {
                     matmul_many(
                         pool,
                         per_token,

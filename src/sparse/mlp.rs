@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::kernels::WeightView;
+use crate::kernels::qcols::QColScratch;
 use crate::kernels::sparse::{
     Activation, Items, Strided, gate_up_activations, gather_gate_up, sparse_mlp,
 };
@@ -48,6 +49,10 @@ enum DownRows {
     Copy(HugeMatrix),
     /// `Mode::Blocks` reads the row-major down projection's blocks in place.
     InPlace,
+    /// The model's own Q4 down projection held by input column (`Linear::by_column`,
+    /// DownInputMajor): computed over the active neurons, exactly as the dense product
+    /// of the activations with the inactive ones zeroed. No copy, no weight cache.
+    ByColumn,
 }
 
 /// One layer's sparse state.
@@ -112,6 +117,8 @@ struct Scratch {
     acts: Vec<f32>,
     select: SelectScratch,
     predictor: PredictorScratch,
+    /// A down projection held by column: its kernel's buffers.
+    qcols: QColScratch,
 }
 
 /// The sparse MLP of a whole model. See the crate's DESIGN.md, "The sparse MLP".
@@ -267,6 +274,8 @@ impl SparseMlp {
                 .map(|(m, cutoff)| LayerState {
                     down_t: if config.mode == Mode::Blocks {
                         DownRows::InPlace
+                    } else if m.down_proj.by_column.is_some() {
+                        DownRows::ByColumn
                     } else if m.down_proj.input_major {
                         // Only float down projections are held so, in the MLP's dtype.
                         debug_assert_eq!(m.down_proj.weight.dtype, down_t_dtype(dtype));
@@ -340,7 +349,7 @@ impl SparseMlp {
             .map(|l| {
                 let copy = match &l.down_t {
                     DownRows::Copy(d) => d.byte_len(),
-                    DownRows::Model | DownRows::InPlace => 0,
+                    DownRows::Model | DownRows::InPlace | DownRows::ByColumn => 0,
                 };
                 copy + l.cache.byte_len()
             })
@@ -429,11 +438,11 @@ impl SparseMlp {
         let gate = Strided::matrix(mlp.gate_proj.weight.view(), hd);
         let up = Strided::matrix(mlp.up_proj.weight.view(), hd);
         let down_view = match &st.down_t {
-            DownRows::Model => mlp.down_proj.weight.view(),
-            DownRows::Copy(d) => d.view(),
+            DownRows::Model => Some(mlp.down_proj.weight.view()),
+            DownRows::Copy(d) => Some(d.view()),
+            DownRows::ByColumn => None,
             DownRows::InPlace => unreachable!("block mode does not run token()"),
         };
-        let down_t = Strided::matrix(down_view, hd);
         s.scores.resize(inter, 0.0);
         // Exact and cascade fill `coefs` (a_i of each kept neuron, in mask order).
         let have_coefs = match self.scorer {
@@ -503,6 +512,34 @@ impl SparseMlp {
                 true
             }
         };
+        let Some(down_view) = down_view else {
+            // By column: the active neurons' activations, then down over them.
+            let by_column = mlp
+                .down_proj
+                .by_column
+                .as_ref()
+                .expect("DownRows::ByColumn");
+            if !have_coefs {
+                let k = self.mask.len();
+                s.g.resize(k, 0.0);
+                s.u.resize(k, 0.0);
+                gather_gate_up(pool, gate, up, &self.mask, h, &mut s.g, &mut s.u, &mut s.hb);
+                crate::kernels::ops::silu_mul(&mut s.g, &s.u);
+                s.coefs.clear();
+                s.coefs.extend_from_slice(&s.g);
+            }
+            s.acts.clear();
+            s.acts.resize(inter, 0.0);
+            for (&i, &a) in self.mask.iter().zip(&s.coefs) {
+                s.acts[i as usize] = a;
+            }
+            by_column.matvec_pool(pool, &s.acts, Some(&self.mask), out, &mut s.qcols);
+            let added = st.added_since_previous(&self.mask);
+            st.record_mask(&self.mask, added);
+            lap(Phase::SparseKernel);
+            return;
+        };
+        let down_t = Strided::matrix(down_view, hd);
         // Items in mask order in both paths (and in batched calls), so the cached and
         // the gathered computation agree bit for bit.
         // Use (and update) the cache when it is close to this mask, or when the masks
