@@ -100,22 +100,27 @@ impl QColMatrix {
         let per_col = if fmt == QFormat::Q4_1 { 2 } else { 1 } * out_dim;
         let mut scales = vec![0u16; blocks * per_col];
         let mut quants = vec![0u8; in_dim * out_dim / 2];
-        for o in 0..out_dim {
-            for b in 0..blocks {
-                let blk = &rows[(o * blocks + b) * bb..][..bb];
-                scales[b * per_col + o] = u16::from_le_bytes([blk[0], blk[1]]);
-                if fmt == QFormat::Q4_1 {
-                    scales[b * per_col + out_dim + o] = u16::from_le_bytes([blk[2], blk[3]]);
-                }
-                let qs = &blk[fmt.qs_offset()..][..QK / 2];
-                for k in 0..QK {
-                    let q = if k < 16 {
-                        qs[k] & 0x0f
-                    } else {
-                        qs[k - 16] >> 4
-                    };
-                    let byte = &mut quants[quant_at(out_dim, &tiles, b, k, o)];
-                    *byte |= if o % 32 < 16 { q } else { q << 4 };
+        // Block column by block column, tile by tile: each tile's stretch (32 runs) is
+        // written while it sits in cache.
+        for b in 0..blocks {
+            for &(c0, c1) in &tiles {
+                let tile_row = (c1 - c0) * 16;
+                for o in c0 * 32..c1 * 32 {
+                    // Output o's nibbles: byte o % 16 of its chunk's 16, low or high half.
+                    let shift = if o % 32 < 16 { 0 } else { 4 };
+                    let at = c0 * QK * 16 + (o / 32 - c0) * 16 + o % 16;
+                    let blk = &rows[(o * blocks + b) * bb..][..bb];
+                    scales[b * per_col + o] = u16::from_le_bytes([blk[0], blk[1]]);
+                    if fmt == QFormat::Q4_1 {
+                        scales[b * per_col + out_dim + o] = u16::from_le_bytes([blk[2], blk[3]]);
+                    }
+                    let qs = &blk[fmt.qs_offset()..][..QK / 2];
+                    let column = &mut quants[b * QK * out_dim / 2 + at..];
+                    for (k, &q) in qs.iter().enumerate() {
+                        // Inputs k and k + 16 of the block (ggml's order within a block).
+                        column[k * tile_row] |= (q & 0x0f) << shift;
+                        column[(k + 16) * tile_row] |= (q >> 4) << shift;
+                    }
                 }
             }
         }
