@@ -45,7 +45,8 @@ enum DownRows {
     /// ([`crate::model::WeightLayout::DownInputMajor`]): no copy.
     Model,
     /// A transposed copy: one extra copy of the down projection (a third of the MLP's
-    /// weight bytes) per layer; Q8_0 for a quantized model (see `down_t_dtype`).
+    /// weight bytes) per layer; Q8_0 for a quantized model other than Q4_0/Q4_1 (see
+    /// `down_t_dtype`).
     Copy(HugeMatrix),
     /// `Mode::Blocks` reads the row-major down projection's blocks in place.
     InPlace,
