@@ -129,12 +129,27 @@ fn pairs_bf16(
     out: &mut [f32],
     scratch: &mut InputMajorScratch,
 ) {
+    pairs_bf16_group(pool, &[(w, out_dim)], in_dim, x, kept, &mut [out], scratch);
+}
+
+/// [`pairs_bf16`] for matrices that share one input (q/k/v, gate/up): the values packed
+/// once and one pool job over (matrix, range of kept inputs); each output is what
+/// [`pairs_bf16`] computes for its matrix alone (the same ranges, the same order).
+#[cfg(target_arch = "x86_64")]
+fn pairs_bf16_group(
+    pool: &ThreadPool,
+    mats: &[(&[u16], usize)],
+    in_dim: usize,
+    x: &[f32],
+    kept: Option<&[u32]>,
+    outs: &mut [&mut [f32]],
+    scratch: &mut InputMajorScratch,
+) {
     let n = kept.map_or(in_dim, |k| k.len());
     if n == 0 {
-        out.fill(0.0);
+        outs.iter_mut().for_each(|o| o.fill(0.0));
         return;
     }
-    let stride = out_dim.next_multiple_of(PAIR_CHUNK);
     // The kept inputs' values as bf16, packed two per f32 slot (items 2p, 2p + 1), the
     // last odd item paired with 0.
     scratch.values.clear();
@@ -148,20 +163,88 @@ fn pairs_bf16(
         scratch.values.push(f32::from_bits(lo | (hi << 16)));
     }
     let xv = &scratch.values[..];
-    // Even range boundaries: each chunk takes whole pairs.
-    let first = sum_by_chunks(pool, n, 2, stride, &mut scratch.acc, &|r, acc| {
-        // SAFETY: has_avx512_bf16() checked the CPU; every item's row (kept indices are
-        // < in_dim, asserted by the caller) has out_dim elements in `w`; pairs r.start / 2
-        // .. r.end.div_ceil(2) are in `xv`; acc has `stride` slots.
-        unsafe { accumulate_pairs(w, out_dim, kept, r, xv, acc) };
-    });
-    // Lane order back to output order: in chunk c, slot 16 h + 4 k + e holds output
-    // 32 c + 8 k + 4 h + e (k: 128-bit lane, h: low/high interleave).
-    for (o, y) in out.iter_mut().enumerate() {
-        let (c, r) = (o / PAIR_CHUNK, o % PAIR_CHUNK);
-        let (k, h, e) = (r / 8, (r / 4) % 2, r % 4);
-        *y = first[c * PAIR_CHUNK + 16 * h + 4 * k + e];
+    // Per matrix, `per` contiguous ranges of the kept inputs (even boundaries: whole
+    // pairs), each summed into its own `stride` accumulators.
+    let per = pool.threads().min(n.div_ceil(16)).max(1);
+    let mut offsets = Vec::with_capacity(mats.len() + 1);
+    offsets.push(0);
+    for &(_, out_dim) in mats {
+        let last = offsets[offsets.len() - 1];
+        offsets.push(last + per * out_dim.next_multiple_of(PAIR_CHUNK));
     }
+    let acc = &mut scratch.acc;
+    acc.clear();
+    acc.resize(offsets[mats.len()], 0.0);
+    let base = SharedMut(acc.as_mut_ptr());
+    pool.for_chunks(mats.len() * per, &|c, _| {
+        let (m, t) = (c / per, c % per);
+        let (w, out_dim) = mats[m];
+        let stride = out_dim.next_multiple_of(PAIR_CHUNK);
+        // SAFETY: chunk c alone writes its `stride` slots of matrix m's accumulators
+        // (offsets[m] + t * stride, inside acc, resized above).
+        let a = unsafe {
+            std::slice::from_raw_parts_mut(base.get().add(offsets[m] + t * stride), stride)
+        };
+        let r = super::pool::split_range(n, 2, t, per);
+        // SAFETY: has_avx512_bf16() checked the CPU (the callers); every item's row (kept
+        // indices are < in_dim) has out_dim elements in `w`; pairs r.start / 2 ..
+        // r.end.div_ceil(2) are in `xv`; `a` has `stride` slots.
+        unsafe { accumulate_pairs(w, out_dim, kept, r, xv, a) };
+    });
+    for (m, (&(_, out_dim), out)) in mats.iter().zip(outs.iter_mut()).enumerate() {
+        assert_eq!(out.len(), out_dim, "matvec_input_major: output size");
+        let stride = out_dim.next_multiple_of(PAIR_CHUNK);
+        let (first, rest) = acc[offsets[m]..offsets[m + 1]].split_at_mut(stride);
+        for t in 1..per {
+            for (a, &b) in first.iter_mut().zip(&rest[(t - 1) * stride..t * stride]) {
+                *a += b;
+            }
+        }
+        // Lane order back to output order: in chunk c, slot 16 h + 4 k + e holds output
+        // 32 c + 8 k + 4 h + e (k: 128-bit lane, h: low/high interleave).
+        for (o, y) in out.iter_mut().enumerate() {
+            let (c, r) = (o / PAIR_CHUNK, o % PAIR_CHUNK);
+            let (k, h, e) = (r / 8, (r / 4) % 2, r % 4);
+            *y = first[c * PAIR_CHUNK + 16 * h + 4 * k + e];
+        }
+    }
+}
+
+/// `outs[m] = x · wts[m]` over the inputs `kept` for input-major matrices that share one
+/// input (q/k/v, gate/up), as [`matvec_input_major`] computes each alone, in one pool job
+/// where the kernel allows it (bf16 on AVX-512 BF16). Returns false, computing nothing,
+/// for the other weights (the caller then runs [`matvec_input_major`] per matrix).
+pub fn matvec_input_major_group(
+    pool: &ThreadPool,
+    wts: &[(WeightView<'_>, usize)],
+    in_dim: usize,
+    x: &[f32],
+    kept: Option<&[u32]>,
+    outs: &mut [&mut [f32]],
+    scratch: &mut InputMajorScratch,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if super::dot::has_avx512_bf16() {
+        let mats: Option<Vec<(&[u16], usize)>> = wts
+            .iter()
+            .map(|&(w, out_dim)| match w {
+                WeightView::Bf16(w) if w.len() == in_dim * out_dim => Some((w, out_dim)),
+                _ => None,
+            })
+            .collect();
+        if let Some(mats) = mats {
+            assert_eq!(x.len(), in_dim, "matvec_input_major: input size");
+            assert_eq!(mats.len(), outs.len(), "one output per matrix");
+            assert!(
+                kept.is_none_or(|k| k.iter().all(|&i| (i as usize) < in_dim)),
+                "matvec_input_major: kept index out of range"
+            );
+            pairs_bf16_group(pool, &mats, in_dim, x, kept, outs, scratch);
+            return true;
+        }
+    }
+    let _ = (pool, wts, in_dim, x, kept, outs, scratch);
+    false
 }
 
 /// [`matvec_input_major`] for Q8_0 weights on AVX-512: four kept inputs at a time, each
@@ -964,6 +1047,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_bf16_group_equals_each_matrix_alone_at_1_to_3_threads() {
+        // q/k/v-like: one input of odd size, three output sizes (one past a 32 chunk).
+        let in_dim = 77;
+        let outs_dims = [96, 33, 33];
+        let ws: Vec<Vec<u16>> = outs_dims
+            .iter()
+            .enumerate()
+            .map(|(m, &o)| {
+                data(in_dim * o, 40 + m as u64)
+                    .iter()
+                    .map(|&v| f32_to_bf16(v))
+                    .collect()
+            })
+            .collect();
+        let x = data(in_dim, 3);
+        let kept: Vec<u32> = (0..in_dim as u32).filter(|i| i % 3 != 1).collect();
+        let views: Vec<(WeightView<'_>, usize)> = ws
+            .iter()
+            .zip(outs_dims)
+            .map(|(w, o)| (WeightView::Bf16(w), o))
+            .collect();
+        let mut s = InputMajorScratch::default();
+        for pool in [1, 2, 3].map(ThreadPool::new) {
+            for kept in [None, Some(&kept[..]), Some(&kept[..1])] {
+                let want: Vec<Vec<f32>> = views
+                    .iter()
+                    .map(|&(w, o)| {
+                        let mut y = vec![f32::NAN; o];
+                        matvec_input_major(&pool, w, in_dim, o, &x, kept, &mut y, &mut s);
+                        y
+                    })
+                    .collect();
+                let mut got: Vec<Vec<f32>> = outs_dims.iter().map(|&o| vec![f32::NAN; o]).collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|v| &mut v[..]).collect();
+                let done =
+                    matvec_input_major_group(&pool, &views, in_dim, &x, kept, &mut outs, &mut s);
+                // The grouped kernel is the bf16 one (AVX-512 BF16); elsewhere the caller
+                // runs each matrix alone.
+                assert_eq!(done, crate::kernels::dot::has_avx512_bf16());
+                if done {
+                    assert_eq!(
+                        got,
+                        want,
+                        "{} threads, kept {:?}",
+                        pool.threads(),
+                        kept.map(<[u32]>::len)
+                    );
+                }
+            }
+        }
+        // Other weights are left to the caller.
+        let f: Vec<f32> = data(in_dim * 32, 9);
+        let mut y = [0f32; 32];
+        assert!(!matvec_input_major_group(
+            &ThreadPool::new(2),
+            &[(WeightView::F32(&f), 32)],
+            in_dim,
+            &x,
+            None,
+            &mut [&mut y[..]],
+            &mut s
+        ));
     }
 
     #[test]

@@ -10,7 +10,9 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::kernels::input_major::{InputMajorScratch, matmul_input_major, matvec_input_major};
+use crate::kernels::input_major::{
+    InputMajorScratch, matmul_input_major, matvec_input_major, matvec_input_major_group,
+};
 use crate::kernels::ops::{self, RopeTable};
 use crate::kernels::qcols::{QColMatrix, QColScratch, matmul_group_pool, matvec_group_pool};
 use crate::kernels::{self, ThreadPool, WeightView};
@@ -70,8 +72,9 @@ impl Linear {
     }
 
     /// `outs[m] = x · lins[m]^T` over the inputs `kept` for layers that share one input
-    /// (q/k/v, gate/up), when every one is held by column: the input prepared once per
-    /// token and one pool job per token for all of them. Returns false (nothing done)
+    /// (q/k/v, gate/up), when every one is held by column (the input prepared once per
+    /// token and one pool job per token for all of them), or input-major in bf16 for one
+    /// token (one pool job, `matvec_input_major_group`). Returns false (nothing done)
     /// otherwise.
     pub fn project_group(
         pool: &ThreadPool,
@@ -82,6 +85,15 @@ impl Linear {
         kept: Option<&[u32]>,
         scratch: &mut InputMajorScratch,
     ) -> bool {
+        if n == 1 && lins.iter().all(|l| l.input_major) {
+            let ws: Vec<_> = lins
+                .iter()
+                .map(|l| (l.weight.view(), l.weight.cols))
+                .collect();
+            let in_dim = lins[0].weight.rows;
+            return lins.iter().all(|l| l.weight.rows == in_dim)
+                && matvec_input_major_group(pool, &ws, in_dim, &x[..in_dim], kept, outs, scratch);
+        }
         let Some(mats) = lins
             .iter()
             .map(|l| l.by_column.as_ref())
