@@ -14,7 +14,7 @@ use crate::kernels::input_major::{
     InputMajorScratch, matmul_input_major, matvec_input_major, matvec_input_major_group,
 };
 use crate::kernels::ops::{self, RopeTable};
-use crate::kernels::qcols::{QColMatrix, QColScratch, matmul_group_pool, matvec_group_pool};
+use crate::kernels::qcols::{QColMatrix, matmul_group_pool, matvec_group_pool};
 use crate::kernels::{self, ThreadPool, WeightView};
 use crate::loader::WeightSource;
 use crate::model::config::{Activation, ModelConfig, RopeStyle};
@@ -150,16 +150,8 @@ impl Linear {
     /// x: [n, in] -> out: [n, out].
     pub fn forward(&self, pool: &ThreadPool, x: &[f32], n: usize, out: &mut [f32]) {
         let w = &self.weight;
-        if let Some(c) = &self.by_column {
-            let (i, o) = (c.in_dim(), c.out_dim());
-            matmul_group_pool(
-                pool,
-                &[c],
-                &x[..n * i],
-                n,
-                &mut [&mut out[..n * o]],
-                &mut QColScratch::new(),
-            );
+        if self.by_column.is_some() {
+            self.project(pool, x, n, out, None, &mut InputMajorScratch::default());
         } else if self.input_major {
             matmul_input_major(pool, w.view(), w.rows, w.cols, x, n, out);
         } else {
