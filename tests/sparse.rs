@@ -23,15 +23,11 @@ fn model() -> &'static Llama {
     })
 }
 
+/// `n` seeded values in [-scale, scale) (the kernels' test data, scaled).
 fn rand_vec(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
+    sparsellm::kernels::test_data::data(n, seed)
+        .into_iter()
+        .map(|v| v * scale)
         .collect()
 }
 

@@ -9,15 +9,8 @@ use sparsellm::sparse::weight_cache::{CacheSource, UpdateStrategy, WeightCache, 
 use sparsellm::tensor::{DType, Matrix};
 
 fn matrix(rows: usize, cols: usize, seed: u64, dtype: DType) -> Matrix {
-    let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    let v: Vec<f32> = (0..rows * cols)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect();
+    let v = sparsellm::kernels::test_data::data(rows * cols, seed);
+    let v: Vec<f32> = v.into_iter().map(|v| v * 0.5).collect();
     Matrix::from_f32(&v, rows, cols, dtype)
 }
 

@@ -1078,16 +1078,10 @@ mod tests {
         out
     }
 
+    /// Seeded values in [-3, 3).
     fn data(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 6.0 - 3.0
-            })
-            .collect()
+        let data = crate::kernels::test_data::data(n, seed);
+        data.into_iter().map(|v| v * 3.0).collect()
     }
 
     #[test]

@@ -217,15 +217,8 @@ fn llama_gguf(hidden: u64) -> Gguf {
 
 /// Small deterministic pseudo-random weights in [-0.5, 0.5).
 fn weights(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        })
-        .collect()
+    let data = sparsellm::kernels::test_data::data(n, seed);
+    data.into_iter().map(|v| v * 0.5).collect()
 }
 
 /// A tiny HuggingFace checkpoint (hidden 8, 1 layer, context 16) with SmolLM2's tokenizer,
