@@ -218,9 +218,10 @@ impl MlpBytes {
 /// A down row is read from the transposed copy (`down_t_dtype`: Q8_0 for a quantized
 /// model, which is larger than its Q4 rows) except in block mode and from a down
 /// projection held by column, which read the model's own blocks. Cache maintenance (rows
-/// copied into the weight cache when the mask changes) is not counted. `predictor` must be the predictor `sp` scores with, with the
-/// factors in the dtype `sp` holds them in ([`Predictor::factor_dtype_for`]). None before
-/// any sparse token, or when the scorer needs a predictor and none is given.
+/// copied into the weight cache when the mask changes) is not counted. `predictor` must
+/// be the predictor `sp` scores with, with the factors in the dtype `sp` holds them in
+/// ([`Predictor::factor_dtype_for`]). None before any sparse token, or when the scorer
+/// needs a predictor and none is given.
 pub fn mlp_bytes(model: &Llama, sp: &SparseMlp, predictor: Option<&Predictor>) -> Option<MlpBytes> {
     let density = sp.layer_density();
     if density.len() != model.layers.len() || density.iter().any(|d| !d.is_finite()) {
