@@ -7,7 +7,6 @@ mod common;
 
 use std::sync::OnceLock;
 
-use sparsellm::kernels::pool;
 use sparsellm::model::{InputGroup, InputMask, Llama, Logits, MlpOverride, WeightLayout};
 use sparsellm::sparse::input::{
     InputCalibrationOptions, InputSparsity, InputSpec, calibrate_input,
@@ -16,19 +15,14 @@ use sparsellm::sparse::predictor::Predictor;
 use sparsellm::sparse::threshold::select_top_k;
 use sparsellm::tensor::{DType, LoadDType};
 
-fn load(dtype: DType, layout: WeightLayout) -> Llama {
-    let src = sparsellm::loader::open(&common::model_path()).expect("open model");
-    Llama::load_with_layout(src.as_ref(), dtype, pool::global(), layout).expect("load model")
-}
-
 fn row_major() -> &'static Llama {
     static M: OnceLock<Llama> = OnceLock::new();
-    M.get_or_init(|| load(DType::F32, WeightLayout::RowMajor))
+    M.get_or_init(|| common::load_model(DType::F32, WeightLayout::RowMajor))
 }
 
 fn input_major() -> &'static Llama {
     static M: OnceLock<Llama> = OnceLock::new();
-    M.get_or_init(|| load(DType::F32, WeightLayout::InputMajor))
+    M.get_or_init(|| common::load_model(DType::F32, WeightLayout::InputMajor))
 }
 
 /// GPL-3's first tokens (the evaluation text of the README's tables).
@@ -95,12 +89,12 @@ fn input_major_layout_computes_the_row_major_model() {
 #[test]
 fn bf16_prefill_on_input_major_layouts_computes_the_row_major_model() {
     let ids = tokens(24);
-    let row = load(DType::BF16, WeightLayout::RowMajor);
+    let row = common::load_model(DType::BF16, WeightLayout::RowMajor);
     let all = row
         .forward(&ids, &mut row.new_cache(), Logits::All, None)
         .unwrap();
     for layout in [WeightLayout::InputMajor, WeightLayout::DownInputMajor] {
-        let m = load(DType::BF16, layout);
+        let m = common::load_model(DType::BF16, layout);
         assert_eq!(m.layout(), layout);
         let got = m
             .forward(&ids, &mut m.new_cache(), Logits::All, None)
@@ -210,8 +204,8 @@ fn sparse_decode_equals_the_masked_reference() {
 fn q8_0_weights_are_held_input_major_natively() {
     let ids = tokens(16);
     let (rm, im) = (
-        load(DType::Q8_0, WeightLayout::RowMajor),
-        load(DType::Q8_0, WeightLayout::InputMajor),
+        common::load_model(DType::Q8_0, WeightLayout::RowMajor),
+        common::load_model(DType::Q8_0, WeightLayout::InputMajor),
     );
     assert_eq!(im.layout(), WeightLayout::InputMajor);
     let down = &im.layers[0].mlp.down_proj;
@@ -361,11 +355,7 @@ fn top_k_selection_matches_a_sort() {
 #[test]
 fn q4_1_weights_are_held_by_input_column_losslessly() {
     let ids = tokens(16);
-    let native = |layout| {
-        let src = sparsellm::loader::open(&common::model_path()).expect("open model");
-        Llama::load_with_layout(src.as_ref(), LoadDType::Native, pool::global(), layout)
-            .expect("load model")
-    };
+    let native = |layout| common::load_model(LoadDType::Native, layout);
     let (rm, bc) = (
         native(WeightLayout::RowMajor),
         native(WeightLayout::InputMajor),

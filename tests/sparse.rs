@@ -298,11 +298,7 @@ fn q4_down_projections_held_by_column_match_the_masked_reference() {
 fn q4_1_file_serves_the_mlp_neuron_modes_without_a_copy() {
     use sparsellm::model::WeightLayout;
     use sparsellm::tensor::LoadDType;
-    let native = |layout| {
-        let src = sparsellm::loader::open(&common::model_path()).expect("open model");
-        Llama::load_with_layout(src.as_ref(), LoadDType::Native, pool::global(), layout)
-            .expect("load model")
-    };
+    let native = |layout| common::load_model(LoadDType::Native, layout);
     let (rm, dm) = (
         native(WeightLayout::RowMajor),
         native(WeightLayout::DownInputMajor),
@@ -759,14 +755,7 @@ fn cached_mode_fills_its_cache_and_copies_only_what_changes() {
 #[test]
 fn down_input_major_layout_serves_the_sparse_modes_without_a_copy() {
     use sparsellm::model::WeightLayout;
-    let src = sparsellm::loader::open(&common::model_path()).expect("open model");
-    let dm = Llama::load_with_layout(
-        src.as_ref(),
-        DType::F32,
-        pool::global(),
-        WeightLayout::DownInputMajor,
-    )
-    .expect("load model");
+    let dm = common::load_model(DType::F32, WeightLayout::DownInputMajor);
     let rm = model();
     assert_eq!(dm.layout(), WeightLayout::DownInputMajor);
     let d = &dm.layers[0];

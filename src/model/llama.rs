@@ -102,7 +102,7 @@ impl Linear {
             return false;
         };
         assert!(kept.is_none() || n == 1, "input sparsity needs one token");
-        if n > 1 {
+        if n != 1 {
             matmul_group_pool(
                 pool,
                 &mats,
@@ -113,22 +113,8 @@ impl Linear {
             );
             return true;
         }
-        let width = mats[0].in_dim();
-        for t in 0..n {
-            let mut rows: Vec<&mut [f32]> = outs
-                .iter_mut()
-                .zip(&mats)
-                .map(|(o, m)| &mut o[t * m.out_dim()..(t + 1) * m.out_dim()])
-                .collect();
-            matvec_group_pool(
-                pool,
-                &mats,
-                &x[t * width..(t + 1) * width],
-                kept,
-                &mut rows,
-                scratch.qcols(),
-            );
-        }
+        let x = &x[..mats[0].in_dim()];
+        matvec_group_pool(pool, &mats, x, kept, outs, scratch.qcols());
         true
     }
 

@@ -202,7 +202,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn radix_selection_equals_the_sorted_one_with_ties_signs_and_nans() {
+    fn bisection_selection_equals_the_sorted_one_with_ties_signs_and_nans() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             state ^= state << 13;

@@ -64,6 +64,17 @@ pub fn model_path() -> PathBuf {
     sparsellm::loader::fetch::default_model_path().expect("fetching the default model")
 }
 
+/// The default model loaded as `dtype` in `layout` (a fresh load each call).
+pub fn load_model(
+    dtype: impl Into<sparsellm::tensor::LoadDType>,
+    layout: sparsellm::model::WeightLayout,
+) -> sparsellm::model::Llama {
+    let src = sparsellm::loader::open(&model_path()).expect("open model");
+    let pool = sparsellm::kernels::pool::global();
+    sparsellm::model::Llama::load_with_layout(src.as_ref(), dtype, pool, layout)
+        .expect("load model")
+}
+
 /// Gemma 3 270M (Q4_K_M GGUF), fetched on first use as `sparsellm fetch gemma3-270m` does.
 pub fn gemma3_model_path() -> PathBuf {
     static P: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();

@@ -1801,40 +1801,33 @@ fn repeat_penalty_and_min_p_reach_the_sampler() {
 
 #[test]
 fn input_sparsity_through_the_binary() {
+    // `generate --sparsity teal:0.3 --json` with `dtype` flags: its JSON.
+    let teal = |dtype: &[&str]| {
+        let mut a = args![
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "--max-tokens",
+            "8",
+            "--sparsity",
+            "teal:0.3",
+            "--json"
+        ];
+        a.extend(dtype.iter().map(std::ffi::OsString::from));
+        let o = run(a);
+        assert_eq!(o.code, Some(0), "{o:?}");
+        serde_json::from_str::<serde_json::Value>(o.stdout.trim()).expect("json")
+    };
     // Decodes with teal on bf16 weights and reports what it kept.
-    let o = run(args![
-        "generate",
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "8",
-        "--dtype",
-        "bf16",
-        "--sparsity",
-        "teal:0.3",
-        "--json"
-    ]);
-    assert_eq!(o.code, Some(0), "{o:?}");
-    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("json");
-    assert_eq!(v["output_ids"].as_array().map(Vec::len), Some(8), "{o:?}");
+    let v = teal(&["--dtype", "bf16"]);
+    assert_eq!(v["output_ids"].as_array().map(Vec::len), Some(8), "{v}");
     let d = v["input_density"].as_f64().unwrap();
     assert!((d - 0.7).abs() < 0.01, "inputs kept {d}");
     assert_eq!(v["mlp_density"].as_f64(), Some(1.0));
     let w = v["weight_bytes_ratio"].as_f64().unwrap();
     assert!(w > 0.6 && w < 0.9, "weight bytes x{w}");
     // Q4_1 (the default file) is held by input column, natively.
-    let o = run(args![
-        "generate",
-        "--prompt",
-        "The capital of France is",
-        "--max-tokens",
-        "8",
-        "--sparsity",
-        "teal:0.3",
-        "--json"
-    ]);
-    assert_eq!(o.code, Some(0), "{o:?}");
-    let v: serde_json::Value = serde_json::from_str(o.stdout.trim()).expect("json");
+    let v = teal(&[]);
     let d = v["input_density"].as_f64().unwrap();
     assert!((d - 0.7).abs() < 0.01, "Q4_1: inputs kept {d}");
     // K-quant blocks cannot be held by input: one line naming the fix.
