@@ -513,13 +513,16 @@ impl ThreadPool {
                 r.for_each(|c| f(c, chunks));
             });
         }
-        self.chunked(chunks, f, &|| (0..chunks).for_each(|c| f(c, chunks)));
+        self.chunked(chunks, f);
     }
 
     /// Splits `0..len` into contiguous ranges, each a multiple of `align` (except the
-    /// last), about [`CHUNKS_PER_THREAD`] per thread, and runs `f(range)` on each (see
-    /// [`for_chunks`](Self::for_chunks)); or `f(0..len)` once when the job runs on the
-    /// caller alone. So `f` must compute the same for an index whatever range holds it.
+    /// last), about [`CHUNKS_PER_THREAD`] per thread of the pool, and runs `f(range)` on
+    /// each (see [`for_chunks`](Self::for_chunks)). The ranges depend on `len`, `align`
+    /// and the pool's size only: when the job runs on the caller alone (an adaptive pool
+    /// under load or after a stall), it runs the same ranges in turn. So a kernel whose
+    /// result for an index depends on the range that holds it (a GEMM's tiles and blocks)
+    /// still gives the same bits whatever the timing.
     pub fn for_ranges(
         &self,
         len: usize,
@@ -529,20 +532,20 @@ impl ThreadPool {
         if len == 0 {
             return;
         }
+        if self.threads() == 1 {
+            return f(0..len);
+        }
         let chunks = len
             .div_ceil(align.max(1))
             .min(self.threads() * CHUNKS_PER_THREAD)
             .min(ticket::MAX_CHUNKS);
-        self.chunked(
-            chunks,
-            &|c, chunks| f(split_range(len, align, c, chunks)),
-            &|| f(0..len),
-        );
+        self.chunked(chunks, &|c, chunks| f(split_range(len, align, c, chunks)));
     }
 
-    /// A chunked job: `f(chunk, chunks)` for every chunk over the threads that take part,
-    /// or `alone()` (the same work) on the caller when only one does.
-    fn chunked(&self, chunks: usize, f: &(dyn Fn(usize, usize) + Sync), alone: &dyn Fn()) {
+    /// A chunked job: `f(chunk, chunks)` for every chunk, over the threads that take part
+    /// (on the caller alone, in order, when only one does).
+    fn chunked(&self, chunks: usize, f: &(dyn Fn(usize, usize) + Sync)) {
+        let alone = || (0..chunks).for_each(|c| f(c, chunks));
         if chunks <= 1 || self.threads() == 1 {
             return alone();
         }
@@ -814,6 +817,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The adaptive pool runs a job on the caller alone after stalls: with the same ranges
+    /// as on every thread, so a kernel whose result depends on its ranges' bounds (a GEMM)
+    /// gives the same bits whatever the timing (it did not: prefill differed by ulps).
+    #[test]
+    fn a_job_run_on_the_caller_alone_keeps_its_ranges() {
+        let ranges = |pool: &ThreadPool| {
+            let seen = Mutex::new(Vec::new());
+            pool.for_ranges(1000, 16, &|r| seen.lock().unwrap().push(r));
+            let mut seen = seen.into_inner().unwrap();
+            seen.sort_by_key(|r| r.start);
+            seen
+        };
+        let pool = ThreadPool::new(2);
+        pool.set_adaptive(false);
+        let parallel = ranges(&pool);
+        assert_eq!(parallel.len(), 2 * CHUNKS_PER_THREAD);
+        pool.set_adaptive(true);
+        pool.lock.lock().unwrap().lag.serial_until = Some(Instant::now() + Duration::from_secs(60));
+        let before = pool.stats().serial_after_stalls;
+        assert_eq!(ranges(&pool), parallel);
+        assert_eq!(pool.stats().serial_after_stalls, before + 1, "ran alone");
+        assert_eq!(ranges(&ThreadPool::new(1)), vec![0..1000], "a pool of one");
     }
 
     #[test]
