@@ -258,6 +258,15 @@ impl Matrix {
         matches!(self.storage, Storage::Mapped { .. })
     }
 
+    /// Drops the weights' pages from the RSS when they are a file's (a matrix the model
+    /// holds in another layout too, whose rows are not read again): see
+    /// [`crate::kernels::release_pages`].
+    pub fn release_file_pages(&self) {
+        if let Storage::Mapped { map, offset, len } = &self.storage {
+            crate::kernels::release_pages(map, *offset, *len);
+        }
+    }
+
     /// Row `r` widened to f32.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         self.view().row_to_f32(r, self.cols, out)
@@ -473,10 +482,19 @@ impl WeightPlan {
                         offset: off,
                         len: dtype.bytes_for(rows * cols),
                     },
-                    _ => Storage::Mapped {
-                        map: Arc::clone(&raw.map),
-                        offset: raw.offset,
-                        len: raw.len,
+                    // Read from the file: through a map of its own range, so that
+                    // its faults map no page of a neighbour held elsewhere.
+                    _ => match crate::kernels::file_submap(&raw.map, raw.offset, raw.len) {
+                        Some(map) => Storage::Mapped {
+                            map,
+                            offset: 0,
+                            len: raw.len,
+                        },
+                        None => Storage::Mapped {
+                            map: Arc::clone(&raw.map),
+                            offset: raw.offset,
+                            len: raw.len,
+                        },
                     },
                 };
                 Matrix {

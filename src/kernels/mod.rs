@@ -16,16 +16,63 @@ pub fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     // would fault, which no safe API can prevent.
     let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
     let map = Arc::new(map);
-    let mut maps = FILE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
-    maps.retain(|w| w.strong_count() > 0);
-    maps.push(Arc::downgrade(&map));
+    register_file_map(&map, Arc::new(file), 0);
     Ok(map)
 }
 
-/// The maps made by [`map_file`] (weak: the registry keeps no map alive). A live `Arc`
-/// equal to a registered pointer is that file map: a dead entry still holds its
-/// allocation, so no other map can take its address.
-static FILE_MAPS: std::sync::Mutex<Vec<std::sync::Weak<Mmap>>> = std::sync::Mutex::new(Vec::new());
+/// A map of `map[offset..offset + len]` alone, when `map` is a file map from [`map_file`]
+/// (`None` for other maps, an empty range, or when the system refuses). A tensor read
+/// through its own map faults in its own pages only: read through the whole file's map,
+/// each fault also maps the file's cached pages around it (64 KiB of fault-around, or a
+/// whole large folio), which include pages of neighbouring tensors the model holds
+/// elsewhere (repacked or converted), and those would count in the RSS a second time.
+pub fn file_submap(map: &Arc<Mmap>, offset: usize, len: usize) -> Option<Arc<Mmap>> {
+    if len == 0 || offset.checked_add(len).is_none_or(|e| e > map.len()) {
+        return None;
+    }
+    let (file, base) = {
+        let maps = FILE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = maps
+            .iter()
+            .find(|e| std::ptr::eq(e.map.as_ptr(), Arc::as_ptr(map)))?;
+        (Arc::clone(&entry.file), entry.file_offset)
+    };
+    let file_offset = base.checked_add(offset as u64)?;
+    // SAFETY: as in `map_file`: a read-only map of a model file nobody writes while we
+    // run; the range lies inside the file (it lies inside `map`, a map of that file).
+    let sub = unsafe {
+        memmap2::MmapOptions::new()
+            .offset(file_offset)
+            .len(len)
+            .map(&*file)
+    }
+    .ok()?;
+    let sub = Arc::new(sub);
+    register_file_map(&sub, file, file_offset);
+    Some(sub)
+}
+
+fn register_file_map(map: &Arc<Mmap>, file: Arc<std::fs::File>, file_offset: u64) {
+    let mut maps = FILE_MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|e| e.map.strong_count() > 0);
+    maps.push(FileMap {
+        map: Arc::downgrade(map),
+        file,
+        file_offset,
+    });
+}
+
+/// A map made by [`map_file`] or [`file_submap`]: the file it maps, from `file_offset`.
+struct FileMap {
+    /// Weak: the registry keeps no map alive. A live `Arc` equal to a registered pointer
+    /// is that map: a dead entry still holds its allocation, so no other map can take
+    /// its address.
+    map: std::sync::Weak<Mmap>,
+    file: Arc<std::fs::File>,
+    file_offset: u64,
+}
+
+static FILE_MAPS: std::sync::Mutex<Vec<FileMap>> = std::sync::Mutex::new(Vec::new());
 
 /// Drops the pages of `map[offset..offset + len]` from this process's resident memory
 /// when `map` is a file map from [`map_file`] (tensors converted at load are read once:
@@ -37,7 +84,7 @@ pub fn release_pages(map: &Arc<Mmap>, offset: usize, len: usize) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .iter()
-        .any(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(map)));
+        .any(|e| std::ptr::eq(e.map.as_ptr(), Arc::as_ptr(map)));
     #[cfg(unix)]
     if is_file && offset.checked_add(len).is_some_and(|e| e <= map.len()) {
         // SAFETY: the map is a read-only mapping of a file (registered by map_file), so
@@ -164,6 +211,36 @@ mod tests {
             release_pages(map, map.len(), 1); // out of range: ignored
             assert_eq!(&map[..], &bytes[..], "contents survive");
         }
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_file_submap_holds_exactly_its_range() {
+        let bytes: Vec<u8> = (0..5 * 4096 + 77).map(|i| (i * 13 % 251) as u8).collect();
+        let path = std::env::temp_dir().join(format!("sparsellm-submap-{}", std::process::id()));
+        std::fs::write(&path, &bytes).unwrap();
+        let file_map = map_file(&path).unwrap();
+        // Unaligned starts, a range crossing pages, the last byte, a sub-range of a submap.
+        for (offset, len) in [
+            (0, 1),
+            (4095, 2),
+            (1234, 3 * 4096 + 5),
+            (bytes.len() - 1, 1),
+        ] {
+            let sub = file_submap(&file_map, offset, len).expect("a file map's range");
+            assert_eq!(&sub[..], &bytes[offset..offset + len]);
+            release_pages(&sub, 0, len);
+            assert_eq!(&sub[..], &bytes[offset..offset + len], "contents survive");
+            if len > 2 {
+                let inner = file_submap(&sub, 1, len - 2).expect("a submap's range");
+                assert_eq!(&inner[..], &bytes[offset + 1..offset + len - 1]);
+            }
+        }
+        // Empty and out-of-range requests, and maps of no file, have no submap.
+        assert!(file_submap(&file_map, 10, 0).is_none());
+        assert!(file_submap(&file_map, bytes.len() - 1, 2).is_none());
+        assert!(file_submap(&file_map, usize::MAX, 2).is_none());
+        assert!(file_submap(&map_bytes(&bytes).unwrap(), 0, 10).is_none());
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -7,8 +7,6 @@
 //! One `forward` serves decode (one token: matrix-vector kernels) and prefill (many tokens:
 //! matrix-matrix kernels). Weight names mirror the HuggingFace checkpoint's.
 
-use std::sync::Arc;
-
 use crate::error::{Error, Result};
 use crate::kernels::input_major::{
     InputMajorScratch, matmul_input_major, matvec_input_major, matvec_input_major_group,
@@ -458,10 +456,6 @@ impl Llama {
         let down_input_major = layout == WeightLayout::DownInputMajor;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let mut plan = WeightPlan::default();
-        // The file ranges of the matrices held transposed (copied into the plan's arena)
-        // or by column (repacked below).
-        let mut copied = Vec::new();
-        let mut repacked = std::collections::VecDeque::new();
         let mut add = |name: &str, rows: usize, cols: usize, transpose: bool| -> Result<Held> {
             let raw = src.tensor(name)?;
             if raw.shape != [rows, cols] {
@@ -477,7 +471,6 @@ impl Llama {
                 // Held by input column, the same numbers (`kernels::qcols`); the file's
                 // pages are released as each matrix is repacked, so that the load's peak
                 // holds one matrix twice, not all of them.
-                repacked.push_back((Arc::clone(&raw.map), raw.offset, raw.len));
                 plan.add(raw, rows, cols, held)?;
                 return Ok(Held::ByColumn);
             }
@@ -493,7 +486,6 @@ impl Llama {
                         dtype.name()
                     )));
                 }
-                copied.push((Arc::clone(&raw.map), raw.offset, raw.len));
                 plan.add_transposed(raw, rows, cols, held)?;
                 Ok(Held::Transposed)
             } else {
@@ -539,9 +531,6 @@ impl Llama {
         // anything: the pages this reads are then released with the rest of their matrix's.
         let identity = source_identity(src, &c)?;
         let mut mats = plan.finish(pool)?.into_iter().zip(transposed);
-        // Every range the model holds elsewhere now (repacked by column or copied into
-        // the arena), to release once more when the load ends.
-        let held_elsewhere: Vec<_> = repacked.iter().chain(&copied).cloned().collect();
         let mut next = || {
             let (weight, held) = mats.next().expect("one matrix per planned tensor");
             let by_column = (held == Held::ByColumn).then(|| {
@@ -555,8 +544,8 @@ impl Llama {
                     ),
                     _ => unreachable!("only Q4_0/Q4_1 are held by column"),
                 };
-                let (map, offset, len) = repacked.pop_front().expect("a range per repack");
-                kernels::release_pages(&map, offset, len);
+                // The rows are not read again.
+                weight.release_file_pages();
                 m
             });
             Linear {
@@ -624,13 +613,6 @@ impl Llama {
         }
         let lm_head = untied_head.then(&mut next);
         let norm = load_norm(src, "model.norm.weight", h, off)?;
-        // Reading the next matrix and the norms faulted in the file's pages around them
-        // (the kernel maps a file in groups of pages, 64 KiB by default), pages of
-        // matrices held elsewhere now: drop them again, so a model held input-major or by
-        // column keeps its weights resident once.
-        for (map, offset, len) in &held_elsewhere {
-            kernels::release_pages(map, *offset, *len);
-        }
         Ok(Llama {
             identity,
             kv_dtype: KvDType::F32,
