@@ -48,6 +48,19 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
+/// KL(softmax(p) || softmax(q)) in nats.
+fn kl(p: &[f32], q: &[f32]) -> f64 {
+    let log_softmax = |v: &[f32]| {
+        let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+        let sum: f64 = v.iter().map(|&x| (x as f64 - max).exp()).sum();
+        v.iter()
+            .map(|&x| x as f64 - max - sum.ln())
+            .collect::<Vec<_>>()
+    };
+    let (lp, lq) = (log_softmax(p), log_softmax(q));
+    lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum()
+}
+
 fn argmax(v: &[f32]) -> u32 {
     sparsellm::generate::argmax(v)
 }
@@ -274,28 +287,76 @@ fn spec_s(spec: InputSpec) -> f64 {
 fn batched_evaluation_equals_token_by_token_decoding() {
     let ids = tokens(20);
     let m = input_major();
-    let spec: InputSpec = "teal:0.3".parse().unwrap();
-    let mut hook = InputSparsity::new(m, spec, None).unwrap();
+    let vocab = m.config.vocab_size;
+    let rows = |v: &[f32]| {
+        v.chunks_exact(vocab)
+            .map(<[f32]>::to_vec)
+            .collect::<Vec<_>>()
+    };
+    let dense = rows(
+        &m.forward(&ids, &mut m.new_cache(), Logits::All, None)
+            .unwrap(),
+    );
+    let mut hook = InputSparsity::new(m, "teal:0".parse().unwrap(), None).unwrap();
     let one_by_one = decode(m, &ids, Some(&mut hook));
     hook.set_prefill_dense(false);
     let batched = m
         .forward(&ids, &mut m.new_cache(), Logits::All, Some(&mut hook))
         .unwrap();
-    let vocab = m.config.vocab_size;
-    for (t, row) in one_by_one.iter().enumerate() {
-        let b = &batched[t * vocab..(t + 1) * vocab];
-        assert!(rel_err(b, row) < 1e-3, "position {t}: {}", rel_err(b, row));
-        assert_eq!(argmax(b), argmax(row), "position {t}");
+    for (t, (b, row)) in rows(&batched).iter().zip(&one_by_one).enumerate() {
+        assert!(
+            rel_err(b, row) < 1e-4,
+            "teal:0 position {t}: {}",
+            rel_err(b, row)
+        );
     }
+    // With thresholds, an input within rounding of its threshold can fall on either side
+    // in the two passes (prefill's kernels sum in another order, and which inputs sit that
+    // close depends on the host's kernels: on one host none did over these 20 tokens, on
+    // another one at position 12), and from there the two caches differ. So the batched
+    // pass is checked by its distributions: far closer to decoding's than dense's are.
+    let spec: InputSpec = "teal:0.3".parse().unwrap();
+    let mut hook = InputSparsity::new(m, spec, None).unwrap();
+    let one_by_one = decode(m, &ids, Some(&mut hook));
+    hook.set_prefill_dense(false);
+    let batched = rows(
+        &m.forward(&ids, &mut m.new_cache(), Logits::All, Some(&mut hook))
+            .unwrap(),
+    );
+    let n = ids.len() as f64;
+    let mean_kl = |other: &[Vec<f32>]| {
+        one_by_one
+            .iter()
+            .zip(other)
+            .map(|(p, q)| kl(p, q))
+            .sum::<f64>()
+            / n
+    };
+    let (to_batched, to_dense) = (mean_kl(&batched), mean_kl(&dense));
+    let agree = one_by_one
+        .iter()
+        .zip(&batched)
+        .filter(|(p, q)| argmax(p) == argmax(q))
+        .count();
+    eprintln!(
+        "teal:0.3: mean KL to batched {to_batched:.2e}, to dense {to_dense:.2e}, argmax {agree}/{}",
+        ids.len()
+    );
+    assert!(
+        to_batched < 0.01 * to_dense,
+        "mean KL to batched {to_batched}, to dense {to_dense}"
+    );
+    assert!(
+        agree + 1 >= ids.len(),
+        "argmax agrees at {agree} of {}",
+        ids.len()
+    );
     // With prefill dense (generation), a prompt ignores the hook.
     hook.set_prefill_dense(true);
-    let dense = m
-        .forward(&ids, &mut m.new_cache(), Logits::All, None)
-        .unwrap();
     let prompt = m
         .forward(&ids, &mut m.new_cache(), Logits::All, Some(&mut hook))
         .unwrap();
-    assert_eq!(prompt, dense);
+    assert_eq!(rows(&prompt), dense);
 }
 
 #[test]
