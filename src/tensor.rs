@@ -484,18 +484,16 @@ impl WeightPlan {
                     },
                     // Read from the file: through a map of its own range, so that
                     // its faults map no page of a neighbour held elsewhere.
-                    _ => match crate::kernels::file_submap(&raw.map, raw.offset, raw.len) {
-                        Some(map) => Storage::Mapped {
+                    _ => {
+                        let (map, offset) =
+                            crate::kernels::file_submap(&raw.map, raw.offset, raw.len)
+                                .map_or_else(|| (Arc::clone(&raw.map), raw.offset), |m| (m, 0));
+                        Storage::Mapped {
                             map,
-                            offset: 0,
+                            offset,
                             len: raw.len,
-                        },
-                        None => Storage::Mapped {
-                            map: Arc::clone(&raw.map),
-                            offset: raw.offset,
-                            len: raw.len,
-                        },
-                    },
+                        }
+                    }
                 };
                 Matrix {
                     rows,
