@@ -230,6 +230,12 @@ impl QColMatrix {
             unsafe { columns_vbmi(cols, self, c0, c1, out) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if super::qdot::has_avx2() {
+            // SAFETY: checked the CPU (AVX2, FMA, F16C); the rest as above.
+            unsafe { columns_avx2(cols, self, c0, c1, out) };
+            return;
+        }
         for p in cols {
             column_scalar(&self.column(p.block), p, c0, c1, out);
         }
@@ -289,6 +295,24 @@ impl QColMatrix {
                     )
                 };
                 t += MANY;
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if !has_vbmi_vnni() && super::qdot::has_avx2() {
+            while t + MANY_AVX2 <= tokens {
+                let rows: [&mut [f32]; MANY_AVX2] = std::array::from_fn(|k| row(t + k));
+                // SAFETY: checked the CPU (AVX2, FMA, F16C); dense columns as above.
+                unsafe {
+                    columns_avx2_many(
+                        &cols[t * blocks..(t + MANY_AVX2) * blocks],
+                        blocks,
+                        self,
+                        c0,
+                        c1,
+                        rows,
+                    )
+                };
+                t += MANY_AVX2;
             }
         }
         for t in t..tokens {
@@ -415,6 +439,10 @@ pub fn matvec_group_pool(
 /// Tokens per pass of the many-token kernel: each quad of weights, once permuted into
 /// place, serves this many tokens (two accumulators each).
 const MANY: usize = 8;
+
+/// [`MANY`] for the AVX2 kernel, whose 16 vector registers hold each token's four 16-bit
+/// accumulators beside the four interleaved weight vectors.
+const MANY_AVX2: usize = 2;
 
 /// `outs[m] = x · mats[m]^T` for `n` tokens (`x`: `[n, in]`, `outs[m]`: `[n, out_m]`), every
 /// input kept (prefill): each token's outputs equal [`QColMatrix::matvec`]'s bit for bit,
@@ -737,6 +765,207 @@ unsafe fn columns_vbmi_many(
     }
 }
 
+/// [`columns_vbmi`] with AVX2: per quad of kept inputs, the four inputs' nibbles are
+/// interleaved into `vpmaddubsw`'s byte order ([`quad_nibbles_avx2`]), multiplied by the
+/// four activation quants into 16-bit pair sums, and added up over the block's quads in
+/// 16 bits; `vpmaddwd` by ones then gives each output's 32-bit block sum. The sums are
+/// exact integers (a pair sum is at most 2 · 15 · 128 = 3840, a block has at most 8
+/// quads: 30720 < 2^15), so they equal [`columns_vbmi`]'s and the FMAs that follow are
+/// the same, in the same order.
+///
+/// # Safety
+/// AVX2, FMA and F16C; the rest as [`columns_vbmi`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn columns_avx2(
+    cols: &[PreparedColumn],
+    mat: &QColMatrix,
+    c0: usize,
+    c1: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(out.len() == (c1 - c0) * 32);
+    // SAFETY: as in `columns_vbmi`: 16-byte loads of a kept input's run in tile c0..c1,
+    // 8 scales at output `chunk * 32 + 8h`, 8 floats of `out` per store, all inside the
+    // slices; prefetches stay in the next column's tile.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
+        for (ci, p) in cols.iter().enumerate() {
+            let col = mat.column(p.block);
+            let next = cols.get(ci + 1).map(|n| (mat.column(n.block), n));
+            let init = _mm256_set1_epi32(offset(col.fmt).wrapping_mul(p.qsum));
+            let (dx, s) = (_mm256_set1_ps(p.dx), _mm256_set1_ps(p.sx));
+            let quads = p.len / 4;
+            let base = col.quants.as_ptr();
+            for chunk in c0..c1 {
+                if let Some(n) = &next {
+                    let line = (chunk - c0) * 64;
+                    if line < tile_row {
+                        for &j in &n.1.kept[..n.1.len] {
+                            let a =
+                                n.0.quants
+                                    .as_ptr()
+                                    .add(tile_base + j as usize * tile_row + line);
+                            _mm_prefetch::<_MM_HINT_T0>(a as *const i8);
+                        }
+                    }
+                }
+                let cb = base.add(tile_base + (chunk - c0) * 16);
+                let mut pairs = [_mm256_setzero_si256(); 4];
+                for g in 0..quads {
+                    let q = &p.kept[4 * g..4 * g + 4];
+                    let w = quad_nibbles_avx2(std::array::from_fn(|k| {
+                        cb.add(q[k] as usize * tile_row)
+                    }));
+                    let b = _mm256_set1_epi32(p.words[g]);
+                    for (acc, w) in pairs.iter_mut().zip(w) {
+                        *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(w, b));
+                    }
+                }
+                // Vector v holds outputs 4v..4v+4 and 16+4v..16+4v+4 (lanes 0 and 1):
+                // back to output order, 8 at a time.
+                let v = pairs.map(|p| _mm256_add_epi32(init, _mm256_madd_epi16(p, ones)));
+                let sums = [
+                    _mm256_permute2x128_si256::<0x20>(v[0], v[1]),
+                    _mm256_permute2x128_si256::<0x20>(v[2], v[3]),
+                    _mm256_permute2x128_si256::<0x31>(v[0], v[1]),
+                    _mm256_permute2x128_si256::<0x31>(v[2], v[3]),
+                ];
+                for (h, isum) in sums.into_iter().enumerate() {
+                    let o = chunk * 32 + h * 8;
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(
+                        col.scales.as_ptr().add(o) as *const __m128i
+                    ));
+                    let po = out.as_mut_ptr().add(o - c0 * 32);
+                    let mut acc = _mm256_loadu_ps(po);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), acc);
+                    if col.fmt == QFormat::Q4_1 {
+                        let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                            col.scales.as_ptr().add(col.out_dim + o) as *const __m128i,
+                        ));
+                        acc = _mm256_fmadd_ps(m, s, acc);
+                    }
+                    _mm256_storeu_ps(po, acc);
+                }
+            }
+        }
+    }
+}
+
+/// Four inputs' nibbles of 32 outputs (16 bytes at each of `rows`) in `vpmaddubsw`'s
+/// order: vector v's 32-bit lane holds the four inputs' weights (input k in byte k) of
+/// outputs `4v..4v+4` (lanes 0-3, the low nibbles) and `16+4v..16+4v+4` (lanes 4-7, the
+/// high nibbles).
+///
+/// # Safety
+/// AVX2; each of `rows` readable for 16 bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn quad_nibbles_avx2(rows: [*const u8; 4]) -> [__m256i; 4] {
+    let nib = _mm256_set1_epi8(0x0f);
+    // The low 128-bit lane keeps the low nibbles, the high lane the high ones.
+    let shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    // SAFETY: the caller's contract: 16 readable bytes at each row.
+    let n: [__m256i; 4] = std::array::from_fn(|k| unsafe {
+        let r = _mm256_broadcastsi128_si256(_mm_loadu_si128(rows[k] as *const __m128i));
+        _mm256_and_si256(_mm256_srlv_epi32(r, shift), nib)
+    });
+    // Bytes (input 0, input 1) per output, then the two pairs per output.
+    let (lo01, hi01) = (
+        _mm256_unpacklo_epi8(n[0], n[1]),
+        _mm256_unpackhi_epi8(n[0], n[1]),
+    );
+    let (lo23, hi23) = (
+        _mm256_unpacklo_epi8(n[2], n[3]),
+        _mm256_unpackhi_epi8(n[2], n[3]),
+    );
+    [
+        _mm256_unpacklo_epi16(lo01, lo23),
+        _mm256_unpackhi_epi16(lo01, lo23),
+        _mm256_unpacklo_epi16(hi01, hi23),
+        _mm256_unpackhi_epi16(hi01, hi23),
+    ]
+}
+
+/// [`columns_avx2`] for `T` tokens whose columns are every block with every input kept
+/// (`cols`: token after token, `blocks` each): each quad of weights is loaded and
+/// interleaved once, then multiplied by each token's four quants; per token, the integer
+/// sums and the FMAs are [`columns_avx2`]'s, in its order.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `cols` holds `T * blocks` dense columns in block order, each of
+/// `out` is `(c1 - c0) * 32` floats; the rest as [`columns_vbmi`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn columns_avx2_many<const T: usize>(
+    cols: &[PreparedColumn],
+    blocks: usize,
+    mat: &QColMatrix,
+    c0: usize,
+    c1: usize,
+    mut out: [&mut [f32]; T],
+) {
+    for o in out.iter_mut() {
+        debug_assert_eq!(o.len(), (c1 - c0) * 32);
+        o.fill(0.0);
+    }
+    // SAFETY: loads read 16 bytes of input k's run in tile c0..c1 of a block column (all
+    // 32 inputs kept here) or 8 scales at output `chunk * 32 + 8h`; stores write each
+    // token's 8 floats there.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
+        for b in 0..blocks {
+            let col = mat.column(b);
+            let p: [&PreparedColumn; T] = std::array::from_fn(|t| &cols[t * blocks + b]);
+            let base = col.quants.as_ptr();
+            for chunk in c0..c1 {
+                let cb = base.add(tile_base + (chunk - c0) * 16);
+                let mut pairs = [[_mm256_setzero_si256(); 4]; T];
+                for g in 0..QK / 4 {
+                    let w =
+                        quad_nibbles_avx2(std::array::from_fn(|k| cb.add((4 * g + k) * tile_row)));
+                    for t in 0..T {
+                        let x = _mm256_set1_epi32(p[t].words[g]);
+                        for (acc, &w) in pairs[t].iter_mut().zip(&w) {
+                            *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(w, x));
+                        }
+                    }
+                }
+                for t in 0..T {
+                    let init = _mm256_set1_epi32(offset(col.fmt).wrapping_mul(p[t].qsum));
+                    let (dx, s) = (_mm256_set1_ps(p[t].dx), _mm256_set1_ps(p[t].sx));
+                    let v = pairs[t].map(|p| _mm256_add_epi32(init, _mm256_madd_epi16(p, ones)));
+                    let sums = [
+                        _mm256_permute2x128_si256::<0x20>(v[0], v[1]),
+                        _mm256_permute2x128_si256::<0x20>(v[2], v[3]),
+                        _mm256_permute2x128_si256::<0x31>(v[0], v[1]),
+                        _mm256_permute2x128_si256::<0x31>(v[2], v[3]),
+                    ];
+                    for (h, isum) in sums.into_iter().enumerate() {
+                        let o = chunk * 32 + h * 8;
+                        let d = _mm256_cvtph_ps(_mm_loadu_si128(
+                            col.scales.as_ptr().add(o) as *const __m128i
+                        ));
+                        let po = out[t].as_mut_ptr().add(o - c0 * 32);
+                        let mut acc = _mm256_loadu_ps(po);
+                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), acc);
+                        if col.fmt == QFormat::Q4_1 {
+                            let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                                col.scales.as_ptr().add(col.out_dim + o) as *const __m128i,
+                            ));
+                            acc = _mm256_fmadd_ps(m, s, acc);
+                        }
+                        _mm256_storeu_ps(po, acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl QColScratch {
     pub fn new() -> QColScratch {
         QColScratch::default()
@@ -918,15 +1147,121 @@ mod tests {
         let mut s = QColScratch::new();
         prepare_input(m.in_dim, x, kept, &mut s);
         for p in &s.cols {
-            let b = p.block;
-            let col = Column {
-                fmt: m.fmt,
-                out_dim: m.out_dim,
-                tiles: &m.tiles,
-                scales: &m.scales[b * m.scales_per_col()..][..m.scales_per_col()],
-                quants: &m.quants[b * QK * m.out_dim / 2..][..QK * m.out_dim / 2],
-            };
-            column_scalar(&col, p, 0, m.out_dim / 32, out);
+            column_scalar(&m.column(p.block), p, 0, m.out_dim / 32, out);
+        }
+    }
+
+    /// [`QColMatrix::matvec`] forced onto the AVX2 column kernel, tile by tile; None
+    /// without AVX2, FMA and F16C.
+    fn avx2_matvec(m: &QColMatrix, x: &[f32], kept: Option<&[u32]>) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::qdot::has_avx2() {
+            let mut out = vec![f32::NAN; m.out_dim];
+            let mut s = QColScratch::new();
+            prepare_input(m.in_dim, x, kept, &mut s);
+            for &(c0, c1) in &m.tiles {
+                let part = &mut out[c0 * 32..c1 * 32];
+                part.fill(0.0);
+                // SAFETY: checked the CPU; columns prepared for m, tile c0..c1 of m,
+                // `part` its (c1 - c0) * 32 outputs.
+                unsafe { columns_avx2(&s.cols, m, c0, c1, part) };
+            }
+            return Some(out);
+        }
+        let _ = (m, x, kept);
+        None
+    }
+
+    /// Two tokens through the AVX2 many-token kernel, every input kept; None without
+    /// AVX2, FMA and F16C.
+    fn avx2_two_tokens(m: &QColMatrix, x: [&[f32]; 2]) -> Option<[Vec<f32>; 2]> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::kernels::qdot::has_avx2() {
+            let mut s = QColScratch::new();
+            let mut cols = Vec::new();
+            for xt in x {
+                prepare_input(m.in_dim, xt, None, &mut s);
+                cols.append(&mut s.cols);
+            }
+            let mut out = [vec![f32::NAN; m.out_dim], vec![f32::NAN; m.out_dim]];
+            for &(c0, c1) in &m.tiles {
+                let [a, b] = &mut out;
+                // SAFETY: checked the CPU; two tokens' dense columns for m, tile c0..c1,
+                // each output its (c1 - c0) * 32 floats.
+                unsafe {
+                    columns_avx2_many::<2>(
+                        &cols,
+                        m.in_dim / QK,
+                        m,
+                        c0,
+                        c1,
+                        [&mut a[c0 * 32..c1 * 32], &mut b[c0 * 32..c1 * 32]],
+                    )
+                };
+            }
+            return Some(out);
+        }
+        let _ = (m, x);
+        None
+    }
+
+    #[test]
+    fn the_avx2_column_kernel_equals_the_scalar_one_bit_for_bit() {
+        // Odd shapes: a single 32-output chunk, tiles of unequal sizes, one block column.
+        for fmt in [QFormat::Q4_0, QFormat::Q4_1] {
+            for (out_dim, in_dim) in [(32, 32), (96, 160), (224, 96), (64, 1056)] {
+                let w = blocks(fmt, out_dim, in_dim, 3 * out_dim as u64 + in_dim as u64);
+                for tiles in [1, 2, 3] {
+                    let m = QColMatrix::from_row_major(fmt, &w, out_dim, in_dim, tiles);
+                    let x = data(in_dim, 13);
+                    for kept in [
+                        None,
+                        Some(
+                            (0..in_dim as u32)
+                                .filter(|i| i % 3 != 1)
+                                .collect::<Vec<_>>(),
+                        ),
+                        Some((0..in_dim as u32).filter(|i| i % 7 == 5).collect()),
+                        Some(vec![in_dim as u32 - 1]),
+                        Some(vec![]),
+                    ] {
+                        let mut want = vec![0f32; out_dim];
+                        scalar_matvec(&m, &x, kept.as_deref(), &mut want);
+                        let Some(got) = avx2_matvec(&m, &x, kept.as_deref()) else {
+                            eprintln!("no AVX2/FMA/F16C here: only the scalar kernel runs");
+                            return;
+                        };
+                        let n = kept.as_ref().map_or(in_dim, |k| k.len());
+                        assert_eq!(
+                            got, want,
+                            "{fmt:?} {out_dim}x{in_dim}, {tiles} tiles, {n} kept"
+                        );
+                    }
+                    let x2 = data(in_dim, 17);
+                    if let Some(got) = avx2_two_tokens(&m, [&x, &x2]) {
+                        for (t, xt) in [&x, &x2].into_iter().enumerate() {
+                            let mut want = vec![0f32; out_dim];
+                            scalar_matvec(&m, xt, None, &mut want);
+                            assert_eq!(got[t], want, "{fmt:?} {out_dim}x{in_dim}: token {t} of 2");
+                        }
+                    }
+                }
+            }
+            // The largest 16-bit pair sums: every nibble 15, every activation quant +-127.
+            let (out_dim, in_dim) = (64, 64);
+            let mut w = blocks(fmt, out_dim, in_dim, 1);
+            for blk in w.chunks_exact_mut(fmt.block_bytes()) {
+                blk[fmt.qs_offset()..].fill(0xff);
+            }
+            let m = QColMatrix::from_row_major(fmt, &w, out_dim, in_dim, 2);
+            for sign in [1.0, -1.0] {
+                let x = vec![sign; in_dim];
+                let mut want = vec![0f32; out_dim];
+                scalar_matvec(&m, &x, None, &mut want);
+                if let Some(got) = avx2_matvec(&m, &x, None) {
+                    assert_eq!(got, want, "{fmt:?}: extreme sums, sign {sign}");
+                }
+            }
         }
     }
 

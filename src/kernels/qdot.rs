@@ -840,6 +840,156 @@ unsafe fn rows_avx2<const F: u8, const GATHER: bool>(
     }
 }
 
+/// Rows in the lanes on AVX2: [`rows_avx2`]'s products for `T` activation vectors, 8 rows
+/// at a time, `out[r·stride + t] = row r · x[t]` for `rows` rows. Per block, the 8 rows'
+/// quants are transposed into vectors of four bytes per row, multiplied by four of a
+/// vector's quants broadcast (`vpmaddubsw`, then `vpmaddwd` by ones), which leaves each
+/// row's exact block sum in its own lane; [`block_acc`]'s FMAs then run on 8 rows at once,
+/// so the dependent FMA chain of one row (the latency that bounds [`rows_avx2`]) is shared
+/// by 8, and the weights are read once for `T` vectors. The sums are exact integers
+/// (Q4: 8 pair sums of at most 2·15·128 add up in 16 bits below 2^15; Q8_0: each pair sum
+/// of at most 2·128·127 widened at once), so every product equals [`rows_avx2`]'s and
+/// [`dot_scalar`]'s bit for bit. Rows past the last whole 8 run in [`rows_avx2`].
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C; `w` holds `rows` rows of `row_bytes` bytes, a
+/// whole number of blocks; each `x[t]` holds as many blocks; `out` has
+/// `(rows - 1)·stride + T` elements, `T <= stride`; `8·row_bytes` fits an i32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_avx2_lanes<const F: u8, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: [&[QPair]; T],
+    out: &mut [f32],
+    stride: usize,
+) {
+    let fmt = format_of(F);
+    let (bb, qo) = (fmt.block_bytes(), fmt.qs_offset());
+    let blocks = row_bytes / bb;
+    assert!(T <= stride && (rows == 0 || out.len() >= (rows - 1) * stride + T));
+    assert!(w.len() >= rows * row_bytes && x.iter().all(|x| x.len() * 2 >= blocks));
+    assert!(row_bytes * 8 <= i32::MAX as usize, "rows_q: row too long");
+    let nib = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let offset = if fmt == QFormat::Q4_0 { -8 } else { 0 };
+    let rb = row_bytes as i32;
+    let row_offsets = _mm256_setr_epi32(0, rb, 2 * rb, 3 * rb, 4 * rb, 5 * rb, 6 * rb, 7 * rb);
+    let groups = rows / 8;
+    for g in 0..groups {
+        // SAFETY: group g's 8 rows lie inside w (asserted); every load below reads block b
+        // of one of them (its 4 head bytes, or its quants at qo), every x[t] holds block b.
+        unsafe {
+            let base = w.as_ptr().add(g * 8 * row_bytes);
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..blocks {
+                let blk = base.add(b * bb);
+                // Each row's scale (low 16 bits) and Q4_1's minimum (high 16 bits).
+                let head = _mm256_i32gather_epi32::<1>(blk as *const i32, row_offsets);
+                let half = |v: __m256i| {
+                    _mm256_cvtph_ps(_mm_packus_epi32(
+                        _mm256_castsi256_si128(v),
+                        _mm256_extracti128_si256::<1>(v),
+                    ))
+                };
+                let dw = half(_mm256_and_si256(head, _mm256_set1_epi32(0xffff)));
+                let m = half(_mm256_srli_epi32::<16>(head));
+                // words[i]: lane r holds word i (bytes 4i..4i+4) of row r's quants.
+                let words = |at: usize| {
+                    let ld = |r: usize| blk.add(r * row_bytes + at);
+                    let z: [__m256i; 4] = std::array::from_fn(|j| {
+                        _mm256_loadu2_m128i(ld(4 + j) as *const __m128i, ld(j) as *const __m128i)
+                    });
+                    let t0 = _mm256_unpacklo_epi32(z[0], z[1]);
+                    let t1 = _mm256_unpackhi_epi32(z[0], z[1]);
+                    let t2 = _mm256_unpacklo_epi32(z[2], z[3]);
+                    let t3 = _mm256_unpackhi_epi32(z[2], z[3]);
+                    [
+                        _mm256_unpacklo_epi64(t0, t2),
+                        _mm256_unpackhi_epi64(t0, t2),
+                        _mm256_unpacklo_epi64(t1, t3),
+                        _mm256_unpackhi_epi64(t1, t3),
+                    ]
+                };
+                // Per row, the weights of the block's inputs 4i..4i+4 in lane bytes.
+                let quads: [__m256i; 8] = if fmt == QFormat::Q8_0 {
+                    let (a, b) = (words(qo), words(qo + 16));
+                    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+                } else {
+                    // Byte k of word i: input 4i + k (low nibble) and 16 + 4i + k (high).
+                    let a = words(qo);
+                    let hi = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(v), nib);
+                    let lo = |v: __m256i| _mm256_and_si256(v, nib);
+                    [
+                        lo(a[0]),
+                        lo(a[1]),
+                        lo(a[2]),
+                        lo(a[3]),
+                        hi(a[0]),
+                        hi(a[1]),
+                        hi(a[2]),
+                        hi(a[3]),
+                    ]
+                };
+                for t in 0..T {
+                    let (dx, s, q) = act_block(x[t], b);
+                    let xw = |i: usize| {
+                        _mm256_set1_epi32(read_u32(q.as_ptr().add(4 * i) as *const u8) as i32)
+                    };
+                    let mut isum = if fmt == QFormat::Q8_0 {
+                        let mut isum = _mm256_setzero_si256();
+                        for (i, &wq) in quads.iter().enumerate() {
+                            let p = _mm256_maddubs_epi16(
+                                _mm256_sign_epi8(wq, wq),
+                                _mm256_sign_epi8(xw(i), wq),
+                            );
+                            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, ones));
+                        }
+                        isum
+                    } else {
+                        let mut p16 = _mm256_setzero_si256();
+                        for (i, &wq) in quads.iter().enumerate() {
+                            p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(wq, xw(i)));
+                        }
+                        _mm256_madd_epi16(p16, ones)
+                    };
+                    if offset != 0 {
+                        let qsum = x[t][b / 2].qsum[b % 2];
+                        isum = _mm256_add_epi32(isum, _mm256_set1_epi32(offset * qsum));
+                    }
+                    let a = _mm256_fmadd_ps(
+                        _mm256_cvtepi32_ps(isum),
+                        _mm256_mul_ps(dw, _mm256_set1_ps(dx)),
+                        acc[t],
+                    );
+                    acc[t] = if fmt == QFormat::Q4_1 {
+                        _mm256_fmadd_ps(m, _mm256_set1_ps(s), a)
+                    } else {
+                        a
+                    };
+                }
+            }
+            for (t, a) in acc.iter().enumerate() {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                for (r, v) in lanes.into_iter().enumerate() {
+                    out[(g * 8 + r) * stride + t] = v;
+                }
+            }
+        }
+    }
+    let mut one = [0f32; 1];
+    for r in groups * 8..rows {
+        let row = &w[r * row_bytes..(r + 1) * row_bytes];
+        for t in 0..T {
+            // SAFETY: the caller's features; one row of whole blocks, x[t] as long.
+            unsafe { rows_avx2::<F, false>(row, row_bytes, &[], x[t], &mut one) };
+            out[r * stride + t] = one[0];
+        }
+    }
+}
+
 const fn format_of(f: u8) -> QFormat {
     match f {
         0 => QFormat::Q8_0,
@@ -901,6 +1051,18 @@ fn rows_q_impl<const GATHER: bool>(
                     QFormat::Q8_0 => rows_vnni::<0, GATHER, 1>(w, row_bytes, idx, [x], out),
                     QFormat::Q4_0 => rows_vnni::<1, GATHER, 1>(w, row_bytes, idx, [x], out),
                     _ => rows_vnni::<2, GATHER, 1>(w, row_bytes, idx, [x], out),
+                }
+            }
+            return;
+        }
+        if has_avx2() && !GATHER {
+            let rows = out.len();
+            // SAFETY: has_avx2() checked AVX2/FMA/F16C; sizes asserted above (stride 1).
+            unsafe {
+                match fmt {
+                    QFormat::Q8_0 => rows_avx2_lanes::<0, 1>(w, row_bytes, rows, [x], out, 1),
+                    QFormat::Q4_0 => rows_avx2_lanes::<1, 1>(w, row_bytes, rows, [x], out, 1),
+                    _ => rows_avx2_lanes::<2, 1>(w, row_bytes, rows, [x], out, 1),
                 }
             }
             return;
@@ -1441,12 +1603,58 @@ pub fn rows_q_tokens_by_row(
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        return rows_avx2_tokens(fmt, w, row_bytes, x, out);
+    }
     let mut one = vec![0f32; rows];
     for (t, xt) in x.iter().enumerate() {
         rows_q(fmt, w, row_bytes, xt, &mut one);
         for (r, &v) in one.iter().enumerate() {
             out[r * n + t] = v;
         }
+    }
+}
+
+/// [`rows_q_tokens_by_row`] for the legacy formats on AVX2 (the caller checked it):
+/// [`rows_avx2_lanes`] on `x.len()` vectors at once, `out[r * n + t]`.
+#[cfg(target_arch = "x86_64")]
+fn rows_avx2_tokens(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[&[QPair]], out: &mut [f32]) {
+    assert!(fmt.is_legacy(), "{fmt:?}");
+    let n = x.len();
+    let rows = out.len() / n;
+    assert!(
+        row_bytes.is_multiple_of(fmt.block_bytes()),
+        "row of {row_bytes} bytes"
+    );
+    let blocks = row_bytes / fmt.block_bytes();
+    assert!(w.len() >= rows * row_bytes, "rows_q_tokens: weight size");
+    assert!(
+        x.iter().all(|x| x.len() * 2 >= blocks),
+        "rows_q_tokens: activation size"
+    );
+    macro_rules! run {
+        ($t:literal) => {{
+            let xs: [&[QPair]; $t] = std::array::from_fn(|t| x[t]);
+            // SAFETY: the caller checked AVX2/FMA/F16C; sizes asserted above, stride n.
+            unsafe {
+                match fmt {
+                    QFormat::Q8_0 => rows_avx2_lanes::<0, $t>(w, row_bytes, rows, xs, out, n),
+                    QFormat::Q4_0 => rows_avx2_lanes::<1, $t>(w, row_bytes, rows, xs, out, n),
+                    _ => rows_avx2_lanes::<2, $t>(w, row_bytes, rows, xs, out, n),
+                }
+            }
+        }};
+    }
+    match n {
+        1 => run!(1),
+        2 => run!(2),
+        3 => run!(3),
+        4 => run!(4),
+        5 => run!(5),
+        6 => run!(6),
+        7 => run!(7),
+        _ => run!(8),
     }
 }
 
@@ -2066,15 +2274,27 @@ mod tests {
                     let refs: Vec<&[QPair]> = xs[..n].iter().map(|x| &x[..]).collect();
                     let mut got = vec![0f32; rows * n];
                     rows_q_tokens_by_row(fmt, &w, rb, &refs, &mut got);
-                    for t in 0..n {
-                        for r in 0..rows {
-                            assert_eq!(
-                                got[r * n + t].to_bits(),
-                                want[t][r].to_bits(),
-                                "{fmt:?} {blocks} blocks, row {r} of {rows}, token {t} of {n}: {} vs {}",
-                                got[r * n + t],
-                                want[t][r]
-                            );
+                    // The AVX2 kernel also where VNNI would be chosen.
+                    #[cfg(target_arch = "x86_64")]
+                    let avx2 = has_avx2().then(|| {
+                        let mut v = vec![0f32; rows * n];
+                        rows_avx2_tokens(fmt, &w, rb, &refs, &mut v);
+                        v
+                    });
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let avx2: Option<Vec<f32>> = None;
+                    for (kernel, got) in [("dispatched", Some(got)), ("avx2", avx2)] {
+                        let Some(got) = got else { continue };
+                        for t in 0..n {
+                            for r in 0..rows {
+                                assert_eq!(
+                                    got[r * n + t].to_bits(),
+                                    want[t][r].to_bits(),
+                                    "{kernel}: {fmt:?} {blocks} blocks, row {r} of {rows}, token {t} of {n}: {} vs {}",
+                                    got[r * n + t],
+                                    want[t][r]
+                                );
+                            }
                         }
                     }
                 }
