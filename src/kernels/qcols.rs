@@ -278,41 +278,26 @@ impl QColMatrix {
             }
         };
         let mut t = 0;
+        // Whole passes of the many-token kernel, the tokens left over one at a time.
         #[cfg(target_arch = "x86_64")]
-        if has_vbmi_vnni() {
-            while t + MANY <= tokens {
-                let rows: [&mut [f32]; MANY] = std::array::from_fn(|k| row(t + k));
-                // SAFETY: checked the CPU; each token's columns are every block of the
-                // matrix with all 32 inputs kept (a dense preparation), in block order.
+        {
+            let (vbmi, avx2) = (has_vbmi_vnni(), super::qdot::has_avx2());
+            let step = if vbmi { MANY } else { MANY_AVX2 };
+            while (vbmi || avx2) && t + step <= tokens {
+                let cols = &cols[t * blocks..(t + step) * blocks];
+                // SAFETY: checked the CPU (AVX-512 VBMI/VNNI, or AVX2/FMA/F16C); each
+                // token's columns are every block of the matrix with all 32 inputs kept
+                // (a dense preparation), in block order; rows t.. are ours.
                 unsafe {
-                    columns_vbmi_many(
-                        &cols[t * blocks..(t + MANY) * blocks],
-                        blocks,
-                        self,
-                        c0,
-                        c1,
-                        rows,
-                    )
+                    if vbmi {
+                        let rows = std::array::from_fn(|k| row(t + k));
+                        columns_vbmi_many(cols, blocks, self, c0, c1, rows)
+                    } else {
+                        let rows = std::array::from_fn(|k| row(t + k));
+                        columns_avx2_many::<MANY_AVX2>(cols, blocks, self, c0, c1, rows)
+                    }
                 };
-                t += MANY;
-            }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if !has_vbmi_vnni() && super::qdot::has_avx2() {
-            while t + MANY_AVX2 <= tokens {
-                let rows: [&mut [f32]; MANY_AVX2] = std::array::from_fn(|k| row(t + k));
-                // SAFETY: checked the CPU (AVX2, FMA, F16C); dense columns as above.
-                unsafe {
-                    columns_avx2_many(
-                        &cols[t * blocks..(t + MANY_AVX2) * blocks],
-                        blocks,
-                        self,
-                        c0,
-                        c1,
-                        rows,
-                    )
-                };
-                t += MANY_AVX2;
+                t += step;
             }
         }
         for t in t..tokens {
@@ -564,6 +549,30 @@ fn column_scalar(col: &Column<'_>, p: &PreparedColumn, c0: usize, c1: usize, out
     }
 }
 
+/// Prefetches the next prepared column's stretch in this tile: at the `k`-th chunk of the
+/// current column, line `k` of each of its kept inputs' runs (`tile_row` bytes each, from
+/// `tile_base`), so the stretch is requested over the current column's chunks (the
+/// hardware prefetcher follows each run once it has started).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_next(
+    next: &Option<(Column<'_>, &PreparedColumn)>,
+    tile_base: usize,
+    tile_row: usize,
+    k: usize,
+) {
+    let Some((col, p)) = next else { return };
+    let line = k * 64;
+    if line < tile_row {
+        for &j in &p.kept[..p.len] {
+            let a = &col.quants[tile_base + j as usize * tile_row + line];
+            // SAFETY: a prefetch of an element of the column's slice (SSE, in every
+            // x86_64 CPU); it reads nothing architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(a as *const u8 as *const i8) };
+        }
+    }
+}
+
 /// AVX-512 VBMI (`vpermb`) and VNNI (`vpdpbusd`), with F16C for the scales.
 #[cfg(target_arch = "x86_64")]
 pub fn has_vbmi_vnni() -> bool {
@@ -602,7 +611,7 @@ unsafe fn columns_vbmi(
     // SAFETY: every load below reads 16 bytes of a kept input's run in the tile c0..c1
     // (c1 <= out_dim / 32, the tile's layout), or 16 scales at output
     // `chunk * 32 (+ 16)`; stores write out's 32 floats of the chunk; all inside the
-    // slices (sizes set by `from_row_major`). Prefetches stay in the next column's tile.
+    // slices (sizes set by `from_row_major`).
     unsafe {
         let idx = _mm512_loadu_si512(idx.as_ptr() as *const __m512i);
         // This tile's bytes in a column, and one input's run in them.
@@ -615,21 +624,7 @@ unsafe fn columns_vbmi(
             let quads = p.len / 4;
             let base = col.quants.as_ptr();
             for chunk in c0..c1 {
-                // The next column's stretch, a line per kept input and chunk, spread over
-                // this column's chunks (the hardware prefetcher follows each run once it
-                // has started).
-                if let Some(n) = &next {
-                    let line = (chunk - c0) * 64;
-                    if line < tile_row {
-                        for &j in &n.1.kept[..n.1.len] {
-                            let a =
-                                n.0.quants
-                                    .as_ptr()
-                                    .add(tile_base + j as usize * tile_row + line);
-                            _mm_prefetch::<_MM_HINT_T0>(a as *const i8);
-                        }
-                    }
-                }
+                prefetch_next(&next, tile_base, tile_row, chunk - c0);
                 let cb = base.add(tile_base + (chunk - c0) * 16);
                 let (mut lo, mut hi) = (init, init);
                 for g in 0..quads {
@@ -787,30 +782,16 @@ unsafe fn columns_avx2(
     debug_assert!(out.len() == (c1 - c0) * 32);
     // SAFETY: as in `columns_vbmi`: 16-byte loads of a kept input's run in tile c0..c1,
     // 8 scales at output `chunk * 32 + 8h`, 8 floats of `out` per store, all inside the
-    // slices; prefetches stay in the next column's tile.
+    // slices.
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
         for (ci, p) in cols.iter().enumerate() {
             let col = mat.column(p.block);
             let next = cols.get(ci + 1).map(|n| (mat.column(n.block), n));
-            let init = _mm256_set1_epi32(offset(col.fmt).wrapping_mul(p.qsum));
-            let (dx, s) = (_mm256_set1_ps(p.dx), _mm256_set1_ps(p.sx));
             let quads = p.len / 4;
             let base = col.quants.as_ptr();
             for chunk in c0..c1 {
-                if let Some(n) = &next {
-                    let line = (chunk - c0) * 64;
-                    if line < tile_row {
-                        for &j in &n.1.kept[..n.1.len] {
-                            let a =
-                                n.0.quants
-                                    .as_ptr()
-                                    .add(tile_base + j as usize * tile_row + line);
-                            _mm_prefetch::<_MM_HINT_T0>(a as *const i8);
-                        }
-                    }
-                }
+                prefetch_next(&next, tile_base, tile_row, chunk - c0);
                 let cb = base.add(tile_base + (chunk - c0) * 16);
                 let mut pairs = [_mm256_setzero_si256(); 4];
                 for g in 0..quads {
@@ -823,32 +804,57 @@ unsafe fn columns_avx2(
                         *acc = _mm256_add_epi16(*acc, _mm256_maddubs_epi16(w, b));
                     }
                 }
-                // Vector v holds outputs 4v..4v+4 and 16+4v..16+4v+4 (lanes 0 and 1):
-                // back to output order, 8 at a time.
-                let v = pairs.map(|p| _mm256_add_epi32(init, _mm256_madd_epi16(p, ones)));
-                let sums = [
-                    _mm256_permute2x128_si256::<0x20>(v[0], v[1]),
-                    _mm256_permute2x128_si256::<0x20>(v[2], v[3]),
-                    _mm256_permute2x128_si256::<0x31>(v[0], v[1]),
-                    _mm256_permute2x128_si256::<0x31>(v[2], v[3]),
-                ];
-                for (h, isum) in sums.into_iter().enumerate() {
-                    let o = chunk * 32 + h * 8;
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(
-                        col.scales.as_ptr().add(o) as *const __m128i
-                    ));
-                    let po = out.as_mut_ptr().add(o - c0 * 32);
-                    let mut acc = _mm256_loadu_ps(po);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), acc);
-                    if col.fmt == QFormat::Q4_1 {
-                        let m = _mm256_cvtph_ps(_mm_loadu_si128(
-                            col.scales.as_ptr().add(col.out_dim + o) as *const __m128i,
-                        ));
-                        acc = _mm256_fmadd_ps(m, s, acc);
-                    }
-                    _mm256_storeu_ps(po, acc);
-                }
+                let po = out.as_mut_ptr().add((chunk - c0) * 32);
+                add_chunk_avx2(&col, chunk, pairs, p, po);
             }
+        }
+    }
+}
+
+/// One chunk's 32 outputs at `po` += the block column's products: the 16-bit pair sums
+/// `pairs` (in [`quad_nibbles_avx2`]'s output order) widened and offset into exact block
+/// sums, then `fma(isum, d·dx, acc)` and Q4_1's `fma(m, s, acc)` per output.
+///
+/// # Safety
+/// AVX2, FMA and F16C; `chunk < col.out_dim / 32`; `po` valid for 32 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn add_chunk_avx2(
+    col: &Column<'_>,
+    chunk: usize,
+    pairs: [__m256i; 4],
+    p: &PreparedColumn,
+    po: *mut f32,
+) {
+    let init = _mm256_set1_epi32(offset(col.fmt).wrapping_mul(p.qsum));
+    let (dx, s) = (_mm256_set1_ps(p.dx), _mm256_set1_ps(p.sx));
+    let ones = _mm256_set1_epi16(1);
+    // Vector v holds outputs 4v..4v+4 and 16+4v..16+4v+4 (lanes 0 and 1): back to output
+    // order, 8 at a time.
+    let v = pairs.map(|p| _mm256_add_epi32(init, _mm256_madd_epi16(p, ones)));
+    let sums = [
+        _mm256_permute2x128_si256::<0x20>(v[0], v[1]),
+        _mm256_permute2x128_si256::<0x20>(v[2], v[3]),
+        _mm256_permute2x128_si256::<0x31>(v[0], v[1]),
+        _mm256_permute2x128_si256::<0x31>(v[2], v[3]),
+    ];
+    // SAFETY: outputs chunk * 32 .. + 32 lie inside the column's scales (the caller's
+    // chunk); `po` holds their 32 floats (the caller's contract).
+    unsafe {
+        for (h, isum) in sums.into_iter().enumerate() {
+            let o = chunk * 32 + h * 8;
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(col.scales.as_ptr().add(o) as *const __m128i));
+            let po = po.add(h * 8);
+            let mut acc = _mm256_loadu_ps(po);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), acc);
+            if col.fmt == QFormat::Q4_1 {
+                let m = _mm256_cvtph_ps(_mm_loadu_si128(
+                    col.scales.as_ptr().add(col.out_dim + o) as *const __m128i
+                ));
+                acc = _mm256_fmadd_ps(m, s, acc);
+            }
+            _mm256_storeu_ps(po, acc);
         }
     }
 }
@@ -915,7 +921,6 @@ unsafe fn columns_avx2_many<const T: usize>(
     // 32 inputs kept here) or 8 scales at output `chunk * 32 + 8h`; stores write each
     // token's 8 floats there.
     unsafe {
-        let ones = _mm256_set1_epi16(1);
         let (tile_base, tile_row) = (c0 * QK * 16, (c1 - c0) * 16);
         for b in 0..blocks {
             let col = mat.column(b);
@@ -935,31 +940,8 @@ unsafe fn columns_avx2_many<const T: usize>(
                     }
                 }
                 for t in 0..T {
-                    let init = _mm256_set1_epi32(offset(col.fmt).wrapping_mul(p[t].qsum));
-                    let (dx, s) = (_mm256_set1_ps(p[t].dx), _mm256_set1_ps(p[t].sx));
-                    let v = pairs[t].map(|p| _mm256_add_epi32(init, _mm256_madd_epi16(p, ones)));
-                    let sums = [
-                        _mm256_permute2x128_si256::<0x20>(v[0], v[1]),
-                        _mm256_permute2x128_si256::<0x20>(v[2], v[3]),
-                        _mm256_permute2x128_si256::<0x31>(v[0], v[1]),
-                        _mm256_permute2x128_si256::<0x31>(v[2], v[3]),
-                    ];
-                    for (h, isum) in sums.into_iter().enumerate() {
-                        let o = chunk * 32 + h * 8;
-                        let d = _mm256_cvtph_ps(_mm_loadu_si128(
-                            col.scales.as_ptr().add(o) as *const __m128i
-                        ));
-                        let po = out[t].as_mut_ptr().add(o - c0 * 32);
-                        let mut acc = _mm256_loadu_ps(po);
-                        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(d, dx), acc);
-                        if col.fmt == QFormat::Q4_1 {
-                            let m = _mm256_cvtph_ps(_mm_loadu_si128(
-                                col.scales.as_ptr().add(col.out_dim + o) as *const __m128i,
-                            ));
-                            acc = _mm256_fmadd_ps(m, s, acc);
-                        }
-                        _mm256_storeu_ps(po, acc);
-                    }
+                    let po = out[t].as_mut_ptr().add((chunk - c0) * 32);
+                    add_chunk_avx2(&col, chunk, pairs[t], p[t], po);
                 }
             }
         }

@@ -1567,45 +1567,8 @@ pub fn rows_q_tokens_by_row(
         return rows_chunks_tokens(fmt, w, row_bytes, x, out);
     }
     #[cfg(target_arch = "x86_64")]
-    if has_vnni() && fmt.is_legacy() {
-        assert!(
-            row_bytes.is_multiple_of(fmt.block_bytes()),
-            "row of {row_bytes} bytes"
-        );
-        assert!(w.len() >= rows * row_bytes, "rows_q_tokens: weight size");
-        let blocks = row_bytes / fmt.block_bytes();
-        assert!(
-            x.iter().all(|x| x.len() * 2 >= blocks),
-            "rows_q_tokens: activation size"
-        );
-        macro_rules! run {
-            ($t:literal) => {{
-                let xs: [&[QPair]; $t] = std::array::from_fn(|t| x[t]);
-                // SAFETY: has_vnni() checked the features; sizes asserted above.
-                unsafe {
-                    match fmt {
-                        QFormat::Q8_0 => rows_vnni::<0, false, $t>(w, row_bytes, &[], xs, out),
-                        QFormat::Q4_0 => rows_vnni::<1, false, $t>(w, row_bytes, &[], xs, out),
-                        _ => rows_vnni::<2, false, $t>(w, row_bytes, &[], xs, out),
-                    }
-                }
-            }};
-        }
-        match n {
-            1 => run!(1),
-            2 => run!(2),
-            3 => run!(3),
-            4 => run!(4),
-            5 => run!(5),
-            6 => run!(6),
-            7 => run!(7),
-            _ => run!(8),
-        }
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        return rows_avx2_tokens(fmt, w, row_bytes, x, out);
+    if fmt.is_legacy() && has_avx2() {
+        return rows_legacy_tokens(has_vnni(), fmt, w, row_bytes, x, out);
     }
     let mut one = vec![0f32; rows];
     for (t, xt) in x.iter().enumerate() {
@@ -1616,10 +1579,58 @@ pub fn rows_q_tokens_by_row(
     }
 }
 
-/// [`rows_q_tokens_by_row`] for the legacy formats on AVX2 (the caller checked it):
-/// [`rows_avx2_lanes`] on `x.len()` vectors at once, `out[r * n + t]`.
+/// Runs `$body` with the constant `$t` equal to `$n` (1 to [`TOKENS_PER_STEP`]): the
+/// multi-token kernels take their token count as a const generic.
+macro_rules! with_tokens {
+    ($n:expr, $t:ident => $body:expr) => {
+        match $n {
+            1 => {
+                const $t: usize = 1;
+                $body
+            }
+            2 => {
+                const $t: usize = 2;
+                $body
+            }
+            3 => {
+                const $t: usize = 3;
+                $body
+            }
+            4 => {
+                const $t: usize = 4;
+                $body
+            }
+            5 => {
+                const $t: usize = 5;
+                $body
+            }
+            6 => {
+                const $t: usize = 6;
+                $body
+            }
+            7 => {
+                const $t: usize = 7;
+                $body
+            }
+            _ => {
+                const $t: usize = 8;
+                $body
+            }
+        }
+    };
+}
+
+/// [`rows_q_tokens_by_row`] for the legacy formats (the caller checked AVX2, and VNNI if
+/// `vnni`): [`rows_vnni`] or [`rows_avx2_lanes`] on `x.len()` vectors at once.
 #[cfg(target_arch = "x86_64")]
-fn rows_avx2_tokens(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[&[QPair]], out: &mut [f32]) {
+fn rows_legacy_tokens(
+    vnni: bool,
+    fmt: QFormat,
+    w: &[u8],
+    row_bytes: usize,
+    x: &[&[QPair]],
+    out: &mut [f32],
+) {
     assert!(fmt.is_legacy(), "{fmt:?}");
     let n = x.len();
     let rows = out.len() / n;
@@ -1633,29 +1644,21 @@ fn rows_avx2_tokens(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[&[QPair]], ou
         x.iter().all(|x| x.len() * 2 >= blocks),
         "rows_q_tokens: activation size"
     );
-    macro_rules! run {
-        ($t:literal) => {{
-            let xs: [&[QPair]; $t] = std::array::from_fn(|t| x[t]);
-            // SAFETY: the caller checked AVX2/FMA/F16C; sizes asserted above, stride n.
-            unsafe {
-                match fmt {
-                    QFormat::Q8_0 => rows_avx2_lanes::<0, $t>(w, row_bytes, rows, xs, out, n),
-                    QFormat::Q4_0 => rows_avx2_lanes::<1, $t>(w, row_bytes, rows, xs, out, n),
-                    _ => rows_avx2_lanes::<2, $t>(w, row_bytes, rows, xs, out, n),
-                }
+    with_tokens!(n, T => {
+        let xs: [&[QPair]; T] = std::array::from_fn(|t| x[t]);
+        // SAFETY: the caller checked AVX2/FMA/F16C, and VNNI when `vnni`; sizes asserted
+        // above (the VNNI kernel's output is by row, `out[r * n + t]`, stride n).
+        unsafe {
+            match (vnni, fmt) {
+                (true, QFormat::Q8_0) => rows_vnni::<0, false, T>(w, row_bytes, &[], xs, out),
+                (true, QFormat::Q4_0) => rows_vnni::<1, false, T>(w, row_bytes, &[], xs, out),
+                (true, _) => rows_vnni::<2, false, T>(w, row_bytes, &[], xs, out),
+                (false, QFormat::Q8_0) => rows_avx2_lanes::<0, T>(w, row_bytes, rows, xs, out, n),
+                (false, QFormat::Q4_0) => rows_avx2_lanes::<1, T>(w, row_bytes, rows, xs, out, n),
+                (false, _) => rows_avx2_lanes::<2, T>(w, row_bytes, rows, xs, out, n),
             }
-        }};
-    }
-    match n {
-        1 => run!(1),
-        2 => run!(2),
-        3 => run!(3),
-        4 => run!(4),
-        5 => run!(5),
-        6 => run!(6),
-        7 => run!(7),
-        _ => run!(8),
-    }
+        }
+    })
 }
 
 /// [`rows_q_tokens`] for the chunk formats (the caller checked AVX2): the chunk kernel
@@ -1674,43 +1677,32 @@ fn rows_chunks_tokens(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[&[QPair]], 
         x.iter().all(|x| x.len() * 2 >= chunks),
         "rows_q_tokens: activation size"
     );
-    macro_rules! go {
-        ($kernel:ident, $t:literal) => {{
-            let xs: [&[QPair]; $t] = std::array::from_fn(|t| x[t]);
-            // SAFETY: the caller checked AVX2 (and has_vnni() picked the VNNI kernel);
-            // sizes asserted above.
-            unsafe {
-                match fmt {
-                    QFormat::Q5_0 => $kernel::<5, false, $t>(w, row_bytes, &[], xs, buf),
-                    QFormat::Q5_1 => $kernel::<6, false, $t>(w, row_bytes, &[], xs, buf),
-                    QFormat::Q2K => $kernel::<10, false, $t>(w, row_bytes, &[], xs, buf),
-                    QFormat::Q3K => $kernel::<11, false, $t>(w, row_bytes, &[], xs, buf),
-                    QFormat::Q4K => $kernel::<12, false, $t>(w, row_bytes, &[], xs, buf),
-                    QFormat::Q5K => $kernel::<13, false, $t>(w, row_bytes, &[], xs, buf),
-                    _ => $kernel::<14, false, $t>(w, row_bytes, &[], xs, buf),
+    let vnni = has_vnni();
+    with_tokens!(n, T => {
+        let xs: [&[QPair]; T] = std::array::from_fn(|t| x[t]);
+        macro_rules! go {
+            ($kernel:ident) => {
+                // SAFETY: the caller checked AVX2 (and has_vnni() picked the VNNI
+                // kernel); sizes asserted above.
+                unsafe {
+                    match fmt {
+                        QFormat::Q5_0 => $kernel::<5, false, T>(w, row_bytes, &[], xs, buf),
+                        QFormat::Q5_1 => $kernel::<6, false, T>(w, row_bytes, &[], xs, buf),
+                        QFormat::Q2K => $kernel::<10, false, T>(w, row_bytes, &[], xs, buf),
+                        QFormat::Q3K => $kernel::<11, false, T>(w, row_bytes, &[], xs, buf),
+                        QFormat::Q4K => $kernel::<12, false, T>(w, row_bytes, &[], xs, buf),
+                        QFormat::Q5K => $kernel::<13, false, T>(w, row_bytes, &[], xs, buf),
+                        _ => $kernel::<14, false, T>(w, row_bytes, &[], xs, buf),
+                    }
                 }
-            }
-        }};
-    }
-    macro_rules! by_n {
-        ($kernel:ident) => {
-            match n {
-                1 => go!($kernel, 1),
-                2 => go!($kernel, 2),
-                3 => go!($kernel, 3),
-                4 => go!($kernel, 4),
-                5 => go!($kernel, 5),
-                6 => go!($kernel, 6),
-                7 => go!($kernel, 7),
-                _ => go!($kernel, 8),
-            }
-        };
-    }
-    if has_vnni() {
-        by_n!(chunks_vnni);
-    } else {
-        by_n!(chunks_avx2);
-    }
+            };
+        }
+        if vnni {
+            go!(chunks_vnni)
+        } else {
+            go!(chunks_avx2)
+        }
+    })
 }
 
 /// Scalar reference of one row of [`rows_q_blocks`].
@@ -2278,7 +2270,7 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     let avx2 = has_avx2().then(|| {
                         let mut v = vec![0f32; rows * n];
-                        rows_avx2_tokens(fmt, &w, rb, &refs, &mut v);
+                        rows_legacy_tokens(false, fmt, &w, rb, &refs, &mut v);
                         v
                     });
                     #[cfg(not(target_arch = "x86_64"))]
