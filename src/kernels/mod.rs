@@ -77,8 +77,8 @@ static FILE_MAPS: std::sync::Mutex<Vec<FileMap>> = std::sync::Mutex::new(Vec::ne
 /// Drops the pages of `map[offset..offset + len]` from this process's resident memory
 /// when `map` is a file map from [`map_file`] or [`file_submap`] (tensors converted at
 /// load are read once: keeping their source pages would count the model twice in the peak
-/// RSS). Later reads fault the pages back in from the page cache. Anonymous maps are left alone (dropping
-/// their pages would zero them). Best effort: errors are ignored.
+/// RSS). Later reads fault the pages back in from the page cache. Anonymous maps are left
+/// alone (dropping their pages would zero them). Best effort: errors are ignored.
 pub fn release_pages(map: &Arc<Mmap>, offset: usize, len: usize) {
     let is_file = FILE_MAPS
         .lock()

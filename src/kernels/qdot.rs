@@ -1563,12 +1563,8 @@ pub fn rows_q_tokens_by_row(
     assert!((1..=TOKENS_PER_STEP).contains(&n) && out.len().is_multiple_of(n));
     let rows = out.len() / n;
     #[cfg(target_arch = "x86_64")]
-    if !fmt.is_legacy() && has_avx2() {
-        return rows_chunks_tokens(fmt, w, row_bytes, x, out);
-    }
-    #[cfg(target_arch = "x86_64")]
-    if fmt.is_legacy() && has_avx2() {
-        return rows_legacy_tokens(has_vnni(), fmt, w, row_bytes, x, out);
+    if has_avx2() {
+        return rows_tokens_simd(has_vnni(), fmt, w, row_bytes, x, out);
     }
     let mut one = vec![0f32; rows];
     for (t, xt) in x.iter().enumerate() {
@@ -1620,10 +1616,12 @@ macro_rules! with_tokens {
     };
 }
 
-/// [`rows_q_tokens_by_row`] for the legacy formats (the caller checked AVX2, and VNNI if
-/// `vnni`): [`rows_vnni`] or [`rows_avx2_lanes`] on `x.len()` vectors at once.
+/// [`rows_q_tokens_by_row`] on `x.len()` vectors at once, `out[r * n + t]` (the caller
+/// checked AVX2, and VNNI if `vnni`): the legacy formats on [`rows_vnni`] or
+/// [`rows_avx2_lanes`], the others on the chunk kernel [`rows_chunks_impl`] picks for
+/// decode.
 #[cfg(target_arch = "x86_64")]
-fn rows_legacy_tokens(
+fn rows_tokens_simd(
     vnni: bool,
     fmt: QFormat,
     w: &[u8],
@@ -1631,42 +1629,8 @@ fn rows_legacy_tokens(
     x: &[&[QPair]],
     out: &mut [f32],
 ) {
-    assert!(fmt.is_legacy(), "{fmt:?}");
     let n = x.len();
     let rows = out.len() / n;
-    assert!(
-        row_bytes.is_multiple_of(fmt.block_bytes()),
-        "row of {row_bytes} bytes"
-    );
-    let blocks = row_bytes / fmt.block_bytes();
-    assert!(w.len() >= rows * row_bytes, "rows_q_tokens: weight size");
-    assert!(
-        x.iter().all(|x| x.len() * 2 >= blocks),
-        "rows_q_tokens: activation size"
-    );
-    with_tokens!(n, T => {
-        let xs: [&[QPair]; T] = std::array::from_fn(|t| x[t]);
-        // SAFETY: the caller checked AVX2/FMA/F16C, and VNNI when `vnni`; sizes asserted
-        // above (the VNNI kernel's output is by row, `out[r * n + t]`, stride n).
-        unsafe {
-            match (vnni, fmt) {
-                (true, QFormat::Q8_0) => rows_vnni::<0, false, T>(w, row_bytes, &[], xs, out),
-                (true, QFormat::Q4_0) => rows_vnni::<1, false, T>(w, row_bytes, &[], xs, out),
-                (true, _) => rows_vnni::<2, false, T>(w, row_bytes, &[], xs, out),
-                (false, QFormat::Q8_0) => rows_avx2_lanes::<0, T>(w, row_bytes, rows, xs, out, n),
-                (false, QFormat::Q4_0) => rows_avx2_lanes::<1, T>(w, row_bytes, rows, xs, out, n),
-                (false, _) => rows_avx2_lanes::<2, T>(w, row_bytes, rows, xs, out, n),
-            }
-        }
-    })
-}
-
-/// [`rows_q_tokens`] for the chunk formats (the caller checked AVX2): the chunk kernel
-/// [`rows_chunks_impl`] picks for decode, on `x.len()` vectors at once.
-#[cfg(target_arch = "x86_64")]
-fn rows_chunks_tokens(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[&[QPair]], buf: &mut [f32]) {
-    let n = x.len();
-    let rows = buf.len() / n;
     assert!(
         row_bytes.is_multiple_of(fmt.block_bytes()),
         "row of {row_bytes} bytes"
@@ -1677,30 +1641,34 @@ fn rows_chunks_tokens(fmt: QFormat, w: &[u8], row_bytes: usize, x: &[&[QPair]], 
         x.iter().all(|x| x.len() * 2 >= chunks),
         "rows_q_tokens: activation size"
     );
-    let vnni = has_vnni();
     with_tokens!(n, T => {
         let xs: [&[QPair]; T] = std::array::from_fn(|t| x[t]);
-        macro_rules! go {
+        macro_rules! chunk_kernel {
             ($kernel:ident) => {
-                // SAFETY: the caller checked AVX2 (and has_vnni() picked the VNNI
-                // kernel); sizes asserted above.
-                unsafe {
-                    match fmt {
-                        QFormat::Q5_0 => $kernel::<5, false, T>(w, row_bytes, &[], xs, buf),
-                        QFormat::Q5_1 => $kernel::<6, false, T>(w, row_bytes, &[], xs, buf),
-                        QFormat::Q2K => $kernel::<10, false, T>(w, row_bytes, &[], xs, buf),
-                        QFormat::Q3K => $kernel::<11, false, T>(w, row_bytes, &[], xs, buf),
-                        QFormat::Q4K => $kernel::<12, false, T>(w, row_bytes, &[], xs, buf),
-                        QFormat::Q5K => $kernel::<13, false, T>(w, row_bytes, &[], xs, buf),
-                        _ => $kernel::<14, false, T>(w, row_bytes, &[], xs, buf),
-                    }
+                match fmt {
+                    QFormat::Q5_0 => $kernel::<5, false, T>(w, row_bytes, &[], xs, out),
+                    QFormat::Q5_1 => $kernel::<6, false, T>(w, row_bytes, &[], xs, out),
+                    QFormat::Q2K => $kernel::<10, false, T>(w, row_bytes, &[], xs, out),
+                    QFormat::Q3K => $kernel::<11, false, T>(w, row_bytes, &[], xs, out),
+                    QFormat::Q4K => $kernel::<12, false, T>(w, row_bytes, &[], xs, out),
+                    QFormat::Q5K => $kernel::<13, false, T>(w, row_bytes, &[], xs, out),
+                    _ => $kernel::<14, false, T>(w, row_bytes, &[], xs, out),
                 }
             };
         }
-        if vnni {
-            go!(chunks_vnni)
-        } else {
-            go!(chunks_avx2)
+        // SAFETY: the caller checked AVX2/FMA/F16C, and VNNI when `vnni`; sizes asserted
+        // above (every kernel's output is by row, `out[r * n + t]`, stride n).
+        unsafe {
+            match (vnni, fmt) {
+                (true, QFormat::Q8_0) => rows_vnni::<0, false, T>(w, row_bytes, &[], xs, out),
+                (true, QFormat::Q4_0) => rows_vnni::<1, false, T>(w, row_bytes, &[], xs, out),
+                (true, QFormat::Q4_1) => rows_vnni::<2, false, T>(w, row_bytes, &[], xs, out),
+                (false, QFormat::Q8_0) => rows_avx2_lanes::<0, T>(w, row_bytes, rows, xs, out, n),
+                (false, QFormat::Q4_0) => rows_avx2_lanes::<1, T>(w, row_bytes, rows, xs, out, n),
+                (false, QFormat::Q4_1) => rows_avx2_lanes::<2, T>(w, row_bytes, rows, xs, out, n),
+                (true, _) => chunk_kernel!(chunks_vnni),
+                (false, _) => chunk_kernel!(chunks_avx2),
+            }
         }
     })
 }
@@ -2270,7 +2238,7 @@ mod tests {
                     #[cfg(target_arch = "x86_64")]
                     let avx2 = has_avx2().then(|| {
                         let mut v = vec![0f32; rows * n];
-                        rows_legacy_tokens(false, fmt, &w, rb, &refs, &mut v);
+                        rows_tokens_simd(false, fmt, &w, rb, &refs, &mut v);
                         v
                     });
                     #[cfg(not(target_arch = "x86_64"))]
